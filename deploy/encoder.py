@@ -1,0 +1,91 @@
+"""Query encoder deployment: text and image queries to packed hash codes, batched."""
+
+import asyncio
+import logging
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from deploy.artifacts import Loaders
+
+log = logging.getLogger("ray.serve")
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
+class QueryEncoder:
+    """Runs the bundle's backbones and hashing heads on query batches.
+
+    Each call takes one query and returns ``(code, error)``: ``code`` is the ``(bits // 8,)``
+    uint8 packed code or ``None`` with ``error`` saying why the query could not be encoded (for
+    instance a text that is empty once cleaned). Queries are grouped by ``@serve.batch``; a
+    batch that fails is retried item by item so one bad query never fails the others.
+
+    Args:
+        bundle_uri: model bundle directory.
+        max_batch_size: largest batch per forward pass.
+        batch_wait_s: how long a batch waits to fill.
+        torch_threads: intra-op threads for torch (0 keeps Ray's setting).
+        loaders: how the bundle is read.
+    """
+
+    def __init__(
+        self,
+        bundle_uri: str,
+        max_batch_size: int = 16,
+        batch_wait_s: float = 0.001,
+        torch_threads: int = 0,
+        loaders: Loaders | None = None,
+    ) -> None:
+        import torch  # heavy: only inside the replica
+
+        if torch_threads > 0:
+            torch.set_num_threads(torch_threads)
+        self.loaded = (loaders or Loaders()).open_encoder(bundle_uri)
+        self.bundle_uri = bundle_uri
+        for method in (self.encode_text, self.encode_image):
+            method.set_max_batch_size(max_batch_size)
+            method.set_batch_wait_timeout_s(batch_wait_s)
+        log.info("query encoder ready: bundle %s, %d bits", self.loaded.bundle_id, self.loaded.bits)
+
+    def info(self) -> dict[str, Any]:
+        """Bundle id, code length and the bundle's resolved config."""
+        return {
+            "bundle_id": self.loaded.bundle_id,
+            "bits": self.loaded.bits,
+            "bundle_uri": self.bundle_uri,
+            "config": self.loaded.config,
+        }
+
+    def _encode(self, fn: Any, items: list[Any]) -> list[tuple[np.ndarray | None, str | None]]:
+        try:
+            codes = np.asarray(fn(items), dtype=np.uint8)
+            return [(codes[i], None) for i in range(len(items))]
+        except Exception:
+            if len(items) == 1:
+                raise
+        out: list[tuple[np.ndarray | None, str | None]] = []
+        for item in items:
+            try:
+                out.append((np.asarray(fn([item]), dtype=np.uint8)[0], None))
+            except Exception as e:  # reported to that query's caller only
+                out.append((None, f"{type(e).__name__}: {e}"))
+        return out
+
+    def _encode_safe(self, fn: Any, items: list[Any]) -> list[tuple[np.ndarray | None, str | None]]:
+        try:
+            return self._encode(fn, items)
+        except Exception as e:
+            return [(None, f"{type(e).__name__}: {e}")]
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def encode_text(self, texts: list[str]) -> list[tuple[np.ndarray | None, str | None]]:
+        """Batched: one text in, ``(code (bits // 8,) uint8 | None, error | None)`` out."""
+        return await asyncio.to_thread(self._encode_safe, self.loaded.encoder.encode_texts, texts)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def encode_image(
+        self, images: list[np.ndarray]
+    ) -> list[tuple[np.ndarray | None, str | None]]:
+        """Batched: one ``(H, W, 3)`` uint8 image in, ``(code | None, error | None)`` out."""
+        return await asyncio.to_thread(self._encode_safe, self.loaded.encoder.encode_images, images)

@@ -1,0 +1,110 @@
+"""Request and response models of the HTTP API (published in the OpenAPI document)."""
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Target = Literal["images", "captions"]
+QueryModality = Literal["text", "image"]
+
+
+class SearchRequest(BaseModel):
+    """A search by text or by image (JSON body of ``POST /v1/search``).
+
+    Exactly one of ``text`` and ``image_base64`` is given. ``k`` is bounded by the service's cap
+    (``GET /v1/index`` reports it as ``k_cap``).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str | None = Field(None, description="Query text, e.g. 'a river crossing farmland'.")
+    image_base64: str | None = Field(
+        None, description="Query image (JPEG, PNG or TIFF file bytes), base64-encoded."
+    )
+    k: int | None = Field(
+        None, ge=1, description="Number of results, 1 .. k_cap (default 20, or k_cap if lower)."
+    )
+    target: Target = Field("images", description="Search the archive's images or its captions.")
+
+    @model_validator(mode="after")
+    def _one_query(self) -> "SearchRequest":
+        if (self.text is None) == (self.image_base64 is None):
+            raise ValueError("give exactly one of 'text' and 'image_base64'")
+        return self
+
+
+class Hit(BaseModel):
+    """One result: an archive item (image hit) or one of its captions (caption hit)."""
+
+    rank: int = Field(description="1-based rank.")
+    item_id: str
+    distance: int = Field(description="Hamming distance between the query code and the item code.")
+    image_uri: str | None = Field(description="Where the item's image lives in the archive.")
+    captions: list[str] = Field(description="All captions of the item.")
+    caption_index: int | None = Field(
+        None, description="For caption hits: which of the item's captions matched."
+    )
+    caption: str | None = Field(None, description="For caption hits: the matched caption.")
+    thumbnail_url: str = Field(description="Relative URL of a small preview image.")
+
+
+class SearchResponse(BaseModel):
+    """Top-k results, all from one index version."""
+
+    index_version: str
+    bundle_id: str
+    bits: int
+    query_modality: QueryModality
+    target: Target
+    k: int
+    hits: list[Hit]
+    timings_ms: dict[str, float] = Field(
+        default_factory=dict, description="Server-side time spent in encode, search and total."
+    )
+
+
+class IndexInfo(BaseModel):
+    """The index version being served."""
+
+    version: str
+    manifest_uri: str
+    bundle_id: str
+    bits: int
+    bitorder: str
+    counts: dict[str, int] = Field(description="Indexed codes per modality (image, text).")
+    n_searchers: int
+    k_cap: int
+    loaded_at: float = Field(description="Unix time the version started serving.")
+    archive_uri: str | None = None
+
+
+class Item(BaseModel):
+    """An archive item."""
+
+    item_id: str
+    image_uri: str | None
+    captions: list[str]
+    label: str | None = None
+    split: str | None = None
+    thumbnail_url: str
+    index_version: str
+
+
+class ReloadResponse(BaseModel):
+    """Outcome of a reload: the version served now and whether it changed."""
+
+    changed: bool
+    version: str
+    previous_version: str | None
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+    index_version: str | None = None
+    detail: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Body of every 4xx/5xx answer."""
+
+    detail: str

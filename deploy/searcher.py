@@ -1,0 +1,225 @@
+"""Shard searcher deployment: exact Hamming top-k over a subset of an index version's shards.
+
+Searcher ``g`` of ``n`` holds group ``g`` of the manifest's shards, split so every searcher
+holds about the same number of rows (:func:`deploy.artifacts.assign_shards`), for both
+modalities. It keeps up to ``keep_versions`` index versions in memory so
+requests tagged with the previous version finish on it while the ingress switches to a new one;
+a request for a version it does not hold is answered ``None`` so the ingress sends the
+manifest to load (versions are immutable once published).
+"""
+
+import asyncio
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from deploy.artifacts import MODALITIES, Loaders, assigned_shards, manifest_version
+
+log = logging.getLogger("ray.serve")
+
+
+@dataclass(frozen=True)
+class ShardData:
+    """One modality's codes of the shards a searcher holds, for one index version.
+
+    ``index`` holds the codes under their global row ids. ``order``/``sorted_rows`` map a row id
+    back to its local position, where ``item_ids`` and ``caption_index`` are looked up.
+    """
+
+    index: Any  # duch_core.search.HammingIndex
+    item_ids: np.ndarray  # (N,) object (str)
+    caption_index: np.ndarray  # (N,) int32, -1 for image rows
+    order: np.ndarray  # (N,) int64 argsort of the row ids
+    sorted_rows: np.ndarray  # (N,) int64 row ids, ascending
+
+    def rows_to_local(self, rows: np.ndarray) -> np.ndarray:
+        return self.order[np.searchsorted(self.sorted_rows, rows)]
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    """Top-k of one searcher for ``Q`` queries.
+
+    ``dist`` ``(Q, k')`` int32 and ``ids`` ``(Q, k')`` int64 (global row ids), sorted by
+    (distance, id); ``item_ids``/``caption_index`` map each returned row id to its item.
+    """
+
+    version: str
+    dist: np.ndarray
+    ids: np.ndarray
+    item_ids: dict[int, str]
+    caption_index: dict[int, int]
+
+
+def build_shard_data(
+    codes: np.ndarray,
+    item_ids: Any,
+    caption_index: np.ndarray,
+    row_ids: np.ndarray,
+    bits: int,
+    new_index: Callable[[int], Any],
+) -> ShardData:
+    """Put loaded codes into an exact Hamming index (from ``new_index(bits)``) keyed by row id."""
+    rows = np.asarray(row_ids, dtype=np.int64)
+    ids = np.asarray(
+        item_ids.to_pylist() if hasattr(item_ids, "to_pylist") else list(item_ids), dtype=object
+    )
+    cap = np.asarray(caption_index, dtype=np.int32)
+    if not (len(rows) == len(ids) == len(cap) == len(codes)):
+        raise ValueError(
+            f"shard columns differ in length: codes {len(codes)}, item ids {len(ids)}, "
+            f"caption index {len(cap)}, row ids {len(rows)}"
+        )
+    index = new_index(bits)
+    if len(rows):
+        index.add(np.ascontiguousarray(codes, dtype=np.uint8), rows)
+    order = np.argsort(rows, kind="stable").astype(np.int64)
+    return ShardData(index, ids, cap, order, rows[order])
+
+
+def search_shard(data: ShardData, queries: np.ndarray, k: int, version: str) -> ShardResult:
+    """Exact top-k of ``queries`` ``(Q, bits // 8)`` uint8 in one shard set."""
+    q = queries.shape[0]
+    if data.index.ntotal == 0:
+        empty_d = np.zeros((q, 0), np.int32)
+        return ShardResult(version, empty_d, np.zeros((q, 0), np.int64), {}, {})
+    dist, ids = data.index.search(queries, k)
+    flat = np.unique(ids[ids >= 0])
+    local = data.rows_to_local(flat)
+    items = {int(r): str(data.item_ids[p]) for r, p in zip(flat, local, strict=True)}
+    caps = {int(r): int(data.caption_index[p]) for r, p in zip(flat, local, strict=True)}
+    return ShardResult(version, np.asarray(dist), np.asarray(ids, dtype=np.int64), items, caps)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
+class ShardSearcher:
+    """Holds shard group ``group`` of the served index versions; answers exact top-k.
+
+    Args:
+        group: this searcher's position among the searchers, ``0 <= group < n_groups``.
+        n_groups: number of searcher deployments.
+        keep_versions: index versions kept in memory (the current one and the one before).
+        loaders: how artifacts are read (see :class:`deploy.artifacts.Loaders`).
+    """
+
+    def __init__(
+        self, group: int, n_groups: int, keep_versions: int = 2, loaders: Loaders | None = None
+    ) -> None:
+        if not 0 <= group < n_groups:
+            raise ValueError(f"searcher group {group} is outside 0..{n_groups - 1}")
+        self.group = group
+        self.n_groups = n_groups
+        self.keep_versions = max(1, keep_versions)
+        self.loaders = loaders or Loaders()
+        self._versions: OrderedDict[str, dict[str, ShardData]] = OrderedDict()
+        self._loading: dict[str, asyncio.Future[dict[str, ShardData]]] = {}
+
+    def _load(self, manifest: Any) -> dict[str, ShardData]:
+        shards = assigned_shards(manifest, self.group, self.n_groups)
+        out: dict[str, ShardData] = {}
+        for modality in MODALITIES:
+            codes, item_ids, caption_index, row_ids = self.loaders.load_codes(
+                manifest, modality, shards
+            )
+            out[modality] = build_shard_data(
+                codes, item_ids, caption_index, row_ids, int(manifest.bits), self.loaders.new_index
+            )
+        return out
+
+    async def _get(self, manifest: Any) -> dict[str, ShardData]:
+        version = manifest_version(manifest)
+        data = self._versions.get(version)
+        if data is not None:
+            self._versions.move_to_end(version)
+            return data
+        fut = self._loading.get(version)
+        if fut is None:
+            loop = asyncio.get_running_loop()
+            fut = loop.create_future()
+            self._loading[version] = fut
+            try:
+                data = await asyncio.to_thread(self._load, manifest)
+            except BaseException as e:
+                fut.set_exception(e)
+                fut.exception()  # mark retrieved: the caller below re-raises it
+                del self._loading[version]
+                raise
+            self._versions[version] = data
+            while len(self._versions) > self.keep_versions:
+                old, _ = self._versions.popitem(last=False)
+                log.info("searcher %d/%d dropped index version %s", self.group, self.n_groups, old)
+            del self._loading[version]
+            fut.set_result(data)
+            log.info(
+                "searcher %d/%d loaded index version %s: %s",
+                self.group,
+                self.n_groups,
+                version,
+                {m: d.index.ntotal for m, d in data.items()},
+            )
+            return data
+        return await fut
+
+    async def prepare(self, manifest: Any) -> dict[str, int]:
+        """Load an index version (if not held yet) and report its code count per modality."""
+        data = await self._get(manifest)
+        return {m: int(d.index.ntotal) for m, d in data.items()}
+
+    async def search(
+        self, version: str, modality: str, queries: np.ndarray, k: int, manifest: Any = None
+    ) -> ShardResult | None:
+        """Exact top-k among this searcher's ``modality`` codes of index ``version``.
+
+        Args:
+            version: the index version id the answer must come from.
+            modality: ``"image"`` or ``"text"``.
+            queries: ``(Q, bits // 8)`` uint8 packed query codes.
+            k: results per query.
+            manifest: that version's manifest; when given, a version this replica does not hold
+                is loaded first. Without it such a request is answered ``None`` (the caller then
+                sends the manifest), which keeps the common request small.
+        """
+        data = self._versions.get(version)
+        if data is None:
+            fut = self._loading.get(version)
+            if fut is not None:
+                data = await asyncio.shield(fut)
+            elif manifest is not None:
+                if manifest_version(manifest) != version:
+                    raise ValueError(f"manifest of {manifest_version(manifest)} sent for {version}")
+                data = await self._get(manifest)
+            else:
+                return None
+        return search_shard(data[modality], queries, k, version)
+
+    def versions(self) -> list[str]:
+        """Index versions held, oldest first."""
+        return list(self._versions)
+
+
+def merge_results(parts: Sequence[ShardResult], k: int, merge: Callable[..., Any]) -> ShardResult:
+    """Merge per-searcher top-k into the exact global top-k with ``merge`` (``merge_topk``).
+
+    Raises:
+        RuntimeError: the parts come from different index versions (never served).
+    """
+    versions = {p.version for p in parts}
+    if len(versions) != 1:
+        raise RuntimeError(f"searchers answered from different index versions: {sorted(versions)}")
+    nonempty = [(p.dist, p.ids) for p in parts if p.ids.shape[1]]
+    q = parts[0].ids.shape[0]
+    if not nonempty:
+        dist, ids = np.zeros((q, 0), np.int32), np.zeros((q, 0), np.int64)
+    else:
+        dist, ids = merge(nonempty, k)
+    items: dict[int, str] = {}
+    caps: dict[int, int] = {}
+    for p in parts:
+        items.update(p.item_ids)
+        caps.update(p.caption_index)
+    return ShardResult(versions.pop(), np.asarray(dist), np.asarray(ids), items, caps)

@@ -1,0 +1,426 @@
+"""Model bundles: everything needed to turn images and captions into hash codes, content-addressed.
+
+A bundle is a directory (local or ``s3://``) with three files, written in this order:
+
+* ``heads.pt``: ``torch.save`` of the :class:`~duch_core.model.DUCH` state dict (both hashing
+  heads and the discriminator);
+* ``config.json``: the full resolved :class:`~duch_core.config.DUCHConfig` (``config.to_dict``),
+  so the backbones and preprocessing are rebuilt from the bundle alone;
+* ``meta.json`` (last: a bundle without it is incomplete): ``format``, ``bundle_id``, ``bits``,
+  ``bitorder`` ("big"), ``image_dim``, ``text_dim``, ``hidden_dim``, ``feature_stats``
+  (``{"image": {"mean", "std"}, "text": {...}}`` or null), ``created`` (UTC ISO time),
+  ``metrics``, ``hash_covers``.
+
+``bundle_id`` is the SHA-256 of a canonical encoding of the weights (every tensor's name, dtype,
+shape and bytes, in name order), the config (sorted-key JSON) and the meta fields that change
+what the codes are (format, bits, bitorder, dims, feature stats). :meth:`Bundle.load` recomputes
+it and refuses a bundle whose files were changed after saving. ``created`` and ``metrics`` are
+descriptive and not covered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import io
+import json
+import math
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from duch_core import codes, storage
+from duch_core.config import ConfigError, DUCHConfig, from_dict, to_dict
+from duch_core.model import DUCH
+
+FORMAT = "duch-bundle/1"
+HEADS_FILE = "heads.pt"
+CONFIG_FILE = "config.json"
+META_FILE = "meta.json"
+HASH_COVERS = (
+    "weights",
+    "config",
+    "format",
+    "bits",
+    "bitorder",
+    "image_dim",
+    "text_dim",
+    "hidden_dim",
+    "feature_stats",
+)
+
+
+class BundleError(ValueError):
+    """A bundle is missing, incomplete, inconsistent or was modified after saving."""
+
+
+# --------------------------------------------------------------------------------------------
+# content hash
+# --------------------------------------------------------------------------------------------
+
+
+def _canonical_json(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def content_hash(
+    state: Mapping[str, torch.Tensor], config: Mapping[str, Any], meta: Mapping[str, Any]
+) -> str:
+    """SHA-256 hex digest of weights, config and the code-defining meta fields (module docstring)."""
+    h = hashlib.sha256()
+    h.update(FORMAT.encode() + b"\0")
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    h.update(b"\0config\0" + _canonical_json(config))
+    covered = {k: meta.get(k) for k in HASH_COVERS if k not in ("weights", "config")}
+    h.update(b"\0meta\0" + _canonical_json(covered))
+    return h.hexdigest()
+
+
+def normalize_feature_stats(stats: Any) -> dict[str, dict[str, float]] | None:
+    """Feature statistics as ``{"image": {"mean", "std"}, "text": {"mean", "std"}}`` floats.
+
+    Accepts ``None``, that nested mapping, a flat mapping (``image_mean``, ``image_std``,
+    ``text_mean``, ``text_std``), or an object with ``to_dict()`` or dataclass fields giving one
+    of those.
+
+    Raises:
+        BundleError: missing modality, non-finite mean, non-positive std.
+    """
+    if stats is None:
+        return None
+    if not isinstance(stats, Mapping):
+        if hasattr(stats, "to_dict"):
+            stats = stats.to_dict()
+        elif dataclasses.is_dataclass(stats) and not isinstance(stats, type):
+            stats = dataclasses.asdict(stats)
+        else:
+            raise BundleError(f"feature_stats must be a mapping, got {type(stats).__name__}")
+    out: dict[str, dict[str, float]] = {}
+    for mod in ("image", "text"):
+        node = stats.get(mod)
+        if isinstance(node, Mapping):
+            mean, std = node.get("mean"), node.get("std")
+        else:
+            mean, std = stats.get(f"{mod}_mean"), stats.get(f"{mod}_std")
+        try:
+            m, s = float(mean), float(std)  # type: ignore[arg-type]
+        except (TypeError, ValueError) as e:
+            raise BundleError(f"feature_stats needs a numeric mean and std for {mod!r}") from e
+        if not math.isfinite(m) or not math.isfinite(s) or s <= 0:
+            raise BundleError(
+                f"feature_stats[{mod!r}] must have finite mean and std > 0, got {m}, {s}"
+            )
+        out[mod] = {"mean": m, "std": s}
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# save / load
+# --------------------------------------------------------------------------------------------
+
+
+def save_bundle(
+    uri: str,
+    model: DUCH,
+    cfg: DUCHConfig,
+    feature_stats: Any = None,
+    metrics: Mapping[str, Any] | None = None,
+) -> str:
+    """Write a bundle directory at ``uri`` (local path or ``s3://`` prefix).
+
+    Args:
+        uri: bundle directory; existing files of the same names are replaced.
+        model: trained heads; ``model.bits`` must equal ``cfg.model.bits``.
+        cfg: the resolved configuration the model was trained with.
+        feature_stats: global z-score statistics per modality (see
+            :func:`normalize_feature_stats`), or ``None`` when features are not normalised.
+        metrics: evaluation results to record (JSON-serialisable).
+
+    Returns:
+        The bundle id (SHA-256 hex of the content).
+
+    Raises:
+        BundleError: inconsistent model and config, bad feature stats, non-JSON metrics.
+    """
+    if not isinstance(cfg, DUCHConfig):
+        raise BundleError(f"cfg must be a DUCHConfig, got {type(cfg).__name__}")
+    bits = codes.check_bits(int(model.bits))
+    if bits != cfg.model.bits:
+        raise BundleError(f"model has {bits} bits but cfg.model.bits is {cfg.model.bits}")
+    stats = normalize_feature_stats(feature_stats)
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    config = to_dict(cfg)
+    first_linear: Any = model.image_head.net[0]
+    meta: dict[str, Any] = {
+        "format": FORMAT,
+        "bits": bits,
+        "bitorder": codes.BITORDER,
+        "image_dim": int(model.image_head.in_dim),
+        "text_dim": int(model.text_head.in_dim),
+        "hidden_dim": int(first_linear.out_features),
+        "feature_stats": stats,
+    }
+    bundle_id = content_hash(state, config, meta)
+    try:
+        metrics_json = json.loads(json.dumps(dict(metrics or {}), allow_nan=False))
+    except (TypeError, ValueError) as e:
+        raise BundleError(f"metrics must be JSON-serialisable (finite numbers): {e}") from e
+    meta = {
+        "bundle_id": bundle_id,
+        **meta,
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "metrics": metrics_json,
+        "hash_covers": list(HASH_COVERS),
+        "torch_version": torch.__version__,
+    }
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    storage.write_bytes(storage.join(uri, HEADS_FILE), buf.getvalue())
+    storage.write_json(storage.join(uri, CONFIG_FILE), config)
+    storage.write_json(storage.join(uri, META_FILE), meta)
+    return bundle_id
+
+
+class Bundle:
+    """A loaded, verified bundle.
+
+    Attributes:
+        uri: where it was read from.
+        config: the resolved :class:`DUCHConfig`.
+        meta: the parsed ``meta.json``.
+        bundle_id: content hash (verified).
+        bits: code length.
+        model: :class:`DUCH` in eval mode on ``device``.
+        feature_stats: ``{"image": {"mean", "std"}, "text": {...}}`` or ``None``.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        config: DUCHConfig,
+        meta: dict[str, Any],
+        model: DUCH,
+        feature_stats: dict[str, dict[str, float]] | None,
+    ) -> None:
+        self.uri = uri
+        self.config = config
+        self.meta = meta
+        self.model = model
+        self.feature_stats = feature_stats
+        self.bundle_id: str = str(meta["bundle_id"])
+        self.bits: int = int(meta["bits"])
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @classmethod
+    def load(cls, uri: str, device: str | torch.device = "cpu") -> Bundle:
+        """Read and verify the bundle at ``uri``.
+
+        Raises:
+            BundleError: a file is missing or malformed, the config does not load, the weights
+                do not fit the recorded shapes, or the content hash differs from ``bundle_id``
+                (the bundle was modified after saving).
+        """
+
+        def read(name: str) -> bytes:
+            try:
+                return storage.read_bytes(storage.join(uri, name))
+            except FileNotFoundError as e:
+                hint = (
+                    " (the bundle is incomplete: meta.json is written last)"
+                    if name == META_FILE
+                    else ""
+                )
+                raise BundleError(f"bundle {uri}: {name} not found{hint}") from e
+
+        try:
+            meta = json.loads(read(META_FILE))
+            config_dict = json.loads(read(CONFIG_FILE))
+        except json.JSONDecodeError as e:
+            raise BundleError(f"bundle {uri}: malformed JSON: {e}") from e
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise BundleError(
+                f"bundle {uri}: meta.json format {meta.get('format') if isinstance(meta, dict) else meta!r}"
+                f" is not {FORMAT!r}"
+            )
+        missing = [
+            k
+            for k in ("bundle_id", "bits", "bitorder", "image_dim", "text_dim", "hidden_dim")
+            if k not in meta
+        ]
+        if missing:
+            raise BundleError(f"bundle {uri}: meta.json lacks {missing}")
+        if meta["bitorder"] != codes.BITORDER:
+            raise BundleError(
+                f"bundle {uri}: bit order {meta['bitorder']!r}, expected {codes.BITORDER!r}"
+            )
+        try:
+            state = torch.load(io.BytesIO(read(HEADS_FILE)), map_location="cpu", weights_only=True)
+        except BundleError:
+            raise
+        except Exception as e:
+            raise BundleError(
+                f"bundle {uri}: {HEADS_FILE} is unreadable: {type(e).__name__}: {e}"
+            ) from e
+        if not isinstance(state, dict):
+            raise BundleError(f"bundle {uri}: {HEADS_FILE} does not hold a state dict")
+        actual = content_hash(state, config_dict, meta)
+        if actual != meta["bundle_id"]:
+            raise BundleError(
+                f"bundle {uri} failed its integrity check: content hash {actual[:16]}... differs "
+                f"from bundle_id {str(meta['bundle_id'])[:16]}...; heads.pt, config.json or "
+                "meta.json was modified after saving. Re-export the bundle."
+            )
+        try:
+            config = from_dict(DUCHConfig, config_dict)
+        except ConfigError as e:
+            raise BundleError(f"bundle {uri}: config.json does not load: {e}") from e
+        bits = codes.check_bits(int(meta["bits"]))
+        model = DUCH(int(meta["image_dim"]), int(meta["text_dim"]), bits, int(meta["hidden_dim"]))
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise BundleError(f"bundle {uri}: weights do not fit the recorded shapes: {e}") from e
+        model.to(device).eval()
+        return cls(uri, config, meta, model, normalize_feature_stats(meta.get("feature_stats")))
+
+
+# --------------------------------------------------------------------------------------------
+# encoding
+# --------------------------------------------------------------------------------------------
+
+
+class HashEncoder:
+    """Images and captions to packed hash codes with a bundle's backbones and heads.
+
+    The towers are rebuilt from ``bundle.config`` alone (on first use) and put on the bundle's
+    device. Features are z-scored with the bundle's global statistics when it has them, then
+    passed through the hashing heads in eval mode; codes are packed by :func:`codes.pack`.
+
+    Args:
+        bundle: a loaded bundle.
+        batch_size: largest batch per backbone forward pass.
+    """
+
+    def __init__(self, bundle: Bundle, batch_size: int = 64) -> None:
+        self.bundle = bundle
+        self.bits = bundle.bits
+        self.batch_size = max(1, int(batch_size))
+        self._image_tower: Any = None
+        self._text_tower: Any = None
+        self._lock = threading.Lock()  # towers are built once even under concurrent first calls
+
+    @property
+    def image_tower(self) -> Any:
+        """The :class:`~duch_core.backbones.ImageTower` (built on first access)."""
+        with self._lock:
+            if self._image_tower is None:
+                from duch_core.backbones import load_image_tower
+
+                tower = load_image_tower(self.bundle.config.image_backbone)
+                self._check_dim("image", tower.dim)
+                self._image_tower = tower.to(self.bundle.device).eval()
+        return self._image_tower
+
+    @property
+    def text_tower(self) -> Any:
+        """The :class:`~duch_core.backbones.TextTower` (built on first access)."""
+        with self._lock:
+            if self._text_tower is None:
+                from duch_core.backbones import load_text_tower
+
+                cfg = self.bundle.config
+                tower = load_text_tower(cfg.text_backbone, paper_compat=cfg.paper_compat)
+                self._check_dim("text", tower.dim)
+                self._text_tower = tower.to(self.bundle.device).eval()
+        return self._text_tower
+
+    def _check_dim(self, modality: str, dim: int) -> None:
+        want = int(self.bundle.meta[f"{modality}_dim"])
+        if dim != want:
+            raise BundleError(
+                f"bundle {self.bundle.uri}: its {modality} backbone gives {dim}-d features but the "
+                f"heads expect {want}-d; the backbone source changed since the bundle was made"
+            )
+
+    def _codes(self, feats: Any, modality: str) -> torch.Tensor:
+        model = self.bundle.model
+        x = torch.as_tensor(np.asarray(feats) if not torch.is_tensor(feats) else feats)
+        if x.ndim != 2 or x.shape[1] != int(self.bundle.meta[f"{modality}_dim"]):
+            raise BundleError(
+                f"{modality} features must be (N, {self.bundle.meta[f'{modality}_dim']}), "
+                f"got {tuple(x.shape)}"
+            )
+        x = x.to(device=self.bundle.device, dtype=torch.float32)
+        stats = self.bundle.feature_stats
+        if stats is not None:
+            x = (x - stats[modality]["mean"]) / stats[modality]["std"]
+        head = model.image_head if modality == "image" else model.text_head
+        head.eval()
+        with torch.inference_mode():
+            return head(x).float().cpu()
+
+    def image_codes_from_features(self, feats: Any) -> torch.Tensor:
+        """``(N, image_dim)`` features -> ``(N, bits)`` float32 continuous codes in ``(-1, 1)``."""
+        return self._codes(feats, "image")
+
+    def text_codes_from_features(self, feats: Any) -> torch.Tensor:
+        """``(N, text_dim)`` features -> ``(N, bits)`` float32 continuous codes in ``(-1, 1)``."""
+        return self._codes(feats, "text")
+
+    def image_features(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """Decoded ``(H, W, 3)`` uint8 pictures -> ``(N, image_dim)`` float32 features."""
+        from duch_core.imageio import preprocess
+
+        cfg = self.bundle.config.image_backbone
+        tower = self.image_tower
+        out = []
+        with torch.inference_mode():
+            for s in range(0, len(images), self.batch_size):
+                px = np.stack([preprocess(im, cfg) for im in images[s : s + self.batch_size]])
+                out.append(tower(torch.from_numpy(px)).float().cpu())
+        if not out:
+            return torch.zeros(0, int(self.bundle.meta["image_dim"]))
+        return torch.cat(out)
+
+    def text_features(self, texts: Sequence[str]) -> torch.Tensor:
+        """Captions -> ``(N, text_dim)`` float32 features (cleaned as the bundle's config says)."""
+        if isinstance(texts, str):
+            raise BundleError("encode_texts expects a list of captions, got one string")
+        tower = self.text_tower
+        out = []
+        with torch.inference_mode():
+            for s in range(0, len(texts), self.batch_size):
+                out.append(tower(list(texts[s : s + self.batch_size])).float().cpu())
+        if not out:
+            return torch.zeros(0, int(self.bundle.meta["text_dim"]))
+        return torch.cat(out)
+
+    def encode_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """Decoded ``(H, W, 3)`` uint8 pictures -> ``(N, bits // 8)`` uint8 packed codes.
+
+        Raises:
+            ImageDecodeError: a picture is not ``(H, W, 3)`` uint8.
+        """
+        if len(images) == 0:
+            return np.zeros((0, self.bits // 8), np.uint8)
+        return codes.pack(self.image_codes_from_features(self.image_features(images)))
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Captions -> ``(N, bits // 8)`` uint8 packed codes.
+
+        Raises:
+            CaptionError: a caption is empty once cleaned or too long.
+        """
+        if len(texts) == 0:
+            return np.zeros((0, self.bits // 8), np.uint8)
+        return codes.pack(self.text_codes_from_features(self.text_features(texts)))

@@ -1,0 +1,602 @@
+"""Code shards, index manifests and the ``LATEST`` pointer: the output of encoding.
+
+Layout of an index root (a local directory or an ``s3://`` prefix)::
+
+    <root>/LATEST                                   the published version id (one line)
+    <root>/versions/<version>/index.json            the index manifest (:class:`IndexManifest`)
+    <root>/versions/<version>/shards/part-<key>.parquet   code shards (:data:`SHARD_SCHEMA`)
+    <root>/versions/<version>/errors.parquet        items that could not be encoded
+    <root>/versions/<version>/summary.json          what the run did (counts, bytes, speed)
+
+A version id is ``<UTC timestamp>-<random suffix>``, so ids sort by creation time. Every run
+writes a fresh version directory: shards first, then ``index.json``, then ``LATEST`` is replaced
+atomically (:func:`duch_core.storage.publish_pointer`). A reader only follows ``LATEST`` and only
+trusts shards listed in ``index.json``, so a run that dies half way leaves an unreferenced
+directory, never a half index. Every shard's SHA-256 is recorded and checked on load.
+
+Each shard row is one code: an image (``caption_index = -1``) or one caption of an item
+(``caption_index`` = its position in the archive row's ``captions``). ``code`` is the packed
+``bits // 8`` bytes in bit order ``big`` (:mod:`duch_core.codes`). ``fingerprint`` identifies the
+source the code was computed from (see ``jobs/encode.py``); with the bundle id it decides whether
+a later run can copy the row instead of encoding it again.
+
+Search ids (``row_ids``) are global row positions in the version: shards in manifest order, rows
+in file order, both modalities counted. They do not depend on which shards a reader loads.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import io
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from duch_core import storage
+from duch_core.codes import BITORDER, check_bits
+
+FORMAT_VERSION = 1
+MODALITIES: tuple[str, ...] = ("image", "text")
+LATEST_NAME = "LATEST"
+MANIFEST_NAME = "index.json"
+VERSIONS_DIR = "versions"
+SHARDS_DIR = "shards"
+ERRORS_NAME = "errors.parquet"
+SUMMARY_NAME = "summary.json"
+
+ERRORS_SCHEMA = pa.schema(
+    [
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("stage", pa.string(), nullable=False),  # fetch | decode | caption | encode
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("caption_index", pa.int32(), nullable=False),  # -1 for image-side errors
+    ]
+)
+"""Rows of a version's errors table: one per failed image or caption."""
+
+
+class IndexFormatError(ValueError):
+    """Base class of index format errors (kept distinct from the builtin ``IndexError``)."""
+
+
+class IndexMismatchError(IndexFormatError):
+    """An index manifest does not fit the model that would use it (bits, bit order, bundle)."""
+
+
+class IndexCorruptError(IndexFormatError):
+    """A manifest or shard is missing, unreadable, or fails its checksum."""
+
+
+class IndexNotFoundError(IndexFormatError, FileNotFoundError):
+    """No published index at the given root (no ``LATEST`` pointer)."""
+
+
+def shard_schema(bits: int) -> pa.Schema:
+    """The Arrow schema of code shards for ``bits``-bit codes."""
+    nbytes = check_bits(bits) // 8
+    return pa.schema(
+        [
+            pa.field("item_id", pa.string(), nullable=False),
+            pa.field("modality", pa.string(), nullable=False),
+            pa.field("caption_index", pa.int32(), nullable=False),
+            pa.field("code", pa.binary(nbytes), nullable=False),
+            pa.field("fingerprint", pa.string(), nullable=False),
+            pa.field("bundle_id", pa.string(), nullable=False),
+        ]
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# manifest
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One shard as listed in ``index.json``.
+
+    Attributes:
+        path: location relative to the version directory (``shards/part-<key>.parquet``).
+        rows: number of rows.
+        sha256: hex digest of the file's bytes.
+        counts: rows per modality, e.g. ``{"image": 10, "text": 50}``.
+        bytes: file size.
+    """
+
+    path: str
+    rows: int
+    sha256: str
+    counts: dict[str, int] = field(default_factory=dict)
+    bytes: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "rows": self.rows,
+            "sha256": self.sha256,
+            "counts": dict(self.counts),
+            "bytes": self.bytes,
+        }
+
+
+@dataclass(frozen=True)
+class IndexManifest:
+    """The ``index.json`` of one index version.
+
+    Attributes:
+        version: version id (``<UTC timestamp>-<suffix>``, sorts by creation time).
+        bundle_id: content hash of the model bundle every code was computed with.
+        bits: code length; shards hold ``bits // 8``-byte codes.
+        bitorder: always ``"big"`` (:data:`duch_core.codes.BITORDER`).
+        shards: the shards in search-id order.
+        counts: rows per modality over all shards.
+        errors: errors table path relative to the version directory, or ``None``.
+        created: ISO-8601 UTC creation time.
+        config: the resolved configuration of the run that wrote it.
+        archive: URI of the archive manifest that was encoded.
+        bundle_uri: URI of the model bundle.
+        n_errors: rows of the errors table.
+        format_version: layout version of this file.
+        uri: where the manifest was read from (set by readers, not stored).
+    """
+
+    version: str
+    bundle_id: str
+    bits: int
+    bitorder: str = BITORDER
+    shards: tuple[ShardInfo, ...] = ()
+    counts: dict[str, int] = field(default_factory=dict)
+    errors: str | None = ERRORS_NAME
+    created: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+    archive: str = ""
+    bundle_uri: str = ""
+    n_errors: int = 0
+    format_version: int = FORMAT_VERSION
+    uri: str = ""
+
+    @property
+    def base_uri(self) -> str:
+        """The version directory (the manifest's parent)."""
+        if not self.uri:
+            raise IndexCorruptError(f"manifest of version {self.version} has no location")
+        return self.uri.rstrip("/").rpartition("/")[0]
+
+    def resolve(self, rel: str) -> str:
+        """A path from the manifest (shard or errors table) as a full URI."""
+        return storage.join(self.base_uri, rel)
+
+    def shard_offsets(self) -> np.ndarray:
+        """``(len(shards) + 1,)`` int64: the first global row id of every shard, then the total."""
+        return np.concatenate([[0], np.cumsum([s.rows for s in self.shards], dtype=np.int64)])
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form written to ``index.json`` (without ``uri``)."""
+        return {
+            "format_version": self.format_version,
+            "version": self.version,
+            "bundle_id": self.bundle_id,
+            "bits": self.bits,
+            "bitorder": self.bitorder,
+            "counts": dict(self.counts),
+            "n_errors": self.n_errors,
+            "shards": [s.to_dict() for s in self.shards],
+            "errors": self.errors,
+            "created": self.created,
+            "archive": self.archive,
+            "bundle_uri": self.bundle_uri,
+            "config": self.config,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], uri: str = "") -> IndexManifest:
+        """Parse the JSON form; raises :class:`IndexCorruptError` on missing or bad fields."""
+        where = uri or "index manifest"
+        try:
+            shards = tuple(
+                ShardInfo(
+                    path=str(s["path"]),
+                    rows=int(s["rows"]),
+                    sha256=str(s["sha256"]),
+                    counts={str(k): int(v) for k, v in dict(s.get("counts", {})).items()},
+                    bytes=int(s.get("bytes", 0)),
+                )
+                for s in data["shards"]
+            )
+            fmt = int(data.get("format_version", FORMAT_VERSION))
+            if fmt > FORMAT_VERSION:
+                raise IndexCorruptError(
+                    f"{where}: format_version {fmt} is newer than this reader ({FORMAT_VERSION})"
+                )
+            return cls(
+                version=str(data["version"]),
+                bundle_id=str(data["bundle_id"]),
+                bits=int(data["bits"]),
+                bitorder=str(data["bitorder"]),
+                shards=shards,
+                counts={str(k): int(v) for k, v in dict(data.get("counts", {})).items()},
+                errors=data.get("errors"),
+                created=str(data.get("created", "")),
+                config=dict(data.get("config") or {}),
+                archive=str(data.get("archive") or ""),
+                bundle_uri=str(data.get("bundle_uri") or ""),
+                n_errors=int(data.get("n_errors", 0)),
+                format_version=fmt,
+                uri=uri,
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            if isinstance(e, IndexCorruptError):
+                raise
+            raise IndexCorruptError(f"{where}: not a valid index manifest ({e!r})") from e
+
+
+# --------------------------------------------------------------------------------------------
+# names and locations
+
+
+def new_version_id(now: _dt.datetime | None = None) -> str:
+    """A fresh version id: ``YYYYmmddTHHMMSSffffffZ-<8 hex>``; ids sort by creation time."""
+    t = (now or _dt.datetime.now(_dt.UTC)).astimezone(_dt.UTC)
+    return f"{t:%Y%m%dT%H%M%S%fZ}-{uuid.uuid4().hex[:8]}"
+
+
+def version_uri(root: str, version: str) -> str:
+    """The directory of one version under an index root."""
+    return storage.join(root, VERSIONS_DIR, version)
+
+
+def manifest_uri(root: str, version: str) -> str:
+    return storage.join(version_uri(root, version), MANIFEST_NAME)
+
+
+def latest_uri(root: str) -> str:
+    return storage.join(root, LATEST_NAME)
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+
+
+def shard_table(
+    item_ids: Sequence[str] | pa.Array,
+    modality: Sequence[str] | pa.Array,
+    caption_index: Sequence[int] | np.ndarray | pa.Array,
+    codes: np.ndarray,
+    fingerprint: Sequence[str] | pa.Array,
+    bundle_id: str,
+    bits: int,
+) -> pa.Table:
+    """Build shard rows.
+
+    Args:
+        item_ids, modality, caption_index, fingerprint: ``(N,)`` columns.
+        codes: ``(N, bits // 8)`` uint8 packed codes.
+        bundle_id: written on every row.
+        bits: code length.
+
+    Raises:
+        duch_core.codes.CodeLengthError: codes of the wrong width.
+        ValueError: unknown modality or columns of different lengths.
+    """
+    from duch_core.codes import check_packed
+
+    nbytes = check_bits(bits) // 8
+    c = check_packed(codes, bits) if len(codes) else np.zeros((0, nbytes), np.uint8)
+    n = c.shape[0]
+    code_arr = pa.FixedSizeBinaryArray.from_buffers(
+        pa.binary(nbytes), n, [None, pa.py_buffer(c.tobytes())]
+    )
+    mod = pa.array(modality, pa.string())
+    bad = set(pc.unique(mod).to_pylist()) - set(MODALITIES)
+    if bad:
+        raise ValueError(f"unknown modality {sorted(map(str, bad))}; expected one of {MODALITIES}")
+    cols = [
+        pa.array(item_ids, pa.string()),
+        mod,
+        pa.array(caption_index, pa.int32()),
+        code_arr,
+        pa.array(fingerprint, pa.string()),
+        pa.array([bundle_id] * n, pa.string()),
+    ]
+    lengths = {len(a) for a in cols}
+    if lengths != {n}:
+        raise ValueError(f"shard columns have different lengths {sorted(lengths)}")
+    return pa.Table.from_arrays(cols, schema=shard_schema(bits))
+
+
+def table_bytes(table: pa.Table) -> bytes:
+    """Serialise a table as Parquet (zstd) bytes; the same rows always give the same bytes."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+def write_shard(version_dir: str, table: pa.Table) -> ShardInfo:
+    """Write one shard under ``<version_dir>/shards/`` named by a hash of its content.
+
+    The name is content-addressed, so writing the same rows twice (a retried task) yields the
+    same file, never a second copy.
+
+    Returns:
+        The :class:`ShardInfo` to list in the manifest.
+    """
+    data = table_bytes(table)
+    digest = hashlib.sha256(data).hexdigest()
+    rel = f"{SHARDS_DIR}/part-{digest[:24]}.parquet"
+    storage.write_bytes(storage.join(version_dir, rel), data)
+    mods = table.column("modality")
+    counts = {m: int(pc.sum(pc.equal(mods, m)).as_py() or 0) for m in MODALITIES}
+    return ShardInfo(path=rel, rows=table.num_rows, sha256=digest, counts=counts, bytes=len(data))
+
+
+def write_manifest(version_dir: str, manifest: IndexManifest) -> IndexManifest:
+    """Write ``index.json`` into the version directory (after every shard is written)."""
+    uri = storage.join(version_dir, MANIFEST_NAME)
+    storage.write_json(uri, manifest.to_dict())
+    return IndexManifest.from_dict(manifest.to_dict(), uri=uri)
+
+
+def publish(root: str, manifest: IndexManifest) -> None:
+    """Point ``<root>/LATEST`` at ``manifest``'s version (the last write of a run)."""
+    storage.publish_pointer(latest_uri(root), manifest.version)
+
+
+def utc_now_iso() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+
+
+def read_manifest(uri: str) -> IndexManifest:
+    """Read an ``index.json``.
+
+    Raises:
+        IndexCorruptError: missing, not JSON, or malformed.
+    """
+    try:
+        data = storage.read_json(uri)
+    except FileNotFoundError as e:
+        raise IndexCorruptError(f"index manifest not found: {uri}") from e
+    except ValueError as e:
+        raise IndexCorruptError(f"{uri}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise IndexCorruptError(f"{uri}: expected a JSON object")
+    return IndexManifest.from_dict(data, uri=uri)
+
+
+def read_latest_version(root: str) -> str | None:
+    """The version id ``LATEST`` names, or ``None`` when nothing is published yet."""
+    try:
+        value = storage.read_pointer(latest_uri(root)).strip()
+    except FileNotFoundError:
+        return None
+    return value or None
+
+
+def read_latest(root: str) -> IndexManifest:
+    """The manifest of the published version of an index root.
+
+    Raises:
+        IndexNotFoundError: nothing published at ``root``.
+        IndexCorruptError: ``LATEST`` names a version without a readable manifest.
+    """
+    version = read_latest_version(root)
+    if version is None:
+        raise IndexNotFoundError(f"no published index at {root} (no {LATEST_NAME} pointer)")
+    return read_manifest(manifest_uri(root, version))
+
+
+def validate(manifest: IndexManifest, bits: int, bundle_id: str) -> None:
+    """Refuse a manifest that does not fit a model.
+
+    Raises:
+        IndexMismatchError: different code length, bit order or bundle id. The message names both.
+    """
+    where = manifest.uri or f"index version {manifest.version}"
+    if int(manifest.bits) != int(bits):
+        raise IndexMismatchError(
+            f"{where}: index holds {manifest.bits}-bit codes but the model makes {bits}-bit codes"
+        )
+    if manifest.bitorder != BITORDER:
+        raise IndexMismatchError(
+            f"{where}: index bit order {manifest.bitorder!r}, this reader packs {BITORDER!r}"
+        )
+    if manifest.bundle_id != bundle_id:
+        raise IndexMismatchError(
+            f"{where}: index was encoded with bundle {manifest.bundle_id!r}, the model is "
+            f"bundle {bundle_id!r}; re-encode the archive with this bundle"
+        )
+
+
+def read_shard(manifest: IndexManifest, position: int, verify: bool = True) -> pa.Table:
+    """Read shard ``position`` of a manifest, checking its size and SHA-256.
+
+    Raises:
+        IndexCorruptError: the shard is missing, truncated, altered, or not a shard.
+    """
+    if not 0 <= position < len(manifest.shards):
+        raise IndexError(f"shard {position} out of range (0..{len(manifest.shards) - 1})")
+    info = manifest.shards[position]
+    uri = manifest.resolve(info.path)
+    try:
+        data = storage.read_bytes(uri)
+    except FileNotFoundError as e:
+        raise IndexCorruptError(
+            f"shard {info.path} of index version {manifest.version} is missing ({uri})"
+        ) from e
+    if verify:
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != info.sha256:
+            raise IndexCorruptError(
+                f"shard {uri} fails its checksum (sha256 {digest[:16]}..., manifest says "
+                f"{info.sha256[:16]}...; {len(data)} bytes, expected {info.bytes or '?'}): the "
+                "file is incomplete or was changed after the index was published"
+            )
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+    except (pa.ArrowException, OSError) as e:
+        raise IndexCorruptError(f"shard {uri} is not readable Parquet ({e})") from e
+    expected = shard_schema(manifest.bits)
+    missing = [n for n in expected.names if n not in table.column_names]
+    if missing or table.num_rows != info.rows:
+        raise IndexCorruptError(
+            f"shard {uri}: missing columns {missing} or {table.num_rows} rows where the manifest "
+            f"lists {info.rows}"
+        )
+    if table.schema.field("code").type != expected.field("code").type:
+        raise IndexCorruptError(
+            f"shard {uri}: code column is {table.schema.field('code').type}, expected "
+            f"{expected.field('code').type} for {manifest.bits}-bit codes"
+        )
+    return table.select(expected.names)
+
+
+def codes_from_column(col: pa.Array | pa.ChunkedArray, bits: int) -> np.ndarray:
+    """``fixed_size_binary(bits // 8)`` column -> ``(N, bits // 8)`` uint8 (a copy)."""
+    nbytes = check_bits(bits) // 8
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if len(arr) == 0:
+        return np.zeros((0, nbytes), np.uint8)
+    buf = arr.buffers()[1]
+    flat = np.frombuffer(buf, dtype=np.uint8)[
+        arr.offset * nbytes : (arr.offset + len(arr)) * nbytes
+    ]
+    return flat.reshape(len(arr), nbytes).copy()
+
+
+def load_codes(
+    manifest: IndexManifest, modality: str, shards: Sequence[int] | None = None
+) -> tuple[np.ndarray, pa.StringArray, np.ndarray, np.ndarray]:
+    """Load the codes of one modality from some or all shards (checksums verified).
+
+    Args:
+        manifest: an index manifest (from :func:`read_latest` / :func:`read_manifest`).
+        modality: ``"image"`` or ``"text"``.
+        shards: shard positions to read; ``None`` = all.
+
+    Returns:
+        ``(codes, item_ids, caption_index, row_ids)``: codes ``(N, bits // 8)`` uint8, item ids a
+        ``pyarrow.StringArray`` of length N, caption index ``(N,)`` int32 (``-1`` for images),
+        row ids ``(N,)`` int64 global search ids (see the module docstring).
+
+    Raises:
+        ValueError: unknown modality.
+        IndexCorruptError: a shard is missing or fails its checksum.
+    """
+    if modality not in MODALITIES:
+        raise ValueError(f"unknown modality {modality!r}; expected one of {MODALITIES}")
+    positions = range(len(manifest.shards)) if shards is None else list(shards)
+    offsets = manifest.shard_offsets()
+    nbytes = check_bits(manifest.bits) // 8
+    codes: list[np.ndarray] = []
+    ids: list[pa.Array] = []
+    caps: list[np.ndarray] = []
+    rows: list[np.ndarray] = []
+    for p in positions:
+        t = read_shard(manifest, int(p))
+        mask = pc.equal(t.column("modality"), modality)
+        idx = np.flatnonzero(mask.to_numpy(zero_copy_only=False))
+        sel = t.take(pa.array(idx, pa.int64()))
+        codes.append(codes_from_column(sel.column("code"), manifest.bits))
+        ids.append(sel.column("item_id").combine_chunks())
+        caps.append(sel.column("caption_index").to_numpy().astype(np.int32))
+        rows.append(offsets[int(p)] + idx.astype(np.int64))
+    if not codes:
+        return (
+            np.zeros((0, nbytes), np.uint8),
+            pa.array([], pa.string()),
+            np.zeros(0, np.int32),
+            np.zeros(0, np.int64),
+        )
+    item_ids = pa.concat_arrays(ids) if ids else pa.array([], pa.string())
+    return (
+        np.concatenate(codes),
+        item_ids,
+        np.concatenate(caps),
+        np.concatenate(rows),
+    )
+
+
+def read_rows(
+    manifest: IndexManifest, columns: Sequence[str] | None = None, verify: bool = True
+) -> pa.Table:
+    """Every shard row of a version (both modalities), in search-id order."""
+    tables = [read_shard(manifest, i, verify=verify) for i in range(len(manifest.shards))]
+    if not tables:
+        return shard_schema(manifest.bits).empty_table()
+    t = pa.concat_tables(tables)
+    return t.select(list(columns)) if columns else t
+
+
+def read_errors(manifest: IndexManifest) -> pa.Table:
+    """The version's errors table (:data:`ERRORS_SCHEMA`); empty when it has none."""
+    if not manifest.errors:
+        return ERRORS_SCHEMA.empty_table()
+    uri = manifest.resolve(manifest.errors)
+    try:
+        return storage.read_parquet(uri)
+    except FileNotFoundError as e:
+        raise IndexCorruptError(f"errors table of version {manifest.version} missing: {uri}") from e
+
+
+# --------------------------------------------------------------------------------------------
+# retention
+
+
+def list_versions(root: str) -> dict[str, bool]:
+    """Every version directory under ``root`` -> whether it holds an ``index.json``."""
+    base = storage.join(root, VERSIONS_DIR)
+    found: dict[str, bool] = {}
+    prefix = base.rstrip("/") + "/"
+    try:
+        listed = storage.list_prefix(base, recursive=True)
+    except FileNotFoundError:
+        listed = []
+    for uri in listed:
+        if not uri.startswith(prefix):
+            continue
+        rest = uri[len(prefix) :]
+        version, _, tail = rest.partition("/")
+        if not version:
+            continue
+        found[version] = found.get(version, False) or tail == MANIFEST_NAME
+    return dict(sorted(found.items()))
+
+
+def apply_retention(root: str, keep: int, current: str | None = None) -> list[str]:
+    """Delete old versions, whole.
+
+    Keeps the ``keep`` newest published versions (those with an ``index.json``), the version
+    ``LATEST`` names, and ``current`` (a run in progress). Directories without a manifest (runs
+    that died before publishing) are deleted when they are older than the newest published
+    version. ``keep <= 0`` keeps every published version.
+
+    Returns:
+        The deleted version ids.
+    """
+    versions = list_versions(root)
+    latest = read_latest_version(root)
+    complete = [v for v, ok in versions.items() if ok]
+    protected = {v for v in (latest, current) if v}
+    if keep > 0:
+        protected.update(complete[-keep:])
+    else:
+        protected.update(complete)
+    newest = max(complete) if complete else None
+    doomed = []
+    for v, ok in versions.items():
+        if v in protected:
+            continue
+        if ok or (newest is not None and v < newest):
+            doomed.append(v)
+    for v in doomed:
+        storage.delete_prefix(version_uri(root, v))
+    return doomed

@@ -1,0 +1,566 @@
+"""Train DUCH's hashing heads on Ray Train, evaluate them and export a model bundle.
+
+    python jobs/train.py [--config configs/demo.yaml] [--set key.path=value ...]
+    python -m jobs.train ...
+    ray job submit --working-dir . -- python jobs/train.py --config configs/smoke.yaml
+
+With no arguments it runs on the built-in demo archive (written under ``work_dir``) with the
+offline backbone weights. The steps:
+
+1. **Validate** the config (:func:`jobs.train_config.validate`) and read the archive manifest
+   (:func:`duch_core.archive.read_archive`): bad values and a missing archive fail here, before
+   Ray starts anything.
+2. **Ray**: connects to the cluster when ``RAY_ADDRESS`` is set (``ray job submit`` sets it) or a
+   local cluster is running, else starts Ray in-process.
+3. **Features**: the Ray Data stage of ``jobs/extract_features.py``, reused from its cache when
+   the backbones, augmentation and manifest are unchanged.
+4. **Split and statistics**: the train / query / database split (``split_source``) from the
+   item ids only, and the global z-score statistics of the training features
+   (:class:`duch_core.train_loop.FeatureStats`) computed by a Ray Data pass.
+5. **Ray Train**: ``TorchTrainer`` with ``scaling.num_workers`` workers (gloo on CPU, NCCL on
+   GPU). The training rows stream to the workers with ``get_dataset_shard("train")`` (equal
+   shards); each worker takes ``batch_size / num_workers`` items per step and
+   :func:`duch_core.train_loop.train_epoch` gathers the codes of all workers
+   (:class:`duch_core.distributed.TorchCollective`), so the contrastive negatives span the global
+   batch, gradients are summed and the code table ``B`` is merged at every epoch end (every worker
+   holds the whole table). Every epoch each worker calls ``ray.train.report``; worker 0 attaches a
+   checkpoint (heads, both optimizers, the code table, epoch, history, feature statistics and the
+   resolved config). A restarted worker group (``run.max_failures``) and a rerun with the same
+   ``run.name`` and ``run.storage_path`` continue from ``ray.train.get_checkpoint()``; raising
+   ``duch.optim.epochs`` and rerunning trains further.
+6. **Evaluate** the final heads on the query / database items (mAP@``eval_k`` in the four
+   directions, :func:`duch_core.train_loop.evaluate`) and **export** a bundle
+   (:func:`duch_core.bundle.save_bundle`) to ``output``, plus ``training.json`` (history, metrics,
+   resolved job config) next to it. The bundle location and the metrics are printed as JSON.
+
+Exit status: 0 success, 1 training or feature extraction failed, 2 bad configuration or archive.
+"""
+
+from __future__ import annotations
+
+if __name__ == "__main__" and not __package__:  # `python jobs/train.py`
+    import pathlib
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from ray.data.collate_fn import ArrowBatchCollateFn
+
+from duch_core import storage
+from duch_core.archive import ArchiveError, read_archive
+from duch_core.config import ConfigError, DUCHConfig, from_dict, load, to_dict
+from jobs.extract_features import FeatureSet, FeatureStageError, list_to_numpy, read_columns
+from jobs.train_config import TrainJobConfig, validate
+
+log = logging.getLogger("duch.train")
+
+STATE_FILE = "state.pt"
+CONFIG_FILE = "config.json"
+FAULT_MARKER = "fault_injected.json"
+
+
+# --------------------------------------------------------------------------------------------
+# archive and split (driver)
+
+
+def demo_archive_uri(cfg: TrainJobConfig) -> str:
+    """Where the demo archive of ``cfg.demo`` lives under ``work_dir``."""
+    d = cfg.demo
+    return storage.join(
+        cfg.work_dir, "demo_archive", f"n{d.n_per_class}-s{d.image_size}-seed{d.seed}"
+    )
+
+
+def prepare_archive(cfg: TrainJobConfig) -> pa.Table:
+    """The archive manifest of ``cfg`` (the demo archive, generated once, when none is set).
+
+    Raises:
+        ArchiveError: the manifest is missing, unreadable or invalid.
+    """
+    uri = cfg.duch.data.archive
+    if not uri:
+        from duch_core.demo import MANIFEST_NAME, make_demo_archive
+
+        uri = demo_archive_uri(cfg)
+        if not storage.exists(storage.join(uri, MANIFEST_NAME)):
+            log.info("writing the demo archive to %s", uri)
+            make_demo_archive(
+                uri,
+                n_per_class=cfg.demo.n_per_class,
+                seed=cfg.demo.seed,
+                image_size=cfg.demo.image_size,
+            )
+    return read_archive(uri)
+
+
+def effective_split(
+    item_ids: Sequence[str], manifest_split: Sequence[str | None], cfg: TrainJobConfig
+) -> dict[str, list[str]]:
+    """The train / query / database item ids (sorted), following ``cfg.split_source``.
+
+    Raises:
+        ConfigError: ``split_source: manifest`` but some items have no split.
+    """
+    from duch_core.splits import paper_split
+
+    complete = all(s in ("train", "query", "database") for s in manifest_split)
+    source = cfg.split_source
+    if source == "manifest" and not complete:
+        raise ConfigError(
+            "split_source: manifest, but some archive items have no train/query/database split"
+        )
+    if source == "manifest" or (source == "auto" and complete):
+        out: dict[str, list[str]] = {"train": [], "query": [], "database": []}
+        for item, s in zip(item_ids, manifest_split, strict=True):
+            out[str(s)].append(str(item))
+        return {k: sorted(v) for k, v in out.items()}
+    d = cfg.duch.data
+    return paper_split(
+        item_ids, seed=d.split_seed, train_frac=d.train_frac, query_frac=d.query_frac
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Ray Data pieces (run in Ray tasks)
+
+
+def select_rows(batch: pa.Table, ids: pa.Array, columns: Sequence[str]) -> pa.Table:
+    """Rows of ``batch`` whose ``item_id`` is in ``ids`` and that have features (no error)."""
+    keep = pc.and_(
+        pc.is_in(batch.column("item_id"), value_set=ids),
+        pc.equal(batch.column("error_stage"), ""),
+    )
+    return batch.filter(keep).select(list(columns))
+
+
+def moments_batch(batch: pa.Table) -> pa.Table:
+    """Per-batch ``(count, mean, M2)`` of all image and all text feature values (float64)."""
+    out: dict[str, list[float]] = {}
+    for col in ("img", "txt"):
+        x = list_to_numpy(batch.column(col)).astype(np.float64).reshape(-1)
+        n = x.size
+        mean = float(x.mean()) if n else 0.0
+        out[f"{col}_n"] = [float(n)]
+        out[f"{col}_mean"] = [mean]
+        out[f"{col}_m2"] = [float(((x - mean) ** 2).sum()) if n else 0.0]
+    return pa.table(out)
+
+
+def combine_moments(parts: Iterable[tuple[float, float, float]]) -> tuple[float, float]:
+    """Chan's parallel combination of ``(count, mean, M2)`` parts -> ``(mean, std)`` (ddof 0)."""
+    n, mean, m2 = 0.0, 0.0, 0.0
+    for nb, mb, m2b in parts:
+        if nb == 0:
+            continue
+        delta = mb - mean
+        tot = n + nb
+        mean += delta * nb / tot
+        m2 += m2b + delta * delta * n * nb / tot
+        n = tot
+    if n == 0:
+        raise ValueError("no feature values to fit statistics on")
+    return mean, math.sqrt(m2 / n)
+
+
+def arrow_to_feature_arrays(batch: pa.Table) -> dict[str, Any]:
+    """An Arrow batch of feature rows -> ``{"ids": list[str], "img": (N, D) float32 tensor, ...}``."""
+    import torch
+
+    out: dict[str, Any] = {"ids": [str(x) for x in batch.column("item_id").to_pylist()]}
+    for col in ("img", "img_aug", "txt", "txt_aug"):
+        out[col] = torch.from_numpy(list_to_numpy(batch.column(col)))
+    return out
+
+
+class FeatureCollate(ArrowBatchCollateFn):
+    """``iter_torch_batches`` collate function: Arrow rows -> :func:`arrow_to_feature_arrays`."""
+
+    def __call__(self, batch: pa.Table) -> dict[str, Any]:
+        return arrow_to_feature_arrays(batch)
+
+
+# --------------------------------------------------------------------------------------------
+# per-worker logic (plain functions, tested without Ray)
+
+
+def to_feature_batch(arrays: dict[str, Any], stats: Any) -> Any:
+    """Collated arrays -> :class:`duch_core.train_loop.FeatureBatch`, z-scored with ``stats``."""
+    from duch_core.train_loop import FeatureBatch
+
+    img, img_aug, txt, txt_aug = (arrays[k] for k in ("img", "img_aug", "txt", "txt_aug"))
+    if stats is not None:
+        img, img_aug = stats.apply(img, "image"), stats.apply(img_aug, "image")
+        txt, txt_aug = stats.apply(txt, "text"), stats.apply(txt_aug, "text")
+    return FeatureBatch(list(arrays["ids"]), img, img_aug, txt, txt_aug)
+
+
+def drop_last_needed(n_rows: int, world_size: int, per_worker_batch: int) -> bool:
+    """True when equal shards of ``n_rows`` would end in a 1-item batch (BatchNorm needs 2)."""
+    rows = n_rows // world_size
+    return rows % per_worker_batch == 1
+
+
+def combine_records(records: Sequence[dict[str, float]]) -> dict[str, float]:
+    """One epoch record from every worker's :func:`train_epoch` output.
+
+    ``samples`` and ``batches`` are summed, ``seconds`` is the slowest worker's, everything else
+    (loss parts, lr, epoch) is averaged.
+    """
+    out: dict[str, float] = {}
+    for key in records[0]:
+        vals = [float(r[key]) for r in records]
+        if key in ("samples", "batches"):
+            out[key] = float(sum(vals))
+        elif key == "seconds":
+            out[key] = max(vals)
+        else:
+            out[key] = float(np.mean(vals))
+    out["samples_per_s"] = out.get("samples", 0.0) / max(out.get("seconds", 0.0), 1e-9)
+    return out
+
+
+def save_state(directory: str, state: dict[str, Any], job_config: dict[str, Any]) -> None:
+    """Write a checkpoint directory: ``state.pt`` (torch) and ``config.json`` (resolved config)."""
+    import torch
+
+    torch.save(state, os.path.join(directory, STATE_FILE))
+    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+        json.dump(job_config, f, indent=2, sort_keys=True)
+
+
+def load_state(directory: str) -> dict[str, Any]:
+    """Read ``state.pt`` of a checkpoint directory (CPU tensors)."""
+    import torch
+
+    return torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=False)
+
+
+def model_from_state(state: dict[str, Any], cfg: DUCHConfig) -> Any:
+    """The :class:`duch_core.model.DUCH` heads stored in a checkpoint state (eval mode, CPU)."""
+    from duch_core.train_loop import make_model
+
+    model = make_model(int(state["image_dim"]), int(state["text_dim"]), cfg)
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
+def _fault_point(
+    batches: Iterator[Any], epoch: int, rank: int, world: int, fail_at: int, marker: str
+) -> Iterator[Any]:
+    """Yield ``batches``; the last worker exits abruptly after the first batch of epoch
+    ``fail_at`` unless ``marker`` exists (then the fault has already happened once)."""
+    for i, b in enumerate(batches):
+        yield b
+        if i == 0 and epoch == fail_at and rank == world - 1 and not storage.exists(marker):
+            storage.write_json(marker, {"epoch": epoch, "rank": rank, "time": time.time()})
+            os._exit(1)
+
+
+def train_func(config: dict[str, Any]) -> None:
+    """The Ray Train worker loop (one call per worker; see the module docstring, step 5)."""
+    import ray.train
+    import torch
+    from ray.train import Checkpoint
+
+    from duch_core.code_table import CodeTable
+    from duch_core.distributed import TorchCollective, broadcast_parameters
+    from duch_core.train_loop import (
+        FeatureStats,
+        make_model,
+        make_optimizers,
+        step_lr,
+        train_epoch,
+    )
+
+    cfg = from_dict(DUCHConfig, config["duch"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    collective = TorchCollective() if world > 1 else None
+    stats = FeatureStats.from_dict(config["stats"]) if config["stats"] else None
+    if config.get("torch_threads"):
+        torch.set_num_threads(int(config["torch_threads"]))
+
+    model = make_model(int(config["image_dim"]), int(config["text_dim"]), cfg).to(device)
+    opt_hash, opt_disc = make_optimizers(model, cfg.optim)
+    table = CodeTable(config["train_ids"], cfg.model.bits, seed=cfg.optim.seed)
+    history: list[dict[str, float]] = []
+    start = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = load_state(d)
+        model.load_state_dict(state["model"])
+        opt_hash.load_state_dict(state["opt_hash"])
+        opt_disc.load_state_dict(state["opt_disc"])
+        table.load_state_dict(state["table"])
+        history = list(state["history"])
+        start = int(state["epoch"]) + 1
+        torch.set_rng_state(state["rng"])
+    else:
+        torch.manual_seed(cfg.optim.seed)
+    if collective is not None:
+        broadcast_parameters(model, collective)
+
+    shard = ray.train.get_dataset_shard("train")
+    bpw = int(config["per_worker_batch"])
+    for epoch in range(start, cfg.optim.epochs):
+        it = shard.iter_torch_batches(
+            batch_size=bpw,
+            collate_fn=FeatureCollate(),
+            device="cpu",
+            drop_last=bool(config["drop_last"]),
+            local_shuffle_buffer_size=int(config["shuffle_buffer"]),
+            local_shuffle_seed=cfg.optim.seed * 1_000_003 + epoch * world + rank,
+        )
+        batches = (to_feature_batch(a, stats) for a in it)
+        if config["fail_at_epoch"] >= 0:
+            batches = _fault_point(
+                batches, epoch, rank, world, int(config["fail_at_epoch"]), config["fault_marker"]
+            )
+        rec = train_epoch(
+            model, batches, opt_hash, opt_disc, table, cfg, epoch, gather=collective, device=device
+        )
+        rec["next_lr"] = step_lr(opt_hash, epoch, cfg.optim)
+        records = collective.all_gather_object(rec) if collective is not None else [rec]
+        merged = combine_records(records)
+        merged["epoch"] = float(epoch)
+        history.append(merged)
+        metrics = {k: float(v) for k, v in merged.items()}
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as tmp:
+                state = {
+                    "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                    "opt_hash": opt_hash.state_dict(),
+                    "opt_disc": opt_disc.state_dict(),
+                    "table": table.state_dict(),
+                    "epoch": epoch,
+                    "history": history,
+                    "feature_stats": config["stats"],
+                    "image_dim": int(config["image_dim"]),
+                    "text_dim": int(config["text_dim"]),
+                    "rng": torch.get_rng_state(),
+                }
+                save_state(tmp, state, config["job_config"])
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics, checkpoint=None)
+
+
+# --------------------------------------------------------------------------------------------
+# driver
+
+
+def ensure_ray() -> None:
+    """Connect to a running cluster (``RAY_ADDRESS`` or a local ``ray start``) or start Ray here."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+        return
+    try:
+        ray.init(address="auto")
+        return
+    except ConnectionError:
+        pass
+    ray.init()
+
+
+def _feature_stats(ds: Any) -> dict[str, dict[str, float]]:
+    rows = ds.map_batches(moments_batch, batch_format="pyarrow", batch_size=None, num_cpus=0.25)
+    parts = pa.concat_tables([pa.Table.from_pylist([r]) for r in rows.take_all()]).to_pydict()
+    out = {}
+    for col, mod in (("img", "image"), ("txt", "text")):
+        mean, std = combine_moments(
+            zip(parts[f"{col}_n"], parts[f"{col}_mean"], parts[f"{col}_m2"], strict=True)
+        )
+        out[mod] = {"mean": mean, "std": std}
+    return out
+
+
+def feature_dataset(fs_: FeatureSet, ids: Sequence[str], columns: Sequence[str]) -> Any:
+    """Ray dataset of the feature rows of ``ids`` (error rows dropped)."""
+    import ray
+
+    fs, path = storage.resolve(fs_.shards)
+    read = sorted({*columns, "item_id", "error_stage"})
+    ds = ray.data.read_parquet(path, filesystem=fs).select_columns(read)
+    return ds.map_batches(
+        select_rows,
+        batch_format="pyarrow",
+        batch_size=None,
+        fn_kwargs={"ids": pa.array(sorted(ids), pa.string()), "columns": list(columns)},
+        num_cpus=0.25,
+    )
+
+
+def retrieval_set(fs_: FeatureSet, ids: Sequence[str], stats: Any) -> Any:
+    """Query or database set (normalised features, labels) read on the driver, sorted by id."""
+    from duch_core.train_loop import RetrievalSet
+
+    t = read_columns(fs_, ["item_id", "label", "img", "txt", "error_stage"], ids)
+    t = t.filter(pc.equal(t.column("error_stage"), "")).sort_by("item_id")
+    img, txt = list_to_numpy(t.column("img")), list_to_numpy(t.column("txt"))
+    if stats is not None:
+        img, txt = stats.apply(img, "image"), stats.apply(txt, "text")
+    return RetrievalSet(img, txt, t.column("label").to_pylist())
+
+
+def run(cfg: TrainJobConfig, archive: pa.Table) -> dict[str, Any]:
+    """Steps 2-6 of the module docstring for a validated config and its archive.
+
+    Returns:
+        The summary printed by :func:`main`: ``bundle``, ``bundle_id``, ``metrics``,
+        ``history``, ``features``, ``checkpoint``, ``seconds``.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from duch_core.bundle import save_bundle
+    from duch_core.train_loop import FeatureStats, evaluate
+    from jobs.extract_features import run_stage
+
+    t0 = time.perf_counter()
+    ensure_ray()
+    fs_ = run_stage(cfg.duch, archive, cfg.features, cfg.features.cache_root)
+    meta = read_columns(fs_, ["item_id", "split", "label", "error_stage"])
+    split = effective_split(
+        meta.column("item_id").to_pylist(), meta.column("split").to_pylist(), cfg
+    )
+    failed = set(
+        meta.filter(pc.not_equal(meta.column("error_stage"), "")).column("item_id").to_pylist()
+    )
+    split = {k: [i for i in v if i not in failed] for k, v in split.items()}
+    train_ids = split["train"]
+    w = cfg.scaling.num_workers
+    if len(train_ids) < 2 * w:
+        raise ConfigError(
+            f"{len(train_ids)} training items are too few for {w} workers (2 each needed)"
+        )
+    columns = ["item_id", "img", "img_aug", "txt", "txt_aug"]
+    train_ds = feature_dataset(fs_, train_ids, columns)
+    stats_dict = (
+        _feature_stats(feature_dataset(fs_, train_ids, ["img", "txt"]))
+        if cfg.duch.data.feature_norm == "zscore"
+        else None
+    )
+    per_worker = cfg.duch.optim.batch_size // w
+    job_config = to_dict(cfg)
+    loop_config = {
+        "duch": to_dict(cfg.duch),
+        "job_config": job_config,
+        "train_ids": train_ids,
+        "stats": stats_dict,
+        "image_dim": fs_.image_dim,
+        "text_dim": fs_.text_dim,
+        "per_worker_batch": per_worker,
+        "drop_last": drop_last_needed(len(train_ids), w, per_worker),
+        "shuffle_buffer": max(1, len(train_ids) // w),
+        "fail_at_epoch": cfg.run.fail_at_epoch,
+        "fault_marker": storage.join(cfg.run.storage_path, cfg.run.name, FAULT_MARKER),
+        "torch_threads": 0,
+    }
+    use_gpu = cfg.scaling.use_gpu
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=w,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+        ),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=cfg.run.name,
+            storage_path=cfg.run.storage_path,
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
+        ),
+        datasets={"train": train_ds},
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"run {cfg.run.name} finished without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        state = load_state(d)
+    model = model_from_state(state, cfg.duch)
+    stats = FeatureStats.from_dict(state["feature_stats"]) if state["feature_stats"] else None
+    metrics: dict[str, Any] = {}
+    query, database = split["query"], split["database"]
+    if query and database:
+        q, db = retrieval_set(fs_, query, stats), retrieval_set(fs_, database, stats)
+        if any(x is None for x in [*q.labels, *db.labels]):
+            log.warning("the archive has items without labels: skipping the evaluation")
+        else:
+            res = evaluate(model, q, db, k=cfg.eval_k)
+            metrics = {f"map@{cfg.eval_k}_{k}": v for k, v in res.items()}
+    bundle_id = save_bundle(cfg.output, model, cfg.duch, stats, metrics)
+    summary = {
+        "bundle": cfg.output,
+        "bundle_id": bundle_id,
+        "metrics": metrics,
+        "epochs": int(state["epoch"]) + 1,
+        "history": state["history"],
+        "checkpoint": result.checkpoint.path,
+        "features": fs_.root,
+        "features_reused": fs_.reused,
+        "feature_errors": fs_.errors,
+        "split": {k: len(v) for k, v in split.items()},
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    storage.write_json(storage.join(cfg.output, "training.json"), {**summary, "config": job_config})
+    return summary
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", help="YAML config (configs/*.yaml); default: the demo settings")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the job; see the module docstring for the steps and exit status."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        cfg = validate(load(TrainJobConfig, args.config, args.set))
+        archive = prepare_archive(cfg)
+    except (ConfigError, ArchiveError) as e:
+        print(f"train: {e}", file=sys.stderr)
+        return 2
+    try:
+        summary = run(cfg, archive)
+    except (ConfigError, ArchiveError) as e:
+        print(f"train: {e}", file=sys.stderr)
+        return 2
+    except FeatureStageError as e:
+        print(f"train: {e}", file=sys.stderr)
+        return 1
+    except Exception:
+        log.exception("training failed")
+        return 1
+    short = {k: v for k, v in summary.items() if k != "history"}
+    print(json.dumps(short, indent=2, sort_keys=True))
+    print(f"bundle written to {summary['bundle']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,735 @@
+"""The query service end to end: real Ray Serve, real HTTP on 127.0.0.1, real artifacts.
+
+One application is started for the whole module (``serve.run`` plus the encoder's torch import
+cost several seconds): a generated demo archive, a bundle with tiny backbones, an index encoded
+from them, two shard searchers and bearer-token auth. Tests that change the served index version
+run last.
+"""
+
+import base64
+import io
+import json
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import requests
+
+pytestmark = pytest.mark.timeout(420)
+
+TOKEN = "serve-test-token-1b7d"
+TOKEN_ENV = "DUCH_TEST_API_TOKEN"
+BITS = 32
+K_CAP = 50
+MAX_TEXT = 200
+MAX_PIXELS = 1_000_000
+MAX_IMAGE_BYTES = 2 * 1024 * 1024
+THUMB = 96
+ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# ---- artifacts --------------------------------------------------------------------------------
+
+
+def make_bundle(out_uri: str, bits: int, seed: int) -> str:
+    """A bundle with tiny backbones and seeded, untrained hashing heads; returns its URI."""
+    import torch
+    from duch_core.backbones import load_image_tower, load_text_tower
+    from duch_core.bundle import save_bundle
+
+    from duch_core.config import (
+        DUCHConfig,
+        ImageBackboneConfig,
+        ModelConfig,
+        TextBackboneConfig,
+    )
+    from duch_core.model import DUCH
+
+    cfg = DUCHConfig(
+        model=ModelConfig(bits=bits, hidden_dim=64),
+        image_backbone=ImageBackboneConfig(
+            source="tiny:resnet", image_size=32, center_crop=0, seed=seed
+        ),
+        text_backbone=TextBackboneConfig(source="tiny:bert", max_length=16, seed=seed),
+    )
+    image_dim = load_image_tower(cfg.image_backbone).dim
+    text_dim = load_text_tower(cfg.text_backbone).dim
+    torch.manual_seed(seed)
+    model = DUCH(image_dim, text_dim, bits, hidden_dim=64).eval()
+    save_bundle(out_uri, model, cfg, None, {})
+    return out_uri
+
+
+def encode_index(
+    archive_uri: str, bundle_uri: str, root: str, n_shards: int = 3, bundle_id: str | None = None
+) -> Any:
+    """Encode every image and caption of an archive with the bundle's encoder and publish the
+    codes as a new index version under ``root`` (``n_shards`` shards); returns its manifest.
+
+    ``bundle_id`` overrides the id written to the manifest (to make an index the service must
+    refuse).
+    """
+    from duch_core.bundle import Bundle, HashEncoder
+    from duch_core.imageio import decode_image
+
+    from duch_core import index_store, storage
+    from duch_core.archive import read_archive
+
+    bundle = Bundle.load(bundle_uri)
+    enc = HashEncoder(bundle)
+    bits, bid = int(bundle.bits), bundle_id or str(bundle.bundle_id)
+    t = read_archive(archive_uri)
+    items = t.column("item_id").to_pylist()
+    uris = t.column("image_uri").to_pylist()
+    captions = t.column("captions").to_pylist()
+    img_codes = enc.encode_images([decode_image(storage.read_bytes(u)) for u in uris])
+    version = index_store.new_version_id()
+    vdir = index_store.version_uri(root, version)
+    shards = []
+    for part in np.array_split(np.arange(len(items)), n_shards):
+        ids, mods, caps, codes = [], [], [], []
+        for i in part.tolist():
+            ids.append(items[i]), mods.append("image"), caps.append(-1), codes.append(img_codes[i])
+            txt = enc.encode_texts(captions[i])
+            for j in range(len(captions[i])):
+                ids.append(items[i]), mods.append("text"), caps.append(j), codes.append(txt[j])
+        table = index_store.shard_table(
+            ids,
+            mods,
+            caps,
+            np.stack(codes),
+            [f"{x}:{c}" for x, c in zip(ids, caps, strict=True)],
+            bid,
+            bits,
+        )
+        shards.append(index_store.write_shard(vdir, table))
+    counts = {m: sum(s.counts.get(m, 0) for s in shards) for m in ("image", "text")}
+    manifest = index_store.IndexManifest(
+        version=version,
+        bundle_id=bid,
+        bits=bits,
+        shards=tuple(shards),
+        counts=counts,
+        errors=None,
+        created=index_store.utc_now_iso(),
+        archive=archive_uri,
+        bundle_uri=bundle_uri,
+    )
+    manifest = index_store.write_manifest(vdir, manifest)
+    index_store.publish(root, manifest)
+    return manifest
+
+
+@dataclass
+class Artifacts:
+    archive_uri: str
+    bundle_uri: str
+    index_root: str
+    manifest: Any
+    base: str  # where the artifacts live: an s3:// prefix, or a local directory
+
+
+@pytest.fixture(scope="module")
+def artifacts(ray_session, s3_server, tmp_path_factory) -> Artifacts:  # noqa: ARG001
+    """Archive, bundle and index on the test S3 server (the service reads them from there)."""
+    from duch_core import storage
+    from duch_core.demo import make_demo_archive
+
+    work = tmp_path_factory.mktemp("serve")
+    base = f"s3://{s3_server.bucket}/serve-{uuid.uuid4().hex}" if s3_server else str(work)
+    archive = make_demo_archive(storage.join(base, "archive"), n_per_class=4, image_size=64, seed=3)
+    bundle = make_bundle(storage.join(base, "bundle"), BITS, seed=0)
+    root = storage.join(base, "index")
+    manifest = encode_index(archive, bundle, root)
+    return Artifacts(archive, bundle, root, manifest, base)
+
+
+# ---- the in-process reference -----------------------------------------------------------------
+
+
+class Reference:
+    """The same queries answered in this process with duch_core only (no Ray, no HTTP)."""
+
+    def __init__(self, bundle_uri: str) -> None:
+        from duch_core.bundle import Bundle, HashEncoder
+
+        self.encoder = HashEncoder(Bundle.load(bundle_uri))
+        self._indexes: dict[tuple[str, str], Any] = {}
+
+    def index(self, manifest: Any, modality: str) -> tuple[Any, list[str], np.ndarray]:
+        from duch_core.search import HammingIndex
+
+        from duch_core import index_store
+
+        key = (str(manifest.version), modality)
+        if key not in self._indexes:
+            codes, item_ids, cap, rows = index_store.load_codes(manifest, modality)
+            idx = HammingIndex.from_arrays(codes, np.asarray(rows, np.int64), manifest.bits)
+            by_row = dict(zip(np.asarray(rows).tolist(), item_ids.to_pylist(), strict=True))
+            cap_by_row = dict(zip(np.asarray(rows).tolist(), np.asarray(cap).tolist(), strict=True))
+            self._indexes[key] = (idx, by_row, cap_by_row)
+        return self._indexes[key]
+
+    def search(self, manifest: Any, code: np.ndarray, target: str, k: int) -> list[tuple]:
+        """``[(item_id, distance, caption_index | None), ...]`` in rank order."""
+        modality = "image" if target == "images" else "text"
+        idx, by_row, cap_by_row = self.index(manifest, modality)
+        dist, ids = idx.search(code.reshape(1, -1), k)
+        out = []
+        for d, r in zip(dist[0].tolist(), ids[0].tolist(), strict=True):
+            out.append((by_row[r], int(d), cap_by_row[r] if modality == "text" else None))
+        return out
+
+    def text(self, manifest: Any, text: str, target: str, k: int) -> list[tuple]:
+        return self.search(manifest, self.encoder.encode_texts([text]), target, k)
+
+    def image(self, manifest: Any, data: bytes, target: str, k: int) -> list[tuple]:
+        from duch_core.imageio import decode_image
+
+        code = self.encoder.encode_images([decode_image(data)])
+        return self.search(manifest, code, target, k)
+
+
+def hits_of(body: dict[str, Any]) -> list[tuple]:
+    return [(h["item_id"], h["distance"], h["caption_index"]) for h in body["hits"]]
+
+
+# ---- the service ------------------------------------------------------------------------------
+
+
+@dataclass
+class Service:
+    url: str
+    session: requests.Session
+    art: Artifacts
+    ref: Reference
+
+    def search(self, timeout: float = 60, **body: Any) -> requests.Response:
+        return self.session.post(f"{self.url}/v1/search", json=body, timeout=timeout)
+
+    def manifests(self) -> dict[str, Any]:
+        from duch_core import index_store
+
+        m = index_store.read_latest(self.art.index_root)
+        return {str(m.version): m}
+
+
+@pytest.fixture(scope="module")
+def service(artifacts: Artifacts) -> Any:
+    from ray import serve
+
+    from deploy.app import AppArgs, compose
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = AppArgs(
+        index_root=artifacts.index_root,
+        bundle_uri=artifacts.bundle_uri,
+        n_searchers=2,
+        k_cap=K_CAP,
+        max_text_chars=MAX_TEXT,
+        max_image_bytes=MAX_IMAGE_BYTES,
+        max_image_pixels=MAX_PIXELS,
+        poll_interval_s=1.0,
+        auth_token_env=TOKEN_ENV,
+        thumbnail_size=THUMB,
+    )
+    ingress = {
+        "ray_actor_options": {"num_cpus": 0.25, "runtime_env": {"env_vars": {TOKEN_ENV: TOKEN}}}
+    }
+    try:
+        serve.run(compose(args, ingress_options=ingress), name="duch", route_prefix="/")
+        session = requests.Session()
+        session.headers["Authorization"] = f"Bearer {TOKEN}"
+        yield Service(
+            f"http://127.0.0.1:{port}", session, artifacts, Reference(artifacts.bundle_uri)
+        )
+    finally:
+        serve.shutdown()
+
+
+def archive_image(art: Artifacts, item_id: str) -> bytes:
+    from duch_core import storage
+    from duch_core.archive import read_archive
+
+    t = read_archive(art.archive_uri)
+    row = t.column("item_id").to_pylist().index(item_id)
+    return storage.read_bytes(t.column("image_uri")[row].as_py())
+
+
+def png_bytes(w: int, h: int, seed: int = 0) -> bytes:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    out = io.BytesIO()
+    img.save(out, format="PNG")
+    return out.getvalue()
+
+
+# ---- end to end -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", ["images", "captions"])
+def test_text_query_equals_in_process_search(service: Service, target: str) -> None:
+    m = service.art.manifest
+    for text in ("a river crossing farmland", "many cars parked in rows"):
+        r = service.search(text=text, k=10, target=target)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["index_version"] == str(m.version)
+        assert body["bits"] == BITS and body["query_modality"] == "text"
+        assert hits_of(body) == service.ref.text(m, text, target, 10)
+        assert len(body["hits"]) == 10
+        for h in body["hits"]:
+            assert h["image_uri"] and h["captions"]
+            if target == "captions":
+                assert h["caption"] == h["captions"][h["caption_index"]]
+
+
+def test_image_query_json_and_upload_equal_in_process_search(service: Service) -> None:
+    m = service.art.manifest
+    item = "river_0001"
+    data = archive_image(service.art, item)
+    expected = service.ref.image(m, data, "images", 8)
+    r1 = service.search(image_base64=base64.b64encode(data).decode(), k=8)
+    r2 = service.session.post(
+        f"{service.url}/v1/search",
+        files={"image": ("q.png", data, "image/png")},
+        data={"k": "8"},
+        timeout=60,
+    )
+    for r in (r1, r2):
+        assert r.status_code == 200, r.text
+        assert r.json()["query_modality"] == "image"
+        assert hits_of(r.json()) == expected
+    # the query image itself is in the index: distance 0 at rank 1
+    assert expected[0][1] == 0 and item in [h[0] for h in expected if h[1] == 0]
+    r3 = service.search(image_base64=base64.b64encode(data).decode(), k=5, target="captions")
+    assert r3.status_code == 200
+    assert hits_of(r3.json()) == service.ref.image(m, data, "captions", 5)
+
+
+def test_sharded_search_equals_single(service: Service) -> None:
+    import asyncio
+
+    from deploy.artifacts import Loaders
+    from deploy.searcher import ShardSearcher, merge_results
+
+    m = service.art.manifest
+    searcher_cls = ShardSearcher.func_or_class
+    rng = np.random.default_rng(0)
+    queries = rng.integers(0, 256, (6, BITS // 8), dtype=np.uint8)
+    loaders = Loaders()
+
+    async def run(n: int, modality: str, k: int) -> tuple[np.ndarray, np.ndarray]:
+        parts = []
+        for g in range(n):
+            s = searcher_cls(g, n)
+            await s.prepare(m)
+            parts.append(await s.search(str(m.version), modality, queries, k))
+        res = merge_results(parts, k, loaders.merge_topk)
+        return res.dist, res.ids
+
+    async def fresh_replica() -> tuple[Any, Any]:
+        s = searcher_cls(0, 1)
+        unknown = await s.search(str(m.version), "image", queries, 5)
+        loaded = await s.search(str(m.version), "image", queries, 5, m)
+        return unknown, loaded
+
+    unknown, loaded = asyncio.run(fresh_replica())
+    assert unknown is None  # a replica that does not hold the version says so ...
+    ref = asyncio.run(run(1, "image", 5))
+    np.testing.assert_array_equal(loaded.ids, ref[1])  # ... and loads it when sent the manifest
+
+    for modality in ("image", "text"):
+        for k in (1, 7, 40):
+            single = asyncio.run(run(1, modality, k))
+            for n in (2, 3):
+                d, i = asyncio.run(run(n, modality, k))
+                np.testing.assert_array_equal(d, single[0])
+                np.testing.assert_array_equal(i, single[1])
+
+
+def test_index_items_and_thumbnail(service: Service) -> None:
+    from PIL import Image
+
+    m = service.art.manifest
+    info = service.session.get(f"{service.url}/v1/index", timeout=30).json()
+    assert info["version"] == str(m.version) and info["bits"] == BITS
+    assert info["n_searchers"] == 2 and info["k_cap"] == K_CAP
+    assert info["counts"]["image"] == 32 and info["counts"]["text"] == 32 * 5
+    item = service.session.get(f"{service.url}/v1/items/forest_0002", timeout=30).json()
+    assert item["item_id"] == "forest_0002" and len(item["captions"]) == 5
+    r = service.session.get(f"{service.url}{item['thumbnail_url']}", timeout=30)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+    img = Image.open(io.BytesIO(r.content))
+    assert img.format == "JPEG" and max(img.size) <= THUMB
+    r = service.session.get(f"{service.url}/v1/items/no_such_item", timeout=30)
+    assert r.status_code == 404 and "no_such_item" in r.json()["detail"]
+    r = service.session.get(f"{service.url}/v1/items/no_such_item/thumbnail", timeout=30)
+    assert r.status_code == 404
+
+
+def test_openapi_and_docs_are_published(service: Service) -> None:
+    spec = requests.get(f"{service.url}/openapi.json", timeout=30).json()
+    content = spec["paths"]["/v1/search"]["post"]["requestBody"]["content"]
+    assert {"application/json", "multipart/form-data"} <= set(content)
+    assert "/v1/items/{item_id}/thumbnail" in spec["paths"]
+    assert "SearchResponse" in spec["components"]["schemas"]
+    assert requests.get(f"{service.url}/docs", timeout=30).status_code == 200
+
+
+# ---- bad input --------------------------------------------------------------------------------
+
+
+def _bomb_png() -> bytes:
+    """A tiny PNG file that decodes to 4000 x 4000 pixels (16 M > the cap)."""
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("L", (4000, 4000)).save(out, format="PNG", optimize=True)
+    return out.getvalue()
+
+
+BAD_JSON_CASES = {
+    "empty text": ({"text": "   "}, 422, "empty"),
+    "long text": ({"text": "x" * (MAX_TEXT + 1)}, 422, f"at most {MAX_TEXT}"),
+    "k zero": ({"text": "river", "k": 0}, 422, "k"),
+    "k negative": ({"text": "river", "k": -3}, 422, "k"),
+    "k over cap": ({"text": "river", "k": K_CAP + 1}, 422, f"between 1 and {K_CAP}"),
+    "k not int": ({"text": "river", "k": "many"}, 422, "k"),
+    "unknown target": ({"text": "river", "target": "videos"}, 422, "unknown target"),
+    "no query": ({"k": 3}, 422, "exactly one"),
+    "both queries": ({"text": "a", "image_base64": "aGk="}, 422, "exactly one"),
+    "unknown field": ({"text": "a", "query": "b"}, 422, "query"),
+    "bad base64": ({"image_base64": "not base64 !!"}, 400, "base64"),
+    "non-image bytes": (
+        {"image_base64": base64.b64encode(b"just some text, not an image").decode()},
+        415,
+        "image",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_JSON_CASES))
+def test_bad_json_queries_get_precise_4xx(service: Service, case: str) -> None:
+    body, status, words = BAD_JSON_CASES[case]
+    r = service.search(**body)
+    assert r.status_code == status, r.text
+    assert words in r.json()["detail"]
+    assert service.search(text="a river", k=3).status_code == 200
+
+
+def test_bad_bodies_and_uploads_get_precise_4xx(service: Service) -> None:
+    url = f"{service.url}/v1/search"
+    s = service.session
+    cases = [
+        (dict(data=b"{not json", headers={"Content-Type": "application/json"}), 400, "JSON"),
+        (dict(data=b"[1, 2]", headers={"Content-Type": "application/json"}), 422, "object"),
+        (dict(data=b"river", headers={"Content-Type": "text/plain"}), 415, "content type"),
+        (dict(data={"text": "river"}), 415, "content type"),  # urlencoded form
+        (dict(files={"image": ("q.txt", b"hello", "text/plain")}), 415, "text/plain"),
+        (dict(files={"image": ("q.bin", b"\x00\x01garbage" * 10, "image/png")}), 415, "image"),
+        (dict(files={"image": ("bomb.png", _bomb_png(), "image/png")}), 413, "pixels"),
+        (
+            dict(files={"image": ("big.png", b"\x89PNG" + b"0" * MAX_IMAGE_BYTES, "image/png")}),
+            413,
+            "bytes",
+        ),
+        (dict(files={"text": (None, "river"), "k": (None, "0")}), 422, "k"),
+        (dict(files={"text": (None, "river"), "target": (None, "maps")}), 422, "unknown target"),
+        (dict(files={"text": (None, "")}), 422, "empty"),
+        (dict(files={"colour": (None, "red")}), 422, "colour"),
+        (
+            dict(data=b"no parts", headers={"Content-Type": "multipart/form-data; boundary=x"}),
+            400,
+            "multipart",
+        ),
+        (dict(data=b"--x", headers={"Content-Type": "multipart/form-data"}), 400, "boundary"),
+    ]
+    for kwargs, status, words in cases:
+        r = s.post(url, timeout=60, **kwargs)
+        assert r.status_code == status, (kwargs.keys(), r.status_code, r.text)
+        assert words in r.json()["detail"], r.text
+        good = s.post(url, files={"text": (None, "a river"), "k": (None, "2")}, timeout=60)
+        assert good.status_code == 200 and len(good.json()["hits"]) == 2
+
+
+def test_auth_required_except_health(service: Service) -> None:
+    url = service.url
+    assert requests.get(f"{url}/healthz", timeout=30).json()["status"] == "ok"
+    for method, path in (
+        ("get", "/v1/index"),
+        ("post", "/v1/search"),
+        ("get", "/v1/items/forest_0000"),
+        ("get", "/v1/items/forest_0000/thumbnail"),
+        ("post", "/v1/reload"),
+    ):
+        r = requests.request(method, url + path, json={"text": "river"}, timeout=30)
+        assert r.status_code == 401, (path, r.text)
+        assert r.headers.get("www-authenticate") == "Bearer"
+        r = requests.request(
+            method,
+            url + path,
+            json={"text": "river"},
+            timeout=30,
+            headers={"Authorization": "Bearer wrong-token"},
+        )
+        assert r.status_code == 403, (path, r.text)
+        assert TOKEN not in r.text
+    r = requests.get(f"{url}/v1/index", headers={"Authorization": TOKEN}, timeout=30)
+    assert r.status_code == 401  # a token without the Bearer scheme
+
+
+# ---- the web page -----------------------------------------------------------------------------
+
+
+class Browser:
+    """Headless Chromium (no network but loopback) driven through the DevTools protocol."""
+
+    def __init__(self, profile: Path) -> None:
+        from websockets.sync.client import connect
+
+        self.proc = subprocess.Popen(
+            [
+                str(CHROMIUM),
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+                "--no-default-browser-check",
+                "--disable-extensions",
+                "--window-size=1280,900",
+                f"--user-data-dir={profile}",
+                "--remote-debugging-address=127.0.0.1",
+                "--remote-debugging-port=0",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        port_file = profile / "DevToolsActivePort"
+        deadline = time.time() + 30
+        while not (port_file.exists() and port_file.read_text().strip()):
+            if self.proc.poll() is not None or time.time() > deadline:
+                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                raise RuntimeError(f"chromium did not start: {err[-2000:]}")
+            time.sleep(0.1)
+        port = int(port_file.read_text().split()[0])
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as f:
+            page = next(t for t in json.load(f) if t["type"] == "page")
+        self.ws = connect(page["webSocketDebuggerUrl"], max_size=64 * 1024 * 1024)
+        self._id = 0
+
+    def call(self, method: str, **params: Any) -> dict[str, Any]:
+        self._id += 1
+        self.ws.send(json.dumps({"id": self._id, "method": method, "params": params}))
+        while True:
+            msg = json.loads(self.ws.recv(timeout=30))
+            if msg.get("id") == self._id:
+                if "error" in msg:
+                    raise RuntimeError(f"{method}: {msg['error']}")
+                return msg.get("result", {})
+
+    def eval(self, expr: str) -> Any:
+        r = self.call("Runtime.evaluate", expression=expr, returnByValue=True, awaitPromise=True)
+        if "exceptionDetails" in r:
+            raise RuntimeError(str(r["exceptionDetails"]))
+        return r["result"].get("value")
+
+    def wait_for(self, expr: str, timeout: float = 30) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                if self.eval(expr):
+                    return
+            except RuntimeError:  # the page is being replaced by a navigation
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"page never satisfied {expr}")
+
+    def goto(self, url: str) -> None:
+        """Navigate and wait until the new document has loaded."""
+        self.eval("window.__leaving = true")
+        self.call("Page.navigate", url=url)
+        self.wait_for("!window.__leaving && document.readyState === 'complete'")
+
+    def screenshot(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(
+            base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"])
+        )
+
+    def close(self) -> None:
+        try:
+            self.ws.close()
+        finally:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="Debian chromium is not installed (apt-get install -y chromium); the page is untested",
+)
+def test_web_page_shows_thumbnails_in_headless_chromium(service: Service, tmp_path: Path) -> None:
+    b = Browser(tmp_path / "profile")
+    try:
+        b.goto(f"{service.url}/")
+        assert b.eval("document.querySelectorAll('figure.hit').length") == 0
+        b.eval(f"localStorage.setItem('duch-token', {json.dumps(TOKEN)})")
+        b.goto(f"{service.url}/")
+        # type a query and press the button, as a person would
+        b.eval(
+            "document.getElementById('q').value = 'a river crossing farmland';"
+            "document.getElementById('k').value = '8';"
+            "document.getElementById('go').click(); true"
+        )
+        b.wait_for("document.body.dataset.state === 'done'")
+        b.wait_for("document.querySelectorAll('img.thumb[data-loaded]').length === 8")
+        shown = b.eval(
+            "[...document.querySelectorAll('figure.hit')].map(f => "
+            "[f.dataset.itemId, +f.dataset.distance, f.querySelector('img').naturalWidth])"
+        )
+        expected = service.ref.text(service.art.manifest, "a river crossing farmland", "images", 8)
+        assert [(i, d) for i, d, _ in shown] == [(i, d) for i, d, _ in expected]
+        assert all(0 < w <= THUMB for _, _, w in shown)
+        assert "8 results" in b.eval("document.getElementById('status').textContent")
+        b.screenshot(ARTIFACTS / "serve_web_page.png")
+        # a page URL with ?q= searches on load
+        b.goto(f"{service.url}/?q=parking+lot&k=4&target=captions")
+        b.wait_for("document.querySelectorAll('img.thumb[data-loaded]').length === 4")
+        assert b.eval("document.querySelectorAll('figure.hit .matched').length") == 4
+    finally:
+        b.close()
+
+
+# ---- index versions (these change what is served: keep them last) ----------------------------
+
+
+def wait_for_version(service: Service, version: str, timeout: float = 30) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        r = requests.get(f"{service.url}/healthz", timeout=10).json()
+        if r.get("index_version") == version:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"the service never switched to index version {version}")
+
+
+def test_reload_refuses_an_index_that_does_not_fit_the_model(service: Service) -> None:
+    from duch_core import index_store, storage
+
+    art = service.art
+    good = str(art.manifest.version)
+    bad = encode_index(art.archive_uri, art.bundle_uri, art.index_root, bundle_id="other-bundle")
+    try:
+        r = service.session.post(f"{service.url}/v1/reload", timeout=60)
+        assert r.status_code == 409, r.text
+        detail = r.json()["detail"]
+        assert str(bad.version) in detail and "other-bundle" in detail and good in detail
+        time.sleep(1.5)  # the poller sees the same LATEST and must not switch either
+        assert service.session.get(f"{service.url}/v1/index", timeout=30).json()["version"] == good
+        r = service.search(text="a river", k=3)
+        assert r.status_code == 200 and r.json()["index_version"] == good
+    finally:
+        storage.publish_pointer(index_store.latest_uri(art.index_root), good)
+    r = service.session.post(f"{service.url}/v1/reload", timeout=60)
+    assert r.status_code == 200 and r.json() == {
+        "changed": False,
+        "version": good,
+        "previous_version": good,
+    }
+
+
+def test_index_swap_under_load_never_fails_or_mixes(service: Service) -> None:
+    """Clients query without pause while a new index version is published and picked up by the
+    poller; every answer is a 200 that equals the reference search of the version it names."""
+    from duch_core import storage
+    from duch_core.demo import make_demo_archive
+
+    art = service.art
+    v1 = art.manifest
+    queries = [
+        ("a river crossing farmland", "images"),
+        ("cars in a parking lot", "captions"),
+        ("sandy beach", "images"),
+        ("green trees", "captions"),
+    ]
+    archive2 = make_demo_archive(
+        storage.join(art.base, "archive2"), n_per_class=6, image_size=64, seed=3
+    )
+    answers: list[tuple[str, int, dict[str, Any]]] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def client(n: int) -> None:
+        s = requests.Session()
+        s.headers["Authorization"] = f"Bearer {TOKEN}"
+        for i in range(400):  # bounded even if stop never comes
+            if stop.is_set():
+                break
+            qi = (n + i) % len(queries)
+            text, target = queries[qi]
+            try:
+                r = s.post(
+                    f"{service.url}/v1/search",
+                    json={"text": text, "target": target, "k": 6},
+                    timeout=60,
+                )
+            except requests.RequestException as e:
+                failures.append(repr(e))
+                continue
+            if r.status_code != 200:
+                failures.append(f"{r.status_code}: {r.text[:200]}")
+            else:
+                answers.append((r.json()["index_version"], qi, r.json()))
+
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(client, n) for n in range(4)]
+        time.sleep(1.0)
+        v2 = encode_index(archive2, art.bundle_uri, art.index_root)
+        wait_for_version(service, str(v2.version))
+        time.sleep(1.5)
+        stop.set()
+        for f in futures:
+            f.result(timeout=120)
+
+    assert not failures, failures[:5]
+    versions = {v for v, _, _ in answers}
+    assert versions == {str(v1.version), str(v2.version)}, versions
+    manifests = {str(v1.version): v1, str(v2.version): v2}
+    expected = {
+        (v, qi): service.ref.text(manifests[v], queries[qi][0], queries[qi][1], 6)
+        for v in manifests
+        for qi in range(len(queries))
+    }
+    assert any(
+        expected[(str(v1.version), qi)] != expected[(str(v2.version), qi)]
+        for qi in range(len(queries))
+    ), "the two versions answer alike: the test could not tell them apart"
+    for v, qi, body in answers:
+        assert hits_of(body) == expected[(v, qi)], (v, queries[qi])
+    info = service.session.get(f"{service.url}/v1/index", timeout=30).json()
+    assert info["version"] == str(v2.version) and info["counts"]["image"] == 48

@@ -1,0 +1,394 @@
+"""The code table, feature statistics, batching, optimisers, LR schedule and the training loop."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from duch_core import codes
+from duch_core.bundle import normalize_feature_stats
+from duch_core.code_table import CodeTable, UnknownItemError
+from duch_core.config import DUCHConfig, LossConfig, ModelConfig, OptimConfig
+from duch_core.train_loop import (
+    FeatureBatch,
+    FeatureStats,
+    RetrievalSet,
+    encode_features,
+    evaluate,
+    fit,
+    make_batches,
+    make_model,
+    make_optimizers,
+    step_lr,
+    train_epoch,
+)
+
+# --------------------------------------------------------------------------------------------
+# code table
+
+
+def ids_(n: int) -> list[str]:
+    return [f"item-{i:03d}" for i in range(n)]
+
+
+def test_code_table_init_is_seeded_pm1_and_order_free() -> None:
+    ids = ids_(20)
+    t1 = CodeTable(ids, 16, seed=3)
+    t2 = CodeTable(list(reversed(ids)), 16, seed=3)
+    assert set(torch.unique(t1.b).tolist()) == {-1, 1}
+    assert torch.equal(t1.lookup(ids), t2.lookup(ids))
+    assert not torch.equal(t1.b, CodeTable(ids, 16, seed=4).b)
+
+
+def test_code_table_refresh_follows_ids_through_shuffling() -> None:
+    ids = ids_(13)
+    g = torch.Generator().manual_seed(0)
+    outs = {i: [torch.tanh(torch.randn(16, generator=g)) for _ in range(4)] for i in ids}
+    outs[ids[0]] = [torch.zeros(16)] * 4  # exactly zero fuses to +1
+    table = CodeTable(ids, 16)
+    perm = torch.randperm(13, generator=g).tolist()
+    for lo in range(0, 13, 5):  # shuffled batches
+        batch = [ids[p] for p in perm[lo : lo + 5]]
+        hs = [torch.stack([outs[i][v] for i in batch]) for v in range(4)]
+        table.record(batch, *hs)
+    assert table.recorded == 13
+    assert table.refresh() == 13
+    for i in ids:  # the paper's formula, one id at a time
+        v1, v2, t1, t2 = outs[i]
+        fused = ((v1 + v2) / 2 + (t1 + t2) / 2) / 2
+        want = [1.0 if x >= 0 else -1.0 for x in fused.tolist()]
+        assert table.lookup([i])[0].tolist() == want
+    assert table.lookup([ids[0]]).eq(1).all()
+    assert table.recorded == 0
+
+
+def test_code_table_refresh_uses_the_codes_module_sign() -> None:
+    ids = ids_(6)
+    h = torch.tensor([[0.0, -0.0, 1e-9, -1e-9, 0.5, -0.5, 0.0, -1.0]]).repeat(6, 1)
+    table = CodeTable(ids, 8)
+    table.record(ids, h, h, h, h)
+    table.refresh()
+    assert np.array_equal(table.b.numpy(), codes.sign(h))
+
+
+def test_code_table_unrecorded_rows_keep_their_code() -> None:
+    ids = ids_(4)
+    table = CodeTable(ids, 8)
+    before = table.b.clone()
+    table.record(ids[:1], *[-torch.ones(1, 8)] * 4)
+    table.refresh()
+    assert table.lookup(ids[:1]).eq(-1).all()
+    assert torch.equal(table.b[1:], before[1:])
+
+
+def test_code_table_export_merge_equals_one_table() -> None:
+    ids = ids_(10)
+    g = torch.Generator().manual_seed(1)
+    hs = [torch.tanh(torch.randn(10, 8, generator=g)) for _ in range(4)]
+    single = CodeTable(ids, 8)
+    single.record(ids, *hs)
+    single.refresh()
+    w0, w1 = CodeTable(ids, 8), CodeTable(ids, 8)
+    w0.record(ids[:6], *[h[:6] for h in hs])
+    w1.record(ids[6:], *[h[6:] for h in hs])
+    e0, e1 = w0.export(), w1.export()
+    w0.merge([e1])
+    w1.merge([e0])
+    for w in (w0, w1):
+        assert w.refresh() == 10
+        assert torch.equal(w.b, single.b)
+
+
+def test_code_table_state_dict_roundtrip_and_checks() -> None:
+    ids = ids_(5)
+    table = CodeTable(ids, 8, seed=9)
+    table.record(ids, *[torch.ones(5, 8)] * 4)
+    table.refresh()
+    again = CodeTable.from_state_dict(table.state_dict())
+    assert torch.equal(again.b, table.b) and again.ids == table.ids
+    with pytest.raises(ValueError, match="different item ids"):
+        CodeTable(ids_(6), 8).load_state_dict(table.state_dict())
+    with pytest.raises(ValueError, match="bits"):
+        CodeTable(ids, 16).load_state_dict(table.state_dict())
+
+
+def test_code_table_bad_input() -> None:
+    with pytest.raises(ValueError, match="unique"):
+        CodeTable(["a", "b", "a"], 8)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        CodeTable(["a"], 12)
+    table = CodeTable(["a", "b"], 8)
+    with pytest.raises(UnknownItemError, match="'zzz' is not in the code table"):
+        table.lookup(["a", "zzz"])
+    with pytest.raises(ValueError, match=r"\(2, 8\)"):
+        table.record(["a", "b"], *[torch.zeros(2, 16)] * 4)
+
+
+# --------------------------------------------------------------------------------------------
+# feature statistics and batches
+
+
+def test_feature_stats_is_a_global_scalar_zscore() -> None:
+    rng = np.random.default_rng(0)
+    img = rng.normal(3.0, 2.0, (50, 7)).astype(np.float32)
+    txt = rng.normal(-1.0, 0.5, (40, 5)).astype(np.float32)
+    st = FeatureStats.fit(img, txt)
+    assert st.image_mean == pytest.approx(float(img.astype(np.float64).mean()))
+    assert st.image_std == pytest.approx(float(img.astype(np.float64).std()))  # ddof 0
+    assert st.text_std == pytest.approx(float(txt.astype(np.float64).std()))
+    z = st.apply(img, "image")
+    assert z.dtype == torch.float32
+    assert float(z.mean()) == pytest.approx(0.0, abs=1e-5)
+    assert float(z.std(correction=0)) == pytest.approx(1.0, abs=1e-5)
+    assert FeatureStats.from_dict(st.to_dict()) == st
+    assert normalize_feature_stats(st) == st.to_dict()  # the bundle accepts it as is
+
+
+def test_feature_stats_bad_input() -> None:
+    with pytest.raises(ValueError, match="constant"):
+        FeatureStats.fit(np.ones((4, 3), np.float32), np.random.rand(4, 3))
+    st = FeatureStats(0.0, 1.0, 0.0, 1.0)
+    with pytest.raises(ValueError, match="modality"):
+        st.apply(np.zeros((2, 3), np.float32), "audio")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="std > 0"):
+        FeatureStats(0.0, 0.0, 0.0, 1.0)
+
+
+def _feats(n: int, seed: int = 0) -> tuple[list[str], list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return ids_(n), [torch.randn(n, d, generator=g) for d in (6, 6, 5, 5)]
+
+
+def test_make_batches_cover_every_item_once_and_merge_a_short_tail() -> None:
+    ids, mats = _feats(21)
+    batches = make_batches(ids, *mats, batch_size=4, seed=0, epoch=3)
+    assert [len(b) for b in batches] == [4, 4, 4, 4, 5]  # 21 = 5 * 4 + 1: the 1 joins
+    seen = [i for b in batches for i in b.ids]
+    assert sorted(seen) == ids
+    row = {i: k for k, i in enumerate(ids)}
+    for b in batches:  # every view stays aligned with its id
+        idx = torch.tensor([row[i] for i in b.ids])
+        assert torch.equal(b.txt_aug, mats[3][idx])
+    again = make_batches(ids, *mats, batch_size=4, seed=0, epoch=3)
+    assert [b.ids for b in again] == [b.ids for b in batches]
+    other = make_batches(ids, *mats, batch_size=4, seed=0, epoch=4)
+    assert [b.ids for b in other] != [b.ids for b in batches]
+
+
+def test_make_batches_shards_are_the_global_batches() -> None:
+    ids, mats = _feats(30)
+    single = make_batches(ids, *mats, batch_size=8, seed=1, epoch=0)
+    shards = [make_batches(ids, *mats, 8, 1, 0, rank=r, world_size=2) for r in range(2)]
+    assert len(shards[0]) == len(shards[1]) == len(single)
+    for k, b in enumerate(single):
+        assert shards[0][k].ids + shards[1][k].ids == b.ids
+
+
+def test_make_batches_bad_input() -> None:
+    ids, mats = _feats(5)
+    with pytest.raises(ValueError, match="rows"):
+        make_batches(ids[:4], *mats, batch_size=2, seed=0, epoch=0)
+    with pytest.raises(ValueError, match="too small"):
+        make_batches(ids, *mats, batch_size=3, seed=0, epoch=0, world_size=2)
+    with pytest.raises(ValueError, match="txt_aug"):
+        FeatureBatch(ids, mats[0], mats[1], mats[2], mats[3][:4])
+
+
+# --------------------------------------------------------------------------------------------
+# optimisers and schedule
+
+
+def test_optimizers_have_the_paper_settings() -> None:
+    cfg = DUCHConfig(model=ModelConfig(bits=16, hidden_dim=32))
+    model = make_model(6, 5, cfg)
+    opt_hash, opt_disc = make_optimizers(model, cfg.optim)
+    assert isinstance(opt_hash, torch.optim.Adam) and isinstance(opt_disc, torch.optim.Adam)
+    assert len(opt_hash.param_groups) == 2
+    for group in opt_hash.param_groups:
+        assert group["lr"] == 1e-4 and group["weight_decay"] == 5e-4
+    (dg,) = opt_disc.param_groups
+    assert dg["lr"] == 1e-4 and dg["betas"] == (0.5, 0.9) and dg["weight_decay"] == 1e-4
+    hashed = {id(p) for g in opt_hash.param_groups for p in g["params"]}
+    assert hashed == {id(p) for p in model.hash_parameters()}
+    assert {id(p) for p in dg["params"]} == {id(p) for p in model.discriminator.parameters()}
+
+
+def test_lr_schedule_matches_the_published_code() -> None:
+    cfg = OptimConfig()
+    model = make_model(6, 5, DUCHConfig(model=ModelConfig(bits=8, hidden_dim=8)))
+    opt, _ = make_optimizers(model, cfg)
+    used = []
+    for epoch in range(100):
+        used.append(opt.param_groups[0]["lr"])
+        step_lr(opt, epoch, cfg)
+    # 1-based: epoch 1 at 1e-4, 8e-5 from epoch 2, 6.4e-5 from epoch 52
+    assert used[0] == pytest.approx(1e-4)
+    assert all(lr == pytest.approx(8e-5) for lr in used[1:51])
+    assert all(lr == pytest.approx(6.4e-5) for lr in used[51:])
+    assert opt.param_groups[1]["lr"] == opt.param_groups[0]["lr"]
+
+
+def test_lr_schedule_floor() -> None:
+    cfg = OptimConfig(lr=1.1e-6, lr_decay_every=1)
+    model = make_model(6, 5, DUCHConfig(model=ModelConfig(bits=8, hidden_dim=8)))
+    opt, _ = make_optimizers(model, cfg)
+    assert step_lr(opt, 0, cfg) == pytest.approx(1e-6)
+    assert step_lr(opt, 1, cfg) == pytest.approx(1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# the training loop
+
+
+def _small_cfg(**kw) -> DUCHConfig:  # noqa: ANN003
+    return DUCHConfig(
+        model=ModelConfig(bits=16, hidden_dim=32),
+        optim=OptimConfig(batch_size=8, epochs=2),
+        **kw,
+    )
+
+
+def _epoch(cfg: DUCHConfig, batches: list[FeatureBatch], ids: list[str]) -> tuple:  # noqa: ANN001
+    model = make_model(6, 5, cfg)
+    opt_hash, opt_disc = make_optimizers(model, cfg.optim)
+    table = CodeTable(ids, cfg.model.bits)
+    torch.manual_seed(0)
+    rec = train_epoch(model, batches, opt_hash, opt_disc, table, cfg, epoch=0)
+    return model, table, rec
+
+
+def test_train_epoch_updates_heads_discriminator_and_table() -> None:
+    ids, mats = _feats(20)
+    cfg = _small_cfg()
+    batches = make_batches(ids, *mats, cfg.optim.batch_size, seed=0, epoch=0)
+    fresh = make_model(6, 5, cfg)
+    model, table, rec = _epoch(cfg, batches, ids)
+    for name in ("image_head", "text_head", "discriminator"):
+        before = torch.cat([p.flatten() for p in getattr(fresh, name).parameters()])
+        after = torch.cat([p.flatten() for p in getattr(model, name).parameters()])
+        assert not torch.equal(before, after), name
+    assert rec["samples"] == 20 and rec["batches"] == len(batches)
+    assert rec["table_rows_updated"] == 20
+    for key in ("total", "contrastive", "adversarial", "quantization", "bit_balance", "discriminator"):
+        assert np.isfinite(rec[key])
+    # after the refresh B is the sign of the (train-mode) outputs recorded during the epoch
+    assert table.recorded == 0
+
+
+def test_train_epoch_is_deterministic() -> None:
+    ids, mats = _feats(20)
+    cfg = _small_cfg()
+    batches = make_batches(ids, *mats, cfg.optim.batch_size, seed=0, epoch=0)
+    m1, t1, r1 = _epoch(cfg, batches, ids)
+    m2, t2, r2 = _epoch(cfg, batches, ids)
+    for a, b in zip(m1.state_dict().values(), m2.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(t1.b, t2.b)
+    assert r1["total"] == r2["total"]
+
+
+def _text_inputs(cfg: DUCHConfig) -> tuple[list[torch.Tensor], FeatureBatch]:
+    ids, mats = _feats(6)
+    batch = FeatureBatch(ids, *mats)
+    model = make_model(6, 5, cfg)
+    seen: list[torch.Tensor] = []
+    model.text_head.register_forward_hook(lambda _m, inp, _o: seen.append(inp[0].detach()))
+    opt_hash, opt_disc = make_optimizers(model, cfg.optim)
+    train_epoch(model, [batch], opt_hash, opt_disc, CodeTable(ids, 16), cfg, epoch=0)
+    return seen, batch
+
+
+def test_paper_compat_uses_the_caption_twice() -> None:
+    seen, batch = _text_inputs(_small_cfg(paper_compat=True))
+    assert len(seen) == 2
+    assert torch.equal(seen[0], batch.txt) and torch.equal(seen[1], batch.txt)
+
+
+def test_default_uses_the_augmented_caption() -> None:
+    seen, batch = _text_inputs(_small_cfg())
+    assert torch.equal(seen[0], batch.txt) and torch.equal(seen[1], batch.txt_aug)
+
+
+def test_paper_compat_switches_loss_forms() -> None:
+    ids, mats = _feats(16)
+    batches = make_batches(ids, *mats, 8, seed=0, epoch=0)
+    tau = dataclasses.replace(LossConfig(), tau=0.5)
+    _, _, fixed = _epoch(_small_cfg(loss=tau), batches, ids)
+    _, _, published = _epoch(_small_cfg(loss=tau, paper_compat=True), batches, ids)
+    assert fixed["inter"] != pytest.approx(published["inter"], rel=1e-3)
+
+
+def test_train_epoch_rejects_a_batch_of_one() -> None:
+    ids, mats = _feats(3)
+    cfg = _small_cfg()
+    one = FeatureBatch(ids[:1], *(m[:1] for m in mats))
+    model = make_model(6, 5, cfg)
+    opt_hash, opt_disc = make_optimizers(model, cfg.optim)
+    with pytest.raises(ValueError, match="2\\+ items"):
+        train_epoch(model, [one], opt_hash, opt_disc, CodeTable(ids, 16), cfg, epoch=0)
+
+
+def test_encode_features_is_eval_mode_and_checks_dims() -> None:
+    cfg = _small_cfg()
+    model = make_model(6, 5, cfg)
+    model.train()
+    x = torch.randn(5, 6)
+    full = encode_features(model, x, "image")
+    one = encode_features(model, x[:1], "image")  # eval mode: a row does not depend on the batch
+    assert full.shape == (5, 16) and torch.allclose(full[:1], one, atol=1e-6)
+    assert model.training  # restored
+    with pytest.raises(ValueError, match="dimension 5"):
+        encode_features(model, torch.randn(2, 5), "image")
+    with pytest.raises(ValueError, match="modality"):
+        encode_features(model, x, "video")  # type: ignore[arg-type]
+
+
+def _synthetic(seed: int = 0, n: int = 400, classes: int = 6):  # noqa: ANN202
+    """Class-structured features: class centre + noise, in two unrelated feature spaces."""
+    g = torch.Generator().manual_seed(seed)
+    lab = torch.arange(n) % classes
+    ci, ct = torch.randn(classes, 64, generator=g), torch.randn(classes, 48, generator=g)
+    img = ci[lab] + torch.randn(n, 64, generator=g)
+    txt = ct[lab] + torch.randn(n, 48, generator=g)
+    img_aug = img + 0.3 * torch.randn(n, 64, generator=g)
+    txt_aug = txt + 0.3 * torch.randn(n, 48, generator=g)
+    return ids_(n), lab.tolist(), img, img_aug, txt, txt_aug
+
+
+def test_fit_learns_class_structure_and_is_deterministic() -> None:
+    ids, lab, img, img_aug, txt, txt_aug = _synthetic()
+    tr, q, db = slice(0, 200), slice(200, 240), slice(240, 400)
+    st = FeatureStats.fit(img[tr], txt[tr])
+    img, img_aug = st.apply(img, "image"), st.apply(img_aug, "image")
+    txt, txt_aug = st.apply(txt, "text"), st.apply(txt_aug, "text")
+    cfg = DUCHConfig(
+        model=ModelConfig(bits=32, hidden_dim=1024), optim=OptimConfig(epochs=20, batch_size=32)
+    )
+    query = RetrievalSet(img[q], txt[q], lab[q])
+    database = RetrievalSet(img[db], txt[db], lab[db])
+
+    def run() -> tuple[list[dict[str, float]], dict[str, float], dict[str, float]]:
+        model = make_model(64, 48, cfg)
+        before = evaluate(model, query, database, k=20)
+        hist = fit(
+            model,
+            lambda e: make_batches(ids[tr], img[tr], img_aug[tr], txt[tr], txt_aug[tr], 32, 0, e),
+            cfg,
+            ids[tr],
+            query,
+            database,
+        )
+        return hist, before, evaluate(model, query, database, k=20)
+
+    hist, before, after = run()
+    assert before["i2t"] < 0.45 and before["t2i"] < 0.45
+    assert after["i2t"] > 0.9 and after["t2i"] > 0.9
+    assert hist[-1]["map_i2t"] == after["i2t"]  # evaluated after the last epoch only
+    assert "map_i2t" not in hist[0]
+    assert hist[0]["next_lr"] == pytest.approx(8e-5)
+    hist2, _, after2 = run()
+    assert after2 == after
+    assert [h["total"] for h in hist2] == [h["total"] for h in hist]
