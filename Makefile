@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m jobs.demo
+	scripts/isolated $(BIN)/python -m jobs.demo
 
 # Debian's chromium drives the web-page test; installed when we are root with apt, else that
 # single test is skipped with a reason.

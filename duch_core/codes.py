@@ -13,11 +13,11 @@ Conventions (recorded in every bundle and index manifest):
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
-BITORDER = "big"
+BITORDER: Literal["big"] = "big"
 SUPPORTED_BITS = (8, 16, 32, 64, 128, 256, 512, 1024)
 
 # popcount of every byte value, used by the reference Hamming implementation.
