@@ -19,7 +19,7 @@ Steps, each one a real job of the product run on a local in-process Ray:
    in-process search, and shuts it down. ``serve run deploy/local_config.yaml`` serves the same
    index until stopped.
 
-Exit status: 0 when every step succeeded, 1 otherwise.
+Exit status: 0 when every step succeeded, 2 for a bad config or archive, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -59,16 +59,15 @@ def _say(msg: str) -> None:
     print(f"\n== {msg}", flush=True)
 
 
-def train(work_dir: str, retrain: bool) -> dict[str, Any]:
-    """Step 1: the training job on the demo config; returns its summary (or the saved one)."""
+def train(work_dir: str, retrain: bool, config: str) -> dict[str, Any]:
+    """Step 1: the training job on ``config``; returns its summary (or the saved one)."""
     from duch_core import storage
     from duch_core.config import load
-    from jobs.train import prepare_archive, run
+    from duch_core.demo import MANIFEST_NAME
+    from jobs.train import demo_archive_uri, prepare_archive, run
     from jobs.train_config import TrainJobConfig, validate
 
-    cfg = validate(
-        load(TrainJobConfig, str(REPO / "configs" / "demo.yaml"), [f"work_dir={work_dir}"])
-    )
+    cfg = validate(load(TrainJobConfig, config, [f"work_dir={work_dir}"]))
     report = storage.join(cfg.output, "training.json")
     if (
         not retrain
@@ -79,11 +78,8 @@ def train(work_dir: str, retrain: bool) -> dict[str, Any]:
         print(f"reusing the trained bundle {cfg.output} (--retrain trains again)")
     else:
         summary = run(cfg, prepare_archive(cfg))
-    summary["archive"] = storage.join(
-        storage.join(cfg.work_dir, "demo_archive"),
-        f"n{cfg.demo.n_per_class}-s{cfg.demo.image_size}-seed{cfg.demo.seed}",
-        "manifest.parquet",
-    )
+    archive = cfg.duch.data.archive or storage.join(demo_archive_uri(cfg), MANIFEST_NAME)
+    summary["archive"] = archive
     return summary
 
 
@@ -212,6 +208,11 @@ def serve_and_query(searcher: InProcess, index_root: str, bundle: str) -> None:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="demo", description=__doc__.split("\n")[0])
     p.add_argument("--work-dir", default="out/demo", help="where everything is written")
+    p.add_argument(
+        "--train-config",
+        default=str(REPO / "configs" / "demo.yaml"),
+        help="training config (configs/smoke.yaml: tiny random towers, about a minute)",
+    )
     p.add_argument("--retrain", action="store_true", help="train again even if a bundle exists")
     p.add_argument("--no-serve", action="store_true", help="skip the Serve step")
     return p
@@ -219,6 +220,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; see the module docstring."""
+    from duch_core.archive import ArchiveError
+    from duch_core.config import ConfigError
+
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0")
@@ -226,12 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     work = os.path.abspath(args.work_dir)
     index_root = os.path.join(work, "index")
     try:
-        import ray
-
-        if not ray.is_initialized():
-            ray.init(include_dashboard=False, log_to_driver=False)
-        _say("1/4 train (jobs/train.py, configs/demo.yaml)")
-        summary = train(work, args.retrain)
+        _say(f"1/4 train (jobs/train.py, {os.path.relpath(args.train_config, REPO)})")
+        summary = train(work, args.retrain, args.train_config)
         bundle = summary["bundle"]
         print(f"  bundle {bundle}\n  metrics {json.dumps(summary.get('metrics', {}))}")
         _say("2/4 encode (jobs/encode.py)")
@@ -245,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_serve:
             _say("4/4 serve (deploy/app.py) and query over HTTP")
             serve_and_query(searcher, index_root, bundle)
+    except (ConfigError, ArchiveError) as e:
+        print(f"demo: {e}", file=sys.stderr)
+        return 2
     except Exception:
         log.exception("the demo failed")
         return 1

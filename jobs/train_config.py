@@ -195,6 +195,14 @@ def validate_duch(d: DUCHConfig) -> None:
         "the feature cache holds one fixed augmented view per item (as the paper); "
         "per-epoch resampling is not supported by the training job",
     )
+    for tower in ("image_backbone", "text_backbone"):
+        _check(
+            getattr(d, tower).finetune_blocks == 0,
+            f"duch.{tower}.finetune_blocks",
+            "the training job trains the hashing heads on cached features of frozen backbones "
+            "(as the paper); fine-tuning backbone blocks needs end-to-end training, which this "
+            "job does not do",
+        )
     _check(d.image_backbone.image_size >= 8, "duch.image_backbone.image_size", "must be >= 8")
     _check(d.text_backbone.max_length >= 2, "duch.text_backbone.max_length", "must be >= 2")
 

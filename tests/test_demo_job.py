@@ -1,0 +1,41 @@
+"""The demo job end to end (train -> encode -> in-process and HTTP queries) on the smoke config."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from jobs import demo
+
+
+@pytest.mark.timeout(600)
+def test_demo_runs_end_to_end_and_reruns_incrementally(
+    tmp_path: Path, ray_session: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from duch_core import index_store
+
+    smoke = str(demo.REPO / "configs" / "smoke.yaml")
+    work = tmp_path / "demo"
+    assert demo.main(["--work-dir", str(work), "--train-config", smoke]) == 0
+    out = capsys.readouterr().out
+    assert "equal to in-process" in out  # the HTTP answer was checked against duch_core search
+    first = index_store.read_latest(str(work / "index"))
+    assert first.counts["image"] == 32 and first.counts["text"] == 32 * 5
+
+    # second run: the bundle is reused and every item is carried over, nothing re-encoded
+    assert demo.main(["--work-dir", str(work), "--train-config", smoke, "--no-serve"]) == 0
+    out = capsys.readouterr().out
+    assert "reusing the trained bundle" in out
+    assert re.search(r'"encoded_items": 0', out) and re.search(r'"carried_over_items": 32', out)
+    second = index_store.read_latest(str(work / "index"))
+    assert second.version != first.version and second.counts == first.counts
+    assert second.bundle_id == first.bundle_id
+
+
+def test_demo_reports_a_bad_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("duch: {model: {bits: 12}}\n")
+    assert demo.main(["--work-dir", str(tmp_path / "w"), "--train-config", str(bad)]) == 2
+    assert "bits" in capsys.readouterr().err
