@@ -112,9 +112,9 @@ def _write_tiles(root: str, sensor: str, n: int, tile: int = 64) -> list[dict[st
 
 def _make_bundle(uri: str, backbone: str, image_size: int, bits: int) -> str:
     import torch
+
     from duch_core.backbones import load_image_tower, load_text_tower
     from duch_core.bundle import save_bundle
-
     from duch_core.config import (
         DUCHConfig,
         ImageBackboneConfig,
@@ -138,10 +138,10 @@ def _make_bundle(uri: str, backbone: str, image_size: int, bits: int) -> str:
 def _loop(bundle_uri: str, files: list[str], batch_size: int, threads: int) -> tuple[float, float]:
     """(decode seconds, encode images/s) of the single-process loop."""
     import torch
-    from duch_core.bundle import Bundle, HashEncoder
-    from duch_core.imageio import decode_image, preprocess
 
+    from duch_core.bundle import Bundle, HashEncoder
     from duch_core.codes import pack
+    from duch_core.imageio import decode_image, preprocess
 
     torch.set_num_threads(threads)
     t = time.perf_counter()
@@ -172,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bits", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
+    p.add_argument(
+        "--actors", type=int, default=1, help="encoder actors (torch threads split between them)"
+    )
+    p.add_argument("--actor-cpus", type=float, default=1.0, help="Ray CPUs per encoder actor")
     p.add_argument("--datasets", default="generated,landsat8,sentinel2")
     p.add_argument("--workdir", default="")
     p.add_argument("--json", default="", help="also write the results here")
@@ -188,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.workdir or tempfile.mkdtemp(prefix="bench-encode-")
     bundle = _make_bundle(os.path.join(work, "bundle"), args.backbone, args.image_size, args.bits)
     ncpu = os.cpu_count() or 1
+    load_before = os.getloadavg()[0]
     ray.init(num_cpus=ncpu, include_dashboard=False, log_to_driver=False, configure_logging=False)
     results = []
     for name in [d.strip() for d in args.datasets.split(",") if d.strip()]:
@@ -205,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
         manifest = os.path.join(root, "manifest.parquet")
         write_archive(rows, manifest)
         files = [os.path.join(root, r["image_uri"]) for r in rows]
-        decode_s, loop_ips = _loop(bundle, files, args.batch_size, args.threads)
+        # the loop runs before and after the pipeline (the mean is the reference): other load on a
+        # shared machine then weighs on both sides alike
+        decode_s, loop_a = _loop(bundle, files, args.batch_size, args.threads)
         timings = {}
         for label, subset in (("small", rows[: max(1, len(rows) // 4)]), ("full", rows)):
             sub_manifest = os.path.join(root, f"manifest-{label}.parquet")
@@ -219,14 +226,17 @@ def main(argv: list[str] | None = None) -> int:
                 manifest_block_rows=128,
                 decode_batch=32,
                 decode_cpus=0.25,
-                actors=1,
-                actor_cpus=1.0,
-                torch_threads=args.threads,
+                actors=args.actors,
+                min_actors=args.actors,
+                actor_cpus=args.actor_cpus,
+                torch_threads=max(1, args.threads // args.actors),
                 max_error_rate=1.0,
                 keep_versions=0,
             )
             s = encode.run(cfg)
             timings[label] = (len(subset), s["encode_seconds"], s)
+        _, loop_b = _loop(bundle, files, args.batch_size, args.threads)
+        loop_ips = (loop_a + loop_b) / 2
         (n_small, t_small, _), (n_full, t_full, s) = timings["small"], timings["full"]
         pipe_ips = n_full / t_full
         steady = (n_full - n_small) / (t_full - t_small) if t_full > t_small else float("nan")
@@ -236,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
                 "images": len(rows),
                 "encoded": s["encoded_images"],
                 "failed": s["failed_items"],
-                "loop_img_s": round(loop_ips, 1),
+                "loop_img_s": f"{loop_ips:.1f} ({loop_a:.1f}/{loop_b:.1f})",
                 "pipeline_img_s": round(pipe_ips, 1),
                 "ratio": round(pipe_ips / loop_ips, 3),
                 "steady_img_s": round(steady, 1),
@@ -261,7 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     ]
     print(
         f"\nbackbone {args.backbone} @ {args.image_size}px, {args.bits} bits, batch {args.batch_size},"
-        f" torch threads {args.threads}, {ncpu} CPUs"
+        f" torch threads {args.threads}, {ncpu} CPUs; pipeline: {args.actors} actor(s) x"
+        f" {max(1, args.threads // args.actors)} threads, {args.actor_cpus} Ray CPUs each;"
+        f" 1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
     )
     print("| " + " | ".join(cols) + " |")
     print("|" + "|".join("---" for _ in cols) + "|")

@@ -7,7 +7,8 @@
 Pipeline (Ray Data, streaming; the images never pass through the driver):
 
 1. **Manifest**: the archive manifest is read as a dataset (Parquet: ``read_parquet``; JSON lines:
-   parsed once and handed to Ray in blocks) and split into blocks of ``manifest_block_rows``.
+   ``read_text`` + :func:`parse_manifest_lines` in tasks) and split into blocks of
+   ``manifest_block_rows``.
 2. **Fingerprint** (CPU tasks, threads for the object look-ups): every item's source fingerprint
    ``s<size>-e<etag>-m<mtime_ns>-c<hash of image URI and captions>`` from
    :func:`duch_core.storage.info`, a metadata call: no image bytes are read.
@@ -17,8 +18,12 @@ Pipeline (Ray Data, streaming; the images never pass through the driver):
    encoded; items gone from the archive drop out. A different bundle re-encodes everything. Only
    two string columns (item id, fingerprint) of the archive and of the old index are gathered on
    the driver for this step.
-4. **Decode** (CPU tasks): fetch bytes, :func:`duch_core.imageio.decode_image` (the band rule for
-   16-bit and multi-band images lives there) and :func:`duch_core.imageio.preprocess`.
+4. **Decode** (CPU tasks): fetch bytes, :func:`duch_core.imageio.decode_image` and
+   :func:`duch_core.imageio.preprocess`. 8- and 16-bit, RGB, grey and multi-band TIFF/PNG/JPEG
+   follow the band and bit-depth rule documented in :mod:`duch_core.imageio`, with the bundle's
+   ``image_backbone.bands`` and ``image_backbone.high_bit_depth``: grey repeats band 0; 3+ bands
+   take ``bands`` (default the first three) as R, G, B; data wider than 8 bits gets a per-image
+   2-98 percentile stretch (or ``scale``) to 8 bits.
 5. **Encode** (an actor pool of callable classes that load the bundle once; ``num_gpus`` per
    actor from the config, else ``actor_cpus``): image tower + hashing head for every decoded
    image, text tower + head for every caption that passes
@@ -34,6 +39,14 @@ inspection) but ``LATEST`` is not moved. Crash safety: a run writes only into it
 directory and publishes by replacing ``LATEST`` last, so a run killed at any point leaves the
 published index untouched; the rerun writes a complete new version, and retention removes the dead
 run's directory. ``--dry-run`` stops after step 3 and prints what would change.
+
+Progress: Ray Data's progress bars (logged periodically when stdout is not a terminal). At the
+end the summary (items encoded, carried over and failed, errors by stage, shards, bytes, images/s)
+is printed as JSON and logged in one line; it is also ``summary.json`` in the version.
+
+Scheduling: ``deploy/nightly-encode.cron`` submits this job to the Ray cluster every night at 02:30
+(cron host time) with ``ray job submit --working-dir .`` (install and settings: see the file). Run
+the same command with ``--dry-run`` to see what a night's run would change.
 
 Exit status: 0 success, 1 error rate above the threshold (or the run failed), 2 bad arguments.
 """
@@ -200,6 +213,46 @@ def fingerprint_batch(batch: pa.Table, base_dir: str, io_threads: int) -> pa.Tab
     )
 
 
+def parse_manifest_lines(batch: pa.Table) -> pa.Table:
+    """Lines of a JSON-lines manifest (column ``text``) -> ``item_id``, ``image_uri``, ``captions``.
+
+    Each line is one JSON object; a missing ``captions`` key means no captions.
+
+    Raises:
+        ArchiveError: a line is not a JSON object or its values have the wrong types.
+    """
+    from duch_core.archive import ArchiveError, validate_archive
+
+    rows = []
+    for line in batch.column("text").to_pylist():
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ArchiveError(f"manifest line is not valid JSON ({e.msg}): {line[:200]!r}") from e
+        if not isinstance(obj, dict):
+            raise ArchiveError(f"manifest line must be a JSON object: {line[:200]!r}")
+        rows.append(
+            {
+                "item_id": obj.get("item_id"),
+                "image_uri": obj.get("image_uri"),
+                "captions": obj.get("captions") or [],
+            }
+        )
+    try:
+        table = pa.table(
+            {
+                "item_id": pa.array([r["item_id"] for r in rows]),
+                "image_uri": pa.array([r["image_uri"] for r in rows]),
+                "captions": pa.array([r["captions"] for r in rows], pa.list_(pa.string())),
+            }
+        )
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise ArchiveError(f"manifest values have the wrong types ({e})") from e
+    return validate_archive(table, where="manifest").select(["item_id", "image_uri", "captions"])
+
+
 def select_items(batch: pa.Table, wanted: Any) -> pa.Table:
     """Keep the rows whose ``item_id`` is in ``wanted`` (a pyarrow string array or its ref)."""
     return batch.filter(pc.is_in(batch.column("item_id"), value_set=_resolve(wanted)))
@@ -218,11 +271,11 @@ def decode_batch(batch: pa.Table, image_cfg: dict[str, Any], max_pixels: int, io
     Returns a numpy batch: ``pixels`` ``(N, 3, S, S)`` float32 (zeros where the image failed),
     ``img_ok`` bool, ``img_stage``/``img_reason`` strings, and the pass-through columns.
     """
-    from duch_core.imageio import decode_image, preprocess
-
     from duch_core.config import ImageBackboneConfig, from_dict
+    from duch_core.imageio import decode_image, decode_options, preprocess
 
     cfg = from_dict(ImageBackboneConfig, image_cfg)
+    options = decode_options(cfg)  # band selection and bit-depth rule of the bundle
     uris = batch.column("image_uri").to_pylist()
     lookup = batch.column("lookup_error").to_pylist()
 
@@ -248,7 +301,7 @@ def decode_batch(batch: pa.Table, image_cfg: dict[str, Any], max_pixels: int, io
             try:
                 if not data:
                     raise ValueError(f"empty object (0 bytes): {uris[i]}")
-                img = decode_image(data, max_pixels=max_pixels)
+                img = decode_image(data, max_pixels=max_pixels, **options)
                 pixels[i] = preprocess(img, cfg)
                 ok[i] = True
             except Exception as e:  # noqa: BLE001 - any decode failure is a per-item error
@@ -271,6 +324,7 @@ class BundleEncoder:
 
     def __init__(self, bundle_uri: str, torch_threads: int = 0, use_gpu: bool = False):
         import torch
+
         from duch_core.bundle import Bundle, HashEncoder
         from duch_core.imageio import clean_caption
 
@@ -491,12 +545,12 @@ def _archive_dataset(ray_data: Any, uri: str, cfg: EncodeConfig) -> tuple[Any, s
             n = pq.ParquetFile(f).metadata.num_rows
         ds = ray_data.read_parquet(path, columns=cols, file_extensions=None)
     else:
-        from duch_core.archive import read_archive
-
-        table = read_archive(path, resolve_images=False).select(cols)
-        n = table.num_rows
-        step = max(1, cfg.manifest_block_rows)
-        ds = ray_data.from_arrow([table.slice(i, step) for i in range(0, max(n, 1), step)])
+        # JSON lines are parsed in tasks too: the manifest never passes through the driver
+        ds = ray_data.read_text(path).map_batches(
+            parse_manifest_lines, batch_format="pyarrow", num_cpus=cfg.decode_cpus
+        )
+        ds = ds.materialize()
+        n = ds.count()
     blocks = max(1, math.ceil(n / max(1, cfg.manifest_block_rows)))
     return ds.repartition(blocks), base, n
 
@@ -838,6 +892,21 @@ def main(argv: list[str] | None = None) -> int:
         log.exception("encode failed; LATEST was not moved")
         return 1
     print(json.dumps(summary, indent=2, sort_keys=True))
+    if not args.dry_run:
+        log.info(
+            "version %s: %d items encoded (%d images, %d captions), %d carried over, %d failed; "
+            "%d shards, %d bytes; %.1f images/s; %s",
+            summary["version"],
+            summary["encoded_items"],
+            summary["encoded_images"],
+            summary["encoded_captions"],
+            summary["carried_over_items"],
+            summary["failed_items"],
+            summary["shards"],
+            summary["bytes"],
+            summary["images_per_second"],
+            "published" if summary["published"] else "NOT published (error rate over the limit)",
+        )
     return int(summary["exit_code"])
 
 

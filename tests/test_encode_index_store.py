@@ -222,3 +222,28 @@ def test_compute_diff_new_changed_deleted_failed_and_bundle(tmp_path):
 
     with pytest.raises(ConfigError, match="not unique"):
         compute_diff(pa.table({"item_id": ["a", "a"], "fingerprint": ["f", "f"]}), m, "x", BITS)
+
+
+def test_parse_manifest_lines_normalises_rows_and_rejects_bad_lines():
+    from duch_core.archive import ArchiveError
+    from jobs.encode import parse_manifest_lines
+
+    lines = [
+        '{"item_id": "a", "image_uri": "x.png", "captions": ["a river."], "split": "train"}',
+        "   ",
+        '{"item_id": "b", "image_uri": "s3://b/y.tif"}',
+    ]
+    t = parse_manifest_lines(pa.table({"text": lines}))
+    assert t.column_names == ["item_id", "image_uri", "captions"]
+    assert t.to_pylist() == [
+        {"item_id": "a", "image_uri": "x.png", "captions": ["a river."]},
+        {"item_id": "b", "image_uri": "s3://b/y.tif", "captions": []},
+    ]
+    for bad, match in (
+        ('["a", "x.png"]', "JSON object"),
+        ('{"item_id": "a", "image_uri": "x.png"', "not valid JSON"),
+        ('{"item_id": "a", "image_uri": "x.png", "captions": [1]}', "wrong types"),
+        ('{"item_id": "", "image_uri": "x.png"}', "item_id"),
+    ):
+        with pytest.raises(ArchiveError, match=match):
+            parse_manifest_lines(pa.table({"text": [bad]}))

@@ -1,8 +1,10 @@
 """The nightly encode job end to end: real local Ray, real S3 (SeaweedFS), tiny towers.
 
 One archive of 1,000+ generated images (PNG and JPEG, 32x32) with captions, including corrupt
-files, truncated JPEGs, a zero-byte object, a missing object and bad captions, is built once on
-S3. Codes in the published index are compared with the in-memory ``HashEncoder``.
+files, truncated JPEGs, a zero-byte object, a missing object, bad captions and 16-bit and
+multi-band TIFF/PNG files, is built once on S3. Codes in the published index are compared with the
+in-memory ``HashEncoder``. The bundle selects bands ``(2, 1, 0)`` so that a job ignoring the
+bundle's band rule would produce different codes.
 """
 
 from __future__ import annotations
@@ -30,17 +32,18 @@ REPO = Path(__file__).resolve().parents[1]
 BITS = 32
 N_GOOD = 1000
 SMOKE = str(REPO / "configs" / "encode_smoke.yaml")
+BANDS = (2, 1, 0)  # image_backbone.bands of the test bundle
 
 
 # --------------------------------------------------------------------------------------------
 # fixtures: a bundle with tiny towers and a generated archive
 
 
-def _make_bundle(uri: str, seed: int) -> str:
+def _make_bundle(uri: str, seed: int, bands: tuple[int, ...] = BANDS) -> str:
     import torch
+
     from duch_core.backbones import load_image_tower, load_text_tower
     from duch_core.bundle import save_bundle
-
     from duch_core.config import (
         DUCHConfig,
         ImageBackboneConfig,
@@ -52,7 +55,7 @@ def _make_bundle(uri: str, seed: int) -> str:
     cfg = DUCHConfig(
         model=ModelConfig(bits=BITS, hidden_dim=32),
         image_backbone=ImageBackboneConfig(
-            source="tiny:resnet", image_size=32, center_crop=0, seed=seed
+            source="tiny:resnet", image_size=32, center_crop=0, seed=seed, bands=bands
         ),
         text_backbone=TextBackboneConfig(source="tiny:bert", seed=seed),
     )
@@ -74,6 +77,27 @@ def _image_bytes(rng: np.random.Generator, fmt: str, size: int = 32) -> bytes:
     Image.fromarray(arr, "RGB").save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
     return buf.getvalue()
 
+
+def _wide_image_bytes(rng: np.random.Generator, kind: str, size: int = 32) -> bytes:
+    """16-bit and multi-band files: ``tif16x3``, ``tif16x4``, ``tif8x5`` (TIFF), ``png16`` (grey)."""
+    import tifffile
+
+    yy, xx = np.mgrid[0:size, 0:size]
+    bands = {"tif16x3": 3, "tif16x4": 4, "tif8x5": 5, "png16": 1}[kind]
+    top = 255 if kind == "tif8x5" else 4095  # 12-bit data in 16-bit files, as Landsat-8
+    ramp = (xx[..., None] * rng.uniform(0.2, 1.0, bands) + yy[..., None]) / (2 * size)
+    arr = np.clip(ramp * top + rng.normal(0, top / 20, (size, size, bands)), 0, top)
+    arr = arr.astype(np.uint8 if kind == "tif8x5" else np.uint16)
+    buf = io.BytesIO()
+    if kind == "png16":
+        Image.fromarray(arr[..., 0]).save(buf, format="PNG")
+    else:
+        photometric = "rgb" if bands == 3 else "minisblack"
+        tifffile.imwrite(buf, arr, photometric=photometric, planarconfig="contig")
+    return buf.getvalue()
+
+
+WIDE = ("tif16x3", "tif16x4", "tif8x5", "png16")
 
 WORDS = ["river", "forest", "field", "road", "houses", "beach", "lake", "airport", "green", "dense"]
 
@@ -105,6 +129,11 @@ def _make_archive(prefix: str, n_good: int, seed: int = 0) -> Archive:
         objs[storage.join(prefix, rel)] = _image_bytes(rng, fmt)
         rows.append({"item_id": f"g{i:05d}", "image_uri": rel, "captions": _captions(rng, 3)})
     arch = Archive(manifest=storage.join(prefix, "manifest.parquet"), rows=rows)
+    # good 16-bit and multi-band images (decoded by the bundle's band and bit-depth rule)
+    for kind in WIDE:
+        rel = f"images/{kind}.{'png' if kind == 'png16' else 'tif'}"
+        objs[storage.join(prefix, rel)] = _wide_image_bytes(rng, kind)
+        rows.append({"item_id": f"wide_{kind}", "image_uri": rel, "captions": _captions(rng, 1)})
     # bad images: corrupt bytes, truncated JPEGs, a zero-byte object, a missing object
     for k in range(3):
         rel = f"images/corrupt{k}.png"
@@ -153,12 +182,18 @@ def archive(s3_server):
 def reference(bundle, archive):
     """Codes of every good image and caption from the in-memory encoder: {(id, cap): code}."""
     from duch_core.bundle import Bundle, HashEncoder
-    from duch_core.imageio import decode_image
+    from duch_core.imageio import decode_image, decode_options
 
     enc = HashEncoder(Bundle.load(bundle))
+    opts = decode_options(enc.bundle.config.image_backbone)
+    assert opts["bands"] == BANDS
     base = archive.manifest.rpartition("/")[0]
     good = [r for r in archive.rows if r["item_id"] not in archive.bad_images]
-    imgs = [decode_image(storage.read_bytes(storage.join(base, r["image_uri"]))) for r in good]
+    data = [storage.read_bytes(storage.join(base, r["image_uri"])) for r in good]
+    imgs = [decode_image(d, **opts) for d in data]
+    # the band rule must matter for these codes, else the test could not catch a job ignoring it
+    plain = enc.encode_images([decode_image(d) for d in data[:64]])
+    assert (plain != enc.encode_images(imgs[:64])).any()
     ref: dict[tuple[str, int], bytes] = {}
     for s in range(0, len(imgs), 128):
         codes = enc.encode_images(imgs[s : s + 128])
@@ -229,7 +264,7 @@ def test_full_encode_matches_in_memory_encoder(full_run, archive, reference, bun
     codes = ix.codes_from_column(rows.column("code"), BITS)
     mismatched = [k for k, c in zip(keys, codes, strict=True) if c.tobytes() != reference[k]]
     assert not mismatched, f"{len(mismatched)} codes differ from HashEncoder, e.g. {mismatched[:3]}"
-    n_img = N_GOOD + 3  # good images + the three items with bad captions
+    n_img = N_GOOD + 3 + len(WIDE)  # good images, the items with bad captions, wide images
     assert m.counts["image"] == n_img
     assert m.counts["text"] == len(reference) - n_img
     assert set(rows.column("bundle_id").to_pylist()) == {meta["bundle_id"]}
@@ -250,6 +285,9 @@ def test_full_encode_matches_in_memory_encoder(full_run, archive, reference, bun
     assert s["failed_items"] == len(archive.bad_images) + len(archive.bad_captions)
     assert s["shards"] == len(m.shards) > 1
     assert s["bytes"] == sum(sh.bytes for sh in m.shards)
+    assert s["images_per_second"] > 0 and s["encode_seconds"] > 0 and s["published"] is True
+    assert s["errors_by_stage"] == {"decode": 6, "fetch": 1, "caption": 3}
+    assert {f"wide_{k}" for k in WIDE} <= set(rows.column("item_id").to_pylist())
     # every good item exactly once on the image side
     _, ids, caps, row_ids = ix.load_codes(m, "image")
     assert len(set(ids.to_pylist())) == len(ids) == n_img
@@ -269,6 +307,46 @@ def test_dry_run_reports_and_writes_nothing(full_run, bundle, archive, capsys):
     assert report["changed"] == bad  # items that failed last time are retried
     assert report["new"] == 0 and report["deleted"] == 0
     assert storage.list_prefix(out) == before
+
+    # the same archive as JSON lines (parsed in Ray tasks) gives the same plan
+    from duch_core.archive import write_archive
+
+    jsonl = write_archive(archive.rows, archive.manifest.replace(".parquet", ".jsonl"))
+    assert encode.main(_argv(bundle, jsonl, out) + ["--dry-run"]) == 0
+    report2 = json.loads(capsys.readouterr().out)
+    timing = ("scan_seconds", "diff_seconds")
+    assert {k: v for k, v in report2.items() if k not in timing} == {
+        k: v for k, v in report.items() if k not in timing
+    }
+    assert storage.list_prefix(out) == before
+
+
+def test_nightly_schedule_submits_this_job_with_a_valid_config(monkeypatch):
+    """deploy/nightly-encode.cron: one well-formed cron line whose command this job accepts."""
+    import shlex
+
+    from jobs import encode
+
+    lines = [ln for ln in (REPO / "deploy" / "nightly-encode.cron").read_text().splitlines()]
+    lines = [ln for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    env = dict(ln.split("=", 1) for ln in lines if "=" in ln.split()[0])
+    entries = [ln for ln in lines if "=" not in ln.split()[0]]
+    assert len(entries) == 1
+    minute, hour, dom, mon, dow, user, command = entries[0].split(None, 6)
+    assert 0 <= int(minute) < 60 and 0 <= int(hour) < 24 and (dom, mon, dow) == ("*", "*", "*")
+    assert user and "ray job submit" in command and "--working-dir ." in command
+    job = shlex.split(command.split(" -- ", 1)[1].split(">>")[0])
+    assert job[:2] == ["python", "jobs/encode.py"]
+    # the job's arguments with the crontab's variables filled in
+    args = [env[a.strip('"$')] if a.strip('"').startswith("$") else a for a in job[2:]]
+    monkeypatch.chdir(REPO)
+    cfg = encode.load_config(encode._parser().parse_args(args))
+    assert (cfg.bundle, cfg.archive, cfg.out) == (
+        env["DUCH_BUNDLE"],
+        env["DUCH_ARCHIVE"],
+        env["DUCH_INDEX"],
+    )
+    assert 0 < cfg.max_error_rate < 1 and cfg.keep_versions > 0
 
 
 def test_crash_then_rerun_publishes_the_same_index(full_run, ray_session, bundle, archive):
@@ -368,7 +446,7 @@ def test_new_bundle_reencodes_everything_retention_and_error_threshold(
     assert encode.main(_argv(bundle_b, arch.manifest, out, *sets)) == 0
     s3 = _summary(out)
     assert s3["full_reencode"] is True and s3["carried_over_items"] == 0
-    assert s3["encoded_images"] == 43
+    assert s3["encoded_images"] == 43 + len(WIDE)
     m = ix.read_latest(out)
     meta_b = storage.read_json(storage.join(bundle_b, "meta.json"))
     ix.validate(m, BITS, meta_b["bundle_id"])
@@ -377,7 +455,7 @@ def test_new_bundle_reencodes_everything_retention_and_error_threshold(
     versions = ix.list_versions(out)
     assert v1 not in versions and len(versions) == 2 and all(versions.values())
 
-    # 10 of 50 items have errors: above a 10 % threshold the run fails and LATEST stays
+    # 10 of 54 items have errors: above a 10 % threshold the run fails and LATEST stays
     published = ix.read_latest_version(out)
     assert encode.main(_argv(bundle_b, arch.manifest, out, "max_error_rate=0.1")) == 1
     assert ix.read_latest_version(out) == published
