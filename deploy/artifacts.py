@@ -29,7 +29,6 @@ class LoadedEncoder:
 def open_encoder(bundle_uri: str) -> LoadedEncoder:
     """Load a model bundle and its hash encoder (imports torch)."""
     from duch_core.bundle import Bundle, HashEncoder
-
     from duch_core.config import to_dict
 
     bundle = Bundle.load(bundle_uri, device="cpu")

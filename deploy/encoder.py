@@ -7,9 +7,45 @@ from typing import Any
 import numpy as np
 from ray import serve
 
-from deploy.artifacts import Loaders
+from deploy.artifacts import LoadedEncoder, Loaders
 
 log = logging.getLogger("ray.serve")
+
+EncodeResult = tuple[np.ndarray | None, str | None]
+
+
+def _encode(fn: Any, items: list[Any]) -> list[EncodeResult]:
+    try:
+        codes = np.asarray(fn(items), dtype=np.uint8)
+        return [(codes[i], None) for i in range(len(items))]
+    except Exception:
+        if len(items) == 1:
+            raise
+    out: list[EncodeResult] = []
+    for item in items:
+        try:
+            out.append((np.asarray(fn([item]), dtype=np.uint8)[0], None))
+        except Exception as e:  # reported to that query's caller only
+            out.append((None, f"{type(e).__name__}: {e}"))
+    return out
+
+
+def encode_batch(fn: Any, items: list[Any]) -> list[EncodeResult]:
+    """``fn`` on a batch: one ``(code (bits // 8,) uint8 | None, error | None)`` per item.
+
+    A batch that fails is retried item by item, so one bad query never fails the others.
+    """
+    try:
+        return _encode(fn, items)
+    except Exception as e:
+        return [(None, f"{type(e).__name__}: {e}")]
+
+
+def warm_up(loaded: LoadedEncoder) -> None:
+    """Build the towers and run one query through each, so the first real query is not slow
+    (the towers are built lazily, and the first forward pass allocates its buffers)."""
+    loaded.encoder.encode_texts(["warm up"])
+    loaded.encoder.encode_images([np.zeros((64, 64, 3), np.uint8)])
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
@@ -46,6 +82,7 @@ class QueryEncoder:
         for method in (self.encode_text, self.encode_image):
             method.set_max_batch_size(max_batch_size)
             method.set_batch_wait_timeout_s(batch_wait_s)
+        warm_up(self.loaded)
         log.info("query encoder ready: bundle %s, %d bits", self.loaded.bundle_id, self.loaded.bits)
 
     def info(self) -> dict[str, Any]:
@@ -57,35 +94,12 @@ class QueryEncoder:
             "config": self.loaded.config,
         }
 
-    def _encode(self, fn: Any, items: list[Any]) -> list[tuple[np.ndarray | None, str | None]]:
-        try:
-            codes = np.asarray(fn(items), dtype=np.uint8)
-            return [(codes[i], None) for i in range(len(items))]
-        except Exception:
-            if len(items) == 1:
-                raise
-        out: list[tuple[np.ndarray | None, str | None]] = []
-        for item in items:
-            try:
-                out.append((np.asarray(fn([item]), dtype=np.uint8)[0], None))
-            except Exception as e:  # reported to that query's caller only
-                out.append((None, f"{type(e).__name__}: {e}"))
-        return out
-
-    def _encode_safe(self, fn: Any, items: list[Any]) -> list[tuple[np.ndarray | None, str | None]]:
-        try:
-            return self._encode(fn, items)
-        except Exception as e:
-            return [(None, f"{type(e).__name__}: {e}")]
-
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def encode_text(self, texts: list[str]) -> list[tuple[np.ndarray | None, str | None]]:
+    async def encode_text(self, texts: list[str]) -> list[EncodeResult]:
         """Batched: one text in, ``(code (bits // 8,) uint8 | None, error | None)`` out."""
-        return await asyncio.to_thread(self._encode_safe, self.loaded.encoder.encode_texts, texts)
+        return await asyncio.to_thread(encode_batch, self.loaded.encoder.encode_texts, texts)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def encode_image(
-        self, images: list[np.ndarray]
-    ) -> list[tuple[np.ndarray | None, str | None]]:
+    async def encode_image(self, images: list[np.ndarray]) -> list[EncodeResult]:
         """Batched: one ``(H, W, 3)`` uint8 image in, ``(code | None, error | None)`` out."""
-        return await asyncio.to_thread(self._encode_safe, self.loaded.encoder.encode_images, images)
+        return await asyncio.to_thread(encode_batch, self.loaded.encoder.encode_images, images)

@@ -204,8 +204,9 @@ def decode_query_image(data: bytes, limits: Limits) -> np.ndarray:
     The pixel count is read from the file header first, so a decompression bomb is refused
     (413) before any pixel is decoded.
     """
-    from duch_core.imageio import ImageDecodeError, decode_image
     from PIL import Image, UnidentifiedImageError
+
+    from duch_core.imageio import ImageDecodeError, decode_image
 
     try:
         with Image.open(io.BytesIO(data)) as im:

@@ -78,6 +78,8 @@ def build_shard_data(
     index = new_index(bits)
     if len(rows):
         index.add(np.ascontiguousarray(codes, dtype=np.uint8), rows)
+        # one query now, so a compiled search kernel is ready before the version is served
+        index.search(np.ascontiguousarray(codes[:1], dtype=np.uint8), 1)
     order = np.argsort(rows, kind="stable").astype(np.int64)
     return ShardData(index, ids, cap, order, rows[order])
 

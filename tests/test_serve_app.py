@@ -51,9 +51,9 @@ def free_port() -> int:
 def make_bundle(out_uri: str, bits: int, seed: int) -> str:
     """A bundle with tiny backbones and seeded, untrained hashing heads; returns its URI."""
     import torch
+
     from duch_core.backbones import load_image_tower, load_text_tower
     from duch_core.bundle import save_bundle
-
     from duch_core.config import (
         DUCHConfig,
         ImageBackboneConfig,
@@ -78,19 +78,23 @@ def make_bundle(out_uri: str, bits: int, seed: int) -> str:
 
 
 def encode_index(
-    archive_uri: str, bundle_uri: str, root: str, n_shards: int = 3, bundle_id: str | None = None
+    archive_uri: str,
+    bundle_uri: str,
+    root: str,
+    n_shards: int = 3,
+    bundle_id: str | None = None,
+    publish: bool = True,
 ) -> Any:
     """Encode every image and caption of an archive with the bundle's encoder and publish the
     codes as a new index version under ``root`` (``n_shards`` shards); returns its manifest.
 
     ``bundle_id`` overrides the id written to the manifest (to make an index the service must
-    refuse).
+    refuse); ``publish=False`` writes the version without pointing ``LATEST`` at it.
     """
-    from duch_core.bundle import Bundle, HashEncoder
-    from duch_core.imageio import decode_image
-
     from duch_core import index_store, storage
     from duch_core.archive import read_archive
+    from duch_core.bundle import Bundle, HashEncoder
+    from duch_core.imageio import decode_image
 
     bundle = Bundle.load(bundle_uri)
     enc = HashEncoder(bundle)
@@ -133,7 +137,8 @@ def encode_index(
         bundle_uri=bundle_uri,
     )
     manifest = index_store.write_manifest(vdir, manifest)
-    index_store.publish(root, manifest)
+    if publish:
+        index_store.publish(root, manifest)
     return manifest
 
 
@@ -174,9 +179,8 @@ class Reference:
         self._indexes: dict[tuple[str, str], Any] = {}
 
     def index(self, manifest: Any, modality: str) -> tuple[Any, list[str], np.ndarray]:
-        from duch_core.search import HammingIndex
-
         from duch_core import index_store
+        from duch_core.search import HammingIndex
 
         key = (str(manifest.version), modality)
         if key not in self._indexes:
@@ -250,6 +254,7 @@ def service(artifacts: Artifacts) -> Any:
         poll_interval_s=1.0,
         auth_token_env=TOKEN_ENV,
         thumbnail_size=THUMB,
+        handle_transport="grpc",  # as the serve configs deploy it
     )
     ingress = {
         "ray_actor_options": {"num_cpus": 0.25, "runtime_env": {"env_vars": {TOKEN_ENV: TOKEN}}}
@@ -638,21 +643,48 @@ def wait_for_version(service: Service, version: str, timeout: float = 30) -> Non
     raise TimeoutError(f"the service never switched to index version {version}")
 
 
-def test_reload_refuses_an_index_that_does_not_fit_the_model(service: Service) -> None:
+def corrupt_index(art: Artifacts) -> Any:
+    """Publish a new index version whose first shard file was damaged after the manifest was
+    written (it fails its checksum when the searchers load it)."""
+    from duch_core import index_store, storage
+
+    bad = encode_index(art.archive_uri, art.bundle_uri, art.index_root, publish=False)
+    shard_uri = bad.resolve(bad.shards[0].path)
+    data = bytearray(storage.read_bytes(shard_uri))
+    data[len(data) // 2] ^= 0xFF
+    storage.write_bytes(shard_uri, bytes(data))
+    index_store.publish(art.index_root, bad)
+    return bad
+
+
+@pytest.mark.parametrize("defect", ["other bundle", "damaged shard"])
+def test_reload_refuses_an_index_that_fails_validation(service: Service, defect: str) -> None:
+    """A version made for another model, or one whose shard fails its checksum while the
+    searchers load it, is refused (409 on reload, ignored by the poller); the old one stays."""
     from duch_core import index_store, storage
 
     art = service.art
     good = str(art.manifest.version)
-    bad = encode_index(art.archive_uri, art.bundle_uri, art.index_root, bundle_id="other-bundle")
+    if defect == "other bundle":
+        bad = encode_index(
+            art.archive_uri, art.bundle_uri, art.index_root, bundle_id="other-bundle"
+        )
+        words = ["other-bundle"]
+    else:
+        bad = corrupt_index(art)
+        words = ["checksum", bad.shards[0].path]
     try:
         r = service.session.post(f"{service.url}/v1/reload", timeout=60)
         assert r.status_code == 409, r.text
         detail = r.json()["detail"]
-        assert str(bad.version) in detail and "other-bundle" in detail and good in detail
+        assert str(bad.version) in detail and good in detail
+        for w in words:
+            assert w in detail, detail
         time.sleep(1.5)  # the poller sees the same LATEST and must not switch either
         assert service.session.get(f"{service.url}/v1/index", timeout=30).json()["version"] == good
         r = service.search(text="a river", k=3)
         assert r.status_code == 200 and r.json()["index_version"] == good
+        assert requests.get(f"{service.url}/healthz", timeout=30).json()["index_version"] == good
     finally:
         storage.publish_pointer(index_store.latest_uri(art.index_root), good)
     r = service.session.post(f"{service.url}/v1/reload", timeout=60)

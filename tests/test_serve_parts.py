@@ -133,6 +133,25 @@ def test_catalog_lookup() -> None:
         Catalog(pa.table({"item_id": ["a", "a"], "image_uri": ["1", "2"]}))
 
 
+def test_catalog_lookup_over_chunks_equals_take() -> None:
+    """Columns chunked differently (as Parquet reads give them): the per-value fast path
+    answers like ``Table.take`` for every row, first and last rows of chunks included."""
+    n = 1000
+    rng = np.random.default_rng(0)
+    caps = [[f"c{i}-{j}" for j in range(i % 4)] for i in range(n)]
+    ids = pa.chunked_array([[f"i{i:04d}" for i in range(a, b)] for a, b in ((0, 10), (10, n))])
+    uris = pa.chunked_array([[f"/x/{i}.png" for i in range(a, b)] for a, b in ((0, 333), (333, n))])
+    captions = pa.chunked_array(
+        [caps[a:b] for a, b in ((0, 1), (1, 500), (500, 999), (999, n))], pa.list_(pa.string())
+    )
+    t = pa.table({"item_id": ids, "image_uri": uris, "captions": captions})
+    cat = Catalog(t)
+    rows = [0, 1, 9, 10, 332, 333, 499, 500, 998, 999] + rng.integers(0, n, 40).tolist()
+    got = cat.lookup([f"i{r:04d}" for r in rows])
+    assert got == t.select(["image_uri", "captions"]).take(rows).to_pylist()
+    assert Catalog(pa.table({"item_id": ["a"]})).lookup(["a", "b"]) == [{}, None]
+
+
 def test_app_args_are_strict() -> None:
     a = AppArgs.model_validate({"index_root": "s3://b/idx"})
     assert a.n_searchers == 2 and a.k_cap == 100 and a.ingress_settings().limits.k_cap == 100
