@@ -1,30 +1,77 @@
 """Exact Hamming top-k search over packed hash codes.
 
-Provisional implementation: correct and vectorised with numpy; the fast kernel replaces the
-internals of :meth:`HammingIndex.search` without changing the API.
+Ranking: ascending Hamming distance, ties broken by ascending item id, so results are
+deterministic whatever the insertion order or sharding.
 
-Ranking: ascending Hamming distance, ties broken by ascending item id (so results are
-deterministic whatever the insertion order or sharding).
+How the kernel works (:mod:`duch_core._search_kernel`, numba, compiled on first use for each word
+type and cached on disk; :func:`warmup` does it ahead of the first request):
+
+* The ``(N, bits // 8)`` uint8 codes are viewed, without a copy, as ``(N, W)`` words of the
+  widest unsigned integer type dividing ``bits // 8`` (uint64 for 64, 128, 256 bits; uint32 and
+  uint16 for 32 and 16 bits), so memory stays exactly ``bits // 8`` bytes per code. The distance
+  of two codes is the sum of the hardware popcounts of the XORs of their words.
+* Codes are kept sorted by id, so the tie-break by id is a tie-break by position.
+* The database is split into one contiguous chunk per thread (:func:`set_num_threads`; the
+  kernel releases the GIL), for a single query too. Each thread walks its chunk in blocks of
+  about 16 KiB and runs every query of the batch against a block while it is in L1. Per query,
+  the minimum distance over a 2 KiB piece of the block is a vectorised reduction (AVX-512
+  popcount where the CPU has it); the piece is scanned item by item only when that minimum is
+  below the query's threshold, which is rare once the threshold has settled.
+* Top-k selection never sorts: each query keeps a candidate buffer of up to ``2k + 16`` items in
+  position order and a threshold ``t`` (accept only ``d < t``). A full buffer is cut back to
+  exactly ``k`` items with a counting select over the distance histogram (distances are
+  integers in ``0..bits``) and ``t`` becomes the k-th distance: a later item at distance ``t``
+  has a larger id than the ``k`` kept, so it can never enter. The per-thread lists are merged
+  with a stable counting sort by distance.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from duch_core.codes import check_bits
 
-__all__ = ["SearchError", "HammingIndex", "merge_topk"]
+__all__ = [
+    "SearchError",
+    "HammingIndex",
+    "merge_topk",
+    "search_reference",
+    "set_num_threads",
+    "get_num_threads",
+    "warmup",
+]
 
 _POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
+FORMAT_VERSION = 1
+_META_NAME = "index.json"
+_CODES_NAME = "codes.npy"
+_IDS_NAME = "ids.npy"
+
+# database items per cache block, for one 64-bit word per item (scaled by the code width so a
+# block stays about 16 KiB, well inside L1)
+_BLOCK_BYTES = 16384
+# database rows checked together by their minimum distance before an item-by-item scan (bytes)
+_SUB_BYTES = 2048
+# chunks smaller than this are not split across threads (thread start-up would dominate)
+_MIN_CHUNK = 32768
+# bound on the per-call candidate state (bytes), used to split very large query batches
+_STATE_BYTES = 64 << 20
+
 
 class SearchError(ValueError):
-    """Bad input to the search index: wrong code width, bad k, mismatched ids."""
+    """Bad input to the search index: wrong code width, bad k, mismatched ids, bad index file."""
 
 
-def _check_codes(codes: np.ndarray, bits: int, what: str) -> np.ndarray:
+def _check_codes(codes: Any, bits: int, what: str) -> np.ndarray:
     codes = np.asarray(codes)
     if codes.dtype != np.uint8:
         raise SearchError(f"{what} must be uint8 packed codes, got dtype {codes.dtype}")
@@ -35,16 +82,168 @@ def _check_codes(codes: np.ndarray, bits: int, what: str) -> np.ndarray:
     return np.ascontiguousarray(codes)
 
 
-def _check_k(k: int) -> int:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
+def _check_k(k: Any) -> int:
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k <= 0:
         raise SearchError(f"k must be a positive integer, got {k!r}")
     return int(k)
+
+
+def _word_dtype(nbytes: int) -> np.dtype:
+    """The widest unsigned integer type whose size divides ``nbytes``."""
+    for size, dt in ((8, np.uint64), (4, np.uint32), (2, np.uint16)):
+        if nbytes % size == 0:
+            return np.dtype(dt)
+    return np.dtype(np.uint8)
+
+
+def _as_words(codes: np.ndarray, nbytes: int) -> np.ndarray:
+    """``(n, nbytes)`` C-contiguous uint8 -> ``(n, W)`` words (a view, no copy)."""
+    return np.asarray(codes).view(_word_dtype(nbytes))
+
+
+# --------------------------------------------------------------------------------------------
+# kernel driver (numba is imported on first search, never at module import)
+
+_STATE: dict[str, Any] = {"threads": None, "pool": None, "pool_size": 0, "pid": 0}
+_LOCK = threading.Lock()
+
+
+def _default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def set_num_threads(n: int | None) -> None:
+    """Threads one search uses (``None``: every CPU this process may run on)."""
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise SearchError(f"thread count must be a positive integer or None, got {n!r}")
+    _STATE["threads"] = n
+
+
+def get_num_threads() -> int:
+    """Threads one search uses."""
+    n = _STATE["threads"]
+    return int(n) if n is not None else _default_threads()
+
+
+def _pool(n: int) -> ThreadPoolExecutor:
+    """The shared worker pool (at least ``n`` threads; a fresh one after a fork)."""
+    with _LOCK:
+        if _STATE["pool"] is None or _STATE["pool_size"] < n or _STATE["pid"] != os.getpid():
+            old = _STATE["pool"]
+            _STATE["pool"] = ThreadPoolExecutor(max_workers=n, thread_name_prefix="hamming")
+            _STATE["pool_size"] = n
+            if old is not None and _STATE["pid"] == os.getpid():
+                old.shutdown(wait=False)
+            _STATE["pid"] = os.getpid()
+        pool: ThreadPoolExecutor = _STATE["pool"]
+        return pool
+
+
+def _kernel() -> Any:
+    from duch_core import _search_kernel
+
+    return _search_kernel
+
+
+def warmup(bits: int) -> None:
+    """Compile (or load from the on-disk cache) the kernel for ``bits``-bit codes."""
+    nb = check_bits(bits) // 8
+    HammingIndex.from_arrays(np.zeros((2, nb), np.uint8), None, bits).search(
+        np.zeros((1, nb), np.uint8), 1
+    )
+
+
+def _search_positions(
+    db: np.ndarray, queries: np.ndarray, k: int, bits: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k positions of ``queries`` ``(Q, W)`` in ``db`` ``(N, W)`` (same word dtype).
+
+    Returns ``(dist (Q, k) int32, pos (Q, k) int64)``, ranked by (distance, position);
+    requires ``1 <= k <= N``.
+    """
+    kern = _kernel()
+    n, w = db.shape
+    nthreads = get_num_threads()
+    nchunks = int(max(1, min(nthreads, n // _MIN_CHUNK)))
+    bounds = np.linspace(0, n, nchunks + 1).astype(np.int64)
+    row_bytes = max(1, w * db.itemsize)
+    block = max(64, _BLOCK_BYTES // row_bytes)
+    sub = max(16, _SUB_BYTES // row_bytes)
+    cap = 2 * k + 16
+    per_query = nchunks * cap * 10 + k * 12
+    qb = max(1, _STATE_BYTES // per_query)
+    flat = db.reshape(-1)
+    nq = queries.shape[0]
+    dist = np.empty((nq, k), np.int32)
+    pos = np.empty((nq, k), np.int64)
+    for s in range(0, nq, qb):
+        e = min(nq, s + qb)
+        q = np.ascontiguousarray(queries[s:e]).reshape(-1)
+        if not q.flags.writeable:  # one compiled variant: writeable arrays only
+            q = q.copy()
+        cd = np.empty((nchunks, e - s, cap), np.int16 if bits < 32767 else np.int32)
+        cp = np.empty((nchunks, e - s, cap), np.int64)
+        cn = np.zeros((nchunks, e - s), np.int64)
+
+        def scan(
+            c: int, q: np.ndarray = q, cd: np.ndarray = cd, cp: np.ndarray = cp, cn: np.ndarray = cn
+        ) -> None:
+            kern.scan_chunk(
+                flat, q, w, k, bits, bounds[c], bounds[c + 1], block, sub, cd[c], cp[c], cn[c]
+            )
+
+        if nchunks == 1:
+            scan(0)
+        else:
+            for f in [_pool(nthreads).submit(scan, c) for c in range(nchunks)]:
+                f.result()
+        kern.merge_chunks(cd, cp, cn, k, bits, dist[s:e], pos[s:e])
+    return dist, pos
+
+
+# --------------------------------------------------------------------------------------------
+# reference
+
+
+def search_reference(
+    codes: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Slow, obvious exact top-k (numpy): byte popcount table, full lexsort by (distance, id).
+
+    Args:
+        codes: ``(N, B)`` uint8; ids: ``(N,)`` int64; queries: ``(Q, B)`` uint8; k >= 1.
+
+    Returns:
+        ``(dist, ids)``, both ``(Q, min(k, N))``: int32 distances ascending, int64 ids.
+    """
+    k = _check_k(k)
+    codes = np.asarray(codes, np.uint8)
+    ids = np.asarray(ids, np.int64)
+    kk = min(k, codes.shape[0])
+    nq = queries.shape[0]
+    dist = np.empty((nq, kk), np.int32)
+    out = np.empty((nq, kk), np.int64)
+    for i in range(nq):
+        d = _POPCOUNT8[np.bitwise_xor(codes, queries[i])].sum(axis=1, dtype=np.int32)
+        order = np.lexsort((ids, d))[:kk]
+        dist[i] = d[order]
+        out[i] = ids[order]
+    return dist, out
+
+
+# --------------------------------------------------------------------------------------------
+# index
 
 
 class HammingIndex:
     """Exact Hamming index over ``bits``-bit packed codes.
 
-    Memory: ``(N, bits // 8)`` uint8 codes plus ``(N,)`` int64 ids.
+    Memory: the ``(N, bits // 8)`` uint8 codes plus ``(N,)`` int64 ids, both kept sorted by id
+    (an :meth:`add` with ids below the current maximum re-sorts once). A loaded index may be
+    memory-mapped read-only (:meth:`load`); adding to it copies into memory.
     """
 
     def __init__(self, bits: int) -> None:
@@ -53,67 +252,195 @@ class HammingIndex:
         except Exception as e:
             raise SearchError(str(e)) from e
         self.bits = int(bits)
-        self._codes = np.zeros((0, self.bits // 8), np.uint8)
+        self._nbytes = self.bits // 8
+        self._codes = np.zeros((0, self._nbytes), np.uint8)
         self._ids = np.zeros((0,), np.int64)
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self._npending = 0
 
     @property
     def ntotal(self) -> int:
-        return int(self._ids.shape[0])
+        return int(self._ids.shape[0]) + self._npending
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by codes and ids (mapped or in memory)."""
+        self._consolidate()
+        return int(self._codes.nbytes + self._ids.nbytes)
 
     @classmethod
     def from_arrays(cls, codes: np.ndarray, ids: np.ndarray | None, bits: int) -> HammingIndex:
+        """An index over ``(N, bits // 8)`` uint8 ``codes`` with ``(N,)`` int64 ``ids``."""
         idx = cls(bits)
         idx.add(codes, ids)
         return idx
 
+    @classmethod
+    def from_shards(
+        cls, manifest: Any, modality: str, shards: Sequence[int] | None = None
+    ) -> HammingIndex:
+        """An index over one modality of some (``None``: all) shards of an index version.
+
+        Ids are the global row ids of :func:`duch_core.index_store.load_codes`.
+        """
+        from duch_core.index_store import load_codes
+
+        codes, _, _, rows = load_codes(manifest, modality, shards)
+        return cls.from_arrays(codes, rows, int(manifest.bits))
+
     def add(self, codes: np.ndarray, ids: np.ndarray | None = None) -> None:
-        """Append ``(n, bits // 8)`` uint8 codes with int64 ``ids`` (default: running positions)."""
+        """Append ``(n, bits // 8)`` uint8 codes with ``(n,)`` integer ``ids``.
+
+        ``ids`` default to running positions ``ntotal .. ntotal + n - 1``.
+        """
         codes = _check_codes(codes, self.bits, "codes")
+        n = codes.shape[0]
         if ids is None:
-            ids = np.arange(self.ntotal, self.ntotal + codes.shape[0], dtype=np.int64)
+            ids = np.arange(self.ntotal, self.ntotal + n, dtype=np.int64)
         ids = np.asarray(ids)
-        if ids.shape != (codes.shape[0],):
-            raise SearchError(f"ids must have shape ({codes.shape[0]},), got {ids.shape}")
-        self._codes = np.concatenate([self._codes, codes])
-        self._ids = np.concatenate([self._ids, ids.astype(np.int64)])
+        if ids.shape != (n,):
+            raise SearchError(f"ids must have shape ({n},), got {ids.shape}")
+        if n and ids.dtype.kind not in "iu":
+            raise SearchError(f"ids must be integers, got dtype {ids.dtype}")
+        if n == 0:
+            return
+        self._pending.append((codes.copy(), ids.astype(np.int64)))
+        self._npending += n
+
+    def _consolidate(self) -> None:
+        if not self._pending:
+            return
+        codes = np.concatenate([self._codes, *(c for c, _ in self._pending)])
+        ids = np.concatenate([self._ids, *(i for _, i in self._pending)])
+        self._pending = []
+        self._npending = 0
+        if ids.size > 1 and bool(np.any(ids[1:] < ids[:-1])):
+            order = np.argsort(ids, kind="stable")
+            codes = codes[order]
+            ids = ids[order]
+        self._codes = codes
+        self._ids = ids
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``k`` of each query.
+        """Exact top-``k`` of each query.
+
+        Args:
+            queries: ``(Q, bits // 8)`` uint8 packed codes.
+            k: positive int; fewer are returned when the index holds fewer items.
 
         Returns:
-            ``(dist, ids)``, both ``(Q, min(k, ntotal))``: int32 distances ascending, int64 ids.
+            ``(dist, ids)``, both ``(Q, min(k, ntotal))``: int32 distances ascending, int64 ids
+            ascending within equal distances.
         """
         queries = _check_codes(queries, self.bits, "queries")
         k = min(_check_k(k), self.ntotal)
         nq = queries.shape[0]
-        if k == 0:
-            return np.zeros((nq, 0), np.int32), np.zeros((nq, 0), np.int64)
-        dist = np.empty((nq, k), np.int32)
-        ids = np.empty((nq, k), np.int64)
-        for i in range(nq):
-            d = _POPCOUNT8[np.bitwise_xor(self._codes, queries[i])].sum(axis=1, dtype=np.int32)
-            order = np.lexsort((self._ids, d))[:k]
-            dist[i] = d[order]
-            ids[i] = self._ids[order]
-        return dist, ids
+        if k == 0 or nq == 0:
+            return np.zeros((nq, k), np.int32), np.zeros((nq, k), np.int64)
+        self._consolidate()
+        db = _as_words(self._codes, self._nbytes)
+        q = _as_words(queries, self._nbytes)
+        dist, pos = _search_positions(db, q, k, self.bits)
+        return dist, self._ids[pos]
+
+    def reference_search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`search` by :func:`search_reference` (slow; for tests and benchmarks)."""
+        queries = _check_codes(queries, self.bits, "queries")
+        k = _check_k(k)
+        self._consolidate()
+        return search_reference(self._codes, self._ids, queries, k)
+
+    # ----------------------------------------------------------------------------------------
+    # files
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the index into directory ``path`` (created if needed).
+
+        Files: ``codes.npy`` ``(N, bits // 8)`` uint8, ``ids.npy`` ``(N,)`` int64 (sorted), and
+        ``index.json`` (written last) with bits, count and format version.
+        """
+        self._consolidate()
+        root = Path(path)
+        root.mkdir(parents=True, exist_ok=True)
+        np.save(root / _CODES_NAME, np.ascontiguousarray(self._codes))
+        np.save(root / _IDS_NAME, np.ascontiguousarray(self._ids))
+        meta = {"format_version": FORMAT_VERSION, "bits": self.bits, "ntotal": self.ntotal}
+        tmp = root / (_META_NAME + ".tmp")
+        tmp.write_text(json.dumps(meta, indent=2))
+        tmp.replace(root / _META_NAME)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], mmap: bool = True) -> HammingIndex:
+        """Read an index written by :meth:`save`; ``mmap=True`` maps the files (never written).
+
+        Raises:
+            FileNotFoundError: no index at ``path``.
+            SearchError: the files do not form a valid index.
+        """
+        root = Path(path)
+        meta_path = root / _META_NAME
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"no search index at {root} (missing {_META_NAME})")
+        try:
+            meta = json.loads(meta_path.read_text())
+            bits = int(meta["bits"])
+            ntotal = int(meta["ntotal"])
+            fmt = int(meta.get("format_version", FORMAT_VERSION))
+        except (ValueError, KeyError, TypeError) as e:
+            raise SearchError(f"{meta_path}: not a valid search index manifest ({e!r})") from e
+        if fmt > FORMAT_VERSION:
+            raise SearchError(f"{meta_path}: format_version {fmt} is newer than {FORMAT_VERSION}")
+        try:
+            if mmap:
+                # copy-on-write mapping: never written, but typed like an in-memory array, so
+                # the kernel compiled for in-memory codes serves it (no read-only variant)
+                codes = np.load(root / _CODES_NAME, mmap_mode="c", allow_pickle=False)
+                ids = np.load(root / _IDS_NAME, mmap_mode="c", allow_pickle=False)
+            else:
+                codes = np.load(root / _CODES_NAME, allow_pickle=False)
+                ids = np.load(root / _IDS_NAME, allow_pickle=False)
+        except ValueError as e:
+            raise SearchError(f"{root}: unreadable index arrays ({e})") from e
+        idx = cls(bits)
+        if codes.dtype != np.uint8 or codes.shape != (ntotal, bits // 8):
+            raise SearchError(
+                f"{root}: codes are {codes.dtype} {codes.shape}, expected uint8 "
+                f"({ntotal}, {bits // 8})"
+            )
+        if ids.dtype != np.int64 or ids.shape != (ntotal,):
+            raise SearchError(
+                f"{root}: ids are {ids.dtype} {ids.shape}, expected int64 ({ntotal},)"
+            )
+        if ntotal > 1 and bool(np.any(ids[1:] < ids[:-1])):
+            raise SearchError(f"{root}: ids are not sorted; the file was not written by save()")
+        idx._codes = codes
+        idx._ids = ids
+        return idx
 
 
-def merge_topk(parts: Sequence[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+def merge_topk(
+    parts: Sequence[tuple[np.ndarray, np.ndarray]], k: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact merge of per-shard ``(dist, ids)`` top-k lists, each ``(Q, k_i)``.
 
-    Returns the global top-``k`` ``(dist, ids)`` ranked by (distance, id).
+    Returns:
+        The global top-``k`` ``(dist, ids)``, ``(Q, min(k, sum k_i))`` int32 / int64, ranked by
+        (distance, id).
     """
     k = _check_k(k)
     if not parts:
         raise SearchError("merge_topk needs at least one part")
-    nq = parts[0][0].shape[0]
-    dist = np.concatenate([np.asarray(p[0], np.int32).reshape(nq, -1) for p in parts], axis=1)
-    ids = np.concatenate([np.asarray(p[1], np.int64).reshape(nq, -1) for p in parts], axis=1)
+    ds = [np.asarray(p[0]) for p in parts]
+    ids_ = [np.asarray(p[1]) for p in parts]
+    nq = ds[0].shape[0] if ds[0].ndim == 2 else -1
+    for i, (d, j) in enumerate(zip(ds, ids_, strict=True)):
+        if d.ndim != 2 or d.shape[0] != nq or d.shape != j.shape:
+            raise SearchError(
+                f"merge_topk part {i}: dist {d.shape} and ids {j.shape} must both be (Q, k_i) "
+                f"with the same Q as part 0 ({nq})"
+            )
+    dist = np.concatenate([d.astype(np.int32, copy=False) for d in ds], axis=1)
+    ids = np.concatenate([j.astype(np.int64, copy=False) for j in ids_], axis=1)
     kk = min(k, dist.shape[1])
-    out_d = np.empty((nq, kk), np.int32)
-    out_i = np.empty((nq, kk), np.int64)
-    for i in range(nq):
-        order = np.lexsort((ids[i], dist[i]))[:kk]
-        out_d[i] = dist[i, order]
-        out_i[i] = ids[i, order]
-    return out_d, out_i
+    order = np.lexsort((ids, dist), axis=-1)[:, :kk]
+    return np.take_along_axis(dist, order, axis=1), np.take_along_axis(ids, order, axis=1)

@@ -1,0 +1,339 @@
+"""Exact Hamming top-k: kernel vs slow reference and faiss, sharding, files, bad input."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from duch_core import index_store as ix
+from duch_core import search as S
+from duch_core.codes import hamming
+from duch_core.search import HammingIndex, SearchError, merge_topk, search_reference
+
+ALL_BITS = (16, 32, 64, 128, 256)
+
+
+@pytest.fixture
+def small_blocks(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Tiny blocks, chunks and query batches, so small inputs cross every boundary."""
+    monkeypatch.setattr(S, "_BLOCK_BYTES", 256)
+    monkeypatch.setattr(S, "_SUB_BYTES", 64)
+    monkeypatch.setattr(S, "_MIN_CHUNK", 100)
+    monkeypatch.setattr(S, "_STATE_BYTES", 20_000)
+    S.set_num_threads(3)
+    yield
+    S.set_num_threads(None)
+
+
+def _codes(rng: np.random.Generator, n: int, bits: int) -> np.ndarray:
+    return rng.integers(0, 256, (n, bits // 8), dtype=np.uint8)
+
+
+def _clustered(rng: np.random.Generator, n: int, bits: int, centres: int = 5) -> np.ndarray:
+    """Few centres with sparse bit flips: small distances and many ties."""
+    c = _codes(np.random.default_rng(99), centres, bits)
+    noise = _codes(rng, n, bits) & _codes(rng, n, bits) & _codes(rng, n, bits)
+    return c[rng.integers(0, centres, n)] ^ noise
+
+
+def _check_faiss(
+    bits: int, codes: np.ndarray, q: np.ndarray, k: int, d: np.ndarray, ids: np.ndarray
+):
+    """Tie-aware parity with faiss IndexBinaryFlat (ids here are positions)."""
+    faiss = pytest.importorskip("faiss")
+    flat = faiss.IndexBinaryFlat(bits)
+    flat.add(codes)
+    fd, fi = flat.search(q, k)
+    np.testing.assert_array_equal(d, fd)
+    for r in range(q.shape[0]):
+        # ids ranked by (distance, id) must equal faiss's after the same sort
+        order = np.lexsort((fi[r], fd[r]))
+        kth = d[r, -1]
+        below = fd[r][order] < kth
+        np.testing.assert_array_equal(ids[r][below], fi[r][order][below])
+        # faiss may pick other ids at the k-th distance; they must be at that distance
+        tied = fi[r][fd[r] == kth]
+        assert np.all(hamming(q[r : r + 1], codes[tied])[0] == kth)
+
+
+@pytest.mark.parametrize("bits", ALL_BITS)
+@pytest.mark.parametrize("kind", ["random", "clustered"])
+def test_matches_reference_and_faiss(bits: int, kind: str, small_blocks: None) -> None:
+    rng = np.random.default_rng(bits)
+    n = 3001  # not a multiple of any block, sub-block or chunk size
+    make = _codes if kind == "random" else _clustered
+    codes = make(rng, n, bits)
+    q = np.concatenate([make(rng, 6, bits), codes[[5, 2999]]])  # two exact hits
+    for k in (1, 7, 50):
+        d, ids = HammingIndex.from_arrays(codes, None, bits).search(q, k)
+        rd, rids = search_reference(codes, np.arange(n), q, k)
+        assert d.dtype == np.int32 and ids.dtype == np.int64 and d.shape == (len(q), k)
+        np.testing.assert_array_equal(d, rd)
+        np.testing.assert_array_equal(ids, rids)
+        _check_faiss(bits, codes, q, k, d, ids)
+
+
+@pytest.mark.parametrize("bits", [8, 24, 48, 96, 512])
+def test_other_widths(bits: int, small_blocks: None) -> None:
+    rng = np.random.default_rng(bits)
+    codes = _clustered(rng, 700, bits)
+    ids = rng.permutation(700).astype(np.int64) * 5 - 1000
+    q = _clustered(rng, 4, bits)
+    d, got = HammingIndex.from_arrays(codes, ids, bits).search(q, 30)
+    rd, rids = search_reference(codes, ids, q, 30)
+    np.testing.assert_array_equal(d, rd)
+    np.testing.assert_array_equal(got, rids)
+
+
+def test_default_blocks_and_threads_large() -> None:
+    """Default sizes, several chunks (N above the per-thread minimum), unsorted ids."""
+    rng = np.random.default_rng(0)
+    bits = 64
+    n = 2 * S._MIN_CHUNK + 1234
+    codes = _clustered(rng, n, bits, centres=50)
+    ids = rng.permutation(n).astype(np.int64)
+    q = _clustered(rng, 5, bits, centres=50)
+    S.set_num_threads(2)
+    try:
+        d, got = HammingIndex.from_arrays(codes, ids, bits).search(q, 100)
+    finally:
+        S.set_num_threads(None)
+    rd, rids = search_reference(codes, ids, q, 100)
+    np.testing.assert_array_equal(d, rd)
+    np.testing.assert_array_equal(got, rids)
+
+
+@pytest.mark.parametrize("bits", [16, 64, 128])
+def test_all_equal_codes_rank_by_id(bits: int, small_blocks: None) -> None:
+    rng = np.random.default_rng(1)
+    n = 1001
+    codes = np.repeat(_codes(rng, 1, bits), n, axis=0)
+    ids = rng.permutation(n).astype(np.int64) + 10
+    q = np.concatenate([codes[:1], _codes(rng, 2, bits)])
+    d, got = HammingIndex.from_arrays(codes, ids, bits).search(q, 40)
+    assert np.all(d == d[:, :1])
+    assert d[0, 0] == 0
+    np.testing.assert_array_equal(got, np.tile(np.arange(10, 50), (3, 1)))
+
+
+def test_k_larger_than_n_and_tiny_indexes(small_blocks: None) -> None:
+    rng = np.random.default_rng(2)
+    for n in (1, 2, 5, 17):
+        codes = _codes(rng, n, 64)
+        q = _codes(rng, 3, 64)
+        d, got = HammingIndex.from_arrays(codes, None, 64).search(q, 1000)
+        rd, rids = search_reference(codes, np.arange(n), q, 1000)
+        assert d.shape == (3, n)
+        np.testing.assert_array_equal(d, rd)
+        np.testing.assert_array_equal(got, rids)
+
+
+def test_empty_index_and_empty_batch() -> None:
+    idx = HammingIndex(64)
+    assert idx.ntotal == 0
+    d, ids = idx.search(np.zeros((3, 8), np.uint8), 5)
+    assert d.shape == ids.shape == (3, 0)
+    assert d.dtype == np.int32 and ids.dtype == np.int64
+    idx.add(np.zeros((0, 8), np.uint8))
+    assert idx.ntotal == 0
+    idx.add(np.ones((4, 8), np.uint8))
+    d, ids = idx.search(np.zeros((0, 8), np.uint8), 5)
+    assert d.shape == (0, 4)
+
+
+def test_incremental_add_unsorted_ids_equals_one_build(small_blocks: None) -> None:
+    rng = np.random.default_rng(3)
+    codes = _clustered(rng, 900, 128)
+    ids = rng.permutation(900).astype(np.int64)
+    q = _clustered(rng, 5, 128)
+    whole = HammingIndex.from_arrays(codes, ids, 128)
+    parts = HammingIndex(128)
+    for s in range(0, 900, 250):
+        parts.add(codes[s : s + 250], ids[s : s + 250])
+        parts.search(q, 3)  # searching between adds must not lose anything
+    assert parts.ntotal == 900
+    for a, b in zip(whole.search(q, 60), parts.search(q, 60), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # default ids continue from ntotal
+    auto = HammingIndex(16)
+    auto.add(_codes(rng, 3, 16))
+    auto.add(_codes(rng, 2, 16))
+    assert sorted(auto.search(_codes(rng, 1, 16), 5)[1][0].tolist()) == [0, 1, 2, 3, 4]
+
+
+def test_sharded_merge_equals_single_index(small_blocks: None) -> None:
+    rng = np.random.default_rng(4)
+    bits = 64
+    codes = _clustered(rng, 2000, bits)
+    ids = rng.permutation(2000).astype(np.int64) * 7
+    q = _clustered(rng, 8, bits)
+    single = HammingIndex.from_arrays(codes, ids, bits).search(q, 50)
+    cuts = [0, 300, 301, 1200, 2000]  # uneven shards, one of a single item
+    parts = [
+        HammingIndex.from_arrays(codes[a:b], ids[a:b], bits).search(q, 50)
+        for a, b in zip(cuts[:-1], cuts[1:], strict=True)
+    ]
+    merged = merge_topk(parts, 50)
+    np.testing.assert_array_equal(merged[0], single[0])
+    np.testing.assert_array_equal(merged[1], single[1])
+    assert merge_topk(parts, 5000)[0].shape == (8, sum(p[0].shape[1] for p in parts))
+
+
+def test_merge_topk_ties_by_id_and_bad_parts() -> None:
+    a = (np.array([[1, 3]], np.int32), np.array([[9, 4]], np.int64))
+    b = (np.array([[1, 2]], np.int32), np.array([[2, 8]], np.int64))
+    d, ids = merge_topk([a, b], 3)
+    np.testing.assert_array_equal(d, [[1, 1, 2]])
+    np.testing.assert_array_equal(ids, [[2, 9, 8]])
+    with pytest.raises(SearchError, match="at least one"):
+        merge_topk([], 3)
+    with pytest.raises(SearchError, match="part 1"):
+        merge_topk([a, (np.zeros((2, 2), np.int32), np.zeros((2, 2), np.int64))], 3)
+    with pytest.raises(SearchError, match="k must be"):
+        merge_topk([a], 0)
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+def test_save_load_roundtrip(tmp_path, mmap: bool, small_blocks: None) -> None:
+    rng = np.random.default_rng(5)
+    codes = _clustered(rng, 1500, 128)
+    ids = rng.permutation(1500).astype(np.int64) + 100
+    q = _clustered(rng, 4, 128)
+    idx = HammingIndex.from_arrays(codes, ids, 128)
+    idx.save(tmp_path / "idx")
+    loaded = HammingIndex.load(tmp_path / "idx", mmap=mmap)
+    assert loaded.bits == 128 and loaded.ntotal == 1500
+    assert isinstance(loaded._codes, np.memmap) is mmap
+    assert loaded.nbytes == 1500 * (16 + 8)
+    for a, b in zip(idx.search(q, 30), loaded.search(q, 30), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # read-only queries (e.g. from bytes) are accepted
+    ro = np.frombuffer(q.tobytes(), np.uint8).reshape(q.shape)
+    np.testing.assert_array_equal(loaded.search(ro, 30)[1], idx.search(q, 30)[1])
+    # a mapped index still accepts new codes (copied into memory)
+    loaded.add(codes[:1], np.array([5], np.int64))
+    d, got = loaded.search(codes[:1], 1)
+    assert d[0, 0] == 0 and got[0, 0] == 5
+    # the saved files are unchanged
+    again = HammingIndex.load(tmp_path / "idx")
+    assert again.ntotal == 1500
+
+
+def test_load_errors(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="no search index"):
+        HammingIndex.load(tmp_path / "missing")
+    HammingIndex.from_arrays(np.zeros((3, 8), np.uint8), None, 64).save(tmp_path / "a")
+    (tmp_path / "a" / "index.json").write_text('{"bits": 64, "ntotal": 4, "format_version": 1}')
+    with pytest.raises(SearchError, match="expected uint8"):
+        HammingIndex.load(tmp_path / "a")
+    (tmp_path / "a" / "index.json").write_text("not json")
+    with pytest.raises(SearchError, match="not a valid"):
+        HammingIndex.load(tmp_path / "a")
+
+
+def test_from_shards(tmp_path) -> None:
+    rng = np.random.default_rng(6)
+    bits = 32
+    version = ix.new_version_id()
+    vdir = ix.version_uri(str(tmp_path), version)
+    shards = []
+    for s in range(2):
+        n = 5
+        codes = _codes(rng, n, bits)
+        t = ix.shard_table(
+            [f"it{s}{i}" for i in range(n)],
+            ["image", "text", "text", "image", "text"],
+            [-1, 0, 1, -1, 0],
+            codes,
+            ["fp"] * n,
+            "b",
+            bits,
+        )
+        shards.append(ix.write_shard(vdir, t))
+    m = ix.write_manifest(
+        vdir, ix.IndexManifest(version=version, bundle_id="b", bits=bits, shards=tuple(shards))
+    )
+    codes, _, _, rows = ix.load_codes(m, "text")
+    idx = HammingIndex.from_shards(m, "text")
+    assert idx.ntotal == 6
+    q = codes[:2]
+    d, got = idx.search(q, 6)
+    rd, rids = search_reference(codes, rows, q, 6)
+    np.testing.assert_array_equal(d, rd)
+    np.testing.assert_array_equal(got, rids)
+    assert HammingIndex.from_shards(m, "image", shards=[1]).ntotal == 2
+
+
+def test_concurrent_searches_agree(small_blocks: None) -> None:
+    rng = np.random.default_rng(7)
+    codes = _clustered(rng, 3000, 64)
+    q = _clustered(rng, 16, 64)
+    idx = HammingIndex.from_arrays(codes, None, 64)
+    want = idx.search(q, 25)
+    got: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def one(i: int) -> None:
+        got.append(idx.search(q[i : i + 1], 25))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 16
+    rows = {tuple(g[1][0].tolist()) for g in got}
+    assert rows == {tuple(r.tolist()) for r in want[1]}
+
+
+def test_bad_input_raises_search_error() -> None:
+    idx = HammingIndex.from_arrays(np.zeros((5, 8), np.uint8), None, 64)
+    with pytest.raises(SearchError, match=r"shape \(n, 8\) for 64-bit"):
+        idx.search(np.zeros((2, 16), np.uint8), 3)
+    with pytest.raises(SearchError, match="uint8"):
+        idx.search(np.zeros((2, 8), np.int64), 3)
+    with pytest.raises(SearchError, match="uint8"):
+        idx.search(np.zeros((2, 8), bool), 3)
+    with pytest.raises(SearchError, match=r"shape \(n, 8\)"):
+        idx.search(np.zeros(8, np.uint8), 3)
+    for bad_k in (0, -1, True, 2.0, "3", None):
+        with pytest.raises(SearchError, match="k must be a positive integer"):
+            idx.search(np.zeros((1, 8), np.uint8), bad_k)  # type: ignore[arg-type]
+    assert idx.search(np.zeros((1, 8), np.uint8), np.int64(2))[0].shape == (1, 2)
+    with pytest.raises(SearchError, match=r"ids must have shape \(3,\)"):
+        idx.add(np.zeros((3, 8), np.uint8), np.arange(4))
+    with pytest.raises(SearchError, match="ids must be integers"):
+        idx.add(np.zeros((3, 8), np.uint8), np.arange(3, dtype=np.float64))
+    with pytest.raises(SearchError, match=r"shape \(n, 8\)"):
+        idx.add(np.zeros((3, 4), np.uint8))
+    with pytest.raises(SearchError, match="multiple of 8"):
+        HammingIndex(12)
+    with pytest.raises(SearchError, match="thread count"):
+        S.set_num_threads(0)
+    assert issubclass(SearchError, ValueError)
+
+
+def _search_in_child(conn: Any, codes: np.ndarray, q: np.ndarray) -> None:
+    conn.send(HammingIndex.from_arrays(codes, None, 64).search(q, 10)[1])
+    conn.close()
+
+
+def test_search_after_fork(small_blocks: None) -> None:
+    """A forked child (whose copy of the worker pool has no threads) still searches."""
+    import multiprocessing as mp
+
+    rng = np.random.default_rng(8)
+    codes = _codes(rng, 2000, 64)
+    q = _codes(rng, 3, 64)
+    want = HammingIndex.from_arrays(codes, None, 64).search(q, 10)[1]  # parent pool in use
+    ctx = mp.get_context("fork")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_search_in_child, args=(child, codes, q))
+    proc.start()
+    assert parent.poll(60), "child search did not finish"
+    np.testing.assert_array_equal(parent.recv(), want)
+    proc.join(10)
+    assert proc.exitcode == 0
