@@ -72,9 +72,13 @@ class TextBackboneConfig:
 class AugmentConfig:
     """How the augmented views are made (paper: one fixed augmented copy per item)."""
 
-    image_preset: str = "aug_center"  # aug_center|aug_random|rotation_cc|blur_cc|jitter_cc|each_img_random|no_aug
+    image_preset: str = (
+        "aug_center"  # aug_center|aug_random|rotation_cc|blur_cc|jitter_cc|each_img_random|no_aug
+    )
     text_method: str = "rule"  # rule | backtranslate | none
-    backtranslation_models: tuple[str, ...] = ()  # e.g. ("Helsinki-NLP/opus-mt-en-de", "Helsinki-NLP/opus-mt-de-en")
+    backtranslation_models: tuple[
+        str, ...
+    ] = ()  # e.g. ("Helsinki-NLP/opus-mt-en-de", "Helsinki-NLP/opus-mt-de-en")
     resample_each_epoch: bool = False  # False = fixed once per item (paper)
     views_per_item: int = 1  # number of augmented copies precomputed when resampling
     seed: int = 42
@@ -180,7 +184,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
         if len(value) != len(args):
             raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
-        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+        return tuple(
+            _convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))
+        )
     if origin in (list, Sequence):
         if not isinstance(value, Sequence) or isinstance(value, str | bytes):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
@@ -223,9 +229,7 @@ def _from_mapping(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
             f"unknown config key(s) {', '.join(prefix + '.' + u if prefix else u for u in unknown)}"
             f" in {where}; valid keys: {', '.join(sorted(names))}"
         )
-    kwargs = {
-        k: _convert(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()
-    }
+    kwargs = {k: _convert(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
     return cls(**kwargs)
 
 

@@ -188,7 +188,13 @@ def test_gloo_two_processes_equal_one_worker(tmp_path: Path) -> None:
 
     hs, b, disc = global_batch()
     single = single_process(hs, b, disc)
-    workers = [{"parts": {k: torch.tensor(v, dtype=torch.float64) for k, v in r["parts"].items()}, "grads": r["grads"]} for r in res]
+    workers = [
+        {
+            "parts": {k: torch.tensor(v, dtype=torch.float64) for k, v in r["parts"].items()},
+            "grads": r["grads"],
+        }
+        for r in res
+    ]
     check_equivalence(single, workers)
 
     for r in res:

@@ -47,7 +47,9 @@ BATCH = 32
 def learning_run(root: Path, demo_seed: int = 0, train_seed: int = 42) -> dict[str, Any]:
     """Run the pipeline; returns mAP before/after training and the wall time."""
     t0 = time.perf_counter()
-    manifest = make_demo_archive(str(root / "demo"), n_per_class=N_PER_CLASS, seed=demo_seed, image_size=64)
+    manifest = make_demo_archive(
+        str(root / "demo"), n_per_class=N_PER_CLASS, seed=demo_seed, image_size=64
+    )
     rows = read_archive(manifest).to_pylist()
     ids = [str(r["item_id"]) for r in rows]
     labels = np.array([r["label"] for r in rows])

@@ -288,7 +288,13 @@ def test_duch_loss_matches_reference(n: int, paper_compat: bool, tau: float) -> 
 
 def test_duch_loss_defaults_are_the_paper_weights() -> None:
     cfg = LossConfig()
-    assert (cfg.alpha, cfg.beta, cfg.gamma, cfg.tau, cfg.gp_weight) == (0.01, 0.001, 0.01, 1.0, 10.0)
+    assert (cfg.alpha, cfg.beta, cfg.gamma, cfg.tau, cfg.gp_weight) == (
+        0.01,
+        0.001,
+        0.01,
+        1.0,
+        10.0,
+    )
     assert (cfg.w_inter, cfg.w_intra_image, cfg.w_intra_text) == (1.0, 1.0, 1.0)
 
 

@@ -149,7 +149,7 @@ def test_feature_stats_is_a_global_scalar_zscore() -> None:
 
 def test_feature_stats_bad_input() -> None:
     with pytest.raises(ValueError, match="constant"):
-        FeatureStats.fit(np.ones((4, 3), np.float32), np.random.rand(4, 3))
+        FeatureStats.fit(np.ones((4, 3), np.float32), np.random.default_rng(0).random((4, 3)))
     st = FeatureStats(0.0, 1.0, 0.0, 1.0)
     with pytest.raises(ValueError, match="modality"):
         st.apply(np.zeros((2, 3), np.float32), "audio")  # type: ignore[arg-type]
@@ -272,7 +272,14 @@ def test_train_epoch_updates_heads_discriminator_and_table() -> None:
         assert not torch.equal(before, after), name
     assert rec["samples"] == 20 and rec["batches"] == len(batches)
     assert rec["table_rows_updated"] == 20
-    for key in ("total", "contrastive", "adversarial", "quantization", "bit_balance", "discriminator"):
+    for key in (
+        "total",
+        "contrastive",
+        "adversarial",
+        "quantization",
+        "bit_balance",
+        "discriminator",
+    ):
         assert np.isfinite(rec[key])
     # after the refresh B is the sign of the (train-mode) outputs recorded during the epoch
     assert table.recorded == 0
