@@ -10,8 +10,8 @@ offline backbone weights. The steps:
 1. **Validate** the config (:func:`jobs.train_config.validate`) and read the archive manifest
    (:func:`duch_core.archive.read_archive`): bad values and a missing archive fail here, before
    Ray starts anything.
-2. **Ray**: connects to the cluster when ``RAY_ADDRESS`` is set (``ray job submit`` sets it) or a
-   local cluster is running, else starts Ray in-process.
+2. **Ray**: connects to the cluster named by ``RAY_ADDRESS`` (``ray job submit`` sets it), else
+   starts Ray in-process.
 3. **Features**: the Ray Data stage of ``jobs/extract_features.py``, reused from its cache when
    the backbones, augmentation and manifest are unchanged.
 4. **Split and statistics**: the train / query / database split (``split_source``) from the
@@ -28,10 +28,12 @@ offline backbone weights. The steps:
    resolved config). A restarted worker group (``run.max_failures``) and a rerun with the same
    ``run.name`` and ``run.storage_path`` continue from ``ray.train.get_checkpoint()``; raising
    ``duch.optim.epochs`` and rerunning trains further.
-6. **Evaluate** the final heads on the query / database items (mAP@``eval_k`` in the four
-   directions, :func:`duch_core.train_loop.evaluate`) and **export** a bundle
-   (:func:`duch_core.bundle.save_bundle`) to ``output``, plus ``training.json`` (history, metrics,
-   resolved job config) next to it. The bundle location and the metrics are printed as JSON.
+6. **Evaluate** the final heads on the query / database items with the protocol of
+   ``jobs/evaluate.py`` (mAP@``eval_k`` and mAP@10 in the four directions, P@K, PR curves) and
+   **export** a bundle (:func:`duch_core.bundle.save_bundle`) to ``output``, with the evaluation
+   report (``evaluation.json``, ``evaluation.md``, two PNG plots) and ``training.json`` (history,
+   metrics, resolved job config) next to it. The bundle location and the metrics are printed as
+   JSON; :func:`run` returns them.
 
 Exit status: 0 success, 1 training or feature extraction failed, 2 bad configuration or archive.
 """
@@ -63,6 +65,7 @@ from ray.data.collate_fn import ArrowBatchCollateFn
 from duch_core import storage
 from duch_core.archive import ArchiveError, read_archive
 from duch_core.config import ConfigError, DUCHConfig, from_dict, load, to_dict
+from jobs.evaluate import DEFAULT_KS, flat_metrics, protocol_report, read_items, write_report
 from jobs.extract_features import FeatureSet, FeatureStageError, list_to_numpy, read_columns
 from jobs.train_config import TrainJobConfig, validate
 
@@ -71,6 +74,15 @@ log = logging.getLogger("duch.train")
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.json"
 FAULT_MARKER = "fault_injected.json"
+DEFAULT_CONFIG = "configs/demo.yaml"  # relative to the repository root
+
+
+def default_config() -> str | None:
+    """The demo config of this checkout (``None``, i.e. built-in defaults, when absent)."""
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / DEFAULT_CONFIG
+    return str(path) if path.is_file() else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,6 +351,7 @@ def train_func(config: dict[str, Any]) -> None:
         records = collective.all_gather_object(rec) if collective is not None else [rec]
         merged = combine_records(records)
         merged["epoch"] = float(epoch)
+        merged["resumed_from"] = float(start)  # first epoch of this attempt (0 = fresh start)
         history.append(merged)
         metrics = {k: float(v) for k, v in merged.items()}
         if rank == 0:
@@ -366,20 +379,21 @@ def train_func(config: dict[str, Any]) -> None:
 
 
 def ensure_ray() -> None:
-    """Connect to a running cluster (``RAY_ADDRESS`` or a local ``ray start``) or start Ray here."""
+    """Connect to the cluster named by ``RAY_ADDRESS`` (``ray job submit`` sets it), else start
+    Ray in this process.
+
+    A cluster is never guessed (``address="auto"`` would attach to any Ray instance found on the
+    machine, including someone else's): to run the job as a driver on a running cluster, set
+    ``RAY_ADDRESS``.
+    """
     import ray
 
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
-        return
-    try:
-        ray.init(address="auto")
-        return
-    except ConnectionError:
-        pass
-    ray.init()
+    else:
+        ray.init(address="local")
 
 
 def _feature_stats(ds: Any) -> dict[str, dict[str, float]]:
@@ -410,16 +424,94 @@ def feature_dataset(fs_: FeatureSet, ids: Sequence[str], columns: Sequence[str])
     )
 
 
-def retrieval_set(fs_: FeatureSet, ids: Sequence[str], stats: Any) -> Any:
-    """Query or database set (normalised features, labels) read on the driver, sorted by id."""
-    from duch_core.train_loop import RetrievalSet
+def evaluation(
+    model: Any, stats: Any, fs_: FeatureSet, split: dict[str, list[str]], eval_k: int
+) -> dict[str, Any] | None:
+    """:func:`jobs.evaluate.protocol_report` of the in-memory heads on the query / database
+    items (mAP@``eval_k`` and @10), or ``None`` when there is nothing to evaluate (an empty
+    split or items without labels)."""
+    from duch_core import codes
+    from duch_core.train_loop import encode_features
 
-    t = read_columns(fs_, ["item_id", "label", "img", "txt", "error_stage"], ids)
-    t = t.filter(pc.equal(t.column("error_stage"), "")).sort_by("item_id")
-    img, txt = list_to_numpy(t.column("img")), list_to_numpy(t.column("txt"))
-    if stats is not None:
-        img, txt = stats.apply(img, "image"), stats.apply(txt, "text")
-    return RetrievalSet(img, txt, t.column("label").to_pylist())
+    if not split["query"] or not split["database"]:
+        log.warning("the query or database split is empty: skipping the evaluation")
+        return None
+    q, db = read_items(fs_, split["query"]), read_items(fs_, split["database"])
+    if not q.ids or not db.ids or any(x is None for x in [*q.labels, *db.labels]):
+        log.warning("no query/database items with features and labels: skipping the evaluation")
+        return None
+
+    def pack(x: np.ndarray, modality: str) -> np.ndarray:
+        feats = stats.apply(x, modality) if stats is not None else x
+        return codes.pack(encode_features(model, feats, modality))  # type: ignore[arg-type]
+
+    ks = sorted({eval_k, *DEFAULT_KS}, reverse=True)
+    return protocol_report(
+        pack(q.img, "image"),
+        pack(q.txt, "text"),
+        pack(db.img, "image"),
+        pack(db.txt, "text"),
+        q.labels,
+        db.labels,
+        ks=ks,
+    )
+
+
+def make_trainer(
+    cfg: TrainJobConfig,
+    train_ds: Any,
+    train_ids: Sequence[str],
+    stats: dict[str, dict[str, float]] | None,
+    image_dim: int,
+    text_dim: int,
+    job_config: dict[str, Any] | None = None,
+    torch_threads: int = 0,
+) -> Any:
+    """The ``TorchTrainer`` of step 5 for a dataset of feature rows (``item_id``, ``img``,
+    ``img_aug``, ``txt``, ``txt_aug``) whose ids are ``train_ids``.
+
+    Args:
+        stats: global z-score statistics (:meth:`FeatureStats.to_dict`) or ``None``.
+        job_config: the resolved config saved with every checkpoint (default: ``cfg``'s).
+        torch_threads: intra-op threads per worker; 0 = Ray Train's default.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    w = cfg.scaling.num_workers
+    per_worker = cfg.duch.optim.batch_size // w
+    loop_config = {
+        "duch": to_dict(cfg.duch),
+        "job_config": job_config if job_config is not None else to_dict(cfg),
+        "train_ids": list(train_ids),
+        "stats": stats,
+        "image_dim": int(image_dim),
+        "text_dim": int(text_dim),
+        "per_worker_batch": per_worker,
+        "drop_last": drop_last_needed(len(train_ids), w, per_worker),
+        "shuffle_buffer": max(1, len(train_ids) // w),
+        "fail_at_epoch": cfg.run.fail_at_epoch,
+        "fault_marker": storage.join(cfg.run.storage_path, cfg.run.name, FAULT_MARKER),
+        "torch_threads": torch_threads,
+    }
+    use_gpu = cfg.scaling.use_gpu
+    return TorchTrainer(
+        train_func,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=w,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+        ),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=cfg.run.name,
+            storage_path=cfg.run.storage_path,
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
+        ),
+        datasets={"train": train_ds},
+    )
 
 
 def run(cfg: TrainJobConfig, archive: pa.Table) -> dict[str, Any]:
@@ -429,11 +521,8 @@ def run(cfg: TrainJobConfig, archive: pa.Table) -> dict[str, Any]:
         The summary printed by :func:`main`: ``bundle``, ``bundle_id``, ``metrics``,
         ``history``, ``features``, ``checkpoint``, ``seconds``.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     from duch_core.bundle import save_bundle
-    from duch_core.train_loop import FeatureStats, evaluate
+    from duch_core.train_loop import FeatureStats
     from jobs.extract_features import run_stage
 
     t0 = time.perf_counter()
@@ -454,45 +543,17 @@ def run(cfg: TrainJobConfig, archive: pa.Table) -> dict[str, Any]:
             f"{len(train_ids)} training items are too few for {w} workers (2 each needed)"
         )
     columns = ["item_id", "img", "img_aug", "txt", "txt_aug"]
-    train_ds = feature_dataset(fs_, train_ids, columns)
+    # Materialised once in the object store (never on the driver): every epoch then streams
+    # the same blocks to the workers instead of re-reading and re-filtering the shards.
+    train_ds = feature_dataset(fs_, train_ids, columns).materialize()
     stats_dict = (
         _feature_stats(feature_dataset(fs_, train_ids, ["img", "txt"]))
         if cfg.duch.data.feature_norm == "zscore"
         else None
     )
-    per_worker = cfg.duch.optim.batch_size // w
     job_config = to_dict(cfg)
-    loop_config = {
-        "duch": to_dict(cfg.duch),
-        "job_config": job_config,
-        "train_ids": train_ids,
-        "stats": stats_dict,
-        "image_dim": fs_.image_dim,
-        "text_dim": fs_.text_dim,
-        "per_worker_batch": per_worker,
-        "drop_last": drop_last_needed(len(train_ids), w, per_worker),
-        "shuffle_buffer": max(1, len(train_ids) // w),
-        "fail_at_epoch": cfg.run.fail_at_epoch,
-        "fault_marker": storage.join(cfg.run.storage_path, cfg.run.name, FAULT_MARKER),
-        "torch_threads": 0,
-    }
-    use_gpu = cfg.scaling.use_gpu
-    trainer = TorchTrainer(
-        train_func,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(
-            num_workers=w,
-            use_gpu=use_gpu,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
-        ),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RunConfig(
-            name=cfg.run.name,
-            storage_path=cfg.run.storage_path,
-            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
-        ),
-        datasets={"train": train_ds},
+    trainer = make_trainer(
+        cfg, train_ds, train_ids, stats_dict, fs_.image_dim, fs_.text_dim, job_config
     )
     result = trainer.fit()
     if result.checkpoint is None:
@@ -501,23 +562,24 @@ def run(cfg: TrainJobConfig, archive: pa.Table) -> dict[str, Any]:
         state = load_state(d)
     model = model_from_state(state, cfg.duch)
     stats = FeatureStats.from_dict(state["feature_stats"]) if state["feature_stats"] else None
-    metrics: dict[str, Any] = {}
-    query, database = split["query"], split["database"]
-    if query and database:
-        q, db = retrieval_set(fs_, query, stats), retrieval_set(fs_, database, stats)
-        if any(x is None for x in [*q.labels, *db.labels]):
-            log.warning("the archive has items without labels: skipping the evaluation")
-        else:
-            res = evaluate(model, q, db, k=cfg.eval_k)
-            metrics = {f"map@{cfg.eval_k}_{k}": v for k, v in res.items()}
+    report = evaluation(model, stats, fs_, split, cfg.eval_k)
+    metrics = flat_metrics(report) if report is not None else {}
     bundle_id = save_bundle(cfg.output, model, cfg.duch, stats, metrics)
+    report_files: dict[str, str] = {}
+    if report is not None:
+        report.update(bundle=cfg.output, bundle_id=bundle_id)
+        report_files = write_report(report, cfg.output)
+    checkpoint_uri = result.checkpoint.path
+    if storage.is_s3(cfg.run.storage_path) and not checkpoint_uri.startswith("s3://"):
+        checkpoint_uri = "s3://" + checkpoint_uri.lstrip("/")
     summary = {
         "bundle": cfg.output,
         "bundle_id": bundle_id,
         "metrics": metrics,
+        "report": report_files,
         "epochs": int(state["epoch"]) + 1,
         "history": state["history"],
-        "checkpoint": result.checkpoint.path,
+        "checkpoint": checkpoint_uri,
         "features": fs_.root,
         "features_reused": fs_.reused,
         "feature_errors": fs_.errors,
@@ -530,7 +592,11 @@ def run(cfg: TrainJobConfig, archive: pa.Table) -> dict[str, Any]:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", help="YAML config (configs/*.yaml); default: the demo settings")
+    p.add_argument(
+        "--config",
+        default=None,
+        help=f"YAML config (configs/*.yaml); default: {DEFAULT_CONFIG} (the demo)",
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override")
     return p
 
@@ -540,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
-        cfg = validate(load(TrainJobConfig, args.config, args.set))
+        cfg = validate(load(TrainJobConfig, args.config or default_config(), args.set))
         archive = prepare_archive(cfg)
     except (ConfigError, ArchiveError) as e:
         print(f"train: {e}", file=sys.stderr)

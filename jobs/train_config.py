@@ -25,19 +25,10 @@ import re
 from dataclasses import dataclass, field, replace
 
 from duch_core import storage
+from duch_core.augment import IMAGE_PRESETS
 from duch_core.config import ConfigError, DUCHConfig
 
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
-IMAGE_PRESETS = (
-    "aug_center",
-    "aug_random",
-    "random_crop_only",
-    "rotation_cc",
-    "blur_cc",
-    "jitter_cc",
-    "each_img_random",
-    "no_aug",
-)
 TEXT_METHODS = ("rule", "backtranslate", "none")
 SPLIT_SOURCES = ("auto", "manifest", "paper")
 
