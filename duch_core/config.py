@@ -70,7 +70,24 @@ class TextBackboneConfig:
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """How the augmented views are made (paper: one fixed augmented copy per item)."""
+    """How the augmented views are made (paper: one fixed augmented copy per item).
+
+    Every random choice for an item comes from streams seeded by ``(seed, item id, view
+    index)``, so the views do not depend on batching or scheduling.
+
+    ``resample_each_epoch: false`` (default, the paper): one augmented image and one augmented
+    caption per item, drawn once and used in every epoch; ``views_per_item`` must stay 1.
+
+    ``resample_each_epoch: true``: the feature stage precomputes ``views_per_item`` (``V >= 2``)
+    independently drawn augmented views of every item (image and caption) and epoch ``e``
+    trains on view ``e % V`` of both modalities, so the augmentation changes from epoch to
+    epoch and repeats every ``V`` epochs (the backbones are frozen, so views are drawn ahead
+    rather than per epoch). View 0 is the fixed view of the default setting. The feature cache
+    and the training set held in the Ray object store carry ``V`` augmented feature columns per
+    modality (about ``(V + 1) / 2`` times the default size). With ``text_method`` ``none`` or
+    ``backtranslate`` (greedy decoding, deterministic) the caption views coincide and only the
+    image views differ.
+    """
 
     image_preset: str = (
         "aug_center"  # aug_center|aug_random|rotation_cc|blur_cc|jitter_cc|each_img_random|no_aug
@@ -79,8 +96,8 @@ class AugmentConfig:
     backtranslation_models: tuple[
         str, ...
     ] = ()  # e.g. ("Helsinki-NLP/opus-mt-en-de", "Helsinki-NLP/opus-mt-de-en")
-    resample_each_epoch: bool = False  # False = fixed once per item (paper)
-    views_per_item: int = 1  # number of augmented copies precomputed when resampling
+    resample_each_epoch: bool = False  # False = fixed once per item (paper); True = view e % V
+    views_per_item: int = 1  # V: augmented views precomputed per item (>= 2 when resampling)
     seed: int = 42
 
 

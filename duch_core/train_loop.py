@@ -52,10 +52,13 @@ __all__ = [
     "make_optimizers",
     "step_lr",
     "train_epoch",
+    "view_for_epoch",
 ]
 
 Modality = Literal["image", "text"]
 ArrayLike = torch.Tensor | np.ndarray
+# one augmented-view matrix, or the views resampled per epoch (see make_batches)
+AugViews = ArrayLike | list[ArrayLike] | tuple[ArrayLike, ...]
 
 
 def _as_tensor(x: ArrayLike, name: str) -> torch.Tensor:
@@ -191,12 +194,45 @@ class FeatureStats:
             ) from e
 
 
+def view_for_epoch(epoch: int, views: int) -> int:
+    """The augmented view used in epoch ``epoch`` (0-based) when ``views`` are stored per item.
+
+    ``epoch % views``: with ``duch.augment.resample_each_epoch`` the feature stage stores
+    ``views_per_item`` independently drawn augmented views of every item and epoch ``e`` trains
+    on view ``e % V`` of both modalities; with one view (the paper's fixed copy) always 0.
+
+    Raises:
+        ValueError: ``views < 1`` or ``epoch < 0``.
+    """
+    if views < 1:
+        raise ValueError(f"views must be >= 1, got {views}")
+    if epoch < 0:
+        raise ValueError(f"epoch must be >= 0, got {epoch}")
+    return int(epoch) % int(views)
+
+
+def _epoch_view(img_aug: AugViews, txt_aug: AugViews, epoch: int) -> tuple[ArrayLike, ArrayLike]:
+    """The ``(img_aug, txt_aug)`` matrices of ``epoch``: a list/tuple of views per modality
+    selects view :func:`view_for_epoch`; a single matrix is used as is."""
+    if isinstance(img_aug, (list, tuple)) and isinstance(txt_aug, (list, tuple)):
+        if not img_aug or len(img_aug) != len(txt_aug):
+            raise ValueError(
+                f"img_aug and txt_aug need the same number (>= 1) of views, got {len(img_aug)} "
+                f"and {len(txt_aug)}"
+            )
+        v = view_for_epoch(epoch, len(img_aug))
+        return img_aug[v], txt_aug[v]
+    if isinstance(img_aug, (list, tuple)) or isinstance(txt_aug, (list, tuple)):
+        raise ValueError("img_aug and txt_aug must both be single matrices or both lists of views")
+    return img_aug, txt_aug
+
+
 def make_batches(
     ids: Sequence[str],
     img: ArrayLike,
-    img_aug: ArrayLike,
+    img_aug: AugViews,
     txt: ArrayLike,
-    txt_aug: ArrayLike,
+    txt_aug: AugViews,
     batch_size: int,
     seed: int,
     epoch: int,
@@ -212,6 +248,10 @@ def make_batches(
 
     Args:
         ids: ``N`` item ids; the feature matrices are ``(N, D)`` and aligned with them.
+        img_aug, txt_aug: one ``(N, D)`` matrix each (a fixed augmented view per item, as the
+            paper), or a list (or tuple) of ``V`` such matrices each, the augmented views
+            resampled per epoch: epoch ``e`` uses view ``e % V`` of both
+            (:func:`view_for_epoch`).
         batch_size: global batch size (paper: 256).
         seed, epoch: the shuffle is seeded with both.
         rank, world_size: data-parallel position.
@@ -219,6 +259,7 @@ def make_batches(
     Returns:
         This worker's batches, features as float32 tensors.
     """
+    img_aug, txt_aug = _epoch_view(img_aug, txt_aug, epoch)
     n = len(ids)
     mats = [
         _as_tensor(m, name).to(torch.float32)

@@ -13,15 +13,24 @@ rows):
    view (:func:`~duch_core.imageio.preprocess`) and the augmented view
    (:func:`duch_core.augment.augment_image` then ``preprocess``); the caption is cleaned
    (:func:`~duch_core.imageio.clean_caption`) and, with ``text_method: rule``, rewritten by
-   :func:`duch_core.augment.augment_caption`. Every random choice for an item comes from a
-   generator seeded by ``(duch.augment.seed, item id)``, so the augmented views are fixed per
-   item (the paper's single offline copy) and do not depend on batching or scheduling.
+   :func:`duch_core.augment.augment_caption`. Every random choice for an item comes from
+   generators seeded by ``(duch.augment.seed, item id, view index)`` (:func:`item_rngs`), so the
+   augmented views are fixed per item and view and do not depend on batching or scheduling. By
+   default there is one augmented view (the paper's single offline copy). With
+   ``duch.augment.resample_each_epoch`` there are ``V = duch.augment.views_per_item`` (>= 2)
+   independently drawn views of the image and of the caption; view 0 is the same as the single
+   view of the default, and the training job uses view ``e % V`` in epoch ``e``
+   (:func:`duch_core.train_loop.view_for_epoch`).
 3. **Backbones** (an actor pool of callable classes that load both towers once; ``num_gpus``
-   per actor when set, else ``actor_cpus``): image tower on both views, text tower on the caption
-   and its augmentation (back-translated first with ``text_method: backtranslate``).
+   per actor when set, else ``actor_cpus``): image tower on the original and every augmented
+   view, text tower on the caption and every augmentation (back-translated first with
+   ``text_method: backtranslate``; greedy decoding, so every caption view is then the same).
 4. **Write**: Parquet shards keyed by ``item_id`` with ``label``, ``split`` (the manifest's),
    ``caption_index``, ``caption``, ``caption_aug`` and four feature columns ``img``,
-   ``img_aug``, ``txt``, ``txt_aug`` as ``fixed_size_list<float32>[D]``. A failed item (unreadable
+   ``img_aug``, ``txt``, ``txt_aug`` as ``fixed_size_list<float32>[D]``. With ``V`` views,
+   views ``v = 1 .. V-1`` add ``caption_aug_<v>``, ``img_aug_<v>`` and ``txt_aug_<v>``
+   (:func:`aug_columns`; ``img_aug`` / ``txt_aug`` / ``caption_aug`` are view 0), and
+   ``features.json`` records ``views``. A failed item (unreadable
    or undecodable image, empty or over-long caption, item without captions) keeps its row with
    zero features and ``error_stage`` / ``error_reason`` set; the errors are also collected in
    ``errors.parquet``. The job does not stop on bad input; it fails only when more than
@@ -34,7 +43,8 @@ Cache layout (``features.cache_root``)::
     <cache_root>/<fingerprint>/<version>/errors.parquet
 
 The fingerprint is a SHA-256 over the image and text backbone sections (source, preprocessing,
-decoding rules), the augmentation section, the caption seed, ``paper_compat`` (it changes the text
+decoding rules), the augmentation section (including ``resample_each_epoch`` and
+``views_per_item``), the caption seed, ``paper_compat`` (it changes the text
 pooling) and a content hash of the manifest rows (item id, resolved image URI, captions, label,
 split; row order does not matter). A rerun with the same inputs finds ``features.json`` and reuses
 the set; ``--force`` writes a new version and repoints ``features.json`` to it (older versions are
@@ -143,13 +153,38 @@ def item_key(item_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(item_id.encode(), digest_size=8).digest(), "big") >> 1
 
 
-def item_rngs(seed: int, item_id: str) -> tuple[np.random.Generator, np.random.Generator]:
-    """The item's (image, caption) augmentation generators, fixed by ``seed`` and the id."""
+def item_rngs(
+    seed: int, item_id: str, view: int = 0
+) -> tuple[np.random.Generator, np.random.Generator]:
+    """The (image, caption) augmentation generators of augmented view ``view`` of an item.
+
+    Fixed by ``seed``, the id and the view index; view 0 has the streams of the single fixed
+    view (``[seed, key, 0]`` and ``[seed, key, 1]``), view ``v >= 1`` its own
+    (``[seed, key, 0, v]`` and ``[seed, key, 1, v]``).
+    """
+    if view < 0:
+        raise ValueError(f"view must be >= 0, got {view}")
     key = item_key(item_id)
+    extra = [view] if view else []
     return (
-        np.random.default_rng(np.random.SeedSequence([seed, key, 0])),
-        np.random.default_rng(np.random.SeedSequence([seed, key, 1])),
+        np.random.default_rng(np.random.SeedSequence([seed, key, 0, *extra])),
+        np.random.default_rng(np.random.SeedSequence([seed, key, 1, *extra])),
     )
+
+
+def view_count(augment_cfg: AugmentConfig) -> int:
+    """Augmented views stored per item: ``views_per_item`` when resampling per epoch, else 1."""
+    return int(augment_cfg.views_per_item) if augment_cfg.resample_each_epoch else 1
+
+
+def view_name(base: str, view: int) -> str:
+    """Column ``base`` of augmented view ``view``: ``base`` for view 0, else ``base_<view>``."""
+    return base if view == 0 else f"{base}_{view}"
+
+
+def aug_columns(view: int) -> tuple[str, str]:
+    """The (image, text) feature columns of augmented view ``view`` (0: ``img_aug``, ``txt_aug``)."""
+    return view_name("img_aug", view), view_name("txt_aug", view)
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,6 +204,7 @@ class FeatureSet:
         errors: items that failed (zero features, ``error_stage`` set).
         reused: True when found in the cache rather than computed now.
         meta: the parsed ``features.json``.
+        views: augmented views per item (:func:`aug_columns` ``(v)`` for ``v < views``).
     """
 
     root: str
@@ -180,6 +216,7 @@ class FeatureSet:
     errors: int
     reused: bool
     meta: dict[str, Any]
+    views: int = 1
 
 
 def _load_set(root: str, reused: bool) -> FeatureSet | None:
@@ -199,6 +236,7 @@ def _load_set(root: str, reused: bool) -> FeatureSet | None:
         errors=int(meta["errors"]),
         reused=reused,
         meta=meta,
+        views=int(meta.get("views", 1)),
     )
 
 
@@ -249,7 +287,9 @@ def decode_batch(
 
     Returns:
         The metadata columns, ``caption_aug``, ``pixels`` and ``pixels_aug`` (Ray tensor columns
-        ``(N, 3, S, S)`` float32; zeros for failed items) and the error columns.
+        ``(N, 3, S, S)`` float32; zeros for failed items) and the error columns; with ``V``
+        augmented views (:func:`view_count`) also ``caption_aug_<v>`` and ``pixels_aug_<v>``
+        for ``v = 1 .. V-1`` (:func:`view_name`).
     """
     from ray.data.extensions import ArrowTensorArray
 
@@ -260,24 +300,26 @@ def decode_batch(
     s = image_cfg.image_size
     ids = batch.column("item_id").to_pylist()
     captions = batch.column("caption").to_pylist()
+    views = view_count(augment_cfg)
     pixels = np.zeros((n, 3, s, s), np.float32)
-    pixels_aug = np.zeros((n, 3, s, s), np.float32)
+    pixels_aug = np.zeros((views, n, 3, s, s), np.float32)
     cap_out: list[str] = [""] * n
-    cap_aug: list[str] = [""] * n
+    cap_aug: list[list[str]] = [[""] * n for _ in range(views)]
     stage: list[str] = [""] * n
     reason: list[str] = [""] * n
     fetched = _fetch(batch.column("image_uri").to_pylist(), io_threads)
     opts = decode_options(image_cfg)
     for i, (item, (data, err)) in enumerate(zip(ids, fetched, strict=True)):
-        img_rng, txt_rng = item_rngs(augment_cfg.seed, item)
+        rngs = [item_rngs(augment_cfg.seed, item, v) for v in range(views)]
         try:
             if captions[i] is None:
                 raise ValueError("the item has no captions")
             cap_out[i] = clean_caption(captions[i], text_cfg)
-            if augment_cfg.text_method == "rule":
-                cap_aug[i] = clean_caption(augment_caption(cap_out[i], txt_rng), text_cfg)
-            else:  # "none", or back-translated later by the backbone actors
-                cap_aug[i] = cap_out[i]
+            for v, (_, txt_rng) in enumerate(rngs):
+                if augment_cfg.text_method == "rule":
+                    cap_aug[v][i] = clean_caption(augment_caption(cap_out[i], txt_rng), text_cfg)
+                else:  # "none", or back-translated later by the backbone actors
+                    cap_aug[v][i] = cap_out[i]
         except ValueError as e:
             stage[i], reason[i] = "caption", str(e)
             continue
@@ -291,25 +333,27 @@ def decode_batch(
             continue
         try:
             pixels[i] = preprocess(img, image_cfg)
-            pixels_aug[i] = preprocess(
-                augment_image(img, augment_cfg.image_preset, img_rng), image_cfg
-            )
+            for v, (img_rng, _) in enumerate(rngs):
+                pixels_aug[v, i] = preprocess(
+                    augment_image(img, augment_cfg.image_preset, img_rng), image_cfg
+                )
         except ValueError as e:
             stage[i], reason[i] = "augment", str(e)
-    return pa.table(
-        {
-            "item_id": pa.array(ids, pa.string()),
-            "label": batch.column("label"),
-            "split": batch.column("split"),
-            "caption_index": batch.column("caption_index"),
-            "caption": pa.array(cap_out, pa.string()),
-            "caption_aug": pa.array(cap_aug, pa.string()),
-            "pixels": ArrowTensorArray.from_numpy(pixels),
-            "pixels_aug": ArrowTensorArray.from_numpy(pixels_aug),
-            "error_stage": pa.array(stage, pa.string()),
-            "error_reason": pa.array(reason, pa.string()),
-        }
-    )
+    out: dict[str, Any] = {
+        "item_id": pa.array(ids, pa.string()),
+        "label": batch.column("label"),
+        "split": batch.column("split"),
+        "caption_index": batch.column("caption_index"),
+        "caption": pa.array(cap_out, pa.string()),
+    }
+    for v in range(views):
+        out[view_name("caption_aug", v)] = pa.array(cap_aug[v], pa.string())
+    out["pixels"] = ArrowTensorArray.from_numpy(pixels)
+    for v in range(views):
+        out[view_name("pixels_aug", v)] = ArrowTensorArray.from_numpy(pixels_aug[v])
+    out["error_stage"] = pa.array(stage, pa.string())
+    out["error_reason"] = pa.array(reason, pa.string())
+    return pa.table(out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -357,6 +401,7 @@ class FeatureEncoder:
             load_text_tower(text_cfg, paper_compat=paper_compat).to(self.device).eval()
         )
         self.batch_size = max(1, batch_size)
+        self.views = view_count(augment_cfg)
         self.translator = None
         if augment_cfg.text_method == "backtranslate":
             from duch_core.augment import BackTranslator
@@ -384,56 +429,64 @@ class FeatureEncoder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         n = len(batch["item_id"])
+        views = range(self.views)
         stage = [str(x) for x in batch["error_stage"]]
         reason = [str(x) for x in batch["error_reason"]]
         caps = [str(x) for x in batch["caption"]]
-        caps_aug = [str(x) for x in batch["caption_aug"]]
+        caps_aug = [[str(x) for x in batch[view_name("caption_aug", v)]] for v in views]
         img = np.zeros((n, self.image_tower.dim), np.float32)
-        img_aug = np.zeros_like(img)
+        img_aug = [np.zeros_like(img) for _ in views]
         txt = np.zeros((n, self.text_tower.dim), np.float32)
-        txt_aug = np.zeros_like(txt)
+        txt_aug = [np.zeros_like(txt) for _ in views]
         ok = [i for i in range(n) if not stage[i]]
         if self.translator is not None and ok:
+            # greedy decoding is deterministic: every view gets the same translation
             translated = self.translator([caps[i] for i in ok])
             for i, t in zip(ok, translated, strict=True):
-                caps_aug[i] = t
+                for v in views:
+                    caps_aug[v][i] = t
         good: list[int] = []
         try:  # text first; on failure item by item, so one bad caption fails one item
             if ok:
                 txt[ok] = self._texts([caps[i] for i in ok])
-                txt_aug[ok] = self._texts([caps_aug[i] for i in ok])
+                for v in views:
+                    txt_aug[v][ok] = self._texts([caps_aug[v][i] for i in ok])
             good = ok
         except ValueError:
             for i in ok:
                 try:
                     txt[i] = self._texts([caps[i]])[0]
-                    txt_aug[i] = self._texts([caps_aug[i]])[0]
+                    for v in views:
+                        txt_aug[v][i] = self._texts([caps_aug[v][i]])[0]
                     good.append(i)
                 except ValueError as e:
                     stage[i], reason[i] = "text", str(e)
         if good:
             img[good] = self._images(np.asarray(batch["pixels"])[good])
-            img_aug[good] = self._images(np.asarray(batch["pixels_aug"])[good])
+            for v in views:
+                img_aug[v][good] = self._images(np.asarray(batch[view_name("pixels_aug", v)])[good])
 
         def strings(key: str) -> pa.Array:
             return pa.array([None if v is None else str(v) for v in batch[key]], pa.string())
 
-        return pa.table(
-            {
-                "item_id": strings("item_id"),
-                "label": strings("label"),
-                "split": strings("split"),
-                "caption_index": pa.array(np.asarray(batch["caption_index"], np.int32)),
-                "caption": pa.array(caps, pa.string()),
-                "caption_aug": pa.array(caps_aug, pa.string()),
-                "img": fixed_size_list(img),
-                "img_aug": fixed_size_list(img_aug),
-                "txt": fixed_size_list(txt),
-                "txt_aug": fixed_size_list(txt_aug),
-                "error_stage": pa.array(stage, pa.string()),
-                "error_reason": pa.array(reason, pa.string()),
-            }
-        )
+        out: dict[str, Any] = {
+            "item_id": strings("item_id"),
+            "label": strings("label"),
+            "split": strings("split"),
+            "caption_index": pa.array(np.asarray(batch["caption_index"], np.int32)),
+            "caption": pa.array(caps, pa.string()),
+        }
+        for v in views:
+            out[view_name("caption_aug", v)] = pa.array(caps_aug[v], pa.string())
+        out["img"] = fixed_size_list(img)
+        for v in views:
+            out[aug_columns(v)[0]] = fixed_size_list(img_aug[v])
+        out["txt"] = fixed_size_list(txt)
+        for v in views:
+            out[aug_columns(v)[1]] = fixed_size_list(txt_aug[v])
+        out["error_stage"] = pa.array(stage, pa.string())
+        out["error_reason"] = pa.array(reason, pa.string())
+        return pa.table(out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -568,6 +621,7 @@ def run_stage(
         "text_dim": int(text_dim),
         "items": n,
         "errors": errors.num_rows,
+        "views": view_count(cfg.augment),
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "seconds": round(time.perf_counter() - t0, 3),
         "inputs": inputs,
@@ -621,6 +675,7 @@ def main(argv: list[str] | None = None) -> int:
                 "errors": fs_.errors,
                 "image_dim": fs_.image_dim,
                 "text_dim": fs_.text_dim,
+                "views": fs_.views,
                 "reused": fs_.reused,
             },
             indent=2,

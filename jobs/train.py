@@ -23,7 +23,10 @@ offline backbone weights. The steps:
    :func:`duch_core.train_loop.train_epoch` gathers the codes of all workers
    (:class:`duch_core.distributed.TorchCollective`), so the contrastive negatives span the global
    batch, gradients are summed and the code table ``B`` is merged at every epoch end (every worker
-   holds the whole table). Every epoch each worker calls ``ray.train.report``; worker 0 attaches a
+   holds the whole table). With ``duch.augment.resample_each_epoch`` the feature set holds
+   ``V`` augmented views per item and epoch ``e`` reads view ``e % V`` of both modalities
+   (:func:`epoch_batches`); by default the one fixed view. Every epoch each worker calls
+   ``ray.train.report``; worker 0 attaches a
    checkpoint (heads, both optimizers, the code table, epoch, history, feature statistics and the
    resolved config). A restarted worker group (``run.max_failures``) and a rerun with the same
    ``run.name`` and ``run.storage_path`` continue from ``ray.train.get_checkpoint()``; raising
@@ -66,7 +69,14 @@ from duch_core import storage
 from duch_core.archive import ArchiveError, read_archive
 from duch_core.config import ConfigError, DUCHConfig, from_dict, load, to_dict
 from jobs.evaluate import DEFAULT_KS, flat_metrics, protocol_report, read_items, write_report
-from jobs.extract_features import FeatureSet, FeatureStageError, list_to_numpy, read_columns
+from jobs.extract_features import (
+    FeatureSet,
+    FeatureStageError,
+    aug_columns,
+    list_to_numpy,
+    read_columns,
+    view_count,
+)
 from jobs.train_config import TrainJobConfig, validate
 
 log = logging.getLogger("duch.train")
@@ -188,21 +198,28 @@ def combine_moments(parts: Iterable[tuple[float, float, float]]) -> tuple[float,
     return mean, math.sqrt(m2 / n)
 
 
-def arrow_to_feature_arrays(batch: pa.Table) -> dict[str, Any]:
-    """An Arrow batch of feature rows -> ``{"ids": list[str], "img": (N, D) float32 tensor, ...}``."""
+def arrow_to_feature_arrays(batch: pa.Table, view: int = 0) -> dict[str, Any]:
+    """An Arrow batch of feature rows -> ``{"ids": list[str], "img": (N, D) float32 tensor,
+    "img_aug", "txt", "txt_aug"}``, the augmented entries read from the columns of augmented
+    view ``view`` (:func:`jobs.extract_features.aug_columns`; 0 = ``img_aug``, ``txt_aug``)."""
     import torch
 
+    img_aug, txt_aug = aug_columns(view)
     out: dict[str, Any] = {"ids": [str(x) for x in batch.column("item_id").to_pylist()]}
-    for col in ("img", "img_aug", "txt", "txt_aug"):
-        out[col] = torch.from_numpy(list_to_numpy(batch.column(col)))
+    for key, col in (("img", "img"), ("img_aug", img_aug), ("txt", "txt"), ("txt_aug", txt_aug)):
+        out[key] = torch.from_numpy(list_to_numpy(batch.column(col)))
     return out
 
 
 class FeatureCollate(ArrowBatchCollateFn):
-    """``iter_torch_batches`` collate function: Arrow rows -> :func:`arrow_to_feature_arrays`."""
+    """``iter_torch_batches`` collate function: Arrow rows -> :func:`arrow_to_feature_arrays`
+    of augmented view ``view``."""
+
+    def __init__(self, view: int = 0) -> None:
+        self.view = int(view)
 
     def __call__(self, batch: pa.Table) -> dict[str, Any]:
-        return arrow_to_feature_arrays(batch)
+        return arrow_to_feature_arrays(batch, self.view)
 
 
 # --------------------------------------------------------------------------------------------
@@ -270,6 +287,36 @@ def model_from_state(state: dict[str, Any], cfg: DUCHConfig) -> Any:
     return model.eval()
 
 
+def epoch_batches(
+    shard: Any,
+    epoch: int,
+    config: dict[str, Any],
+    seed: int,
+    stats: Any,
+    rank: int = 0,
+    world: int = 1,
+) -> Iterator[Any]:
+    """This worker's batches (:class:`~duch_core.train_loop.FeatureBatch`) of epoch ``epoch``.
+
+    Streams ``shard`` (a Ray dataset or ``get_dataset_shard`` iterator of feature rows) in
+    batches of ``config["per_worker_batch"]``, locally shuffled with a seed of ``(seed, epoch,
+    rank)``, reading augmented view :func:`duch_core.train_loop.view_for_epoch` ``(epoch,
+    config["views"])`` and z-scoring with ``stats`` (or not, when ``None``).
+    """
+    from duch_core.train_loop import view_for_epoch
+
+    view = view_for_epoch(epoch, int(config.get("views", 1)))
+    it = shard.iter_torch_batches(
+        batch_size=int(config["per_worker_batch"]),
+        collate_fn=FeatureCollate(view),
+        device="cpu",
+        drop_last=bool(config["drop_last"]),
+        local_shuffle_buffer_size=int(config["shuffle_buffer"]),
+        local_shuffle_seed=seed * 1_000_003 + epoch * world + rank,
+    )
+    return (to_feature_batch(a, stats) for a in it)
+
+
 def _fault_point(
     batches: Iterator[Any], epoch: int, rank: int, world: int, fail_at: int, marker: str
 ) -> Iterator[Any]:
@@ -329,17 +376,8 @@ def train_func(config: dict[str, Any]) -> None:
         broadcast_parameters(model, collective)
 
     shard = ray.train.get_dataset_shard("train")
-    bpw = int(config["per_worker_batch"])
     for epoch in range(start, cfg.optim.epochs):
-        it = shard.iter_torch_batches(
-            batch_size=bpw,
-            collate_fn=FeatureCollate(),
-            device="cpu",
-            drop_last=bool(config["drop_last"]),
-            local_shuffle_buffer_size=int(config["shuffle_buffer"]),
-            local_shuffle_seed=cfg.optim.seed * 1_000_003 + epoch * world + rank,
-        )
-        batches = (to_feature_batch(a, stats) for a in it)
+        batches = epoch_batches(shard, epoch, config, cfg.optim.seed, stats, rank, world)
         if config["fail_at_epoch"] >= 0:
             batches = _fault_point(
                 batches, epoch, rank, world, int(config["fail_at_epoch"]), config["fault_marker"]
@@ -468,7 +506,8 @@ def make_trainer(
     torch_threads: int = 0,
 ) -> Any:
     """The ``TorchTrainer`` of step 5 for a dataset of feature rows (``item_id``, ``img``,
-    ``img_aug``, ``txt``, ``txt_aug``) whose ids are ``train_ids``.
+    ``txt`` and the augmented columns of every view, :func:`train_columns`) whose ids are
+    ``train_ids``.
 
     Args:
         stats: global z-score statistics (:meth:`FeatureStats.to_dict`) or ``None``.
@@ -488,6 +527,7 @@ def make_trainer(
         "image_dim": int(image_dim),
         "text_dim": int(text_dim),
         "per_worker_batch": per_worker,
+        "views": view_count(cfg.duch.augment),
         "drop_last": drop_last_needed(len(train_ids), w, per_worker),
         "shuffle_buffer": max(1, len(train_ids) // w),
         "fail_at_epoch": cfg.run.fail_at_epoch,
@@ -512,6 +552,14 @@ def make_trainer(
         ),
         datasets={"train": train_ds},
     )
+
+
+def train_columns(views: int) -> list[str]:
+    """The feature columns training reads: ids, original views and ``views`` augmented views."""
+    out = ["item_id", "img", "txt"]
+    for v in range(views):
+        out.extend(aug_columns(v))
+    return out
 
 
 def run(cfg: TrainJobConfig, archive: pa.Table) -> dict[str, Any]:
@@ -542,7 +590,13 @@ def run(cfg: TrainJobConfig, archive: pa.Table) -> dict[str, Any]:
         raise ConfigError(
             f"{len(train_ids)} training items are too few for {w} workers (2 each needed)"
         )
-    columns = ["item_id", "img", "img_aug", "txt", "txt_aug"]
+    views = view_count(cfg.duch.augment)
+    if fs_.views != views:  # the fingerprint covers the views: only a damaged cache gets here
+        raise FeatureStageError(
+            f"feature set {fs_.root} holds {fs_.views} augmented view(s) per item, the config "
+            f"asks for {views}; rerun the feature stage with --force"
+        )
+    columns = train_columns(views)
     # Materialised once in the object store (never on the driver): every epoch then streams
     # the same blocks to the workers instead of re-reading and re-filtering the shards.
     train_ds = feature_dataset(fs_, train_ids, columns).materialize()

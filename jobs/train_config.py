@@ -180,12 +180,21 @@ def validate_duch(d: DUCHConfig) -> None:
         "duch.augment.backtranslation_models",
         "text_method backtranslate needs a chain of MarianMT models",
     )
-    _check(
-        not d.augment.resample_each_epoch,
-        "duch.augment.resample_each_epoch",
-        "the feature cache holds one fixed augmented view per item (as the paper); "
-        "per-epoch resampling is not supported by the training job",
-    )
+    v = d.augment.views_per_item
+    if d.augment.resample_each_epoch:
+        _check(
+            v >= 2,
+            "duch.augment.views_per_item",
+            f"resample_each_epoch needs >= 2 precomputed views per item (epoch e uses view "
+            f"e % views_per_item), got {v}",
+        )
+    else:
+        _check(
+            v == 1,
+            "duch.augment.views_per_item",
+            f"must be 1 unless resample_each_epoch is true (one fixed augmented view per item, "
+            f"as the paper), got {v}",
+        )
     for tower in ("image_backbone", "text_backbone"):
         _check(
             getattr(d, tower).finetune_blocks == 0,
