@@ -238,6 +238,23 @@ def validate_archive(table: pa.Table, where: str = "archive") -> pa.Table:
 # reading and writing
 
 
+def parse_manifest_line(line: str, where: str) -> dict[str, Any] | None:
+    """One line of a JSON-lines manifest as a dict; ``None`` for a blank line.
+
+    Raises:
+        ArchiveError: the line is not valid JSON or not a JSON object (``where`` names it).
+    """
+    if not line.strip():
+        return None
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ArchiveError(f"{where} is not valid JSON ({e.msg})") from e
+    if not isinstance(obj, dict):
+        raise ArchiveError(f"{where} must be a JSON object, got {type(obj).__name__}")
+    return obj
+
+
 def _read_jsonl(uri: str) -> pa.Table:
     try:
         text = storage.read_bytes(uri).decode("utf-8")
@@ -245,17 +262,9 @@ def _read_jsonl(uri: str) -> pa.Table:
         raise ArchiveError(f"{uri}: not UTF-8 text ({e})") from e
     rows: list[dict[str, Any]] = []
     for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ArchiveError(f"{uri}: line {lineno} is not valid JSON ({e.msg})") from e
-        if not isinstance(obj, dict):
-            raise ArchiveError(
-                f"{uri}: line {lineno} must be a JSON object, got {type(obj).__name__}"
-            )
-        rows.append(obj)
+        obj = parse_manifest_line(line, f"{uri}: line {lineno}")
+        if obj is not None:
+            rows.append(obj)
     if not rows:
         return pa.table(
             {c: pa.array([], type=ARCHIVE_SCHEMA.field(c).type) for c in REQUIRED_COLUMNS}

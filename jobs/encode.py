@@ -221,18 +221,13 @@ def parse_manifest_lines(batch: pa.Table) -> pa.Table:
     Raises:
         ArchiveError: a line is not a JSON object or its values have the wrong types.
     """
-    from duch_core.archive import ArchiveError, validate_archive
+    from duch_core.archive import ArchiveError, parse_manifest_line, validate_archive
 
     rows = []
     for line in batch.column("text").to_pylist():
-        if not line.strip():
+        obj = parse_manifest_line(line, f"manifest line {line[:200]!r}")
+        if obj is None:
             continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ArchiveError(f"manifest line is not valid JSON ({e.msg}): {line[:200]!r}") from e
-        if not isinstance(obj, dict):
-            raise ArchiveError(f"manifest line must be a JSON object: {line[:200]!r}")
         rows.append(
             {
                 "item_id": obj.get("item_id"),
