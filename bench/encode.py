@@ -111,27 +111,15 @@ def _write_tiles(root: str, sensor: str, n: int, tile: int = 64) -> list[dict[st
 
 
 def _make_bundle(uri: str, backbone: str, image_size: int, bits: int) -> str:
-    import torch
-
-    from duch_core.backbones import load_image_tower, load_text_tower
-    from duch_core.bundle import save_bundle
-    from duch_core.config import (
-        DUCHConfig,
-        ImageBackboneConfig,
-        ModelConfig,
-        TextBackboneConfig,
-    )
-    from duch_core.model import DUCH
+    from duch_core.bundle import save_untrained_bundle
+    from duch_core.config import DUCHConfig, ImageBackboneConfig, ModelConfig, TextBackboneConfig
 
     cfg = DUCHConfig(
         model=ModelConfig(bits=bits, hidden_dim=512),
         image_backbone=ImageBackboneConfig(source=backbone, image_size=image_size, center_crop=0),
         text_backbone=TextBackboneConfig(source="tiny:bert"),
     )
-    img_dim = load_image_tower(cfg.image_backbone).dim
-    txt_dim = load_text_tower(cfg.text_backbone).dim
-    torch.manual_seed(0)
-    save_bundle(uri, DUCH(img_dim, txt_dim, bits, 512), cfg, None, {})
+    save_untrained_bundle(uri, cfg, seed=0)
     return uri
 
 

@@ -251,23 +251,15 @@ class InProcess:
 
 def make_bundle(out_uri: str, bits: int, image_source: str, text_source: str) -> str:
     """A bundle with the given backbones and seeded, untrained hashing heads (paper sizes)."""
-    import torch
-
-    from duch_core.backbones import load_image_tower, load_text_tower
-    from duch_core.bundle import save_bundle
+    from duch_core.bundle import save_untrained_bundle
     from duch_core.config import DUCHConfig, ImageBackboneConfig, ModelConfig, TextBackboneConfig
-    from duch_core.model import DUCH
 
     cfg = DUCHConfig(
         model=ModelConfig(bits=bits),
         image_backbone=ImageBackboneConfig(source=image_source),
         text_backbone=TextBackboneConfig(source=text_source),
     )
-    image_dim = load_image_tower(cfg.image_backbone).dim
-    text_dim = load_text_tower(cfg.text_backbone).dim
-    torch.manual_seed(0)
-    model = DUCH(image_dim, text_dim, bits, hidden_dim=cfg.model.hidden_dim).eval()
-    save_bundle(out_uri, model, cfg, None, {})
+    save_untrained_bundle(out_uri, cfg, seed=0)
     return out_uri
 
 

@@ -188,6 +188,24 @@ def save_bundle(
     return bundle_id
 
 
+def save_untrained_bundle(uri: str, cfg: DUCHConfig, seed: int = 0) -> str:
+    """Write a bundle of ``cfg``'s backbones with seeded, untrained hashing heads at ``uri``.
+
+    The codes are deterministic for a seed but carry no learned meaning: for smoke deployments,
+    tests and benchmarks of the encode and serve paths.
+
+    Returns:
+        The bundle id (see :func:`save_bundle`).
+    """
+    from duch_core.backbones import load_image_tower, load_text_tower
+
+    image_dim = load_image_tower(cfg.image_backbone).dim
+    text_dim = load_text_tower(cfg.text_backbone, paper_compat=cfg.paper_compat).dim
+    torch.manual_seed(seed)
+    model = DUCH(image_dim, text_dim, cfg.model.bits, cfg.model.hidden_dim).eval()
+    return save_bundle(uri, model, cfg, None, {})
+
+
 class Bundle:
     """A loaded, verified bundle.
 

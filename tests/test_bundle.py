@@ -12,7 +12,14 @@ import torch
 
 from duch_core import codes, storage
 from duch_core.backbones import load_image_tower, load_text_tower
-from duch_core.bundle import Bundle, BundleError, HashEncoder, content_hash, save_bundle
+from duch_core.bundle import (
+    Bundle,
+    BundleError,
+    HashEncoder,
+    content_hash,
+    save_bundle,
+    save_untrained_bundle,
+)
 from duch_core.config import (
     DUCHConfig,
     ImageBackboneConfig,
@@ -263,3 +270,12 @@ def test_s3_round_trip(s3_prefix) -> None:
     storage.write_bytes(storage.join(uri, "heads.pt"), b"\0" * 10)
     with pytest.raises(BundleError):
         Bundle.load(uri)
+
+
+def test_untrained_bundle_is_seeded_and_loads(tmp_path) -> None:  # noqa: ANN001
+    cfg = _cfg()
+    a = save_untrained_bundle(str(tmp_path / "a"), cfg, seed=3)
+    assert save_untrained_bundle(str(tmp_path / "b"), cfg, seed=3) == a
+    assert save_untrained_bundle(str(tmp_path / "c"), cfg, seed=4) != a
+    bundle = Bundle.load(str(tmp_path / "a"))
+    assert bundle.meta["bundle_id"] == a and bundle.model.bits == BITS

@@ -40,17 +40,8 @@ BANDS = (2, 1, 0)  # image_backbone.bands of the test bundle
 
 
 def _make_bundle(uri: str, seed: int, bands: tuple[int, ...] = BANDS) -> str:
-    import torch
-
-    from duch_core.backbones import load_image_tower, load_text_tower
-    from duch_core.bundle import save_bundle
-    from duch_core.config import (
-        DUCHConfig,
-        ImageBackboneConfig,
-        ModelConfig,
-        TextBackboneConfig,
-    )
-    from duch_core.model import DUCH
+    from duch_core.bundle import save_untrained_bundle
+    from duch_core.config import DUCHConfig, ImageBackboneConfig, ModelConfig, TextBackboneConfig
 
     cfg = DUCHConfig(
         model=ModelConfig(bits=BITS, hidden_dim=32),
@@ -59,11 +50,7 @@ def _make_bundle(uri: str, seed: int, bands: tuple[int, ...] = BANDS) -> str:
         ),
         text_backbone=TextBackboneConfig(source="tiny:bert", seed=seed),
     )
-    img_dim = load_image_tower(cfg.image_backbone).dim
-    txt_dim = load_text_tower(cfg.text_backbone).dim
-    torch.manual_seed(seed)
-    model = DUCH(img_dim, txt_dim, BITS, 32)
-    save_bundle(uri, model, cfg, None, {})
+    save_untrained_bundle(uri, cfg, seed)
     return uri
 
 

@@ -50,17 +50,8 @@ def free_port() -> int:
 
 def make_bundle(out_uri: str, bits: int, seed: int) -> str:
     """A bundle with tiny backbones and seeded, untrained hashing heads; returns its URI."""
-    import torch
-
-    from duch_core.backbones import load_image_tower, load_text_tower
-    from duch_core.bundle import save_bundle
-    from duch_core.config import (
-        DUCHConfig,
-        ImageBackboneConfig,
-        ModelConfig,
-        TextBackboneConfig,
-    )
-    from duch_core.model import DUCH
+    from duch_core.bundle import save_untrained_bundle
+    from duch_core.config import DUCHConfig, ImageBackboneConfig, ModelConfig, TextBackboneConfig
 
     cfg = DUCHConfig(
         model=ModelConfig(bits=bits, hidden_dim=64),
@@ -69,11 +60,7 @@ def make_bundle(out_uri: str, bits: int, seed: int) -> str:
         ),
         text_backbone=TextBackboneConfig(source="tiny:bert", max_length=16, seed=seed),
     )
-    image_dim = load_image_tower(cfg.image_backbone).dim
-    text_dim = load_text_tower(cfg.text_backbone).dim
-    torch.manual_seed(seed)
-    model = DUCH(image_dim, text_dim, bits, hidden_dim=64).eval()
-    save_bundle(out_uri, model, cfg, None, {})
+    save_untrained_bundle(out_uri, cfg, seed)
     return out_uri
 
 
