@@ -139,8 +139,9 @@ def hamming_pm1(a: Any, b: Any) -> np.ndarray:
     Returns:
         ``(Q, N)`` int32.
     """
-    a_ = _to_numpy(a).astype(np.float64)
-    b_ = _to_numpy(b).astype(np.float64)
+    # float32 sums of K terms of +-1 are exact for K < 2**24
+    a_ = _to_numpy(a).astype(np.float32, copy=False)
+    b_ = _to_numpy(b).astype(np.float32, copy=False)
     k = a_.shape[1]
     return np.rint(0.5 * (k - a_ @ b_.T)).astype(np.int32)
 

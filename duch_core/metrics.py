@@ -15,12 +15,12 @@ Work is done in blocks of queries, vectorised across each block.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 import numpy as np
 
-from duch_core.codes import CodeLengthError, unpack
+from duch_core.codes import CodeLengthError, hamming_pm1, unpack
 
 Variant = Literal["djsrh", "standard"]
 DEFAULT_P_AT_K: tuple[int, ...] = (
@@ -155,10 +155,8 @@ def _check_k(k: int) -> int:
 
 
 def hamming_distances(q_codes: Any, db_codes: Any) -> np.ndarray:
-    """Hamming distance matrix of packed codes via a ``±1`` inner product.
-
-    ``d = (K - a @ b.T) / 2`` with ``a, b`` the codes unpacked to ``±1`` float32; exact for any
-    supported ``K`` (sums of at most 1024 terms of ``±1`` are exact in float32).
+    """Hamming distance matrix of packed codes (:func:`duch_core.codes.hamming_pm1` on the
+    codes unpacked to ``±1``).
 
     Args:
         q_codes: ``(Q, B)`` uint8; db_codes: ``(N, B)`` uint8.
@@ -168,15 +166,17 @@ def hamming_distances(q_codes: Any, db_codes: Any) -> np.ndarray:
     """
     q, db = _pair(q_codes, db_codes)
     bits = 8 * q.shape[1]
-    qf = unpack(q, bits).astype(np.float32)
-    df = unpack(db, bits).astype(np.float32)
-    return np.rint((bits - qf @ df.T) * 0.5).astype(np.int32)
+    return hamming_pm1(unpack(q, bits), unpack(db, bits))
 
 
-def _blocks(nq: int, ndb: int) -> Iterable[slice]:
-    step = max(1, _BLOCK_ELEMENTS // max(ndb, 1))
-    for start in range(0, nq, step):
-        yield slice(start, min(nq, start + step))
+def _distance_blocks(q: np.ndarray, db: np.ndarray) -> Iterator[tuple[slice, np.ndarray]]:
+    """``(slice, (m, N) int32 distances)`` for blocks of queries; ``db`` is unpacked once."""
+    bits = 8 * q.shape[1]
+    db_pm1 = unpack(db, bits).astype(np.float32)
+    step = max(1, _BLOCK_ELEMENTS // max(db.shape[0], 1))
+    for start in range(0, q.shape[0], step):
+        sl = slice(start, min(q.shape[0], start + step))
+        yield sl, hamming_pm1(unpack(q[sl], bits), db_pm1)
 
 
 def _ranked_relevance(dist: np.ndarray, rel: np.ndarray) -> np.ndarray:
@@ -211,8 +211,8 @@ def average_precision_at_k(
     n = db.shape[0]
     pos = np.arange(1, n + 1, dtype=np.float64)
     out = np.zeros(q.shape[0], dtype=np.float64)
-    for sl in _blocks(q.shape[0], n):
-        g = _ranked_relevance(hamming_distances(q[sl], db), rel[sl])
+    for sl, dist in _distance_blocks(q, db):
+        g = _ranked_relevance(dist, rel[sl])
         hits = np.cumsum(g, axis=1, dtype=np.int64)  # relevant items up to each rank
         total = hits[:, -1]
         t = np.minimum(k, total)
@@ -279,8 +279,8 @@ def precision_at_k(
     rel = _checked_relevance(q_labels, db_labels, q.shape[0], db.shape[0])
     n = db.shape[0]
     sums = np.zeros(len(ks), dtype=np.float64)
-    for sl in _blocks(q.shape[0], n):
-        hits = np.cumsum(_ranked_relevance(hamming_distances(q[sl], db), rel[sl]), axis=1)
+    for sl, dist in _distance_blocks(q, db):
+        hits = np.cumsum(_ranked_relevance(dist, rel[sl]), axis=1)
         for j, k in enumerate(ks):
             kk = min(k, n)
             sums[j] += (hits[:, kk - 1] / kk).sum()
@@ -305,8 +305,7 @@ def _radius_counts(
     nq = q.shape[0]
     retrieved = np.zeros((nq, bits + 1), dtype=np.int64)
     rel_retrieved = np.zeros((nq, bits + 1), dtype=np.int64)
-    for sl in _blocks(nq, db.shape[0]):
-        dist = hamming_distances(q[sl], db)
+    for sl, dist in _distance_blocks(q, db):
         m = dist.shape[0]
         flat = (np.arange(m, dtype=np.int64)[:, None] * (bits + 1) + dist).ravel()
         size = m * (bits + 1)
