@@ -372,9 +372,9 @@ class BackTranslator:
         device: str | None = None,
     ) -> None:
         import torch
-        from transformers import AutoTokenizer, MarianMTModel
+        from transformers import MarianMTModel
 
-        from duch_core.backbones import BackboneError, _not_available, _resolve_source
+        from duch_core.backbones import _resolve_source, load_tokenizer_and_model
 
         if isinstance(models, str) or not models:
             raise AugmentError("BackTranslator needs a non-empty list of translation models")
@@ -385,13 +385,9 @@ class BackTranslator:
         self.steps: list[tuple[Any, Any]] = []
         for name in self.models:
             where, local = _resolve_source(name)
-            try:
-                tok = AutoTokenizer.from_pretrained(where, local_files_only=True)
-                model = MarianMTModel.from_pretrained(where, local_files_only=True)
-            except (OSError, ValueError) as e:
-                if local:
-                    raise BackboneError(f"cannot load a MarianMT model from {name!r}: {e}") from e
-                raise _not_available(name, e) from e
+            tok, model = load_tokenizer_and_model(
+                MarianMTModel, where, local, name, "a MarianMT model"
+            )
             mt: Any = model
             self.steps.append((tok, mt.to(self.device).eval()))
 

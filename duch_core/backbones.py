@@ -130,6 +130,32 @@ def _resolve_source(source: str) -> tuple[str, bool]:
     return source, False
 
 
+def load_tokenizer_and_model(
+    model_cls: Any, where: str, local: bool, source: str, what: str
+) -> tuple[Any, Any]:
+    """``(tokenizer, model)`` from local files only (a directory or the Hugging Face cache).
+
+    Args:
+        model_cls: a transformers model class with ``from_pretrained``.
+        where, local: as returned by :func:`_resolve_source`.
+        source: the name the user gave (for messages).
+        what: what is loaded, for messages (``"a text model"``).
+
+    Raises:
+        BackboneError: a local checkpoint that does not load, or a hub model not in the cache.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(where, local_files_only=True)
+        model = model_cls.from_pretrained(where, local_files_only=True)
+    except (OSError, ValueError) as e:
+        if local:
+            raise BackboneError(f"cannot load {what} from {source!r}: {e}") from e
+        raise _not_available(source, e) from e
+    return tok, model
+
+
 def _not_available(source: str, e: Exception) -> BackboneError:
     return BackboneError(
         f"cannot load backbone {source!r} offline ({type(e).__name__}: {e}). Hub models are "
@@ -613,7 +639,7 @@ def load_text_tower(cfg: TextBackboneConfig, paper_compat: bool = False) -> Text
     Raises:
         BackboneError: unknown source, weights not available offline, bad layer counts.
     """
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel
 
     source = cfg.source.strip()
     masked = cfg.masked_mean and not paper_compat
@@ -629,13 +655,7 @@ def load_text_tower(cfg: TextBackboneConfig, paper_compat: bool = False) -> Text
         )
     else:
         where, local = _resolve_source(source)
-    try:
-        tok = AutoTokenizer.from_pretrained(where, local_files_only=True)
-        model = AutoModel.from_pretrained(where, local_files_only=True)
-    except (OSError, ValueError) as e:
-        if local:
-            raise BackboneError(f"cannot load a text model from {source!r}: {e}") from e
-        raise _not_available(source, e) from e
+    tok, model = load_tokenizer_and_model(AutoModel, where, local, source, "a text model")
     if getattr(model.config, "is_encoder_decoder", False):
         raise BackboneError(
             f"text backbone {source!r} is an encoder-decoder; use a BERT-like encoder"
