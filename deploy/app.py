@@ -77,7 +77,16 @@ class AppArgs(BaseModel):
         None,
         description="Model bundle URI; default: the bundle the current index version names.",
     )
-    n_searchers: int = Field(2, ge=1, le=64, description="Shard searcher deployments.")
+    n_searchers: int = Field(
+        2,
+        ge=0,
+        le=64,
+        description="Shard searcher deployments; 0 = the ingress searches the whole index itself.",
+    )
+    encode_in_ingress: bool = Field(
+        False,
+        description="The ingress encodes queries itself instead of calling a QueryEncoder.",
+    )
     k_cap: int = Field(100, ge=1, le=10_000, description="Largest k a query may ask for.")
     max_text_chars: int = Field(1000, ge=1, description="Longest query text accepted.")
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest image file.")
@@ -119,7 +128,7 @@ class AppArgs(BaseModel):
             max_image_pixels=self.max_image_pixels,
         )
 
-    def ingress_settings(self) -> IngressSettings:
+    def ingress_settings(self, bundle_uri: str | None = None) -> IngressSettings:
         return IngressSettings(
             index_root=self.index_root,
             limits=self.limits(),
@@ -128,6 +137,11 @@ class AppArgs(BaseModel):
             thumbnail_size=self.thumbnail_size,
             thumbnail_cache=self.thumbnail_cache,
             handle_transport=self.handle_transport,
+            bundle_uri=bundle_uri,
+            torch_threads=self.torch_threads,
+            batch_max_size=self.batch_max_size,
+            batch_wait_s=self.batch_wait_s,
+            keep_versions=self.keep_versions,
         )
 
 
@@ -156,9 +170,11 @@ def compose(
     """Build the application with explicit loaders and deployment options (tests, tools)."""
     loaders = loaders or Loaders()
     bundle_uri = resolve_bundle_uri(args, loaders)
-    encoder = QueryEncoder.options(**(encoder_options or {})).bind(
-        bundle_uri, args.batch_max_size, args.batch_wait_s, args.torch_threads, loaders
-    )
+    encoder = None
+    if not args.encode_in_ingress:
+        encoder = QueryEncoder.options(**(encoder_options or {})).bind(
+            bundle_uri, args.batch_max_size, args.batch_wait_s, args.torch_threads, loaders
+        )
     searchers = [
         ShardSearcher.options(name=f"ShardSearcher{g}", **(searcher_options or {})).bind(
             g, args.n_searchers, args.keep_versions, loaders
@@ -166,7 +182,7 @@ def compose(
         for g in range(args.n_searchers)
     ]
     return Ingress.options(**(ingress_options or {})).bind(
-        encoder, searchers, args.ingress_settings(), loaders
+        encoder, searchers, args.ingress_settings(bundle_uri), loaders
     )
 
 

@@ -48,14 +48,63 @@ def warm_up(loaded: LoadedEncoder) -> None:
     loaded.encoder.encode_images([np.zeros((64, 64, 3), np.uint8)])
 
 
+def open_query_encoder(
+    bundle_uri: str, torch_threads: int = 0, loaders: Loaders | None = None
+) -> LoadedEncoder:
+    """Load a bundle for query encoding: torch threads set, towers built and warmed up."""
+    import torch  # heavy: only inside a replica
+
+    if torch_threads > 0:
+        torch.set_num_threads(torch_threads)
+    loaded = (loaders or Loaders()).open_encoder(bundle_uri)
+    warm_up(loaded)
+    return loaded
+
+
+class BatchedEncoder:
+    """Encodes single queries, grouped into batches by ``@serve.batch``.
+
+    Used by the :class:`QueryEncoder` deployment and, with ``encode_in_ingress``, by the ingress
+    itself. Each call takes one query and returns ``(code, error)``: ``code`` is the
+    ``(bits // 8,)`` uint8 packed code, or ``None`` with ``error`` saying why the query could not
+    be encoded (for instance a text that is empty once cleaned). A batch that fails is retried
+    item by item so one bad query never fails the others. The forward pass runs in a worker
+    thread, so the caller's event loop keeps serving.
+    """
+
+    def __init__(
+        self, loaded: LoadedEncoder, max_batch_size: int = 16, batch_wait_s: float = 0.001
+    ) -> None:
+        self.loaded = loaded
+        for method in (self.encode_text, self.encode_image):
+            method.set_max_batch_size(max_batch_size)
+            method.set_batch_wait_timeout_s(batch_wait_s)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def encode_text(self, texts: list[str]) -> list[EncodeResult]:
+        """Batched: one text in, ``(code (bits // 8,) uint8 | None, error | None)`` out."""
+        return await asyncio.to_thread(encode_batch, self.loaded.encoder.encode_texts, texts)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def encode_image(self, images: list[np.ndarray]) -> list[EncodeResult]:
+        """Batched: one ``(H, W, 3)`` uint8 image in, ``(code | None, error | None)`` out."""
+        return await asyncio.to_thread(encode_batch, self.loaded.encoder.encode_images, images)
+
+
+def encoder_info(loaded: LoadedEncoder, bundle_uri: str) -> dict[str, Any]:
+    """Bundle id, code length, bundle location and the bundle's resolved config."""
+    return {
+        "bundle_id": loaded.bundle_id,
+        "bits": loaded.bits,
+        "bundle_uri": bundle_uri,
+        "config": loaded.config,
+    }
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
 class QueryEncoder:
-    """Runs the bundle's backbones and hashing heads on query batches.
-
-    Each call takes one query and returns ``(code, error)``: ``code`` is the ``(bits // 8,)``
-    uint8 packed code or ``None`` with ``error`` saying why the query could not be encoded (for
-    instance a text that is empty once cleaned). Queries are grouped by ``@serve.batch``; a
-    batch that fails is retried item by item so one bad query never fails the others.
+    """Runs the bundle's backbones and hashing heads on query batches (see
+    :class:`BatchedEncoder` for what a call takes and returns).
 
     Args:
         bundle_uri: model bundle directory.
@@ -73,33 +122,19 @@ class QueryEncoder:
         torch_threads: int = 0,
         loaders: Loaders | None = None,
     ) -> None:
-        import torch  # heavy: only inside the replica
-
-        if torch_threads > 0:
-            torch.set_num_threads(torch_threads)
-        self.loaded = (loaders or Loaders()).open_encoder(bundle_uri)
+        self.loaded = open_query_encoder(bundle_uri, torch_threads, loaders)
         self.bundle_uri = bundle_uri
-        for method in (self.encode_text, self.encode_image):
-            method.set_max_batch_size(max_batch_size)
-            method.set_batch_wait_timeout_s(batch_wait_s)
-        warm_up(self.loaded)
+        self.batched = BatchedEncoder(self.loaded, max_batch_size, batch_wait_s)
         log.info("query encoder ready: bundle %s, %d bits", self.loaded.bundle_id, self.loaded.bits)
 
     def info(self) -> dict[str, Any]:
         """Bundle id, code length and the bundle's resolved config."""
-        return {
-            "bundle_id": self.loaded.bundle_id,
-            "bits": self.loaded.bits,
-            "bundle_uri": self.bundle_uri,
-            "config": self.loaded.config,
-        }
+        return encoder_info(self.loaded, self.bundle_uri)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def encode_text(self, texts: list[str]) -> list[EncodeResult]:
-        """Batched: one text in, ``(code (bits // 8,) uint8 | None, error | None)`` out."""
-        return await asyncio.to_thread(encode_batch, self.loaded.encoder.encode_texts, texts)
+    async def encode_text(self, text: str) -> EncodeResult:
+        """One text in, ``(code (bits // 8,) uint8 | None, error | None)`` out (batched)."""
+        return await self.batched.encode_text(text)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def encode_image(self, images: list[np.ndarray]) -> list[EncodeResult]:
-        """Batched: one ``(H, W, 3)`` uint8 image in, ``(code | None, error | None)`` out."""
-        return await asyncio.to_thread(encode_batch, self.loaded.encoder.encode_images, images)
+    async def encode_image(self, image: np.ndarray) -> EncodeResult:
+        """One ``(H, W, 3)`` uint8 image in, ``(code | None, error | None)`` out (batched)."""
+        return await self.batched.encode_image(image)

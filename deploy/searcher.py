@@ -22,6 +22,10 @@ from deploy.artifacts import MODALITIES, Loaders, assigned_shards, manifest_vers
 
 log = logging.getLogger("ray.serve")
 
+# A search over at most this many codes (about 1.5 ms for one 64-bit query on one core) runs on
+# the event loop; larger ones in a worker thread, so the loop keeps serving meanwhile.
+INLINE_SEARCH_MAX_ROWS = 4_000_000
+
 
 @dataclass(frozen=True)
 class ShardData:
@@ -98,9 +102,11 @@ def search_shard(data: ShardData, queries: np.ndarray, k: int, version: str) -> 
     return ShardResult(version, np.asarray(dist), np.asarray(ids, dtype=np.int64), items, caps)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
-class ShardSearcher:
+class ShardStore:
     """Holds shard group ``group`` of the served index versions; answers exact top-k.
+
+    The :class:`ShardSearcher` deployment is one; with ``n_searchers: 0`` the ingress holds
+    one for the whole index (group 0 of 1) and searches in its own process.
 
     Args:
         group: this searcher's position among the searchers, ``0 <= group < n_groups``.
@@ -197,11 +203,19 @@ class ShardSearcher:
                 data = await self._get(manifest)
             else:
                 return None
-        return search_shard(data[modality], queries, k, version)
+        shard = data[modality]
+        if shard.index.ntotal > INLINE_SEARCH_MAX_ROWS:
+            return await asyncio.to_thread(search_shard, shard, queries, k, version)
+        return search_shard(shard, queries, k, version)
 
     def versions(self) -> list[str]:
         """Index versions held, oldest first."""
         return list(self._versions)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
+class ShardSearcher(ShardStore):
+    """A :class:`ShardStore` as a Serve deployment: one per shard group, called by the ingress."""
 
 
 def merge_results(parts: Sequence[ShardResult], k: int, merge: Callable[..., Any]) -> ShardResult:

@@ -19,6 +19,10 @@ for _k, _v in {
     "TRANSFORMERS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "RAY_DEDUP_LOGS": "0",
+    # Serve's direct ingress: ingress replicas also answer on ports of their own (the proxy
+    # stays); no load balancer to deregister from, so stopping replicas need not linger
+    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
 }.items():
     os.environ.setdefault(_k, _v)
 

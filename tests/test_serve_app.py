@@ -1,9 +1,16 @@
 """The query service end to end: real Ray Serve, real HTTP on 127.0.0.1, real artifacts.
 
-One application is started for the whole module (``serve.run`` plus the encoder's torch import
-cost several seconds): a generated demo archive, a bundle with tiny backbones, an index encoded
-from them, two shard searchers and bearer-token auth. Tests that change the served index version
-run last.
+Every test runs against both layouts of the application, each started once (``serve.run`` plus
+the encoder's torch import cost several seconds) over its own generated demo archive, bundle with
+tiny backbones and index:
+
+* ``split``: a QueryEncoder deployment and two shard searcher deployments, queried through
+  Serve's proxy;
+* ``colocated``: the ingress encodes and searches the whole index itself, queried on the
+  ingress replica's own port (Serve's direct ingress, switched on for the test session in
+  ``conftest.py``).
+
+Both have bearer-token auth. Tests that change the served index version run last.
 """
 
 import base64
@@ -136,11 +143,13 @@ class Artifacts:
     index_root: str
     manifest: Any
     base: str  # where the artifacts live: an s3:// prefix, or a local directory
+    layout: str  # "split" or "colocated": how the service under test is deployed
 
 
-@pytest.fixture(scope="module")
-def artifacts(ray_session, s3_server, tmp_path_factory) -> Artifacts:  # noqa: ARG001
-    """Archive, bundle and index on the test S3 server (the service reads them from there)."""
+@pytest.fixture(scope="module", params=["split", "colocated"])
+def artifacts(request, ray_session, s3_server, tmp_path_factory) -> Artifacts:  # noqa: ARG001
+    """Archive, bundle and index on the test S3 server (the service reads them from there); one
+    set per layout, because the tests publish new index versions."""
     from duch_core import storage
     from duch_core.demo import make_demo_archive
 
@@ -150,7 +159,7 @@ def artifacts(ray_session, s3_server, tmp_path_factory) -> Artifacts:  # noqa: A
     bundle = make_bundle(storage.join(base, "bundle"), BITS, seed=0)
     root = storage.join(base, "index")
     manifest = encode_index(archive, bundle, root)
-    return Artifacts(archive, bundle, root, manifest, base)
+    return Artifacts(archive, bundle, root, manifest, base, request.param)
 
 
 # ---- the in-process reference -----------------------------------------------------------------
@@ -207,10 +216,11 @@ def hits_of(body: dict[str, Any]) -> list[tuple]:
 
 @dataclass
 class Service:
-    url: str
+    url: str  # where the tests send requests
     session: requests.Session
     art: Artifacts
     ref: Reference
+    proxy_url: str  # Serve's proxy (the same as url for the split layout)
 
     def search(self, timeout: float = 60, **body: Any) -> requests.Response:
         return self.session.post(f"{self.url}/v1/search", json=body, timeout=timeout)
@@ -227,13 +237,16 @@ def service(artifacts: Artifacts) -> Any:
     from ray import serve
 
     from deploy.app import AppArgs, compose
+    from deploy.endpoints import ingress_urls
 
+    colocated = artifacts.layout == "colocated"
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = AppArgs(
         index_root=artifacts.index_root,
         bundle_uri=artifacts.bundle_uri,
-        n_searchers=2,
+        n_searchers=0 if colocated else 2,
+        encode_in_ingress=colocated,
         k_cap=K_CAP,
         max_text_chars=MAX_TEXT,
         max_image_bytes=MAX_IMAGE_BYTES,
@@ -250,9 +263,10 @@ def service(artifacts: Artifacts) -> Any:
         serve.run(compose(args, ingress_options=ingress), name="duch", route_prefix="/")
         session = requests.Session()
         session.headers["Authorization"] = f"Bearer {TOKEN}"
-        yield Service(
-            f"http://127.0.0.1:{port}", session, artifacts, Reference(artifacts.bundle_uri)
-        )
+        proxy_url = f"http://127.0.0.1:{port}"
+        url = ingress_urls("duch")[0] if colocated else proxy_url
+        assert url.startswith("http://127.0.0.1:")
+        yield Service(url, session, artifacts, Reference(artifacts.bundle_uri), proxy_url)
     finally:
         serve.shutdown()
 
@@ -290,6 +304,14 @@ def test_text_query_equals_in_process_search(service: Service, target: str) -> N
         assert body["bits"] == BITS and body["query_modality"] == "text"
         assert hits_of(body) == service.ref.text(m, text, target, 10)
         assert len(body["hits"]) == 10
+        if service.proxy_url != service.url:  # the proxy reaches the same replica
+            via_proxy = service.session.post(
+                f"{service.proxy_url}/v1/search",
+                json={"text": text, "k": 10, "target": target},
+                timeout=60,
+            )
+            assert via_proxy.status_code == 200, via_proxy.text
+            assert hits_of(via_proxy.json()) == hits_of(body)
         for h in body["hits"]:
             assert h["image_uri"] and h["captions"]
             if target == "captions":
@@ -323,10 +345,10 @@ def test_sharded_search_equals_single(service: Service) -> None:
     import asyncio
 
     from deploy.artifacts import Loaders
-    from deploy.searcher import ShardSearcher, merge_results
+    from deploy.searcher import ShardStore, merge_results
 
     m = service.art.manifest
-    searcher_cls = ShardSearcher.func_or_class
+    searcher_cls = ShardStore
     rng = np.random.default_rng(0)
     queries = rng.integers(0, 256, (6, BITS // 8), dtype=np.uint8)
     loaders = Loaders()
@@ -366,7 +388,8 @@ def test_index_items_and_thumbnail(service: Service) -> None:
     m = service.art.manifest
     info = service.session.get(f"{service.url}/v1/index", timeout=30).json()
     assert info["version"] == str(m.version) and info["bits"] == BITS
-    assert info["n_searchers"] == 2 and info["k_cap"] == K_CAP
+    assert info["k_cap"] == K_CAP
+    assert info["n_searchers"] == (0 if service.art.layout == "colocated" else 2)
     assert info["counts"]["image"] == 32 and info["counts"]["text"] == 32 * 5
     item = service.session.get(f"{service.url}/v1/items/forest_0002", timeout=30).json()
     assert item["item_id"] == "forest_0002" and len(item["captions"]) == 5
