@@ -288,21 +288,15 @@ def make_index(
             ids, mods, caps, codes, ["bench"] * len(ids), bundle.bundle_id, bits
         )
         shards.append(index_store.write_shard(vdir, table))
-    counts = {m: sum(s.counts.get(m, 0) for s in shards) for m in ("image", "text")}
-    manifest = index_store.IndexManifest(
-        version=version,
-        bundle_id=str(bundle.bundle_id),
-        bits=bits,
-        shards=tuple(shards),
-        counts=counts,
-        errors=None,
-        created=index_store.utc_now_iso(),
+    return index_store.finish_version(
+        root,
+        version,
+        shards,
+        str(bundle.bundle_id),
+        bits,
         archive=archive_uri,
         bundle_uri=bundle_uri,
     )
-    manifest = index_store.write_manifest(vdir, manifest)
-    index_store.publish(root, manifest)
-    return manifest
 
 
 def make_archive(out_dir: Path, n_items: int, images: list[bytes]) -> str:

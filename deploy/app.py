@@ -5,54 +5,50 @@
     serve run deploy/local_config.yaml                          # local, foreground
     serve deploy deploy/serve_config.yaml -a http://127.0.0.1:8265   # a running cluster
 
-Deployments: one :class:`~deploy.encoder.QueryEncoder`, ``n_searchers``
-:class:`~deploy.searcher.ShardSearcher` deployments named ``ShardSearcher0`` ..
-``ShardSearcher{n-1}`` (each holds a row-balanced group of the index's shards), and the
-FastAPI :class:`~deploy.ingress.Ingress`. The bearer token is never an argument: it is read by the
-ingress from the environment variable named by ``auth_token_env``.
+Two layouts, chosen by the args (:func:`deployment_names` lists what each builds):
 
-Latency (``bench/serve.py``, 1M 64-bit codes in 8 shards, 2 searchers, k = 20, on the shared
-2-core development machine, shared: its load average was between 7 and 47 during the runs, so
-single numbers move by tens of ms from run to run). A text query at concurrency 1 costs:
+* **split** (the default; ``deploy/serve_config.yaml``): one :class:`~deploy.encoder.QueryEncoder`,
+  ``n_searchers`` :class:`~deploy.searcher.ShardSearcher` deployments named ``ShardSearcher0`` ..
+  ``ShardSearcher{n-1}`` (each holds a row-balanced group of the index's shards) and the FastAPI
+  :class:`~deploy.ingress.Ingress`, which fans a query out and merges the top-k exactly. Each part
+  scales on its own: for indexes larger than one replica's memory and encoders that want a GPU.
+* **colocated** (``n_searchers: 0`` and ``encode_in_ingress: true``; ``deploy/local_config.yaml``):
+  the ingress encodes queries (still batched with ``@serve.batch``) and searches the whole index in
+  its own process. For an index and model that fit one replica (1M 64-bit codes take 16 MB with
+  their ids) it saves two handle calls per query.
 
-* Serve's HTTP path before the handler runs: ``GET /healthz`` (proxy -> ingress, no further
-  call) takes 3-7 ms at p50; a POST costs one more proxy round trip, because the replica pulls
-  the request body back from the proxy. End to end minus server-side time: 10-17 ms, which
-  this application cannot remove.
-* the encoder call (one handle hop; a tiny text model: 9-12 ms, about 5 ms of it compute);
-* the searcher calls (the two run concurrently: 6-8 ms with ``handle_transport: grpc``,
-  9.5-13.5 ms with Ray actor calls; the search itself is 0.4 ms);
+The bearer token is never an argument: the ingress reads it from the environment variable named
+by ``auth_token_env``.
+
+Where the time goes (``bench/serve.py``: 1M 64-bit codes, MiniLM and MobileNetV2 on CPU, k = 20,
+the 2-core development machine, text queries at concurrency 1, p50):
+
+* Serve's proxy: a ``GET /healthz`` costs about 5 ms through it and 0.7 ms on the ingress
+  replica's own port (direct ingress, see :mod:`deploy.endpoints`); a search POST costs 10-15 ms
+  more through the proxy than directly, because the replica also pulls the body back from it;
+* each handle call (ingress -> encoder, ingress -> searchers) about 5 ms with the by-value gRPC
+  transport (``handle_transport: grpc``), 9-13 ms with Ray actor calls; the search itself is
+  0.3-0.4 ms and the MiniLM forward pass 11-16 ms;
 * about 1 ms of parsing, catalog lookup and serialisation in the ingress.
 
-Measured changes (A/B runs back to back, tiny backbones, 200 requests each, text c = 1,
-p50 end to end / server-side total):
+The colocated layout reached on the ingress replica's own port is what meets the targets here
+(HTTP + Serve overhead <= 5 ms at p50, text p99 <= 50 ms at concurrency 1); the split layout adds
+the two handle calls, the proxy its own cost (README, "Performance").
 
-* catalog lookup by per-value column reads instead of ``Table.take`` on the 1M-row archive
-  table: -5 to -20 ms per query (kept; the biggest single cost before);
-* ``handle_transport: grpc`` (by-value gRPC to the encoder and searchers): 27 / 17 ms against
-  36-42 / 22-28 ms with Ray actor calls (kept in both serve configs; ``AppArgs`` keeps
-  ``"ray"`` as its default because Serve marks the gRPC transport experimental);
-* ``RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0`` with ``RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0``
-  on the workers: no gain (40 / 24 ms with Ray calls, 35 / 19 ms with gRPC); not used;
-* ``RAY_SERVE_PROXY_USE_GRPC=1`` (proxy -> ingress over gRPC): ``/healthz`` 3.2 ms instead of
-  6-7 ms, end to end 31 / 18 ms, no clear gain over gRPC handles alone; not used;
-* encoding text queries in the ingress process (one hop fewer): rejected: the encoder forward
-  pass took 84-194 ms there against about 10 ms in the encoder deployment (same model and
-  threads; the cause, sharing the process with the ingress's event loops, was not isolated),
-  and every ingress replica would hold the text tower;
-* encoder and searchers warm up while loading (one query each), so the first request after
-  start or after an index swap no longer pays lazy tower building or kernel compilation (the
-  first web-page query took 22 s before);
-* ``torch_threads``: on the shared 2-core machine two threads made a MiniLM text query 30x
-  slower than one (458 against 14 ms at p50); the local config leaves it at Ray's default
-  (one thread for a fractional-CPU replica), the production config sizes it to the replica's
-  CPUs.
+Measured choices (A/B runs back to back, 200 requests each):
 
-The issue's targets (text p99 <= 50 ms at concurrency 1; HTTP + Serve overhead <= 5 ms at p50)
-are not met on this machine. With the tiny model the overhead is about 20-25 ms at p50, of
-which Serve's proxy path alone is 10-17 ms. With MiniLM and MobileNetV2 (1M codes, final
-configuration, two runs): text at concurrency 1 p50 49 / p99 144 ms at load average 7
-(83 / 505 ms at load 25-47) against 13-14 ms in process; the encoder call is 22 ms of it.
+* catalog lookup by per-value column reads instead of ``Table.take`` on the 1M-row archive table:
+  -5 to -20 ms per query;
+* ``RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0`` with ``RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0``:
+  no gain; not used;
+* encoder and searchers warm up while loading (one query each), so the first request after start or
+  after an index swap pays no lazy tower building or kernel compilation (the first web-page query
+  took 22 s before);
+* ``torch_threads``: on the 2-core machine two threads made a MiniLM query up to 30x slower than one
+  (458 against 14 ms at p50) when the other processes were busy; the local config sets 1, the
+  production config sizes it to the replica's CPUs. An earlier attempt at encoding in the ingress,
+  without setting the thread count, ran 84-194 ms per query; with ``torch_threads: 1`` it takes
+  the same 12-18 ms as in the encoder deployment.
 """
 
 from typing import Any, Literal
@@ -157,6 +153,16 @@ def resolve_bundle_uri(args: AppArgs, loaders: Loaders) -> str:
             "set bundle_uri in the app args"
         )
     return str(uri)
+
+
+def deployment_names(args: AppArgs) -> list[str]:
+    """Names of the deployments :func:`compose` builds for ``args`` (what a serve config's
+    ``deployments:`` entries may name)."""
+    names = ["Ingress"]
+    if not args.encode_in_ingress:
+        names.append("QueryEncoder")
+    names.extend(f"ShardSearcher{g}" for g in range(args.n_searchers))
+    return names
 
 
 def compose(

@@ -342,6 +342,44 @@ def write_manifest(version_dir: str, manifest: IndexManifest) -> IndexManifest:
     return IndexManifest.from_dict(manifest.to_dict(), uri=uri)
 
 
+def shard_counts(shards: Sequence[ShardInfo]) -> dict[str, int]:
+    """Rows per modality over ``shards`` (every modality present, 0 where none)."""
+    return {m: sum(int(s.counts.get(m, 0)) for s in shards) for m in MODALITIES}
+
+
+def finish_version(
+    root: str,
+    version: str,
+    shards: Sequence[ShardInfo],
+    bundle_id: str,
+    bits: int,
+    *,
+    errors: str | None = None,
+    publish_latest: bool = True,
+    **fields: Any,
+) -> IndexManifest:
+    """Write the manifest of a version whose shards are written, then (by default) publish it.
+
+    ``counts`` are summed over the shards and ``created`` is now; ``fields`` are the other
+    :class:`IndexManifest` fields (``archive``, ``bundle_uri``, ``config``, ``n_errors``).
+    Returns the manifest as written (with its ``uri``).
+    """
+    manifest = IndexManifest(
+        version=version,
+        bundle_id=str(bundle_id),
+        bits=int(bits),
+        shards=tuple(shards),
+        counts=shard_counts(shards),
+        errors=errors,
+        created=utc_now_iso(),
+        **fields,
+    )
+    written = write_manifest(version_uri(root, version), manifest)
+    if publish_latest:
+        publish(root, written)
+    return written
+
+
 def publish(root: str, manifest: IndexManifest) -> None:
     """Point ``<root>/LATEST`` at ``manifest``'s version (the last write of a run)."""
     storage.publish_pointer(latest_uri(root), manifest.version)

@@ -769,10 +769,7 @@ def run(cfg: EncodeConfig, dry_run: bool = False) -> dict[str, Any]:
     for p in err_parts:
         storage.delete(storage.join(vdir, p))
 
-    counts = {
-        "image": sum(s.counts["image"] for s in shard_infos),
-        "text": sum(s.counts["text"] for s in shard_infos),
-    }
+    counts = index_store.shard_counts(shard_infos)
     failed_items = (
         int(pc.count_distinct(errors.column("item_id")).as_py() or 0) if errors.num_rows else 0
     )

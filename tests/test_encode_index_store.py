@@ -31,19 +31,7 @@ def _publish(root: str, tables: list[pa.Table], bundle: str = "bundle-a") -> ix.
     version = ix.new_version_id()
     vdir = ix.version_uri(root, version)
     shards = tuple(ix.write_shard(vdir, t) for t in tables)
-    counts = {m: sum(s.counts[m] for s in shards) for m in ix.MODALITIES}
-    m = ix.IndexManifest(
-        version=version,
-        bundle_id=bundle,
-        bits=BITS,
-        shards=shards,
-        counts=counts,
-        errors=None,
-        created=ix.utc_now_iso(),
-    )
-    m = ix.write_manifest(vdir, m)
-    ix.publish(root, m)
-    return m
+    return ix.finish_version(root, version, shards, bundle, BITS)
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -81,6 +69,29 @@ def test_roundtrip_codes_ids_and_global_row_ids(root):
     assert set(rows1.tolist()) | set(ix.load_codes(got, "text", shards=[1])[3].tolist()) == set(
         rows_all.tolist()
     )
+
+
+def test_finish_version_sums_counts_and_publishes_only_when_asked(tmp_path):
+    root = str(tmp_path)
+    rng = np.random.default_rng(5)
+    first = _publish(root, [_rows(rng, 3), _rows(rng, 4, start=3, caps=1)])
+    assert first.counts == {"image": 7, "text": 3 * 2 + 4 * 1}
+    assert ix.read_latest(root).version == first.version
+    vdir = ix.version_uri(root, "20990101T000000000000Z-0000beef")
+    shard = ix.write_shard(vdir, _rows(rng, 2))
+    second = ix.finish_version(
+        root,
+        "20990101T000000000000Z-0000beef",
+        [shard],
+        "bundle-a",
+        BITS,
+        publish_latest=False,
+        archive="s3://b/a.parquet",
+    )
+    assert ix.read_latest(root).version == first.version  # LATEST not moved
+    again = ix.read_manifest(second.uri)
+    assert again.counts == {"image": 2, "text": 4} and again.archive == "s3://b/a.parquet"
+    assert again.created and again.errors is None
 
 
 def test_shard_names_are_content_addressed(tmp_path):

@@ -118,22 +118,16 @@ def encode_index(
             bits,
         )
         shards.append(index_store.write_shard(vdir, table))
-    counts = {m: sum(s.counts.get(m, 0) for s in shards) for m in ("image", "text")}
-    manifest = index_store.IndexManifest(
-        version=version,
-        bundle_id=bid,
-        bits=bits,
-        shards=tuple(shards),
-        counts=counts,
-        errors=None,
-        created=index_store.utc_now_iso(),
+    return index_store.finish_version(
+        root,
+        version,
+        shards,
+        bid,
+        bits,
+        publish_latest=publish,
         archive=archive_uri,
         bundle_uri=bundle_uri,
     )
-    manifest = index_store.write_manifest(vdir, manifest)
-    if publish:
-        index_store.publish(root, manifest)
-    return manifest
 
 
 @dataclass

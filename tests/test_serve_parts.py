@@ -3,6 +3,7 @@
 import base64
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -158,8 +159,31 @@ def test_app_args_are_strict() -> None:
     for bad in (
         {},
         {"index_root": " "},
-        {"index_root": "x", "n_searchers": 0},
+        {"index_root": "x", "n_searchers": -1},
+        {"index_root": "x", "n_searchers": 65},
+        {"index_root": "x", "batch_max_size": 0},
         {"index_root": "x", "nope": 1},
     ):
         with pytest.raises(ValueError):
             AppArgs.model_validate(bad)
+
+
+@pytest.mark.parametrize("name", ["serve_config.yaml", "local_config.yaml"])
+def test_serve_configs_validate_and_name_real_deployments(name: str) -> None:
+    """Both serve configs pass Serve's own schema, their args pass AppArgs, they listen on
+    loopback only, and every deployment they configure is one the app builds."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from deploy.app import deployment_names
+
+    path = Path(__file__).resolve().parent.parent / "deploy" / name
+    raw = yaml.safe_load(path.read_text())
+    schema = ServeDeploySchema.model_validate(raw)
+    assert schema.http_options.host == "127.0.0.1"
+    (app,) = schema.applications
+    assert app.import_path == "deploy.app:build_app"
+    args = AppArgs.model_validate(app.args)
+    configured = [d["name"] for d in raw["applications"][0]["deployments"]]
+    assert configured and set(configured) <= set(deployment_names(args)), configured
+    assert "Ingress" in configured
