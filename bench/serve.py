@@ -10,9 +10,17 @@ search over one flat index of the same codes, in a separate plain process, right
 load run. ``overhead p50`` = HTTP p50 - in-process p50. ``GET /healthz`` at concurrency 1 gives
 the floor of Serve's HTTP path. ``--workdir`` keeps the artifacts for the next run.
 
+Layouts (see ``deploy/app.py``): split by default (QueryEncoder + ``--searchers`` searchers);
+``--searchers 0 --encode-in-ingress`` is the colocated one. ``--direct-ingress`` starts Ray with
+Serve's direct ingress and measures both ways in: through the proxy and on the ingress replica's
+own port.
+
 Run inside the loopback-only namespace::
 
-    scripts/isolated .venv/bin/python bench/serve.py                  # 1M codes, c = 1, 8, 32
+    # the configuration that meets the targets, next to the proxy path:
+    scripts/isolated .venv/bin/python bench/serve.py --no-access-log --direct-ingress \
+        --searchers 0 --encode-in-ingress
+    scripts/isolated .venv/bin/python bench/serve.py                  # split, proxy, c = 1, 8, 32
     scripts/isolated .venv/bin/python bench/serve.py --n-codes 100000 --requests 100   # quicker
 
 Targets on the 2-core development machine: p99 <= 50 ms for text queries at concurrency 1 and an
