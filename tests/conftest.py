@@ -252,3 +252,87 @@ def ray_session(s3_server):  # noqa: ARG001 - S3 env must exist before workers s
         )
     yield ray
     ray.shutdown()
+
+
+@dataclass
+class HeadCluster:
+    """A Ray cluster started with ``ray start --head`` on 127.0.0.1 (dashboard included)."""
+
+    gcs_address: str  # 127.0.0.1:<port>, for ray.init(address=...)
+    dashboard_url: str  # http://127.0.0.1:<port>, for `ray job submit` and `serve deploy`
+    env: dict[str, str]  # environment for the CLI commands talking to it
+    temp: Path
+
+    def cli(self, name: str) -> str:
+        """Path of a console script of this interpreter's environment (ray, serve)."""
+        return str(Path(sys.executable).parent / name)
+
+
+def _stop_cluster(temp: Path) -> None:
+    """Stop the processes of the cluster whose temp dir is ``temp``, and only those (`ray stop`
+    would stop every Ray process on the machine)."""
+    import signal
+
+    def mine() -> list[int]:
+        pids = []
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                if str(temp).encode() in (d / "cmdline").read_bytes():
+                    pids.append(int(d.name))
+            except OSError:
+                continue
+        return pids
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in mine():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 15
+        while mine() and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+
+@pytest.fixture
+def head_cluster(s3_server):  # noqa: ARG001 - the cluster inherits the S3 environment
+    """A separate cluster from ``ray start --head`` on 127.0.0.1, stopped afterwards.
+
+    Every port is explicit: the defaults are fixed, and the session's in-process Ray may already
+    hold them.
+    """
+    gcs, dash, m1, m2, client, agent, agent_grpc, metrics, rt_agent = _free_ports(9)
+    temp = Path(tempfile.mkdtemp(prefix="duchray-", dir="/tmp"))  # short: socket path limit
+    env = dict(
+        os.environ,
+        AUTOSCALER_METRIC_PORT=str(m1),  # both default to fixed ports shared by every cluster
+        DASHBOARD_METRIC_PORT=str(m2),
+    )
+    env.pop("RAY_ADDRESS", None)
+    start = [
+        str(Path(sys.executable).parent / "ray"),
+        "start",
+        "--head",
+        "--node-ip-address=127.0.0.1",
+        f"--port={gcs}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+        f"--ray-client-server-port={client}",
+        f"--dashboard-agent-listen-port={agent}",
+        f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--metrics-export-port={metrics}",
+        f"--runtime-env-agent-port={rt_agent}",
+        f"--temp-dir={temp}",
+        "--num-cpus=4",
+        "--object-store-memory=300000000",
+        "--disable-usage-stats",
+    ]
+    try:
+        out = subprocess.run(start, env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stdout + out.stderr
+        yield HeadCluster(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}", env, temp)
+    finally:
+        _stop_cluster(temp)
+        shutil.rmtree(temp, ignore_errors=True)

@@ -42,7 +42,8 @@ MAX_TEXT = 200
 MAX_PIXELS = 1_000_000
 MAX_IMAGE_BYTES = 2 * 1024 * 1024
 THUMB = 96
-ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "artifacts"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
@@ -632,6 +633,79 @@ def test_web_page_shows_thumbnails_in_headless_chromium(service: Service, tmp_pa
         assert b.eval("document.querySelectorAll('figure.hit .matched').length") == 4
     finally:
         b.close()
+
+
+# ---- the serve CLI on a started cluster ---------------------------------------------------------
+
+
+def test_serve_deploy_of_the_local_config_on_a_started_cluster(
+    head_cluster: Any, tmp_path: Path
+) -> None:
+    """`serve deploy deploy/local_config.yaml` (index root pointed at a generated index, port at a
+    free one) on a `ray start --head` cluster: the proxy and the ingress replica's own port (as
+    `python -m deploy.endpoints` lists it) answer searches equal to the in-process reference,
+    and `serve shutdown` takes the service down."""
+    import sys
+
+    import yaml
+
+    from duch_core.demo import make_demo_archive
+
+    archive = make_demo_archive(str(tmp_path / "archive"), n_per_class=2, image_size=64, seed=5)
+    bundle = make_bundle(str(tmp_path / "bundle"), BITS, seed=1)
+    manifest = encode_index(archive, bundle, str(tmp_path / "index"))
+    cfg = yaml.safe_load((ROOT / "deploy" / "local_config.yaml").read_text())
+    port = free_port()
+    cfg["http_options"]["port"] = port
+    cfg["applications"][0]["args"]["index_root"] = str(tmp_path / "index")
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    serve_bin, env = head_cluster.cli("serve"), head_cluster.env
+    deploy = [serve_bin, "deploy", str(config), "-a", head_cluster.dashboard_url]
+    for _ in range(30):  # the dashboard's agent comes up a little after `ray start`
+        out = subprocess.run(deploy, env=env, capture_output=True, text=True, timeout=120)
+        if out.returncode == 0:
+            break
+        time.sleep(2)
+    assert out.returncode == 0, out.stdout + out.stderr
+    proxy = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            if requests.get(f"{proxy}/healthz", timeout=5).status_code == 200:
+                break
+        except requests.RequestException:
+            pass
+        assert time.monotonic() < deadline, "the deployed service never became healthy"
+        time.sleep(1)
+    listed = subprocess.run(
+        [sys.executable, "-m", "deploy.endpoints", "--address", head_cluster.gcs_address],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    (direct,) = listed.stdout.split()
+    assert direct.startswith("http://127.0.0.1:") and direct != proxy
+    ref = Reference(bundle)
+    for url in (proxy, direct):
+        r = requests.post(f"{url}/v1/search", json={"text": "a sandy beach", "k": 5}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert hits_of(r.json()) == ref.text(manifest, "a sandy beach", "images", 5)
+        info = requests.get(f"{url}/v1/index", timeout=30).json()
+        assert info["version"] == str(manifest.version) and info["n_searchers"] == 0
+    down = subprocess.run(
+        [serve_bin, "shutdown", "-y", "-a", head_cluster.dashboard_url],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert down.returncode == 0, down.stdout + down.stderr
+    with pytest.raises(requests.RequestException):
+        requests.get(f"{direct}/healthz", timeout=5).raise_for_status()
 
 
 # ---- index versions (these change what is served: keep them last) ----------------------------

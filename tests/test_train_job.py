@@ -9,8 +9,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -316,113 +314,40 @@ def test_missing_archive_file_in_s3_is_reported(
 # ray job submit against a cluster started with `ray start --head`
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def test_ray_job_submit_runs_the_smoke_config(tmp_path: Path) -> None:
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    gcs, dash, m1, m2, client, agent, agent_grpc, metrics, rt_agent = _free_ports(9)
-    temp = Path(tempfile.mkdtemp(prefix="duchray-", dir="/tmp"))  # short: socket path limit
-    env = dict(
-        os.environ,
-        AUTOSCALER_METRIC_PORT=str(m1),  # both default to fixed ports shared by every cluster
-        DASHBOARD_METRIC_PORT=str(m2),
-    )
-    env.pop("RAY_ADDRESS", None)
-    start = [
-        ray_bin,
-        "start",
-        "--head",
-        "--node-ip-address=127.0.0.1",
-        f"--port={gcs}",
-        "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dash}",
-        f"--ray-client-server-port={client}",
-        # every agent port explicit: the defaults are fixed, and an in-process Ray of the test
-        # session may already hold them
-        f"--dashboard-agent-listen-port={agent}",
-        f"--dashboard-agent-grpc-port={agent_grpc}",
-        f"--metrics-export-port={metrics}",
-        f"--runtime-env-agent-port={rt_agent}",
-        f"--temp-dir={temp}",
-        "--num-cpus=4",
-        "--object-store-memory=300000000",
-        "--disable-usage-stats",
-    ]
-    out = subprocess.run(start, env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stdout + out.stderr
+def test_ray_job_submit_runs_the_smoke_config(head_cluster: Any, tmp_path: Path) -> None:
+    ray_bin = head_cluster.cli("ray")
+    env = head_cluster.env
     work = tmp_path / "work"
     runtime_env = {
         "working_dir": str(ROOT),
         "excludes": [".venv", "out", ".git", "**/__pycache__", "*.egg-info", ".mypy_cache"],
         "env_vars": {"PYTHONUNBUFFERED": "1"},
     }
-    try:
-        t0 = time.monotonic()
-        submit = [
-            ray_bin,
-            "job",
-            "submit",
-            f"--address=http://127.0.0.1:{dash}",
-            f"--runtime-env-json={json.dumps(runtime_env)}",
-            "--",
-            sys.executable,  # the project's interpreter: the cluster runs from this venv
-            "jobs/train.py",
-            "--config",
-            "configs/smoke.yaml",
-            "--set",
-            f"work_dir={work}",
-        ]
-        for _ in range(30):  # the dashboard's job agent comes up a little after `ray start`
-            job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=420)
-            if job.returncode == 0 or "No available agent" not in job.stdout + job.stderr:
-                break
-            time.sleep(2)
-        log = job.stdout + job.stderr
-        assert job.returncode == 0, log[-5000:]
-        assert "succeeded" in log, log[-5000:]
-        assert "Started a local Ray instance" not in log  # the driver joined the cluster
-        assert f"bundle written to {work}/bundles/smoke" in log
-        bundle = Bundle.load(str(work / "bundles" / "smoke"))
-        assert bundle.bits == 16 and "map@20_mean" in bundle.meta["metrics"]
-        assert time.monotonic() - t0 < 400
-    finally:
-        stop_cluster(temp)
-        shutil.rmtree(temp, ignore_errors=True)
-
-
-def stop_cluster(temp: Path) -> None:
-    """Stop the processes of the cluster whose temp dir is ``temp``, and only those (`ray stop`
-    would stop every Ray process on the machine)."""
-    import signal
-
-    def mine() -> list[int]:
-        pids = []
-        for d in Path("/proc").iterdir():
-            if not d.name.isdigit():
-                continue
-            try:
-                if str(temp).encode() in (d / "cmdline").read_bytes():
-                    pids.append(int(d.name))
-            except OSError:
-                continue
-        return pids
-
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in mine():
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + 15
-        while mine() and time.monotonic() < deadline:
-            time.sleep(0.2)
+    t0 = time.monotonic()
+    submit = [
+        ray_bin,
+        "job",
+        "submit",
+        f"--address={head_cluster.dashboard_url}",
+        f"--runtime-env-json={json.dumps(runtime_env)}",
+        "--",
+        sys.executable,  # the project's interpreter: the cluster runs from this venv
+        "jobs/train.py",
+        "--config",
+        "configs/smoke.yaml",
+        "--set",
+        f"work_dir={work}",
+    ]
+    for _ in range(30):  # the dashboard's job agent comes up a little after `ray start`
+        job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=420)
+        if job.returncode == 0 or "No available agent" not in job.stdout + job.stderr:
+            break
+        time.sleep(2)
+    log = job.stdout + job.stderr
+    assert job.returncode == 0, log[-5000:]
+    assert "succeeded" in log, log[-5000:]
+    assert "Started a local Ray instance" not in log  # the driver joined the cluster
+    assert f"bundle written to {work}/bundles/smoke" in log
+    bundle = Bundle.load(str(work / "bundles" / "smoke"))
+    assert bundle.bits == 16 and "map@20_mean" in bundle.meta["metrics"]
+    assert time.monotonic() - t0 < 400
