@@ -7,6 +7,9 @@ All three run in the same process on the same codes and queries, with the same t
 (``duch_core.search.set_num_threads`` and faiss's OpenMP both set to ``--threads``):
 
 * **duch**: ``HammingIndex.search`` (numba kernel, all threads for every batch size);
+* **duch+mih**: the same index with multi-index hashing enabled (``HammingIndex.enable_mih``;
+  ``--no-mih`` leaves it out). It picks MIH or the scan by itself; ``by MIH`` says how many of
+  the timed queries MIH finished, and ``mem`` includes its tables;
 * **faiss**: ``faiss.IndexBinaryFlat.search``;
 * **numpy**: ``HammingIndex.reference_search`` (byte popcount table + full lexsort). It is slow, so
   it runs on the first ``--numpy-queries`` queries of each batch and only for ``N <=
@@ -61,6 +64,7 @@ class Row:
     vs_faiss: float
     parity: str
     load: float
+    mih: str = ""  # duch+mih: queries MIH finished / queries (the rest were scanned)
 
 
 def make_codes(kind: str, n: int, bits: int, rng: np.random.Generator) -> np.ndarray:
@@ -138,6 +142,13 @@ def run(args: argparse.Namespace) -> list[Row]:
                 ours = HammingIndex.from_arrays(codes, None, bits)
                 ours.search(queries[:1], 1)  # compile / load the kernel before timing
                 build = time.perf_counter() - t
+                mih = None
+                if args.mih:
+                    t = time.perf_counter()
+                    mih = HammingIndex.from_arrays(codes, None, bits)
+                    mih.enable_mih()
+                    mih.search(queries[:1], 1)  # builds the tables
+                    print(f"# MIH tables built in {time.perf_counter() - t:.1f} s", flush=True)
                 flat = faiss.IndexBinaryFlat(bits)
                 flat.add(codes)
                 print(
@@ -177,6 +188,23 @@ def run(args: argparse.Namespace) -> list[Row]:
                         load = os.getloadavg()[0]
                         ours_row = (kind, n, bits, batch, k, "duch", t_o * 1e3, n / t_o, mem_ours)
                         rows.append(Row(*ours_row, t_best / t_o, par_f, load))
+                        if mih is not None:
+                            before = dict(mih.mih_stats)
+                            t_m, (md, mi) = _time_batch(
+                                lambda x, k=k, ix=mih: ix.search(x, k),
+                                queries,
+                                batch,
+                                reps,
+                                args.single,
+                            )
+                            par_m = check_faiss(md, mi, fd, fi, codes, qq)
+                            fin = mih.mih_stats["mih_finished"] - before["mih_finished"]
+                            tot = mih.mih_stats["queries"] - before["queries"]
+                            mem_m = (mih.nbytes + mih.mih_nbytes) / 2**20
+                            rows.append(
+                                Row(kind, n, bits, batch, k, "duch+mih", t_m * 1e3, n / t_m,
+                                    mem_m, t_best / t_m, par_m, load, f"{fin}/{tot}")
+                            )  # fmt: skip
                         for name, tf in (("faiss", t_f), ("faiss-1t", t_f1)):
                             if tf < float("inf"):
                                 rows.append(
@@ -207,13 +235,13 @@ def run(args: argparse.Namespace) -> list[Row]:
                             )
                         for r in rows[first:]:
                             print(fmt_row(r), flush=True)
-                del ours, flat, codes
+                del ours, flat, codes, mih
     return rows
 
 
 HEADER = (
     f"{'data':<9} {'N':>9} {'bits':>4} {'batch':>5} {'k':>4} {'impl':<8} {'ms/query':>9} "
-    f"{'codes/s':>9} {'mem MB':>7} {'x faiss':>7} {'parity':<8} {'load':>5}"
+    f"{'codes/s':>9} {'mem MB':>7} {'x faiss':>7} {'parity':<8} {'load':>5} {'by MIH':>9}"
 )
 
 
@@ -221,7 +249,7 @@ def fmt_row(r: Row) -> str:
     return (
         f"{r.data:<9} {r.n:>9} {r.bits:>4} {r.batch:>5} {r.k:>4} {r.impl:<8} "
         f"{r.ms_per_query:>9.3f} {r.codes_per_s:>9.2e} {r.mem_mb:>7.1f} {r.vs_faiss:>7.2f} "
-        f"{r.parity:<8} {r.load:>5.1f}"
+        f"{r.parity:<8} {r.load:>5.1f} {r.mih:>9}"
     )
 
 
@@ -243,6 +271,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--single", type=int, default=15, help="single-query calls for batch 1")
     p.add_argument("--numpy-queries", type=int, default=3)
     p.add_argument("--numpy-max-n", type=int, default=1_000_000)
+    p.add_argument(
+        "--mih",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time an index with multi-index hashing enabled (row duch+mih)",
+    )
     p.add_argument("--json", default="", help="also write the rows to this JSON file")
     args = p.parse_args(argv)
     if args.quick:

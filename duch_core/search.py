@@ -23,6 +23,14 @@ type and cached on disk; :func:`warmup` does it ahead of the first request):
   integers in ``0..bits``) and ``t`` becomes the k-th distance: a later item at distance ``t``
   has a larger id than the ``k`` kept, so it can never enter. The per-thread lists are merged
   with a stable counting sort by distance.
+
+Multi-index hashing (Norouzi, Punjani and Fleet), opt-in with :meth:`HammingIndex.enable_mih`
+(:mod:`duch_core._mih_kernel`): ``bits // 16`` tables index every code by one 16-bit substring; a
+query probes buckets at growing substring radius and stops as soon as the pigeonhole bound
+proves its top-k exact. It examines a small fraction of the database when neighbours are near,
+as with a trained model's codes, and gives up for queries that would examine more than
+``N / 64`` candidates, which the scan then answers; the index stops trying MIH first when most
+recent queries gave up. Results are the same either way.
 """
 
 from __future__ import annotations
@@ -65,6 +73,15 @@ _SUB_BYTES = 2048
 _MIN_CHUNK = 32768
 # bound on the per-call candidate state (bytes), used to split very large query batches
 _STATE_BYTES = 64 << 20
+# multi-index hashing: a query gives up (and is answered by the scan) after examining this many
+# buckets and candidates, at least _MIH_MIN_BUDGET; a candidate costs about as much as scanning
+# a few hundred codes, since it is a random access
+_MIH_BUDGET_DIV = 64
+_MIH_MIN_BUDGET = 4096
+# the share of recent queries MIH must finish for it to stay the first choice; below it, one
+# call in _MIH_RETRY tries it again
+_MIH_KEEP = 0.5
+_MIH_RETRY = 16
 
 
 class SearchError(ValueError):
@@ -154,6 +171,28 @@ def warmup(bits: int) -> None:
     HammingIndex.from_arrays(np.zeros((2, nb), np.uint8), None, bits).search(
         np.zeros((1, nb), np.uint8), 1
     )
+
+
+def _mih_kernel() -> Any:
+    from duch_core import _mih_kernel
+
+    return _mih_kernel
+
+
+_MIH_CONST: dict[str, np.ndarray] = {}
+
+
+def _mih_constants() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All 16-bit masks by popcount, where each popcount starts, and a 16-bit popcount table."""
+    if not _MIH_CONST:
+        values = np.arange(65536, dtype=np.uint32)
+        pop = np.zeros(65536, np.uint8)
+        for b in range(16):
+            pop += ((values >> b) & 1).astype(np.uint8)
+        order = np.argsort(pop, kind="stable")
+        starts = np.searchsorted(pop[order], np.arange(18)).astype(np.int64)
+        _MIH_CONST.update(masks=order.astype(np.uint16), pop_off=starts, pop16=pop)
+    return _MIH_CONST["masks"], _MIH_CONST["pop_off"], _MIH_CONST["pop16"]
 
 
 def _search_positions(
@@ -257,6 +296,12 @@ class HammingIndex:
         self._ids = np.zeros((0,), np.int64)
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []
         self._npending = 0
+        self._mih_on = False
+        self._mih_tables: tuple[np.ndarray, np.ndarray] | None = None
+        self._mih_score = 1.0  # running share of queries MIH finished
+        self._mih_calls = 0
+        # queries searched, calls that tried MIH, queries MIH finished, queries scanned
+        self.mih_stats = {"queries": 0, "mih_calls": 0, "mih_finished": 0, "scanned": 0}
 
     @property
     def ntotal(self) -> int:
@@ -314,6 +359,7 @@ class HammingIndex:
         ids = np.concatenate([self._ids, *(i for _, i in self._pending)])
         self._pending = []
         self._npending = 0
+        self._mih_tables = None  # rebuilt on the next search that uses them
         if ids.size > 1 and bool(np.any(ids[1:] < ids[:-1])):
             order = np.argsort(ids, kind="stable")
             codes = codes[order]
@@ -321,8 +367,71 @@ class HammingIndex:
         self._codes = codes
         self._ids = ids
 
+    def enable_mih(self, on: bool = True) -> None:
+        """Use multi-index hashing (Norouzi et al.) where it is faster than the scan.
+
+        MIH finds the top-k of a query by probing 16-bit substring tables at growing radius,
+        exactly, and is much faster when the k-th neighbour is near (codes of a trained model
+        cluster). A query for which it would examine more than ``N / 256`` candidates gives up
+        and is answered by the scan; when most recent queries gave up, searches go straight to
+        the scan and retry MIH once every 16 calls. Results are identical either way.
+
+        Memory: ``bits // 16`` tables of ``N`` int32 positions plus 512 KiB each
+        (:attr:`mih_nbytes`), built on the first search after enabling or after an :meth:`add`.
+        """
+        self._mih_on = bool(on)
+        if not on:
+            self._mih_tables = None
+
+    @property
+    def mih_nbytes(self) -> int:
+        """Bytes held by the MIH tables (0 when off or not built yet)."""
+        if self._mih_tables is None:
+            return 0
+        return int(self._mih_tables[0].nbytes + self._mih_tables[1].nbytes)
+
+    def _mih(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._mih_tables is None:
+            m = self.bits // 16
+            n = self._codes.shape[0]
+            offsets = np.empty((m, 65537), np.int64)
+            items = np.empty((m, n), np.int32)
+            _mih_kernel().build_tables(np.asarray(self._codes), offsets, items)
+            self._mih_tables = (offsets, items)
+        return self._mih_tables
+
+    def _mih_search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """MIH top-k positions of ``queries`` ``(Q, bits // 8)`` uint8: ``(dist, pos, done)``;
+        rows where ``done`` is False gave up and hold nothing."""
+        offsets, items = self._mih()
+        masks, pop_off, pop16 = _mih_constants()
+        kern = _mih_kernel()
+        codes = np.asarray(self._codes)  # a plain array view of a mapped file
+        nq = queries.shape[0]
+        q = np.array(queries, dtype=np.uint8, order="C", copy=True)
+        dist = np.zeros((nq, k), np.int32)
+        pos = np.zeros((nq, k), np.int64)
+        done = np.zeros(nq, np.bool_)
+        budget = max(_MIH_MIN_BUDGET, self._codes.shape[0] // _MIH_BUDGET_DIV)
+        nthreads = int(max(1, min(get_num_threads(), nq // 8)))
+        bounds = np.linspace(0, nq, nthreads + 1).astype(np.int64)
+
+        def run(c: int) -> None:
+            kern.search_range(
+                codes, offsets, items, masks, pop_off, pop16, q,
+                bounds[c], bounds[c + 1], k, budget, dist, pos, done,
+            )  # fmt: skip
+
+        if nthreads == 1:
+            run(0)
+        else:
+            for f in [_pool(nthreads).submit(run, c) for c in range(nthreads)]:
+                f.result()
+        return dist, pos, done
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top-``k`` of each query.
+        """Exact top-``k`` of each query (by MIH where enabled and faster, see
+        :meth:`enable_mih`; otherwise by the blocked scan).
 
         Args:
             queries: ``(Q, bits // 8)`` uint8 packed codes.
@@ -338,9 +447,29 @@ class HammingIndex:
         if k == 0 or nq == 0:
             return np.zeros((nq, k), np.int32), np.zeros((nq, k), np.int64)
         self._consolidate()
-        db = _as_words(self._codes, self._nbytes)
-        q = _as_words(queries, self._nbytes)
-        dist, pos = _search_positions(db, q, k, self.bits)
+        self._mih_calls += 1
+        if self._mih_on and (self._mih_score >= _MIH_KEEP or self._mih_calls % _MIH_RETRY == 0):
+            dist, pos, done = self._mih_search(queries, k)
+            finished = int(done.sum())
+            self.mih_stats["mih_calls"] += 1
+            self._mih_score = 0.8 * self._mih_score + 0.2 * (finished / nq)
+            self.mih_stats["mih_finished"] += finished
+            rest = np.flatnonzero(~done)
+        else:
+            dist = np.empty((nq, k), np.int32)
+            pos = np.empty((nq, k), np.int64)
+            rest = np.arange(nq)
+        self.mih_stats["queries"] += nq
+        self.mih_stats["scanned"] += int(rest.size)
+        if rest.size:
+            db = _as_words(self._codes, self._nbytes)
+            sub = queries if rest.size == nq else np.ascontiguousarray(queries[rest])
+            d, p = _search_positions(db, _as_words(sub, self._nbytes), k, self.bits)
+            if rest.size == nq:
+                dist, pos = d, p
+            else:
+                dist[rest] = d
+                pos[rest] = p
         return dist, self._ids[pos]
 
     def reference_search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -337,3 +337,93 @@ def test_search_after_fork(small_blocks: None) -> None:
     np.testing.assert_array_equal(parent.recv(), want)
     proc.join(10)
     assert proc.exitcode == 0
+
+
+# ---- multi-index hashing --------------------------------------------------------------------
+
+
+def _mih_index(codes: np.ndarray, ids: np.ndarray | None, bits: int) -> HammingIndex:
+    idx = HammingIndex.from_arrays(codes, ids, bits)
+    idx.enable_mih()
+    return idx
+
+
+@pytest.mark.parametrize("bits", ALL_BITS)
+@pytest.mark.parametrize("kind", ["random", "clustered", "equal"])
+def test_mih_equals_reference(bits: int, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MIH answers exactly what the reference does, ties by id included; with an unlimited
+    budget every query is finished by MIH alone (no fallback to the scan)."""
+    monkeypatch.setattr(S, "_MIH_MIN_BUDGET", 1 << 60)
+    rng = np.random.default_rng(bits + len(kind))
+    n = 3000
+    if kind == "random":
+        codes, q = _codes(rng, n, bits), _codes(rng, 12, bits)
+    elif kind == "clustered":
+        codes, q = _clustered(rng, n, bits), _clustered(rng, 12, bits)
+    else:  # every code the same: all distances tie
+        codes = np.repeat(_codes(rng, 1, bits), n, axis=0)
+        q = np.concatenate([codes[:2], _codes(rng, 2, bits)])
+    ids = rng.permutation(n).astype(np.int64) * 7
+    idx = _mih_index(codes, ids, bits)
+    for k in (1, 5, 64, n + 10):
+        d, i = idx.search(q, k)
+        rd, ri = search_reference(codes, ids, q, k)
+        np.testing.assert_array_equal(d, rd)
+        np.testing.assert_array_equal(i, ri)
+    assert idx.mih_stats["scanned"] == 0
+    assert idx.mih_stats["mih_finished"] == idx.mih_stats["queries"] == 4 * q.shape[0]
+    assert idx.mih_nbytes == (bits // 16) * (n * 4 + 65537 * 8)
+
+
+def test_mih_gives_up_to_the_scan_and_stays_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a tiny budget random queries give up and the scan answers them (same results);
+    once most queries give up, searches go to the scan directly and retry MIH now and then."""
+    monkeypatch.setattr(S, "_MIH_MIN_BUDGET", 50)
+    monkeypatch.setattr(S, "_MIH_BUDGET_DIV", 1 << 30)
+    rng = np.random.default_rng(3)
+    codes = _codes(rng, 20000, 64)
+    idx = _mih_index(codes, None, 64)
+    q = _codes(rng, 6, 64)
+    calls = 40
+    for _ in range(calls):
+        d, i = idx.search(q, 10)
+    rd, ri = search_reference(codes, np.arange(20000, dtype=np.int64), q, 10)
+    np.testing.assert_array_equal(d, rd)
+    np.testing.assert_array_equal(i, ri)
+    st = idx.mih_stats
+    assert st["queries"] == calls * 6 and st["scanned"] == calls * 6  # all gave up
+    # MIH was tried on calls 1-4 (the running score 0.8, 0.64, 0.51, 0.41 then fell below
+    # _MIH_KEEP) and afterwards only on every _MIH_RETRY-th call: 16 and 32
+    assert idx.mih_stats["mih_calls"] == 6
+    # a near-duplicate query is finished by MIH even on this budget: mixed batches split
+    monkeypatch.setattr(S, "_MIH_MIN_BUDGET", 2000)
+    idx2 = _mih_index(codes, None, 64)
+    mixed = np.concatenate([codes[[5, 17]], q[:2]])
+    d, i = idx2.search(mixed, 1)
+    rd, ri = search_reference(codes, np.arange(20000, dtype=np.int64), mixed, 1)
+    np.testing.assert_array_equal(d, rd)
+    np.testing.assert_array_equal(i, ri)
+    assert idx2.mih_stats["mih_finished"] == 2 and idx2.mih_stats["scanned"] == 2
+
+
+def test_mih_tables_follow_adds_and_mapped_indexes(tmp_path) -> None:
+    rng = np.random.default_rng(8)
+    codes = _clustered(rng, 4000, 128)
+    idx = _mih_index(codes[:3000], np.arange(3000, dtype=np.int64) * 2, 128)
+    q = _clustered(rng, 5, 128)
+    idx.search(q, 7)
+    assert idx.mih_nbytes > 0
+    idx.add(codes[3000:], np.arange(3000, 4000, dtype=np.int64) * 2 - 1)  # interleaved ids
+    all_ids = np.concatenate([np.arange(3000) * 2, np.arange(3000, 4000) * 2 - 1]).astype(np.int64)
+    d, i = idx.search(q, 7)
+    rd, ri = search_reference(codes, all_ids, q, 7)
+    np.testing.assert_array_equal(d, rd)
+    np.testing.assert_array_equal(i, ri)
+    idx.save(tmp_path / "m")
+    mapped = HammingIndex.load(tmp_path / "m", mmap=True)
+    mapped.enable_mih()
+    for a, b in zip(mapped.search(q, 7), (rd, ri), strict=True):
+        np.testing.assert_array_equal(a, b)
+    mapped.enable_mih(False)
+    assert mapped.mih_nbytes == 0
+    np.testing.assert_array_equal(mapped.search(q, 7)[1], ri)
