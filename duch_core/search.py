@@ -25,12 +25,13 @@ type and cached on disk; :func:`warmup` does it ahead of the first request):
   with a stable counting sort by distance.
 
 Multi-index hashing (Norouzi, Punjani and Fleet), opt-in with :meth:`HammingIndex.enable_mih`
-(:mod:`duch_core._mih_kernel`): ``bits // 16`` tables index every code by one 16-bit substring; a
+(:mod:`duch_core._mih_kernel`): ``m`` tables index every code by one of ``m`` substrings of about
+``log2 N`` bits (:func:`mih_layout`); a
 query probes buckets at growing substring radius and stops as soon as the pigeonhole bound
 proves its top-k exact. It examines a small fraction of the database when neighbours are near,
 as with a trained model's codes, and gives up for queries that would examine more than
-``N / 64`` candidates, which the scan then answers; the index stops trying MIH first when most
-recent queries gave up. Results are the same either way.
+``N / 64`` candidates, which the scan then answers. The index times both methods and uses the
+faster one for each batch size. Results are the same either way.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -78,10 +80,11 @@ _STATE_BYTES = 64 << 20
 # a few hundred codes, since it is a random access
 _MIH_BUDGET_DIV = 64
 _MIH_MIN_BUDGET = 4096
-# the share of recent queries MIH must finish for it to stay the first choice; below it, one
-# call in _MIH_RETRY tries it again
-_MIH_KEEP = 0.5
+# one call in _MIH_RETRY uses the method that has been slower so far, to follow changes
 _MIH_RETRY = 16
+# MIH substrings: about log2(N) bits, within these bounds
+_MIH_MIN_BITS = 8
+_MIH_MAX_BITS = 24
 
 
 class SearchError(ValueError):
@@ -179,20 +182,28 @@ def _mih_kernel() -> Any:
     return _mih_kernel
 
 
-_MIH_CONST: dict[str, np.ndarray] = {}
+def mih_layout(bits: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """MIH substrings for ``n`` codes of ``bits`` bits: ``(starts, lens)``, consecutive and of
+    nearly equal length, about ``log2(n)`` bits each (Norouzi et al.'s choice: a bucket then
+    holds about one code)."""
+    target = int(np.clip(round(np.log2(max(n, 2))), _MIH_MIN_BITS, _MIH_MAX_BITS))
+    m = max(1, -(-bits // target))
+    lens = np.full(m, bits // m, np.int64)
+    lens[: bits % m] += 1
+    starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
+    return starts, lens
 
 
-def _mih_constants() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """All 16-bit masks by popcount, where each popcount starts, and a 16-bit popcount table."""
-    if not _MIH_CONST:
-        values = np.arange(65536, dtype=np.uint32)
-        pop = np.zeros(65536, np.uint8)
-        for b in range(16):
-            pop += ((values >> b) & 1).astype(np.uint8)
-        order = np.argsort(pop, kind="stable")
-        starts = np.searchsorted(pop[order], np.arange(18)).astype(np.int64)
-        _MIH_CONST.update(masks=order.astype(np.uint16), pop_off=starts, pop16=pop)
-    return _MIH_CONST["masks"], _MIH_CONST["pop_off"], _MIH_CONST["pop16"]
+def choose_mih(t_mih: float | None, t_scan: float | None, call: int) -> bool:
+    """Whether a search uses MIH, from the running seconds per query of each method (``None``:
+    not measured yet). Unmeasured methods go first (MIH, then the scan); then the faster one,
+    except that every ``_MIH_RETRY``-th call uses the other."""
+    if t_mih is None:
+        return True
+    if t_scan is None:
+        return False
+    faster = t_mih <= t_scan
+    return (not faster) if call % _MIH_RETRY == 0 else faster
 
 
 def _search_positions(
@@ -298,7 +309,9 @@ class HammingIndex:
         self._npending = 0
         self._mih_on = False
         self._mih_tables: tuple[np.ndarray, np.ndarray] | None = None
-        self._mih_score = 1.0  # running share of queries MIH finished
+        # running seconds per query of MIH (with its fallbacks) and of the scan, by batch size
+        self._mih_time: dict[tuple[int, int], list[float | None]] = {}
+        self._mih_layout: tuple[np.ndarray, np.ndarray] | None = None
         self._mih_calls = 0
         # queries searched, calls that tried MIH, queries MIH finished, queries scanned
         self.mih_stats = {"queries": 0, "mih_calls": 0, "mih_finished": 0, "scanned": 0}
@@ -372,12 +385,14 @@ class HammingIndex:
 
         MIH finds the top-k of a query by probing 16-bit substring tables at growing radius,
         exactly, and is much faster when the k-th neighbour is near (codes of a trained model
-        cluster). A query for which it would examine more than ``N / 256`` candidates gives up
-        and is answered by the scan; when most recent queries gave up, searches go straight to
-        the scan and retry MIH once every 16 calls. Results are identical either way.
+        cluster). A query for which it would examine more than ``N / 64`` buckets and candidates
+        gives up and is answered by the scan. Each search uses whichever method has been faster
+        per query so far for its ``k`` and batch size (1, up to 63, 64 and more), and the other
+        one every 16th call. Results are identical either way.
 
-        Memory: ``bits // 16`` tables of ``N`` int32 positions plus 512 KiB each
-        (:attr:`mih_nbytes`), built on the first search after enabling or after an :meth:`add`.
+        Memory: ``m`` tables (:func:`mih_layout`: substrings of about ``log2 N`` bits) of ``N``
+        int32 positions plus ``2**len + 1`` int32 offsets each (:attr:`mih_nbytes`), built on
+        the first search after enabling or after an :meth:`add`.
         """
         self._mih_on = bool(on)
         if not on:
@@ -390,21 +405,23 @@ class HammingIndex:
             return 0
         return int(self._mih_tables[0].nbytes + self._mih_tables[1].nbytes)
 
-    def _mih(self) -> tuple[np.ndarray, np.ndarray]:
-        if self._mih_tables is None:
-            m = self.bits // 16
+    def _mih(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        if self._mih_tables is None or self._mih_layout is None:
             n = self._codes.shape[0]
-            offsets = np.empty((m, 65537), np.int64)
-            items = np.empty((m, n), np.int32)
-            _mih_kernel().build_tables(np.asarray(self._codes), offsets, items)
+            starts, lens = mih_layout(self.bits, n)
+            odt = np.int32 if n < 2**31 - 1 else np.int64
+            offsets = np.empty((len(lens), (1 << int(lens.max())) + 1), odt)
+            items = np.empty((len(lens), n), np.int32)
+            _mih_kernel().build_tables(np.asarray(self._codes), starts, lens, offsets, items)
             self._mih_tables = (offsets, items)
-        return self._mih_tables
+            self._mih_layout = (starts, lens)
+            self._mih_time = {}
+        return (*self._mih_layout, *self._mih_tables)
 
     def _mih_search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """MIH top-k positions of ``queries`` ``(Q, bits // 8)`` uint8: ``(dist, pos, done)``;
         rows where ``done`` is False gave up and hold nothing."""
-        offsets, items = self._mih()
-        masks, pop_off, pop16 = _mih_constants()
+        starts, lens, offsets, items = self._mih()
         kern = _mih_kernel()
         codes = np.asarray(self._codes)  # a plain array view of a mapped file
         nq = queries.shape[0]
@@ -418,7 +435,7 @@ class HammingIndex:
 
         def run(c: int) -> None:
             kern.search_range(
-                codes, offsets, items, masks, pop_off, pop16, q,
+                codes, starts, lens, offsets, items, q,
                 bounds[c], bounds[c + 1], k, budget, dist, pos, done,
             )  # fmt: skip
 
@@ -447,12 +464,19 @@ class HammingIndex:
         if k == 0 or nq == 0:
             return np.zeros((nq, k), np.int32), np.zeros((nq, k), np.int64)
         self._consolidate()
-        self._mih_calls += 1
-        if self._mih_on and (self._mih_score >= _MIH_KEEP or self._mih_calls % _MIH_RETRY == 0):
+        use_mih = False
+        times: list[float | None] = [None, None]
+        t0 = 0.0
+        if self._mih_on:
+            self._mih_calls += 1
+            key = (0 if nq == 1 else 1 if nq < 64 else 2, k)
+            times = self._mih_time.setdefault(key, [None, None])
+            use_mih = choose_mih(times[0], times[1], self._mih_calls)
+            t0 = time.perf_counter()
+        if use_mih:
             dist, pos, done = self._mih_search(queries, k)
             finished = int(done.sum())
             self.mih_stats["mih_calls"] += 1
-            self._mih_score = 0.8 * self._mih_score + 0.2 * (finished / nq)
             self.mih_stats["mih_finished"] += finished
             rest = np.flatnonzero(~done)
         else:
@@ -470,6 +494,11 @@ class HammingIndex:
             else:
                 dist[rest] = d
                 pos[rest] = p
+        if self._mih_on:
+            per_query = (time.perf_counter() - t0) / nq
+            slot = 0 if use_mih else 1
+            old = times[slot]
+            times[slot] = per_query if old is None else 0.7 * old + 0.3 * per_query
         return dist, self._ids[pos]
 
     def reference_search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -348,12 +348,30 @@ def _mih_index(codes: np.ndarray, ids: np.ndarray | None, bits: int) -> HammingI
     return idx
 
 
+@pytest.fixture
+def mih_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every search tries MIH first and no query gives up (so MIH alone answers)."""
+    monkeypatch.setattr(S, "choose_mih", lambda *a: True)
+    monkeypatch.setattr(S, "_MIH_MIN_BUDGET", 1 << 60)
+
+
+@pytest.mark.parametrize(
+    ("bits", "n"), [(b, 3000) for b in ALL_BITS] + [(64, 70000), (24 * 8, 500)]
+)
+def test_mih_layout_covers_the_code(bits: int, n: int) -> None:
+    starts, lens = S.mih_layout(bits, n)
+    assert starts[0] == 0 and int(lens.sum()) == bits
+    np.testing.assert_array_equal(starts[1:], np.cumsum(lens)[:-1])
+    assert lens.max() - lens.min() <= 1 and lens.max() <= S._MIH_MAX_BITS
+    target = int(np.clip(round(np.log2(n)), S._MIH_MIN_BITS, S._MIH_MAX_BITS))
+    assert lens.max() <= target
+
+
 @pytest.mark.parametrize("bits", ALL_BITS)
 @pytest.mark.parametrize("kind", ["random", "clustered", "equal"])
-def test_mih_equals_reference(bits: int, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """MIH answers exactly what the reference does, ties by id included; with an unlimited
-    budget every query is finished by MIH alone (no fallback to the scan)."""
-    monkeypatch.setattr(S, "_MIH_MIN_BUDGET", 1 << 60)
+def test_mih_equals_reference(bits: int, kind: str, mih_only: None) -> None:
+    """MIH answers exactly what the reference does, ties by id included, with no query handed
+    to the scan."""
     rng = np.random.default_rng(bits + len(kind))
     n = 3000
     if kind == "random":
@@ -372,41 +390,61 @@ def test_mih_equals_reference(bits: int, kind: str, monkeypatch: pytest.MonkeyPa
         np.testing.assert_array_equal(i, ri)
     assert idx.mih_stats["scanned"] == 0
     assert idx.mih_stats["mih_finished"] == idx.mih_stats["queries"] == 4 * q.shape[0]
-    assert idx.mih_nbytes == (bits // 16) * (n * 4 + 65537 * 8)
+    _, lens = S.mih_layout(bits, n)
+    assert idx.mih_nbytes == len(lens) * (n * 4 + ((1 << int(lens.max())) + 1) * 4)
+
+
+def test_choose_mih_prefers_the_faster_and_explores() -> None:
+    assert S.choose_mih(None, None, 1) is True  # MIH unmeasured: try it
+    assert S.choose_mih(1e-3, None, 2) is False  # then the scan
+    assert S.choose_mih(1e-4, 1e-3, 3) is True and S.choose_mih(1e-3, 1e-4, 3) is False
+    r = S._MIH_RETRY
+    assert S.choose_mih(1e-4, 1e-3, r) is False and S.choose_mih(1e-3, 1e-4, 2 * r) is True
 
 
 def test_mih_gives_up_to_the_scan_and_stays_exact(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With a tiny budget random queries give up and the scan answers them (same results);
-    once most queries give up, searches go to the scan directly and retry MIH now and then."""
+    """With a tiny budget, queries far from everything give up and the scan answers them (same
+    results); a batch mixing near-duplicates and such queries is split between the two."""
+    monkeypatch.setattr(S, "choose_mih", lambda *a: True)
     monkeypatch.setattr(S, "_MIH_MIN_BUDGET", 50)
     monkeypatch.setattr(S, "_MIH_BUDGET_DIV", 1 << 30)
     rng = np.random.default_rng(3)
     codes = _codes(rng, 20000, 64)
+    ids = np.arange(20000, dtype=np.int64)
     idx = _mih_index(codes, None, 64)
     q = _codes(rng, 6, 64)
-    calls = 40
-    for _ in range(calls):
-        d, i = idx.search(q, 10)
-    rd, ri = search_reference(codes, np.arange(20000, dtype=np.int64), q, 10)
+    d, i = idx.search(q, 10)
+    rd, ri = search_reference(codes, ids, q, 10)
     np.testing.assert_array_equal(d, rd)
     np.testing.assert_array_equal(i, ri)
-    st = idx.mih_stats
-    assert st["queries"] == calls * 6 and st["scanned"] == calls * 6  # all gave up
-    # MIH was tried on calls 1-4 (the running score 0.8, 0.64, 0.51, 0.41 then fell below
-    # _MIH_KEEP) and afterwards only on every _MIH_RETRY-th call: 16 and 32
-    assert idx.mih_stats["mih_calls"] == 6
-    # a near-duplicate query is finished by MIH even on this budget: mixed batches split
-    monkeypatch.setattr(S, "_MIH_MIN_BUDGET", 2000)
-    idx2 = _mih_index(codes, None, 64)
+    assert idx.mih_stats["scanned"] == 6 and idx.mih_stats["mih_finished"] == 0
     mixed = np.concatenate([codes[[5, 17]], q[:2]])
-    d, i = idx2.search(mixed, 1)
-    rd, ri = search_reference(codes, np.arange(20000, dtype=np.int64), mixed, 1)
+    d, i = idx.search(mixed, 1)
+    rd, ri = search_reference(codes, ids, mixed, 1)
     np.testing.assert_array_equal(d, rd)
     np.testing.assert_array_equal(i, ri)
-    assert idx2.mih_stats["mih_finished"] == 2 and idx2.mih_stats["scanned"] == 2
+    assert idx.mih_stats["mih_finished"] == 2 and idx.mih_stats["scanned"] == 8
 
 
-def test_mih_tables_follow_adds_and_mapped_indexes(tmp_path) -> None:
+def test_mih_timing_chooses_between_both_methods() -> None:
+    """Left to itself, the index measures both methods and keeps using one of them; the results
+    stay exact whichever it picks."""
+    rng = np.random.default_rng(4)
+    codes = _clustered(rng, 30000, 64)
+    idx = _mih_index(codes, None, 64)
+    q = _clustered(rng, 3, 64)
+    ref = search_reference(codes, np.arange(30000, dtype=np.int64), q, 5)
+    for _ in range(40):
+        for a, b in zip(idx.search(q, 5), ref, strict=True):
+            np.testing.assert_array_equal(a, b)
+    st = idx.mih_stats
+    assert st["queries"] == 120
+    assert 1 <= st["mih_calls"] <= 39  # both were measured
+    t_mih, t_scan = idx._mih_time[(1, 5)]
+    assert t_mih is not None and t_scan is not None
+
+
+def test_mih_tables_follow_adds_and_mapped_indexes(tmp_path, mih_only: None) -> None:
     rng = np.random.default_rng(8)
     codes = _clustered(rng, 4000, 128)
     idx = _mih_index(codes[:3000], np.arange(3000, dtype=np.int64) * 2, 128)
@@ -424,6 +462,7 @@ def test_mih_tables_follow_adds_and_mapped_indexes(tmp_path) -> None:
     mapped.enable_mih()
     for a, b in zip(mapped.search(q, 7), (rd, ri), strict=True):
         np.testing.assert_array_equal(a, b)
+    assert mapped.mih_stats["mih_finished"] == 5
     mapped.enable_mih(False)
     assert mapped.mih_nbytes == 0
     np.testing.assert_array_equal(mapped.search(q, 7)[1], ri)
