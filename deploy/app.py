@@ -99,6 +99,13 @@ class AppArgs(BaseModel):
     thumbnail_size: int = Field(256, ge=16, le=2048, description="Thumbnail long side, pixels.")
     thumbnail_cache: int = Field(512, ge=0, description="Thumbnails kept in memory.")
     keep_versions: int = Field(2, ge=1, le=8, description="Index versions a searcher holds.")
+    mih: bool = Field(
+        False,
+        description=(
+            "Multi-index hashing in the searchers: much faster single queries when neighbours "
+            "are near (trained codes), tables of about 4 bytes per code and table"
+        ),
+    )
     batch_max_size: int = Field(16, ge=1, le=256, description="Queries per encoder batch.")
     batch_wait_s: float = Field(0.001, ge=0, le=1, description="Wait to fill a batch.")
     torch_threads: int = Field(0, ge=0, description="Encoder torch threads; 0 = Ray's default.")
@@ -138,6 +145,7 @@ class AppArgs(BaseModel):
             batch_max_size=self.batch_max_size,
             batch_wait_s=self.batch_wait_s,
             keep_versions=self.keep_versions,
+            mih=self.mih,
         )
 
 
@@ -183,7 +191,7 @@ def compose(
         )
     searchers = [
         ShardSearcher.options(name=f"ShardSearcher{g}", **(searcher_options or {})).bind(
-            g, args.n_searchers, args.keep_versions, loaders
+            g, args.n_searchers, args.keep_versions, loaders, args.mih
         )
         for g in range(args.n_searchers)
     ]

@@ -84,6 +84,7 @@ class IngressSettings:
     # with no searcher handles the ingress searches the whole index itself, keeping this many
     # versions
     keep_versions: int = 2
+    mih: bool = False
 
 
 class Catalog:
@@ -284,7 +285,7 @@ class Ingress:
         self.local_encoder: BatchedEncoder | None = None
         self.local_store: ShardStore | None = None
         if not self.searchers:
-            self.local_store = ShardStore(0, 1, settings.keep_versions, self.loaders)
+            self.local_store = ShardStore(0, 1, settings.keep_versions, self.loaders, settings.mih)
         self.state: ServingState | None = None
         self.last_error: str | None = None
         self._refused: dict[str, str] = {}

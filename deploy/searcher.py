@@ -67,6 +67,7 @@ def build_shard_data(
     row_ids: np.ndarray,
     bits: int,
     new_index: Callable[[int], Any],
+    mih: bool = False,
 ) -> ShardData:
     """Put loaded codes into an exact Hamming index (from ``new_index(bits)``) keyed by row id."""
     rows = np.asarray(row_ids, dtype=np.int64)
@@ -80,6 +81,8 @@ def build_shard_data(
             f"caption index {len(cap)}, row ids {len(rows)}"
         )
     index = new_index(bits)
+    if mih:
+        index.enable_mih()  # its tables are built by the warm-up query below
     if len(rows):
         index.add(np.ascontiguousarray(codes, dtype=np.uint8), rows)
         # one query now, so a compiled search kernel is ready before the version is served
@@ -113,10 +116,17 @@ class ShardStore:
         n_groups: number of searcher deployments.
         keep_versions: index versions kept in memory (the current one and the one before).
         loaders: how artifacts are read (see :class:`deploy.artifacts.Loaders`).
+        mih: enable multi-index hashing on the indexes (see
+            :meth:`duch_core.search.HammingIndex.enable_mih`).
     """
 
     def __init__(
-        self, group: int, n_groups: int, keep_versions: int = 2, loaders: Loaders | None = None
+        self,
+        group: int,
+        n_groups: int,
+        keep_versions: int = 2,
+        loaders: Loaders | None = None,
+        mih: bool = False,
     ) -> None:
         if not 0 <= group < n_groups:
             raise ValueError(f"searcher group {group} is outside 0..{n_groups - 1}")
@@ -124,6 +134,7 @@ class ShardStore:
         self.n_groups = n_groups
         self.keep_versions = max(1, keep_versions)
         self.loaders = loaders or Loaders()
+        self.mih = bool(mih)
         self._versions: OrderedDict[str, dict[str, ShardData]] = OrderedDict()
         self._loading: dict[str, asyncio.Future[dict[str, ShardData]]] = {}
 
@@ -135,7 +146,13 @@ class ShardStore:
                 manifest, modality, shards
             )
             out[modality] = build_shard_data(
-                codes, item_ids, caption_index, row_ids, int(manifest.bits), self.loaders.new_index
+                codes,
+                item_ids,
+                caption_index,
+                row_ids,
+                int(manifest.bits),
+                self.loaders.new_index,
+                self.mih,
             )
         return out
 

@@ -242,6 +242,7 @@ def service(artifacts: Artifacts) -> Any:
         bundle_uri=artifacts.bundle_uri,
         n_searchers=0 if colocated else 2,
         encode_in_ingress=colocated,
+        mih=colocated,  # the colocated service searches with multi-index hashing on
         k_cap=K_CAP,
         max_text_chars=MAX_TEXT,
         max_image_bytes=MAX_IMAGE_BYTES,
