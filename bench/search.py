@@ -161,28 +161,27 @@ def run(args: argparse.Namespace) -> list[Row]:
                     for k in args.ks:
                         first = len(rows)
                         reps = args.repeats if n * batch <= 2e9 else args.big_repeats
-                        t_o, (d, i) = _time_batch(
-                            lambda x, k=k, ix=ours: ix.search(x, k),
-                            queries,
-                            batch,
-                            reps,
-                            args.single,
-                        )
-                        t_f, (fd, fi) = _time_batch(
-                            lambda x, k=k, ix=flat: ix.search(x, k),
-                            queries,
-                            batch,
-                            reps,
-                            args.single,
-                        )
+
+                        def timed(
+                            ix: Any,
+                            q: Any = queries,
+                            batch: int = batch,
+                            reps: int = reps,
+                            k: int = k,
+                        ) -> Any:
+                            """Seconds per query and result of ``ix.search`` at this setting."""
+                            return _time_batch(
+                                lambda x: ix.search(x, k), q, batch, reps, args.single
+                            )
+
+                        t_o, (d, i) = timed(ours)
+                        t_f, (fd, fi) = timed(flat)
                         qq = queries[: d.shape[0]]
                         par_f = check_faiss(d, i, fd, fi, codes, qq)
                         t_f1 = float("inf")
                         if batch == 1:  # faiss's single query is faster on one OpenMP thread
                             faiss.omp_set_num_threads(1)
-                            t_f1, _ = _time_batch(
-                                lambda x, k=k, ix=flat: ix.search(x, k), queries, 1, 1, args.single
-                            )
+                            t_f1, _ = timed(flat, reps=1)
                             faiss.omp_set_num_threads(args.threads)
                         t_best = min(t_f, t_f1)
                         load = os.getloadavg()[0]
@@ -190,13 +189,7 @@ def run(args: argparse.Namespace) -> list[Row]:
                         rows.append(Row(*ours_row, t_best / t_o, par_f, load))
                         if mih is not None:
                             before = dict(mih.mih_stats)
-                            t_m, (md, mi) = _time_batch(
-                                lambda x, k=k, ix=mih: ix.search(x, k),
-                                queries,
-                                batch,
-                                reps,
-                                args.single,
-                            )
+                            t_m, (md, mi) = timed(mih)
                             par_m = check_faiss(md, mi, fd, fi, codes, qq)
                             fin = mih.mih_stats["mih_finished"] - before["mih_finished"]
                             tot = mih.mih_stats["queries"] - before["queries"]

@@ -278,14 +278,16 @@ class Ingress:
         if settings.handle_transport == "grpc":  # Serve's by-value gRPC handle transport
             encoder = encoder.options(_by_reference=False) if encoder is not None else None
             searchers = [s.options(_by_reference=False) for s in searchers]
-        self.encoder = encoder
         self.searchers = list(searchers)
         self.settings = settings
         self.loaders = loaders or Loaders()
-        self.local_encoder: BatchedEncoder | None = None
-        self.local_store: ShardStore | None = None
-        if not self.searchers:
-            self.local_store = ShardStore(0, 1, settings.keep_versions, self.loaders, settings.mih)
+        # (prepare, search) of each shard group: the searcher deployments' remote calls, or one
+        # store in this replica, which takes the same arguments and is awaited the same way
+        if self.searchers:
+            self._groups = [(s.prepare.remote, s.search.remote) for s in self.searchers]
+        else:
+            store = ShardStore(0, 1, settings.keep_versions, self.loaders, settings.mih)
+            self._groups = [(store.prepare, store.search)]
         self.state: ServingState | None = None
         self.last_error: str | None = None
         self._refused: dict[str, str] = {}
@@ -305,11 +307,12 @@ class Ingress:
             loaded = await asyncio.to_thread(
                 open_query_encoder, settings.bundle_uri, settings.torch_threads, self.loaders
             )
-            self.local_encoder = BatchedEncoder(
-                loaded, settings.batch_max_size, settings.batch_wait_s
-            )
+            local = BatchedEncoder(loaded, settings.batch_max_size, settings.batch_wait_s)
+            self._encode_text, self._encode_image = local.encode_text, local.encode_image
             info = encoder_info(loaded, settings.bundle_uri)
         else:
+            self._encode_text = encoder.encode_text.remote
+            self._encode_image = encoder.encode_image.remote
             info = await encoder.info.remote()
         self.encoder_bits = int(info["bits"])
         self.encoder_bundle_id = str(info["bundle_id"])
@@ -367,10 +370,7 @@ class Ingress:
         if manifest_archive_uri(manifest):
             table = await asyncio.to_thread(self.loaders.read_items, manifest)
         catalog = await asyncio.to_thread(Catalog, table)
-        if self.local_store is not None:
-            loaded = [await self.local_store.prepare(manifest)]
-        else:
-            loaded = await asyncio.gather(*(s.prepare.remote(manifest) for s in self.searchers))
+        loaded = await asyncio.gather(*(prepare(manifest) for prepare, _ in self._groups))
         counts: dict[str, int] = {}
         for part in loaded:
             for m, n in part.items():
@@ -459,22 +459,13 @@ class Ingress:
 
     async def encode(self, query: Query) -> np.ndarray:
         """The query's packed code, ``(1, bits // 8)`` uint8."""
-        enc = self.local_encoder
-        code: np.ndarray | None
-        err: str | None
         if query.modality == "text":
-            if enc is not None:
-                code, err = await enc.encode_text(query.text)
-            else:
-                code, err = await self.encoder.encode_text.remote(query.text)
+            code, err = await self._encode_text(query.text)
         else:
             img = await asyncio.to_thread(
                 decode_query_image, query.image or b"", self.settings.limits
             )
-            if enc is not None:
-                code, err = await enc.encode_image(img)
-            else:
-                code, err = await self.encoder.encode_image.remote(img)
+            code, err = await self._encode_image(img)
         if code is None:
             raise RequestError(422, f"cannot encode the {query.modality} query: {err}")
         return np.asarray(code, dtype=np.uint8).reshape(1, -1)
@@ -482,20 +473,15 @@ class Ingress:
     async def search_codes(
         self, st: ServingState, modality: str, codes: np.ndarray, k: int
     ) -> ShardResult:
-        """Exact top-k over all searchers (or this replica's store) for index version ``st``."""
-        if self.local_store is not None:
-            res = await self.local_store.search(st.version, modality, codes, k, st.manifest)
-            if res is None:  # not reachable: the manifest is sent
-                raise RuntimeError(f"index version {st.version} is not loaded")
-            return res
+        """Exact top-k over all shard groups for index version ``st``."""
 
-        async def one(s: Any) -> ShardResult:
-            res = await s.search.remote(st.version, modality, codes, k)
+        async def one(search: Any) -> ShardResult:
+            res = await search(st.version, modality, codes, k)
             if res is None:  # that replica does not hold the version: ask again with the manifest
-                res = await s.search.remote(st.version, modality, codes, k, st.manifest)
+                res = await search(st.version, modality, codes, k, st.manifest)
             return res
 
-        parts = await asyncio.gather(*(one(s) for s in self.searchers))
+        parts = await asyncio.gather(*(one(search) for _, search in self._groups))
         return merge_results(parts, k, self.loaders.merge_topk)
 
     async def run_search(self, query: Query) -> SearchResponse:

@@ -244,6 +244,8 @@ def merge_results(parts: Sequence[ShardResult], k: int, merge: Callable[..., Any
     versions = {p.version for p in parts}
     if len(versions) != 1:
         raise RuntimeError(f"searchers answered from different index versions: {sorted(versions)}")
+    if len(parts) == 1:  # already the exact top-k, ranked by (distance, id)
+        return parts[0]
     nonempty = [(p.dist, p.ids) for p in parts if p.ids.shape[1]]
     q = parts[0].ids.shape[0]
     if not nonempty:

@@ -77,7 +77,7 @@ _MIN_CHUNK = 32768
 _STATE_BYTES = 64 << 20
 # multi-index hashing: a query gives up (and is answered by the scan) after examining this many
 # buckets and candidates, at least _MIH_MIN_BUDGET; a candidate costs about as much as scanning
-# a few hundred codes, since it is a random access
+# a hundred codes, since it is a random access
 _MIH_BUDGET_DIV = 64
 _MIH_MIN_BUDGET = 4096
 # one call in _MIH_RETRY uses the method that has been slower so far, to follow changes
@@ -308,10 +308,11 @@ class HammingIndex:
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []
         self._npending = 0
         self._mih_on = False
-        self._mih_tables: tuple[np.ndarray, np.ndarray] | None = None
+        # (starts, lens, offsets, items), built from the codes on first use
+        self._mih_tables: tuple[np.ndarray, ...] | None = None
         # running seconds per query of MIH (with its fallbacks) and of the scan, by batch size
+        # and k
         self._mih_time: dict[tuple[int, int], list[float | None]] = {}
-        self._mih_layout: tuple[np.ndarray, np.ndarray] | None = None
         self._mih_calls = 0
         # queries searched, calls that tried MIH, queries MIH finished, queries scanned
         self.mih_stats = {"queries": 0, "mih_calls": 0, "mih_finished": 0, "scanned": 0}
@@ -383,8 +384,7 @@ class HammingIndex:
     def enable_mih(self, on: bool = True) -> None:
         """Use multi-index hashing (Norouzi et al.) where it is faster than the scan.
 
-        MIH finds the top-k of a query by probing 16-bit substring tables at growing radius,
-        exactly, and is much faster when the k-th neighbour is near (codes of a trained model
+        MIH finds the top-k of a query by probing substring tables at growing radius, exactly, and is much faster when the k-th neighbour is near (codes of a trained model
         cluster). A query for which it would examine more than ``N / 64`` buckets and candidates
         gives up and is answered by the scan. Each search uses whichever method has been faster
         per query so far for its ``k`` and batch size (1, up to 63, 64 and more), and the other
@@ -403,20 +403,20 @@ class HammingIndex:
         """Bytes held by the MIH tables (0 when off or not built yet)."""
         if self._mih_tables is None:
             return 0
-        return int(self._mih_tables[0].nbytes + self._mih_tables[1].nbytes)
+        return int(sum(a.nbytes for a in self._mih_tables[2:]))
 
-    def _mih(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        if self._mih_tables is None or self._mih_layout is None:
+    def _mih(self) -> tuple[np.ndarray, ...]:
+        """``(starts, lens, offsets, items)`` of the MIH tables, built on first use."""
+        if self._mih_tables is None:
             n = self._codes.shape[0]
             starts, lens = mih_layout(self.bits, n)
             odt = np.int32 if n < 2**31 - 1 else np.int64
             offsets = np.empty((len(lens), (1 << int(lens.max())) + 1), odt)
             items = np.empty((len(lens), n), np.int32)
             _mih_kernel().build_tables(np.asarray(self._codes), starts, lens, offsets, items)
-            self._mih_tables = (offsets, items)
-            self._mih_layout = (starts, lens)
+            self._mih_tables = (starts, lens, offsets, items)
             self._mih_time = {}
-        return (*self._mih_layout, *self._mih_tables)
+        return self._mih_tables
 
     def _mih_search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """MIH top-k positions of ``queries`` ``(Q, bits // 8)`` uint8: ``(dist, pos, done)``;
@@ -425,7 +425,7 @@ class HammingIndex:
         kern = _mih_kernel()
         codes = np.asarray(self._codes)  # a plain array view of a mapped file
         nq = queries.shape[0]
-        q = np.array(queries, dtype=np.uint8, order="C", copy=True)
+        q = queries if queries.flags.writeable else queries.copy()  # one compiled variant
         dist = np.zeros((nq, k), np.int32)
         pos = np.zeros((nq, k), np.int64)
         done = np.zeros(nq, np.bool_)
@@ -464,42 +464,43 @@ class HammingIndex:
         if k == 0 or nq == 0:
             return np.zeros((nq, k), np.int32), np.zeros((nq, k), np.int64)
         self._consolidate()
-        use_mih = False
-        times: list[float | None] = [None, None]
-        t0 = 0.0
+        self.mih_stats["queries"] += nq
         if self._mih_on:
-            self._mih_calls += 1
-            key = (0 if nq == 1 else 1 if nq < 64 else 2, k)
-            times = self._mih_time.setdefault(key, [None, None])
-            use_mih = choose_mih(times[0], times[1], self._mih_calls)
-            t0 = time.perf_counter()
+            dist, pos = self._search_choosing(queries, k)
+        else:
+            self.mih_stats["scanned"] += nq
+            dist, pos = self._scan(queries, k)
+        return dist, self._ids[pos]
+
+    def _scan(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k positions of ``queries`` by the blocked scan."""
+        db = _as_words(self._codes, self._nbytes)
+        return _search_positions(db, _as_words(queries, self._nbytes), k, self.bits)
+
+    def _search_choosing(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k positions by MIH or the scan, whichever has been faster for this batch size and
+        ``k`` (:func:`choose_mih`), timing the one used."""
+        nq = queries.shape[0]
+        self._mih_calls += 1
+        times = self._mih_time.setdefault((0 if nq == 1 else 1 if nq < 64 else 2, k), [None, None])
+        use_mih = choose_mih(times[0], times[1], self._mih_calls)
+        t0 = time.perf_counter()
         if use_mih:
             dist, pos, done = self._mih_search(queries, k)
-            finished = int(done.sum())
-            self.mih_stats["mih_calls"] += 1
-            self.mih_stats["mih_finished"] += finished
             rest = np.flatnonzero(~done)
+            if rest.size:  # the queries MIH gave up on
+                dist[rest], pos[rest] = self._scan(np.ascontiguousarray(queries[rest]), k)
+            self.mih_stats["mih_calls"] += 1
+            self.mih_stats["mih_finished"] += nq - int(rest.size)
+            self.mih_stats["scanned"] += int(rest.size)
         else:
-            dist = np.empty((nq, k), np.int32)
-            pos = np.empty((nq, k), np.int64)
-            rest = np.arange(nq)
-        self.mih_stats["queries"] += nq
-        self.mih_stats["scanned"] += int(rest.size)
-        if rest.size:
-            db = _as_words(self._codes, self._nbytes)
-            sub = queries if rest.size == nq else np.ascontiguousarray(queries[rest])
-            d, p = _search_positions(db, _as_words(sub, self._nbytes), k, self.bits)
-            if rest.size == nq:
-                dist, pos = d, p
-            else:
-                dist[rest] = d
-                pos[rest] = p
-        if self._mih_on:
-            per_query = (time.perf_counter() - t0) / nq
-            slot = 0 if use_mih else 1
-            old = times[slot]
-            times[slot] = per_query if old is None else 0.7 * old + 0.3 * per_query
-        return dist, self._ids[pos]
+            dist, pos = self._scan(queries, k)
+            self.mih_stats["scanned"] += nq
+        per_query = (time.perf_counter() - t0) / nq
+        slot = 0 if use_mih else 1
+        old = times[slot]
+        times[slot] = per_query if old is None else 0.7 * old + 0.3 * per_query
+        return dist, pos
 
     def reference_search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`search` by :func:`search_reference` (slow; for tests and benchmarks)."""

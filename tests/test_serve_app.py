@@ -19,6 +19,7 @@ import json
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -646,8 +647,6 @@ def test_serve_deploy_of_the_local_config_on_a_started_cluster(
     free one) on a `ray start --head` cluster: the proxy and the ingress replica's own port (as
     `python -m deploy.endpoints` lists it) answer searches equal to the in-process reference,
     and `serve shutdown` takes the service down."""
-    import sys
-
     import yaml
 
     from duch_core.demo import make_demo_archive
