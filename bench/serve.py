@@ -338,7 +338,7 @@ def query_images(n: int, size: int) -> list[bytes]:
     """PNG files of demo scenes (seeded) used as image queries."""
     from PIL import Image
 
-    from duch_core.demo import DEMO_CLASSES, render_scene
+    from duch_core.synthetic_archive import DEMO_CLASSES, render_scene
 
     out = []
     for j in range(n):

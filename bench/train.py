@@ -172,7 +172,7 @@ def bench_extraction(args: argparse.Namespace, work: str) -> list[dict[str, Any]
 
     from duch_core.archive import read_archive
     from duch_core.config import load
-    from duch_core.demo import make_demo_archive
+    from duch_core.synthetic_archive import make_demo_archive
     from jobs.extract_features import FeatureEncoder, decode_batch, manifest_rows, run_stage
     from jobs.train_config import TrainJobConfig, validate
 

@@ -63,7 +63,7 @@ def train(work_dir: str, retrain: bool, config: str) -> dict[str, Any]:
     """Step 1: the training job on ``config``; returns its summary (or the saved one)."""
     from duch_core import storage
     from duch_core.config import load
-    from duch_core.demo import MANIFEST_NAME
+    from duch_core.synthetic_archive import MANIFEST_NAME
     from jobs.train import demo_archive_uri, prepare_archive, run
     from jobs.train_config import TrainJobConfig, validate
 
@@ -134,7 +134,7 @@ class InProcess:
 
 def query_in_process(searcher: InProcess) -> float:
     """Step 3: the demo queries; returns the mean precision@TOP by class label."""
-    from duch_core.demo import DEMO_CLASSES
+    from duch_core.synthetic_archive import DEMO_CLASSES
 
     precisions = []
     for text, cls in QUERIES:

@@ -116,7 +116,7 @@ def prepare_archive(cfg: TrainJobConfig) -> pa.Table:
     """
     uri = cfg.duch.data.archive
     if not uri:
-        from duch_core.demo import MANIFEST_NAME, make_demo_archive
+        from duch_core.synthetic_archive import MANIFEST_NAME, make_demo_archive
 
         uri = demo_archive_uri(cfg)
         if not storage.exists(storage.join(uri, MANIFEST_NAME)):

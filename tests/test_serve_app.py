@@ -147,7 +147,7 @@ def artifacts(request, ray_session, s3_server, tmp_path_factory) -> Artifacts:  
     """Archive, bundle and index on the test S3 server (the service reads them from there); one
     set per layout, because the tests publish new index versions."""
     from duch_core import storage
-    from duch_core.demo import make_demo_archive
+    from duch_core.synthetic_archive import make_demo_archive
 
     work = tmp_path_factory.mktemp("serve")
     base = f"s3://{s3_server.bucket}/serve-{uuid.uuid4().hex}" if s3_server else str(work)
@@ -649,7 +649,7 @@ def test_serve_deploy_of_the_local_config_on_a_started_cluster(
     and `serve shutdown` takes the service down."""
     import yaml
 
-    from duch_core.demo import make_demo_archive
+    from duch_core.synthetic_archive import make_demo_archive
 
     archive = make_demo_archive(str(tmp_path / "archive"), n_per_class=2, image_size=64, seed=5)
     bundle = make_bundle(str(tmp_path / "bundle"), BITS, seed=1)
@@ -777,7 +777,7 @@ def test_index_swap_under_load_never_fails_or_mixes(service: Service) -> None:
     """Clients query without pause while a new index version is published and picked up by the
     poller; every answer is a 200 that equals the reference search of the version it names."""
     from duch_core import storage
-    from duch_core.demo import make_demo_archive
+    from duch_core.synthetic_archive import make_demo_archive
 
     art = service.art
     v1 = art.manifest

@@ -46,7 +46,7 @@ def read_state(checkpoint_uri: str) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def s3_demo(s3_server, ray_session):  # noqa: ARG001 - both must be up
     """The smoke demo archive stored in S3, with a shared S3 feature cache."""
-    from duch_core.demo import make_demo_archive
+    from duch_core.synthetic_archive import make_demo_archive
 
     base = f"s3://{s3_server.bucket}/train-job-{uuid.uuid4().hex[:8]}"
     make_demo_archive(storage.join(base, "archive"), n_per_class=4, image_size=64, seed=0)

@@ -88,7 +88,7 @@ def test_item_rngs_view_zero_is_the_fixed_view() -> None:
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory: pytest.TempPathFactory) -> pa.Table:
     """Six items of the demo archive, with their chosen captions (the stage's input rows)."""
-    from duch_core.demo import make_demo_archive
+    from duch_core.synthetic_archive import make_demo_archive
 
     out = tmp_path_factory.mktemp("views_archive")
     make_demo_archive(str(out), n_per_class=1, image_size=64, seed=0, workers=1)
@@ -170,7 +170,7 @@ def test_text_method_none_keeps_caption_views_equal(manifest: pa.Table) -> None:
 
 def test_feature_stage_on_ray_data_writes_every_view(tmp_path: Path, ray_session: Any) -> None:
     """The whole stage (Ray Data, Parquet, cache) with V = 1 and V = 3 on the same items."""
-    from duch_core.demo import make_demo_archive
+    from duch_core.synthetic_archive import make_demo_archive
 
     make_demo_archive(str(tmp_path / "a"), n_per_class=1, image_size=64, seed=0, workers=1)
     archive = read_archive(str(tmp_path / "a"))

@@ -12,7 +12,7 @@ from PIL import Image
 
 from duch_core import storage
 from duch_core.archive import read_archive
-from duch_core.demo import DEMO_CLASSES, make_demo_archive, render_scene
+from duch_core.synthetic_archive import DEMO_CLASSES, make_demo_archive, render_scene
 
 N_PER_CLASS = 6
 SIZE = 64
