@@ -8,10 +8,10 @@ Layout of an index root (a local directory or an ``s3://`` prefix)::
     <root>/versions/<version>/errors.parquet        items that could not be encoded
     <root>/versions/<version>/summary.json          what the run did (counts, bytes, speed)
 
-A version id is ``<UTC timestamp>-<random suffix>``, so ids sort by creation time. Every run
-writes a fresh version directory: shards first, then ``index.json``, then ``LATEST`` is replaced
-atomically (:func:`duch_core.storage.publish_pointer`). A reader only follows ``LATEST`` and only
-trusts shards listed in ``index.json``, so a run that dies half way leaves an unreferenced
+A version id is ``<UTC timestamp>-<random suffix>`` (:func:`duch_core.storage.new_version_id`,
+re-exported here), so ids sort by creation time. Every run writes a fresh version directory: shards
+first, then ``index.json``, then ``LATEST`` is replaced atomically
+(:func:`duch_core.storage.publish_pointer`). A reader only follows ``LATEST`` and only trusts shards listed in ``index.json``, so a run that dies half way leaves an unreferenced
 directory, never a half index. Every shard's SHA-256 is recorded and checked on load.
 
 Each shard row is one code: an image (``caption_index = -1``) or one caption of an item
@@ -29,7 +29,6 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import io
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +40,7 @@ import pyarrow.parquet as pq
 
 from duch_core import storage
 from duch_core.codes import BITORDER, check_bits
+from duch_core.storage import new_version_id as new_version_id  # re-exported
 
 FORMAT_VERSION = 1
 MODALITIES: tuple[str, ...] = ("image", "text")
@@ -238,12 +238,6 @@ class IndexManifest:
 
 # --------------------------------------------------------------------------------------------
 # names and locations
-
-
-def new_version_id(now: _dt.datetime | None = None) -> str:
-    """A fresh version id: ``YYYYmmddTHHMMSSffffffZ-<8 hex>``; ids sort by creation time."""
-    t = (now or _dt.datetime.now(_dt.UTC)).astimezone(_dt.UTC)
-    return f"{t:%Y%m%dT%H%M%S%fZ}-{uuid.uuid4().hex[:8]}"
 
 
 def version_uri(root: str, version: str) -> str:

@@ -37,7 +37,7 @@ import re
 import threading
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from types import TracebackType
 from typing import Any
@@ -62,6 +62,7 @@ __all__ = [
     "is_s3",
     "join",
     "list_prefix",
+    "new_version_id",
     "open_input",
     "open_output",
     "publish_pointer",
@@ -776,6 +777,16 @@ def _check_pointer_value(value: str) -> bytes:
     if len(data) > MAX_POINTER_BYTES:
         raise ValueError(f"a pointer value must be at most {MAX_POINTER_BYTES} bytes")
     return data
+
+
+def new_version_id(now: datetime | None = None) -> str:
+    """A fresh id for a versioned output directory: ``YYYYmmddTHHMMSSffffffZ-<8 hex>``.
+
+    UTC with microseconds, so ids sort by creation time even for runs in the same second; the
+    random suffix keeps concurrent runs apart. Index versions and feature-cache versions use it.
+    """
+    t = (now or datetime.now(UTC)).astimezone(UTC)
+    return f"{t:%Y%m%dT%H%M%S%fZ}-{uuid.uuid4().hex[:8]}"
 
 
 def publish_pointer(pointer_uri: str, value: str) -> None:

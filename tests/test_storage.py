@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import threading
 import time
 import uuid
@@ -490,3 +491,26 @@ def test_s3_server_fixture(s3_server):
     assert os.environ["AWS_REGION"] == os.environ["AWS_DEFAULT_REGION"] == s3_server.region
     assert s3_server.start_s < 30
     print(f"weed mini ready in {s3_server.start_s:.2f} s")
+
+
+# --------------------------------------------------------------------------------------------
+# version ids
+
+
+def test_new_version_ids_sort_by_creation_time_and_are_unique():
+    from datetime import UTC, datetime, timedelta, timezone
+
+    t = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
+    vid = storage.new_version_id(t)
+    assert re.fullmatch(r"20240506T070809123456Z-[0-9a-f]{8}", vid), vid
+    # a zone-aware time elsewhere is converted to UTC
+    local = t.astimezone(timezone(timedelta(hours=5)))
+    assert storage.new_version_id(local).split("-")[0] == vid.split("-")[0]
+    # one microsecond later sorts later whatever the random suffixes are
+    later = [storage.new_version_id(t + timedelta(microseconds=1)) for _ in range(20)]
+    same = [storage.new_version_id(t) for _ in range(20)]
+    assert all(a < b for a in same for b in later)
+    assert len(set(same)) == len(same)
+    # the default is now, and a valid pointer value
+    assert storage.new_version_id() > vid
+    storage._check_pointer_value(storage.new_version_id())
