@@ -1,0 +1,1 @@
+"""Ray entry points of the pipeline; `duch <command>` (jobs/cli.py) dispatches to them."""
