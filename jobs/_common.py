@@ -118,3 +118,40 @@ def print_config(cfg: Any) -> None:
     from duch_core.config import save_yaml
 
     sys.stdout.write(save_yaml(cfg))
+
+
+class LocationError(ValueError):
+    """A location a job shares across workers is node-local on a multi-node cluster."""
+
+
+def alive_nodes() -> int:
+    """Alive nodes of the Ray cluster this process is connected to (Ray must be initialised)."""
+    import ray
+
+    return sum(1 for n in ray.nodes() if n.get("Alive"))
+
+
+def check_shared_locations(locations: dict[str, str | None], nodes: int | None = None) -> None:
+    """Refuse node-local locations when the cluster has more than one alive node.
+
+    On such a cluster a worker on another node would write to (or read from) its own disk, and
+    the run fails later with an opaque error or silently loses output. ``locations`` maps the
+    config key (``run.storage_path``, ``features.cache_root``, ...) to its URI; empty values are
+    skipped. ``nodes`` defaults to the connected cluster's alive nodes.
+
+    Raises:
+        LocationError: naming every offending key and the fix.
+    """
+    from duch_core import storage
+
+    if nodes is None:
+        nodes = alive_nodes()
+    if nodes <= 1:
+        return
+    local = [f"{key}={uri}" for key, uri in locations.items() if uri and not storage.is_s3(uri)]
+    if local:
+        raise LocationError(
+            f"this Ray cluster has {nodes} nodes, so every location its workers share must be "
+            f"an s3:// URI, but these are node-local: {', '.join(local)}. Put them on S3 "
+            "(e.g. --set KEY=s3://bucket/prefix) or run on a single node."
+        )

@@ -336,3 +336,94 @@ def head_cluster(s3_server):  # noqa: ARG001 - the cluster inherits the S3 envir
     finally:
         _stop_cluster(temp)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+@dataclass
+class TwoNodeCluster(HeadCluster):
+    """A head plus a second node (``ray start --address``), both on this machine.
+
+    The second node carries the custom resource ``node2`` so tests can pin work to it or check
+    where work ran; :meth:`kill_node2` takes it away as a node loss would.
+    """
+
+    node2_temp: Path | None = None
+
+    def kill_node2(self) -> None:
+        assert self.node2_temp is not None
+        _stop_cluster(self.node2_temp)
+
+
+def _ray_start(args: list[str], env: dict[str, str]) -> None:
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "ray"), "start", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.fixture
+def two_node_cluster(s3_server):  # noqa: ARG001 - the cluster inherits the S3 environment
+    """A real 2-node Ray cluster on one machine: a head (2 CPUs) and a worker node (2 CPUs).
+
+    Runs only inside the tests' private network namespace, where "every interface" is loopback:
+    a second node cannot join while ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (the single-node
+    loopback setting), so both nodes start without it. Jobs reach it through ``RAY_ADDRESS``.
+    """
+    ports = _free_ports(18)
+    temp = Path(tempfile.mkdtemp(prefix="duchr1-", dir="/tmp"))
+    temp2 = Path(tempfile.mkdtemp(prefix="duchr2-", dir="/tmp"))
+    env = dict(
+        os.environ, AUTOSCALER_METRIC_PORT=str(ports[0]), DASHBOARD_METRIC_PORT=str(ports[1])
+    )
+    env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+    gcs, dash = ports[2], ports[3]
+    head = [
+        "--head",
+        "--node-ip-address=127.0.0.1",
+        f"--port={gcs}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+        f"--ray-client-server-port={ports[4]}",
+        f"--dashboard-agent-listen-port={ports[5]}",
+        f"--dashboard-agent-grpc-port={ports[6]}",
+        f"--metrics-export-port={ports[7]}",
+        f"--runtime-env-agent-port={ports[8]}",
+        f"--node-manager-port={ports[9]}",
+        f"--object-manager-port={ports[10]}",
+        f"--temp-dir={temp}",
+        "--num-cpus=2",
+        '--resources={"head": 1}',
+        "--object-store-memory=200000000",
+        "--disable-usage-stats",
+    ]
+    node2 = [
+        f"--address=127.0.0.1:{gcs}",
+        "--node-ip-address=127.0.0.1",
+        f"--dashboard-agent-listen-port={ports[11]}",
+        f"--dashboard-agent-grpc-port={ports[12]}",
+        f"--metrics-export-port={ports[13]}",
+        f"--runtime-env-agent-port={ports[14]}",
+        f"--node-manager-port={ports[15]}",
+        f"--object-manager-port={ports[16]}",
+        f"--temp-dir={temp2}",
+        "--num-cpus=2",
+        '--resources={"node2": 1}',
+        "--object-store-memory=200000000",
+        "--disable-usage-stats",
+    ]
+    try:
+        _ray_start(head, env)
+        _ray_start(node2, env)
+        cluster = TwoNodeCluster(
+            f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}", env, temp, node2_temp=temp2
+        )
+        yield cluster
+    finally:
+        _stop_cluster(temp2)
+        _stop_cluster(temp)
+        shutil.rmtree(temp, ignore_errors=True)
+        shutil.rmtree(temp2, ignore_errors=True)
