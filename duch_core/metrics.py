@@ -4,9 +4,13 @@ Conventions shared by every function here:
 
 * Codes are packed ``(N, bits // 8)`` uint8 arrays (:mod:`duch_core.codes`); ``bits = 8 * width``.
 * Relevance is "shares a class" (:func:`relevance`): equal labels, or overlapping multi-hot rows.
-* The ranking of a query sorts the database by Hamming distance, **ties broken by database
-  position** (a stable sort), so every number is deterministic. (The published code used an
-  unstable ``torch.sort``; its numbers can move by a little at short code lengths.)
+* The ranking of a query sorts the database by Hamming distance. Rank metrics (mAP@K, P@K)
+  take ``ties``: ``"position"`` (default) breaks ties in distance by database position (a stable
+  sort), so every number is deterministic; ``"expected"`` gives the exact expected value over
+  uniformly random orders inside every group of tied items, computed in closed form
+  (:func:`average_precision_at_k`), which does not depend on how the database happens to be
+  ordered. (The published code used an unstable ``torch.sort``, one arbitrary order; at short
+  code lengths, where ties are frequent, the two can differ by a few points.)
 * Means are over **all** queries, including queries with no relevant item in the database (they
   score 0), as the reference implementation divides by the number of queries.
 
@@ -23,6 +27,7 @@ import numpy as np
 from duch_core.codes import CodeLengthError, hamming_pm1, unpack
 
 Variant = Literal["djsrh", "standard"]
+Ties = Literal["position", "expected"]
 DEFAULT_P_AT_K: tuple[int, ...] = (
     1,
     5,
@@ -144,6 +149,11 @@ def _checked_relevance(q_labels: Any, db_labels: Any, nq: int, ndb: int) -> np.n
     return rel
 
 
+def _check_ties(ties: str) -> None:
+    if ties not in ("position", "expected"):
+        raise MetricError(f"ties must be 'position' or 'expected', got {ties!r}")
+
+
 def _check_k(k: int) -> int:
     if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
         raise MetricError(f"k must be a positive integer, got {k!r}")
@@ -179,11 +189,71 @@ def _distance_blocks(q: np.ndarray, db: np.ndarray) -> Iterator[tuple[slice, np.
         yield sl, hamming_pm1(unpack(q[sl], bits), db_pm1)
 
 
-def _ranked_relevance(dist: np.ndarray, rel: np.ndarray) -> np.ndarray:
-    """Relevance in rank order: ``(q, N)`` bool, ties kept in database order."""
+def _ranked(dist: np.ndarray, rel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(distances, relevance)`` in rank order, both ``(q, N)``; ties kept in database order."""
     # distances are at most 1024: int16 keys let numpy use its radix sort (stable)
     order = np.argsort(dist.astype(np.int16), axis=1, kind="stable")
-    return np.take_along_axis(rel, order, axis=1)
+    return np.take_along_axis(dist, order, axis=1), np.take_along_axis(rel, order, axis=1)
+
+
+def _tie_groups(d: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Per rank position, the group of tied items it falls in.
+
+    Args:
+        d: ``(q, N)`` distances in rank order (non-decreasing along each row).
+        g: ``(q, N)`` bool relevance in the same order.
+
+    Returns:
+        ``(start, size, rel_before, rel_in)``, each ``(q, N)`` int64: the 0-based rank where the
+        group starts, its number of items, the relevant items ranked before the group and the
+        relevant items inside it.
+    """
+    m, n = d.shape
+    idx = np.broadcast_to(np.arange(n, dtype=np.int64), (m, n))
+    first = np.ones((m, n), dtype=bool)
+    first[:, 1:] = d[:, 1:] != d[:, :-1]
+    last = np.ones((m, n), dtype=bool)
+    last[:, :-1] = first[:, 1:]
+    start = np.maximum.accumulate(np.where(first, idx, 0), axis=1)
+    end = np.minimum.accumulate(np.where(last, idx, n)[:, ::-1], axis=1)[:, ::-1]
+    hits = np.cumsum(g, axis=1, dtype=np.int64)
+    before = np.take_along_axis(hits - g, start, axis=1)
+    inside = np.take_along_axis(hits, end, axis=1) - before
+    return start, end - start + 1, before, inside
+
+
+def _log_factorials(n: int) -> np.ndarray:
+    """``(n + 1,)`` float64: ``log(i!)`` for ``i = 0 .. n``."""
+    return np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, n + 1, dtype=np.float64)))])
+
+
+def _expected_straddling_group(
+    start: int, size: int, before: int, inside: int, t: int, log_fact: np.ndarray
+) -> float:
+    """Expected ``sum_j j / pos_j`` over the relevant items ``j = before + 1 .. t`` that lie in one
+    group of tied items in random order (the group holding the ``t``-th relevant item).
+
+    For the item at 1-based group slot ``i``, ``Y`` = relevant items in the earlier slots given
+    that slot ``i`` is relevant is hypergeometric (``i - 1`` draws from ``size - 1`` items of
+    which ``inside - 1`` are relevant); the item is the ``(before + 1 + Y)``-th relevant one and
+    counts while that is at most ``t``.
+    """
+    lf = log_fact
+
+    def log_choose(a: np.ndarray | int, b: np.ndarray) -> np.ndarray:
+        return lf[a] - lf[b] - lf[np.asarray(a) - b]
+
+    i = np.arange(1, size + 1, dtype=np.int64)[:, None]
+    y = np.arange(0, t - before, dtype=np.int64)[None, :]
+    other = i - 1 - y  # irrelevant items in the earlier slots
+    ok = (other >= 0) & (other <= size - inside) & (y <= inside - 1)
+    o, yy = np.where(ok, other, 0), np.where(ok, y, 0)
+    log_pmf = (
+        log_choose(inside - 1, yy) + log_choose(size - inside, o) - log_choose(size - 1, i - 1)
+    )
+    pmf = np.where(ok, np.exp(log_pmf), 0.0)
+    per_slot = (pmf * (before + 1 + y)).sum(axis=1) / (start + i[:, 0])
+    return float(inside / size * per_slot.sum())
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,14 +267,29 @@ def average_precision_at_k(
     db_labels: Any,
     k: int,
     variant: Variant = "djsrh",
+    ties: Ties = "position",
 ) -> np.ndarray:
-    """Per-query AP@K; see :func:`map_at_k` for the two variants.
+    """Per-query AP@K; see :func:`map_at_k` for the two variants and the two tie orders.
+
+    With ``ties="expected"`` each AP is its exact expectation over uniformly random orders inside
+    every group of database items at the same Hamming distance (McSherry & Najork, ECIR 2008).
+    For the item at 1-based slot ``i`` of a group of ``n`` items holding ``r`` relevant ones, with
+    ``b`` relevant items ranked before the group and the group starting after rank ``s``: the
+    slot is relevant with probability ``r / n``, and given that, the relevant items in the
+    earlier slots number ``(i - 1)(r - 1) / (n - 1)`` on average, so its expected precision
+    term is ``(r / n) * (b + 1 + (i - 1)(r - 1) / (n - 1)) / (s + i)`` (linearity of
+    expectation; ``min(K, R)`` does not depend on the order). Standard AP@K sums this over the
+    ranks ``s + i <= K``. The DJSRH form sums it over the groups whose relevant items are all
+    among the first ``T = min(K, R)``; in the one group holding the ``T``-th relevant item the
+    term counts only while the item is among the first ``T``, whose expectation uses the
+    hypergeometric law of the earlier relevant items (:func:`_expected_straddling_group`).
 
     Returns:
         ``(Q,)`` float64 in ``[0, 1]``; 0 for queries without any relevant database item.
     """
     if variant not in ("djsrh", "standard"):
         raise MetricError(f"variant must be 'djsrh' or 'standard', got {variant!r}")
+    _check_ties(ties)
     k = _check_k(k)
     q, db = _pair(q_codes, db_codes)
     rel = _checked_relevance(q_labels, db_labels, q.shape[0], db.shape[0])
@@ -212,17 +297,40 @@ def average_precision_at_k(
     pos = np.arange(1, n + 1, dtype=np.float64)
     out = np.zeros(q.shape[0], dtype=np.float64)
     for sl, dist in _distance_blocks(q, db):
-        g = _ranked_relevance(dist, rel[sl])
+        d, g = _ranked(dist, rel[sl])
         hits = np.cumsum(g, axis=1, dtype=np.int64)  # relevant items up to each rank
         total = hits[:, -1]
         t = np.minimum(k, total)
-        if variant == "djsrh":
-            # the first T = min(K, R) relevant items, wherever they are in the full ranking
-            take = g & (hits <= t[:, None])
-            ap = np.where(take, hits / pos, 0.0).sum(axis=1)
+        if ties == "position":
+            if variant == "djsrh":
+                # the first T = min(K, R) relevant items, wherever they are in the full ranking
+                take = g & (hits <= t[:, None])
+                ap = np.where(take, hits / pos, 0.0).sum(axis=1)
+            else:
+                kk = min(k, n)
+                ap = np.where(g[:, :kk], hits[:, :kk] / pos[:kk], 0.0).sum(axis=1)
         else:
-            kk = min(k, n)
-            ap = np.where(g[:, :kk], hits[:, :kk] / pos[:kk], 0.0).sum(axis=1)
+            start, size, before, inside = _tie_groups(d, g)
+            slot = np.arange(n, dtype=np.int64) - start  # 0-based slot inside the group
+            term = (
+                inside / size * (before + 1 + slot * (inside - 1) / np.maximum(size - 1, 1)) / pos
+            )
+            if variant == "standard":
+                ap = term[:, : min(k, n)].sum(axis=1)
+            else:
+                tt = t[:, None]
+                ap = np.where(before + inside <= tt, term, 0.0).sum(axis=1)
+                straddle = (before < tt) & (before + inside > tt) & (slot == 0)
+                log_fact = _log_factorials(n)
+                for row, col in zip(*np.nonzero(straddle), strict=True):
+                    ap[row] += _expected_straddling_group(
+                        int(start[row, col]),
+                        int(size[row, col]),
+                        int(before[row, col]),
+                        int(inside[row, col]),
+                        int(t[row]),
+                        log_fact,
+                    )
         out[sl] = np.where(total > 0, ap / np.maximum(t, 1), 0.0)
     return out
 
@@ -234,16 +342,21 @@ def map_at_k(
     db_labels: Any,
     k: int,
     variant: Variant = "djsrh",
+    ties: Ties = "position",
 ) -> float:
     """Mean average precision at K.
 
-    ``variant="djsrh"`` (the paper's number, PAPER.md §4): for a query with ``R`` relevant
+    ``variant="djsrh"`` (the paper's number, as the published ``calc_map_k``): for a query with ``R`` relevant
     database items, ``T = min(K, R)`` and ``AP = mean_{j=1..T} j / pos_j`` where ``pos_j`` is the
     1-based rank of the ``j``-th relevant item in the **full** ranking, so relevant items found
     beyond rank ``K`` still count until ``T`` are found.
 
     ``variant="standard"``: truncated AP@K, ``AP = (1 / min(K, R)) * sum_{p <= K} P@p * rel(p)``;
     only the top ``K`` ranks count. It never exceeds the DJSRH value.
+
+    ``ties="position"`` ranks items at equal Hamming distance by database position;
+    ``ties="expected"`` gives the exact mean over all orders inside each group of tied items
+    (see :func:`average_precision_at_k`).
 
     Queries with ``R = 0`` score 0 and count in the mean.
 
@@ -253,11 +366,14 @@ def map_at_k(
         q_labels, db_labels: see :func:`relevance`.
         k: cut-off (paper: 20).
         variant: ``"djsrh"`` or ``"standard"``.
+        ties: ``"position"`` or ``"expected"``.
 
     Returns:
         mAP in ``[0, 1]``.
     """
-    return float(average_precision_at_k(q_codes, db_codes, q_labels, db_labels, k, variant).mean())
+    return float(
+        average_precision_at_k(q_codes, db_codes, q_labels, db_labels, k, variant, ties).mean()
+    )
 
 
 def precision_at_k(
@@ -266,24 +382,35 @@ def precision_at_k(
     q_labels: Any,
     db_labels: Any,
     ks: Sequence[int] = DEFAULT_P_AT_K,
+    ties: Ties = "position",
 ) -> dict[int, float]:
     """Mean precision of the top ``k`` results for each ``k`` in ``ks``.
 
-    ``P@k = |relevant in the top min(k, N)| / min(k, N)``, averaged over all queries.
+    ``P@k = |relevant in the top min(k, N)| / min(k, N)``, averaged over all queries. With
+    ``ties="expected"``, the group of tied items that straddles rank ``k`` contributes its
+    expected share: ``(k - s) * r / n`` relevant items for a group of ``n`` items, ``r`` of them
+    relevant, starting after rank ``s``.
 
     Returns:
         ``{k: P@k}`` in the order of ``ks``.
     """
     ks = [_check_k(k) for k in ks]
+    _check_ties(ties)
     q, db = _pair(q_codes, db_codes)
     rel = _checked_relevance(q_labels, db_labels, q.shape[0], db.shape[0])
     n = db.shape[0]
     sums = np.zeros(len(ks), dtype=np.float64)
     for sl, dist in _distance_blocks(q, db):
-        hits = np.cumsum(_ranked_relevance(dist, rel[sl]), axis=1)
+        d, g = _ranked(dist, rel[sl])
+        if ties == "position":
+            found = np.cumsum(g, axis=1, dtype=np.float64)
+        else:
+            start, size, before, inside = _tie_groups(d, g)
+            taken = np.arange(1, n + 1, dtype=np.int64) - start  # group items up to each rank
+            found = before + taken * inside / size
         for j, k in enumerate(ks):
             kk = min(k, n)
-            sums[j] += (hits[:, kk - 1] / kk).sum()
+            sums[j] += (found[:, kk - 1] / kk).sum()
     return {k: float(s / q.shape[0]) for k, s in zip(ks, sums, strict=True)}
 
 
@@ -392,6 +519,7 @@ def retrieval_report(
     db_labels: Any,
     k: int = 20,
     variant: Variant = "djsrh",
+    ties: Ties = "position",
 ) -> dict[str, float]:
     """mAP@K in the four directions the paper reports.
 
@@ -402,13 +530,14 @@ def retrieval_report(
         q_labels, db_labels: see :func:`relevance`.
         k: cut-off (paper: 20).
         variant: see :func:`map_at_k`.
+        ties: see :func:`map_at_k`.
 
     Returns:
         ``{"i2t": image→text, "t2i": text→image, "i2i": image→image, "t2t": text→text}``.
     """
     return {
-        "i2t": map_at_k(img_q, txt_db, q_labels, db_labels, k, variant),
-        "t2i": map_at_k(txt_q, img_db, q_labels, db_labels, k, variant),
-        "i2i": map_at_k(img_q, img_db, q_labels, db_labels, k, variant),
-        "t2t": map_at_k(txt_q, txt_db, q_labels, db_labels, k, variant),
+        "i2t": map_at_k(img_q, txt_db, q_labels, db_labels, k, variant, ties),
+        "t2i": map_at_k(txt_q, img_db, q_labels, db_labels, k, variant, ties),
+        "i2i": map_at_k(img_q, img_db, q_labels, db_labels, k, variant, ties),
+        "t2t": map_at_k(txt_q, txt_db, q_labels, db_labels, k, variant, ties),
     }

@@ -1,7 +1,11 @@
 """Retrieval metrics: hand-computed cases with Hamming ties, and parity with a Python-loop
-reference (written from the reference code's definitions) on random codes."""
+reference (written from the reference code's definitions) on random codes. The expected value
+over random tie orders is checked against enumerating every order on tiny cases and against
+Monte-Carlo over random database orders on larger ones."""
 
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 import pytest
@@ -18,6 +22,8 @@ from duch_core.metrics import (
     relevance,
     retrieval_report,
 )
+
+VARIANTS = ("djsrh", "standard")
 
 # ---------------------------------------------------------------------------------------------
 # slow references: one query at a time, plain Python
@@ -281,3 +287,165 @@ def test_bad_input_errors():
         map_at_k(q[:0], db, [], [0, 1, 2], 5)
     with pytest.raises(MetricError, match="non-negative"):
         precision_within_radius(q, db, [0, 1], [0, 1, 2], radii=[-1])
+    with pytest.raises(MetricError, match="ties"):
+        map_at_k(q, db, [0, 1], [0, 1, 2], 5, ties="random")  # type: ignore[arg-type]
+    with pytest.raises(MetricError, match="ties"):
+        precision_at_k(q, db, [0, 1], [0, 1, 2], [5], ties="random")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------
+# expected value over random orders inside groups of tied items
+
+
+def _ap_of_ranking(g: list[bool], k: int, variant: str) -> float:
+    """AP of one ranked relevance list, straight from the definitions in :func:`map_at_k`."""
+    r = sum(g)
+    if r == 0:
+        return 0.0
+    t = min(k, r)
+    if variant == "djsrh":
+        pos = [p + 1 for p, x in enumerate(g) if x][:t]
+        return sum((j + 1) / p for j, p in enumerate(pos)) / t
+    hits, s = 0, 0.0
+    for p, x in enumerate(g[:k], start=1):
+        if x:
+            hits += 1
+            s += hits / p
+    return s / t
+
+
+def brute_force_expected(dist_row, rel_row, k, variant=None):
+    """Mean AP (variant given) or mean ``P@k`` (variant None) over every order inside every tie
+    group: all permutations of all groups, enumerated."""
+    groups = [[j for j in range(len(dist_row)) if dist_row[j] == v] for v in sorted(set(dist_row))]
+    vals = []
+    for perms in itertools.product(*(itertools.permutations(gr) for gr in groups)):
+        g = [bool(rel_row[j]) for p in perms for j in p]
+        if variant is None:
+            kk = min(k, len(g))
+            vals.append(sum(g[:kk]) / kk)
+        else:
+            vals.append(_ap_of_ranking(g, k, variant))
+    return float(np.mean(vals))
+
+
+@pytest.mark.parametrize(
+    ("k", "variant", "ap0"),
+    [
+        # ranks 1-2 hold one relevant item of two in random order, ranks 3-4 one of two, rank 5
+        # the last relevant item
+        (1, "djsrh", (1 / 1 + 1 / 2) / 2),  # the first relevant item at rank 1 or 2
+        (1, "standard", 1 / 2),  # P(rank 1 relevant) * 1/1
+        (2, "djsrh", ((1 + 1 / 2) / 2 + 2 * (1 / 3 + 1 / 4) / 2) / 2),
+        (2, "standard", ((1 + 1 / 2) / 2) / 2),
+        (5, "standard", ((1 + 1 / 2) / 2 + 2 * (1 / 3 + 1 / 4) / 2 + 3 / 5) / 3),
+    ],
+)
+def test_expected_ties_hand_computed(k, variant, ap0):
+    ap = average_precision_at_k(Q, DB, Q_LABELS, DB_LABELS, k, variant, ties="expected")
+    np.testing.assert_allclose(ap, [ap0, 0.0], rtol=1e-12)
+
+
+def test_expected_ties_is_the_default_off():
+    # the default stays "position": same numbers as before the option existed
+    for variant in VARIANTS:
+        np.testing.assert_array_equal(
+            average_precision_at_k(Q, DB, Q_LABELS, DB_LABELS, 2, variant),
+            average_precision_at_k(Q, DB, Q_LABELS, DB_LABELS, 2, variant, ties="position"),
+        )
+    assert map_at_k(Q[:1], DB, Q_LABELS[:1], DB_LABELS, 1) == pytest.approx(0.5)
+    assert map_at_k(Q[:1], DB, Q_LABELS[:1], DB_LABELS, 1, ties="expected") == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_expected_ties_equal_enumeration_of_all_tie_orders(seed):
+    rng = np.random.default_rng(seed)
+    nq, ndb = 4, int(rng.integers(3, 8))
+    # few distinct codes: large groups of tied items, groups straddling K and T
+    pool = rng.integers(0, 256, (3, 1), dtype=np.uint8)
+    db = pool[rng.integers(0, len(pool), ndb)]
+    q = rng.integers(0, 256, (nq, 1), dtype=np.uint8)
+    ql, dl = rng.integers(0, 2, nq), rng.integers(0, 3, ndb)
+    ql[-1] = 7  # nothing relevant
+    d, rel = hamming(q, db), relevance(ql, dl)
+    for k in (1, 2, 3, 5, 50):
+        for variant in VARIANTS:
+            want = [brute_force_expected(list(d[i]), rel[i], k, variant) for i in range(nq)]
+            got = average_precision_at_k(q, db, ql, dl, k, variant, ties="expected")
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-12, err_msg=f"{k} {variant}")
+        p = precision_at_k(q, db, ql, dl, [k], ties="expected")[k]
+        want_p = np.mean([brute_force_expected(list(d[i]), rel[i], k) for i in range(nq)])
+        assert p == pytest.approx(want_p, abs=1e-12)
+
+
+@pytest.mark.parametrize("bytes_", [1, 2])
+def test_expected_ties_agree_with_monte_carlo_over_database_orders(bytes_):
+    # Shuffling the database and breaking ties by position draws a uniformly random order inside
+    # every tie group: the mean over many shuffles estimates the expectation.
+    rng = np.random.default_rng(10 + bytes_)
+    nq, ndb, samples = 12, 150, 3000
+    q = rng.integers(0, 256, (nq, bytes_), dtype=np.uint8)
+    db = rng.integers(0, 256, (ndb, bytes_), dtype=np.uint8)
+    if bytes_ == 1:
+        db = (db & 0x0F) | (q[0] & 0xF0)  # many ties near the first query
+    ql, dl = rng.integers(0, 4, nq), rng.integers(0, 4, ndb)
+    for k, variant in [(20, "djsrh"), (20, "standard"), (5, "djsrh"), (60, "djsrh")]:
+        draws = np.empty((samples, nq))
+        for s in range(samples):
+            perm = rng.permutation(ndb)
+            draws[s] = average_precision_at_k(q, db[perm], ql, dl[perm], k, variant)
+        exact = average_precision_at_k(q, db, ql, dl, k, variant, ties="expected")
+        se = draws.std(axis=0) / np.sqrt(samples)
+        assert np.all(np.abs(draws.mean(axis=0) - exact) <= 5 * se + 1e-12), (k, variant)
+        # the tie order matters here: the single orders spread around the expectation
+        assert draws.std(axis=0).max() > 1e-3
+
+
+def test_expected_ties_do_not_depend_on_database_order():
+    rng = np.random.default_rng(5)
+    q = rng.integers(0, 256, (20, 1), dtype=np.uint8)
+    db = rng.integers(0, 256, (90, 1), dtype=np.uint8)
+    ql, dl = rng.integers(0, 3, 20), rng.integers(0, 3, 90)
+    perm = rng.permutation(90)
+    for variant in VARIANTS:
+        a = average_precision_at_k(q, db, ql, dl, 20, variant, ties="expected")
+        b = average_precision_at_k(q, db[perm], ql, dl[perm], 20, variant, ties="expected")
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
+        pos_a = average_precision_at_k(q, db, ql, dl, 20, variant)
+        pos_b = average_precision_at_k(q, db[perm], ql, dl[perm], 20, variant)
+        assert not np.allclose(pos_a, pos_b)  # the position tie-break does depend on it
+    pa = precision_at_k(q, db, ql, dl, [1, 7, 90], ties="expected")
+    pb = precision_at_k(q, db[perm], ql, dl[perm], [1, 7, 90], ties="expected")
+    assert pa == pytest.approx(pb, abs=1e-12)
+
+
+def test_expected_ties_without_ties_equal_position():
+    # eight database items at distinct distances 0..7 from the query: nothing to average
+    db = np.array([[_code_at(d)] for d in (3, 0, 7, 1, 5, 2, 6, 4)], dtype=np.uint8)
+    q = np.zeros((1, 1), dtype=np.uint8)
+    ql, dl = [1], [1, 0, 1, 1, 0, 0, 1, 1]
+    for k in (1, 3, 8):
+        for variant in VARIANTS:
+            assert map_at_k(q, db, ql, dl, k, variant, ties="expected") == pytest.approx(
+                map_at_k(q, db, ql, dl, k, variant), abs=1e-15
+            )
+    assert precision_at_k(q, db, ql, dl, [1, 3, 8], ties="expected") == pytest.approx(
+        precision_at_k(q, db, ql, dl, [1, 3, 8]), abs=1e-15
+    )
+
+
+def test_expected_ties_blocked_and_in_retrieval_report(monkeypatch):
+    import duch_core.metrics as m
+
+    rng = np.random.default_rng(8)
+    img_q, txt_q = (rng.integers(0, 256, (30, 1), dtype=np.uint8) for _ in range(2))
+    img_db, txt_db = (rng.integers(0, 256, (70, 1), dtype=np.uint8) for _ in range(2))
+    ql, dl = rng.integers(0, 3, 30), rng.integers(0, 3, 70)
+    rep = retrieval_report(img_q, txt_q, img_db, txt_db, ql, dl, k=10, ties="expected")
+    assert rep["i2t"] == map_at_k(img_q, txt_db, ql, dl, 10, ties="expected")
+    assert rep["t2i"] == map_at_k(txt_q, img_db, ql, dl, 10, ties="expected")
+    whole = m.average_precision_at_k(img_q, txt_db, ql, dl, 10, ties="expected")
+    monkeypatch.setattr(m, "_BLOCK_ELEMENTS", 150)  # 2 queries per block
+    np.testing.assert_array_equal(
+        m.average_precision_at_k(img_q, txt_db, ql, dl, 10, ties="expected"), whole
+    )
