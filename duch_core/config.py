@@ -144,6 +144,14 @@ class DataConfig:
     query_frac: float = 0.1  # the rest is the retrieval database
     caption_seed: int = 42  # one caption per image is chosen with this seed (paper)
     feature_norm: str = "zscore"  # zscore (global scalar, as the paper) | none
+    # sorted: split drawn over the sorted ids | reference: the published draw on the file's order
+    split_mode: str = "sorted"
+
+    def __post_init__(self) -> None:
+        if self.split_mode not in ("sorted", "reference"):
+            raise ConfigError(
+                f"data.split_mode: expected 'sorted' or 'reference', got {self.split_mode!r}"
+            )
 
 
 @dataclass(frozen=True)
