@@ -20,43 +20,15 @@ Two layouts, chosen by the args (:func:`deployment_names` lists what each builds
 The bearer token is never an argument: the ingress reads it from the environment variable named
 by ``auth_token_env``.
 
-Where the time goes (``bench/serve.py``: 1M 64-bit codes, MiniLM and MobileNetV2 on CPU, k = 20,
-the 2-core development machine, text queries at concurrency 1, p50):
-
-* Serve's proxy: a ``GET /healthz`` costs about 5 ms through it and 0.7 ms on the ingress
-  replica's own port (direct ingress, see :mod:`deploy.endpoints`); a search POST costs 10-15 ms
-  more through the proxy than directly, because the replica also pulls the body back from it;
-* each handle call (ingress -> encoder, ingress -> searchers) about 5 ms with the by-value gRPC
-  transport (``handle_transport: grpc``), 9-13 ms with Ray actor calls; the search itself is
-  0.3-0.4 ms and the MiniLM forward pass 11-16 ms;
-* about 1 ms of parsing, catalog lookup and serialisation in the ingress.
-
-The colocated layout reached on the ingress replica's own port is what meets the targets here
-(HTTP + Serve overhead <= 5 ms at p50, text p99 <= 50 ms at concurrency 1); the split layout adds
-the two handle calls, the proxy its own cost (README, "Performance").
-
-Measured choices (A/B runs back to back, 200 requests each):
-
-* catalog lookup by per-value column reads instead of ``Table.take`` on the 1M-row archive table:
-  -5 to -20 ms per query;
-* ``RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0`` with ``RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0``:
-  no gain; not used;
-* encoder and searchers warm up while loading (one query each), so the first request after start or
-  after an index swap pays no lazy tower building or kernel compilation (the first web-page query
-  took 22 s before);
-* ``torch_threads``: on the 2-core machine two threads made a MiniLM query up to 30x slower than one
-  (458 against 14 ms at p50) when the other processes were busy; the local config sets 1, the
-  production config sizes it to the replica's CPUs. An earlier attempt at encoding in the ingress,
-  without setting the thread count, ran 84-194 ms per query; with ``torch_threads: 1`` it takes
-  the same 12-18 ms as in the encoder deployment.
+Latency by layout and way in: ``bench/serve.py`` and the README's performance section.
 """
 
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from ray.serve import Application
+from ray.serve import Application, Deployment
 
-from deploy.artifacts import Loaders, manifest_bundle_uri
+from deploy.artifacts import Loaders
 from deploy.encoder import QueryEncoder
 from deploy.ingress import Ingress, IngressSettings
 from deploy.queries import Limits
@@ -153,14 +125,18 @@ def resolve_bundle_uri(args: AppArgs, loaders: Loaders) -> str:
     """``args.bundle_uri``, else the bundle named by the index version LATEST points to."""
     if args.bundle_uri:
         return args.bundle_uri
-    manifest = loaders.read_latest(args.index_root)
-    uri = manifest_bundle_uri(manifest)
+    uri = loaders.read_latest(args.index_root).bundle_uri
     if not uri:
         raise ValueError(
             f"the index under {args.index_root} does not name its bundle's location; "
             "set bundle_uri in the app args"
         )
-    return str(uri)
+    return uri
+
+
+def _deployment(cls: object) -> Deployment:
+    """A ``@serve.deployment`` class as what it is at run time (mypy keeps seeing the class)."""
+    return cast(Deployment, cls)
 
 
 def deployment_names(args: AppArgs) -> list[str]:
@@ -184,19 +160,23 @@ def compose(
     """Build the application with explicit loaders and deployment options (tests, tools)."""
     loaders = loaders or Loaders()
     bundle_uri = resolve_bundle_uri(args, loaders)
-    encoder = None
+    encoder: Application | None = None
     if not args.encode_in_ingress:
-        encoder = QueryEncoder.options(**(encoder_options or {})).bind(
-            bundle_uri, args.batch_max_size, args.batch_wait_s, args.torch_threads, loaders
+        encoder = (
+            _deployment(QueryEncoder)
+            .options(**(encoder_options or {}))
+            .bind(bundle_uri, args.batch_max_size, args.batch_wait_s, args.torch_threads, loaders)
         )
     searchers = [
-        ShardSearcher.options(name=f"ShardSearcher{g}", **(searcher_options or {})).bind(
-            g, args.n_searchers, args.keep_versions, loaders, args.mih
-        )
+        _deployment(ShardSearcher)
+        .options(name=f"ShardSearcher{g}", **(searcher_options or {}))
+        .bind(g, args.n_searchers, args.keep_versions, loaders, args.mih)
         for g in range(args.n_searchers)
     ]
-    return Ingress.options(**(ingress_options or {})).bind(
-        encoder, searchers, args.ingress_settings(bundle_uri), loaders
+    return (
+        _deployment(Ingress)
+        .options(**(ingress_options or {}))
+        .bind(encoder, searchers, args.ingress_settings(bundle_uri), loaders)
     )
 
 

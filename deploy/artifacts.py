@@ -2,14 +2,20 @@
 
 Every deployment takes a :class:`Loaders` so tests (and other storage layouts) can hand it
 other readers; the defaults use ``duch_core``. The functions here are module-level so Ray
-pickles them by reference.
+pickles them by reference; they import the heavier ``duch_core`` modules (torch for the
+bundle, the archive reader) only when called. Index manifests are ``duch_core.index_store.IndexManifest``.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+
+from duch_core import index_store, search
+from duch_core.index_store import IndexManifest
+from duch_core.search import HammingIndex
 
 MODALITIES = ("image", "text")
 #: API target name -> index modality.
@@ -37,51 +43,46 @@ def open_encoder(bundle_uri: str) -> LoadedEncoder:
     )
 
 
-def read_latest(root_uri: str) -> Any:
+def read_latest(root_uri: str) -> IndexManifest:
     """The index manifest named by ``<root>/LATEST``."""
-    from duch_core.index_store import read_latest as _read_latest
-
-    return _read_latest(root_uri)
+    return index_store.read_latest(root_uri)
 
 
-def validate(manifest: Any, bits: int, bundle_id: str) -> None:
+def validate(manifest: IndexManifest, bits: int, bundle_id: str) -> None:
     """Raise ``IndexMismatchError`` unless the manifest fits the encoder."""
-    from duch_core.index_store import validate as _validate
-
-    _validate(manifest, bits, bundle_id)
+    index_store.validate(manifest, bits, bundle_id)
 
 
-def load_codes(
-    manifest: Any, modality: str, shards: list[int] | None
-) -> tuple[np.ndarray, Any, np.ndarray, np.ndarray]:
-    """``(codes (N, B) uint8, item_ids, caption_index (N,) int32, row_ids (N,) int64)``."""
-    from duch_core.index_store import load_codes as _load_codes
-
-    return _load_codes(manifest, modality, shards=shards)
+#: ``(codes (N, bits // 8) uint8, item_ids (N,) strings, caption_index (N,) int32,
+#: row_ids (N,) int64)``; item ids as a ``pyarrow`` string array or any sequence of str.
+Codes = tuple[np.ndarray, Any, np.ndarray, np.ndarray]
 
 
-def read_items(manifest: Any) -> Any:
-    """The archive rows (a ``pyarrow.Table``) of the items the manifest indexes."""
+def load_codes(manifest: IndexManifest, modality: str, shards: Sequence[int] | None) -> Codes:
+    """One modality's codes of some shards (all with ``shards=None``), see :data:`Codes`."""
+    return index_store.load_codes(manifest, modality, shards=shards)
+
+
+def read_items(manifest: IndexManifest) -> pa.Table:
+    """The archive rows of the items the manifest indexes."""
     from duch_core.archive import read_archive
 
-    uri = manifest_archive_uri(manifest)
-    if not uri:
-        raise ValueError(f"index version {manifest_version(manifest)} names no archive manifest")
-    return read_archive(uri)
+    if not manifest.archive:
+        raise ValueError(f"index version {manifest.version} names no archive manifest")
+    return read_archive(manifest.archive)
 
 
-def new_index(bits: int) -> Any:
-    """An empty exact Hamming index (``duch_core.search.HammingIndex``)."""
-    from duch_core.search import HammingIndex
-
+def new_index(bits: int) -> HammingIndex:
+    """An empty exact Hamming index."""
     return HammingIndex(bits)
 
 
-def merge_topk(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact merge of per-shard ``(dist, ids)`` top-k lists (``duch_core.search.merge_topk``)."""
-    from duch_core.search import merge_topk as _merge_topk
+TopK = tuple[np.ndarray, np.ndarray]
 
-    return _merge_topk(parts, k)
+
+def merge_topk(parts: list[TopK], k: int) -> TopK:
+    """Exact merge of per-shard ``(dist, ids)`` top-k lists (``duch_core.search.merge_topk``)."""
+    return search.merge_topk(parts, k)
 
 
 def read_image_bytes(uri: str) -> bytes:
@@ -95,42 +96,16 @@ class Loaders:
     """Readers used by the deployments; replace any of them to serve other artifacts."""
 
     open_encoder: Callable[[str], LoadedEncoder] = open_encoder
-    read_latest: Callable[[str], Any] = read_latest
-    validate: Callable[[Any, int, str], None] = validate
-    load_codes: Callable[..., tuple[np.ndarray, Any, np.ndarray, np.ndarray]] = load_codes
-    read_items: Callable[[Any], Any] = read_items
+    read_latest: Callable[[str], IndexManifest] = read_latest
+    validate: Callable[[IndexManifest, int, str], None] = validate
+    load_codes: Callable[[IndexManifest, str, Sequence[int] | None], Codes] = load_codes
+    read_items: Callable[[IndexManifest], pa.Table] = read_items
     read_image_bytes: Callable[[str], bytes] = read_image_bytes
-    new_index: Callable[[int], Any] = new_index
-    merge_topk: Callable[..., tuple[np.ndarray, np.ndarray]] = merge_topk
+    new_index: Callable[[int], HammingIndex] = new_index
+    merge_topk: Callable[[list[TopK], int], TopK] = merge_topk
 
 
-# ---- index manifest fields (duch_core.index_store.IndexManifest) ---------------------------------
-
-
-def manifest_version(manifest: Any) -> str:
-    """The version id of an index manifest."""
-    return str(manifest.version)
-
-
-def manifest_uri(manifest: Any) -> str:
-    """Where the manifest was read from."""
-    return str(getattr(manifest, "uri", "") or "")
-
-
-def manifest_archive_uri(manifest: Any) -> str | None:
-    """The archive manifest the index was encoded from (``None`` if it names none)."""
-    return str(getattr(manifest, "archive", "") or "") or None
-
-
-def manifest_bundle_uri(manifest: Any) -> str | None:
-    """The bundle the index was encoded with (``None`` if it names none)."""
-    return str(getattr(manifest, "bundle_uri", "") or "") or None
-
-
-def manifest_counts(manifest: Any) -> dict[str, int]:
-    """Codes per modality as listed by the manifest."""
-    counts = getattr(manifest, "counts", None) or {}
-    return {str(k): int(v) for k, v in dict(counts).items()}
+# ---- shard groups ------------------------------------------------------------------------------
 
 
 def assign_shards(rows: list[int], n_groups: int) -> list[list[int]]:
@@ -155,6 +130,6 @@ def assign_shards(rows: list[int], n_groups: int) -> list[list[int]]:
     return [sorted(g) for g in groups]
 
 
-def assigned_shards(manifest: Any, group: int, n_groups: int) -> list[int]:
+def assigned_shards(manifest: IndexManifest, group: int, n_groups: int) -> list[int]:
     """Shard positions held by searcher ``group`` of ``n_groups`` (see :func:`assign_shards`)."""
-    return assign_shards([int(s.rows) for s in manifest.shards], n_groups)[group]
+    return assign_shards([s.rows for s in manifest.shards], n_groups)[group]

@@ -1,7 +1,14 @@
-"""Query encoder deployment: text and image queries to packed hash codes, batched."""
+"""Query encoding: the batched encoder deployment, and how the ingress reaches an encoder.
+
+Text and image queries become packed hash codes, in batches (``@serve.batch``). The ingress
+either calls the :class:`QueryEncoder` deployment or runs a :class:`BatchedEncoder` itself
+(``encode_in_ingress``); :func:`connect_encoder` gives both the same call shapes.
+"""
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -77,8 +84,9 @@ class BatchedEncoder:
     ) -> None:
         self.loaded = loaded
         for method in (self.encode_text, self.encode_image):
-            method.set_max_batch_size(max_batch_size)
-            method.set_batch_wait_timeout_s(batch_wait_s)
+            batched: Any = method  # the setters come from @serve.batch; mypy sees the function
+            batched.set_max_batch_size(max_batch_size)
+            batched.set_batch_wait_timeout_s(batch_wait_s)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def encode_text(self, texts: list[str]) -> list[EncodeResult]:
@@ -138,3 +146,43 @@ class QueryEncoder:
     async def encode_image(self, image: np.ndarray) -> EncodeResult:
         """One ``(H, W, 3)`` uint8 image in, ``(code | None, error | None)`` out (batched)."""
         return await self.batched.encode_image(image)
+
+
+@dataclass(frozen=True)
+class EncoderClient:
+    """How the ingress encodes one query: each call returns ``(code | None, error | None)`` as
+    :class:`BatchedEncoder` does, whether the encoder runs in this process or in a deployment."""
+
+    encode_text: Callable[[str], Awaitable[EncodeResult]]
+    encode_image: Callable[[np.ndarray], Awaitable[EncodeResult]]
+    bits: int
+    bundle_id: str
+
+
+async def connect_encoder(
+    handle: Any | None,
+    bundle_uri: str | None,
+    torch_threads: int = 0,
+    batch_max_size: int = 16,
+    batch_wait_s: float = 0.001,
+    loaders: Loaders | None = None,
+) -> EncoderClient:
+    """The :class:`QueryEncoder` deployment behind ``handle``, or with no handle, the bundle at
+    ``bundle_uri`` loaded into this process (a blocking load, run in a worker thread).
+
+    Raises:
+        ValueError: neither a handle nor a bundle URI.
+    """
+    if handle is None:
+        if not bundle_uri:
+            raise ValueError("the ingress encodes queries itself but names no bundle_uri")
+        loaded = await asyncio.to_thread(open_query_encoder, bundle_uri, torch_threads, loaders)
+        local = BatchedEncoder(loaded, batch_max_size, batch_wait_s)
+        return EncoderClient(local.encode_text, local.encode_image, loaded.bits, loaded.bundle_id)
+    info = await handle.info.remote()
+    return EncoderClient(
+        handle.encode_text.remote,
+        handle.encode_image.remote,
+        int(info["bits"]),
+        str(info["bundle_id"]),
+    )

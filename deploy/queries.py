@@ -7,7 +7,11 @@ body. Status codes:
 * 413: the body, the image file or the decoded image (pixels) is over its cap.
 * 415: a content type the endpoint does not take, or bytes that are not a decodable image.
 * 422: a well-formed request with invalid values (empty or over-long text, k out of range,
-  unknown target, both or neither of text and image).
+  unknown target, both or neither of text and image, a form field given twice).
+
+:func:`parse_search_request` is the whole path from an HTTP request to a :class:`Query`: content
+type, body size (checked while the body streams in), then JSON (:func:`parse_json`) or
+multipart (:func:`read_form_fields` + :func:`parse_form`).
 """
 
 import base64
@@ -19,9 +23,16 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+from fastapi.exceptions import HTTPException
 from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.types import Scope
 
 from deploy.models import SearchRequest
+
+#: Content types ``POST /v1/search`` takes.
+SEARCH_TYPES = ("application/json", "multipart/form-data")
 
 #: Media types accepted for multipart image uploads besides ``image/*``: browsers and curl send
 #: these for files whose type they do not know; the bytes are then checked by decoding.
@@ -196,6 +207,95 @@ def parse_form(fields: dict[str, Any], limits: Limits) -> Query:
             415, f"uploaded file has content type {ctype!r}; send an image (JPEG, PNG or TIFF)"
         )
     return Query("image", k, req.target, image=check_image_bytes(data, limits))
+
+
+def multipart_boundary(content_type: str) -> str:
+    """The ``boundary`` parameter of a multipart content type (``""`` when it names none)."""
+    boundary = ""
+    for part in content_type.split(";")[1:]:
+        key, _, value = part.strip().partition("=")
+        if key.lower() == "boundary":
+            boundary = value.strip().strip('"')
+    return boundary
+
+
+async def read_form_fields(scope: Scope, body: bytes, limits: Limits) -> dict[str, Any]:
+    """Parse a multipart body already read (and size-checked) into the fields of a form.
+
+    Args:
+        scope: the request's ASGI scope (its headers give the boundary).
+        body: the whole body.
+        limits: caps; a text part may be at most about ``4 * max_text_chars`` bytes.
+
+    Returns:
+        name -> string for plain fields, ``(filename, content_type, bytes)`` for file parts
+        (what :func:`parse_form` takes).
+
+    Raises:
+        RequestError: 400 for a malformed body (no boundary, no part, parser errors, more than
+            one file or eight fields), 422 for a field given twice.
+    """
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    ctype = dict(scope.get("headers") or []).get(b"content-type", b"").decode("latin-1")
+    boundary = multipart_boundary(ctype)
+    if not boundary:
+        raise RequestError(400, "malformed multipart body: the content type names no boundary")
+    if b"--" + boundary.encode("latin-1") not in body:
+        raise RequestError(400, "malformed multipart body: no part starts with the boundary")
+    req = Request(scope, receive)
+    try:
+        form = await req.form(
+            max_files=1, max_fields=8, max_part_size=4 * limits.max_text_chars + 1024
+        )
+    except HTTPException as e:
+        raise RequestError(400, f"malformed multipart body: {e.detail}") from None
+    except Exception as e:  # the multipart parser's own errors
+        raise RequestError(400, f"malformed multipart body: {e}") from None
+    fields: dict[str, Any] = {}
+    try:
+        for name, value in form.multi_items():
+            if name in fields:
+                raise RequestError(422, f"form field {name!r} is given more than once")
+            if isinstance(value, UploadFile):
+                fields[name] = (value.filename, value.content_type, await value.read())
+            else:
+                fields[name] = value
+    finally:
+        await form.close()
+    return fields
+
+
+async def parse_search_request(request: Request, limits: Limits) -> Query:
+    """The :class:`Query` of a ``POST /v1/search`` request: JSON or a multipart form.
+
+    Raises:
+        RequestError: 415 for another content type, 413 for a body over
+            :meth:`Limits.max_body_bytes` (declared or streamed), else as the parsers.
+    """
+    ctype = media_type(request.headers.get("content-type"))
+    if ctype not in SEARCH_TYPES:
+        raise RequestError(
+            415,
+            f"unsupported content type {ctype or '(none)'!r}; send application/json "
+            "or multipart/form-data",
+        )
+    limit = limits.max_body_bytes(ctype)
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise RequestError(413, f"request body is {declared} bytes; at most {limit} accepted")
+    body = await read_limited(request.stream(), limit)
+    if ctype == "application/json":
+        return parse_json(body, limits)
+    fields = await read_form_fields(request.scope, body, limits)
+    return parse_form(fields, limits)
 
 
 def decode_query_image(data: bytes, limits: Limits) -> np.ndarray:

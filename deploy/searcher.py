@@ -18,7 +18,9 @@ from typing import Any
 import numpy as np
 from ray import serve
 
-from deploy.artifacts import MODALITIES, Loaders, assigned_shards, manifest_version
+from deploy.artifacts import MODALITIES, Loaders, TopK, assigned_shards
+from duch_core.index_store import IndexManifest
+from duch_core.search import HammingIndex
 
 log = logging.getLogger("ray.serve")
 
@@ -35,7 +37,7 @@ class ShardData:
     back to its local position, where ``item_ids`` and ``caption_index`` are looked up.
     """
 
-    index: Any  # duch_core.search.HammingIndex
+    index: HammingIndex
     item_ids: np.ndarray  # (N,) object (str)
     caption_index: np.ndarray  # (N,) int32, -1 for image rows
     order: np.ndarray  # (N,) int64 argsort of the row ids
@@ -66,7 +68,7 @@ def build_shard_data(
     caption_index: np.ndarray,
     row_ids: np.ndarray,
     bits: int,
-    new_index: Callable[[int], Any],
+    new_index: Callable[[int], HammingIndex],
     mih: bool = False,
 ) -> ShardData:
     """Put loaded codes into an exact Hamming index (from ``new_index(bits)``) keyed by row id."""
@@ -138,7 +140,7 @@ class ShardStore:
         self._versions: OrderedDict[str, dict[str, ShardData]] = OrderedDict()
         self._loading: dict[str, asyncio.Future[dict[str, ShardData]]] = {}
 
-    def _load(self, manifest: Any) -> dict[str, ShardData]:
+    def _load(self, manifest: IndexManifest) -> dict[str, ShardData]:
         shards = assigned_shards(manifest, self.group, self.n_groups)
         out: dict[str, ShardData] = {}
         for modality in MODALITIES:
@@ -150,14 +152,14 @@ class ShardStore:
                 item_ids,
                 caption_index,
                 row_ids,
-                int(manifest.bits),
+                manifest.bits,
                 self.loaders.new_index,
                 self.mih,
             )
         return out
 
-    async def _get(self, manifest: Any) -> dict[str, ShardData]:
-        version = manifest_version(manifest)
+    async def _get(self, manifest: IndexManifest) -> dict[str, ShardData]:
+        version = manifest.version
         data = self._versions.get(version)
         if data is not None:
             self._versions.move_to_end(version)
@@ -190,13 +192,18 @@ class ShardStore:
             return data
         return await fut
 
-    async def prepare(self, manifest: Any) -> dict[str, int]:
+    async def prepare(self, manifest: IndexManifest) -> dict[str, int]:
         """Load an index version (if not held yet) and report its code count per modality."""
         data = await self._get(manifest)
         return {m: int(d.index.ntotal) for m, d in data.items()}
 
     async def search(
-        self, version: str, modality: str, queries: np.ndarray, k: int, manifest: Any = None
+        self,
+        version: str,
+        modality: str,
+        queries: np.ndarray,
+        k: int,
+        manifest: IndexManifest | None = None,
     ) -> ShardResult | None:
         """Exact top-k among this searcher's ``modality`` codes of index ``version``.
 
@@ -215,8 +222,8 @@ class ShardStore:
             if fut is not None:
                 data = await asyncio.shield(fut)
             elif manifest is not None:
-                if manifest_version(manifest) != version:
-                    raise ValueError(f"manifest of {manifest_version(manifest)} sent for {version}")
+                if manifest.version != version:
+                    raise ValueError(f"manifest of {manifest.version} sent for {version}")
                 data = await self._get(manifest)
             else:
                 return None
@@ -235,7 +242,9 @@ class ShardSearcher(ShardStore):
     """A :class:`ShardStore` as a Serve deployment: one per shard group, called by the ingress."""
 
 
-def merge_results(parts: Sequence[ShardResult], k: int, merge: Callable[..., Any]) -> ShardResult:
+def merge_results(
+    parts: Sequence[ShardResult], k: int, merge: Callable[[list[TopK], int], TopK]
+) -> ShardResult:
     """Merge per-searcher top-k into the exact global top-k with ``merge`` (``merge_topk``).
 
     Raises:

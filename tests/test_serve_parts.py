@@ -1,25 +1,35 @@
-"""The query service's parts without Ray: request parsing, shard assignment, merging, catalog."""
+"""The query service's parts without Ray: request parsing (JSON and multipart), shard
+assignment, catalog and hits, thumbnails and their cache, index version swaps."""
 
+import asyncio
 import base64
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pytest
 
 from deploy.app import AppArgs
-from deploy.artifacts import assign_shards
-from deploy.ingress import Catalog
+from deploy.artifacts import Loaders, assign_shards
+from deploy.catalog import Catalog, find_item, hits_from_result, item_response
 from deploy.queries import (
     Limits,
     RequestError,
     check_text,
     decode_query_image,
+    multipart_boundary,
     parse_form,
     parse_json,
+    parse_search_request,
+    read_form_fields,
 )
+from deploy.searcher import ShardResult
+from deploy.served_index import IndexRefusedError, ServedIndex, ShardGroup
+from deploy.thumbnails import ThumbnailCache, thumbnail_url
+from duch_core.index_store import IndexManifest
 
 LIMITS = Limits(k_cap=10, max_text_chars=20, max_image_bytes=10_000, max_image_pixels=4096)
 
@@ -187,3 +197,338 @@ def test_serve_configs_validate_and_name_real_deployments(name: str) -> None:
     configured = [d["name"] for d in raw["applications"][0]["deployments"]]
     assert configured and set(configured) <= set(deployment_names(args)), configured
     assert "Ingress" in configured
+
+
+# ---- multipart bodies and the whole request path ------------------------------------------------
+
+BOUNDARY = "b0undary"
+
+
+def _multipart(parts: list[tuple[str, Any]], boundary: str = BOUNDARY) -> bytes:
+    """A multipart body: ``(name, text)`` fields and ``(name, (filename, type, bytes))`` files."""
+    out = b""
+    for name, value in parts:
+        out += f"--{boundary}\r\n".encode()
+        if isinstance(value, tuple):
+            filename, ctype, data = value
+            out += (
+                f'Content-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+                f"Content-Type: {ctype}\r\n\r\n"
+            ).encode() + data
+        else:
+            out += f'Content-Disposition: form-data; name="{name}"\r\n\r\n{value}'.encode()
+        out += b"\r\n"
+    return out + f"--{boundary}--\r\n".encode()
+
+
+def _scope(content_type: str | None, length: int | None = None) -> dict[str, Any]:
+    headers = [] if content_type is None else [(b"content-type", content_type.encode())]
+    if length is not None:
+        headers.append((b"content-length", str(length).encode()))
+    return {"type": "http", "method": "POST", "path": "/v1/search", "headers": headers}
+
+
+def _form(body: bytes, content_type: str = f"multipart/form-data; boundary={BOUNDARY}") -> Any:
+    return asyncio.run(read_form_fields(_scope(content_type), body, LIMITS))
+
+
+def _form_status(body: bytes, content_type: str = f"multipart/form-data; boundary={BOUNDARY}"):
+    with pytest.raises(RequestError) as e:
+        _form(body, content_type)
+    return e.value.status, e.value.message
+
+
+def test_multipart_fields_and_files_are_read() -> None:
+    body = _multipart([("text", "river"), ("k", "3"), ("image", ("q.png", "image/png", b"\x89P"))])
+    assert _form(body) == {"text": "river", "k": "3", "image": ("q.png", "image/png", b"\x89P")}
+    quoted = f'multipart/form-data; charset=utf-8; BOUNDARY="{BOUNDARY}"'
+    assert _form(_multipart([("text", "river")]), quoted) == {"text": "river"}
+    assert multipart_boundary("multipart/form-data") == ""
+
+
+@pytest.mark.parametrize(
+    ("body", "ctype", "status", "words"),
+    [
+        (_multipart([("text", "a")]), "multipart/form-data", 400, "names no boundary"),
+        (b"no parts here", None, 400, "no part starts with the boundary"),
+        (_multipart([("text", "a"), ("text", "b")]), None, 422, "more than once"),
+        (
+            _multipart(
+                [("image", ("a.png", "image/png", b"1")), ("x", ("b.png", "image/png", b"2"))]
+            ),
+            None,
+            400,
+            "malformed multipart body",
+        ),
+        (_multipart([("text", "y" * 2000)]), None, 400, "malformed multipart body"),
+        (_multipart([(f"f{i}", "v") for i in range(9)]), None, 400, "malformed multipart body"),
+    ],
+    ids=["no boundary", "no part", "field twice", "two files", "long text part", "many fields"],
+)
+def test_malformed_multipart_bodies_are_refused(
+    body: bytes, ctype: str | None, status: int, words: str
+) -> None:
+    got = _form_status(body, ctype or f"multipart/form-data; boundary={BOUNDARY}")
+    assert got[0] == status and words in got[1], got
+
+
+def _request(body: bytes, content_type: str | None, length: int | None = None) -> Any:
+    from starlette.requests import Request
+
+    chunks = [body[i : i + 100] for i in range(0, len(body), 100)] or [b""]
+
+    async def receive() -> dict[str, Any]:
+        chunk = chunks.pop(0) if chunks else b""
+        return {"type": "http.request", "body": chunk, "more_body": bool(chunks)}
+
+    return Request(_scope(content_type, length), receive)
+
+
+def _parse(body: bytes, content_type: str | None, length: int | None = None) -> Any:
+    return asyncio.run(parse_search_request(_request(body, content_type, length), LIMITS))
+
+
+def test_search_requests_are_parsed_by_content_type_and_size() -> None:
+    assert _parse(b'{"text": "river", "k": 2}', "application/json; charset=utf-8").k == 2
+    form = _multipart([("text", "river"), ("target", "captions")])
+    q = _parse(form, f"multipart/form-data; boundary={BOUNDARY}")
+    assert (q.modality, q.text, q.target) == ("text", "river", "captions")
+    cap = LIMITS.max_body_bytes("application/json")
+    for body, ctype, length, status in (
+        (b"river", "text/plain", None, 415),
+        (b"river", None, None, 415),
+        (b"text=river", "application/x-www-form-urlencoded", None, 415),
+        (b"{}", "application/json", cap + 1, 413),  # refused on the declared length
+        (b" " * (cap + 1), "application/json", None, 413),  # refused while streaming
+    ):
+        with pytest.raises(RequestError) as e:
+            _parse(body, ctype, length)
+        assert e.value.status == status, (ctype, length)
+
+
+# ---- catalog records and hits -------------------------------------------------------------------
+
+
+def _catalog() -> Catalog:
+    return Catalog(
+        pa.table(
+            {
+                "item_id": ["a", "b"],
+                "image_uri": ["/x/a.png", None],
+                "captions": [["one", "two"], []],
+                "split": ["train", "query"],
+            }
+        )
+    )
+
+
+def test_items_are_found_by_id_or_refused_with_404() -> None:
+    cat = _catalog()
+    rec = find_item(cat, "a", "v1")
+    item = item_response("a", rec, "v1")
+    assert (item.image_uri, item.captions, item.split, item.label) == (
+        "/x/a.png",
+        ["one", "two"],
+        "train",
+        None,
+    )
+    assert item.thumbnail_url == "/v1/items/a/thumbnail" and item.index_version == "v1"
+    with pytest.raises(RequestError) as e:
+        find_item(cat, "zz", "v7")
+    assert e.value.status == 404 and "'zz'" in e.value.message and "v7" in e.value.message
+    assert thumbnail_url("tiles/1 2?") == "/v1/items/tiles%2F1%202%3F/thumbnail"
+
+
+def test_hits_carry_archive_fields_and_the_matched_caption() -> None:
+    res = ShardResult(
+        "v1",
+        np.array([[0, 3, 5]], np.int32),
+        np.array([[7, 2, 9]], np.int64),
+        {7: "a", 2: "b", 9: "gone"},
+        {7: 1, 2: 0, 9: 0},
+    )
+    text = hits_from_result(res, _catalog(), "text")
+    assert [(h.rank, h.item_id, h.distance) for h in text] == [
+        (1, "a", 0),
+        (2, "b", 3),
+        (3, "gone", 5),
+    ]
+    assert (text[0].caption_index, text[0].caption, text[0].image_uri) == (1, "two", "/x/a.png")
+    assert (text[1].caption_index, text[1].caption) == (0, None)  # b has no captions
+    assert (text[2].captions, text[2].image_uri) == ([], None)  # not in the archive
+    images = hits_from_result(res, _catalog(), "image")
+    assert all(h.caption_index is None and h.caption is None for h in images)
+    assert images[0].captions == ["one", "two"]
+    assert hits_from_result(res, Catalog(None), "image")[0].captions == []
+
+
+# ---- thumbnails -----------------------------------------------------------------------------------
+
+
+class _Images:
+    """Archive images by URI, counting reads."""
+
+    def __init__(self) -> None:
+        self.reads: dict[str, int] = {}
+
+    def read(self, uri: str) -> bytes:
+        self.reads[uri] = self.reads.get(uri, 0) + 1
+        if uri == "missing":
+            raise FileNotFoundError(uri)
+        if uri == "broken":
+            return b"not an image"
+        return _png(200, 100)
+
+
+def test_thumbnails_are_small_jpegs_and_the_cache_drops_the_least_recently_used() -> None:
+    from PIL import Image
+
+    images = _Images()
+    cache = ThumbnailCache(images.read, size=32, capacity=2)
+    img = Image.open(io.BytesIO(cache.get("a")))
+    assert img.format == "JPEG" and img.size == (32, 16)
+    cache.get("b")
+    cache.get("a")  # a hit: a becomes the most recently used
+    cache.get("c")  # full: b goes
+    assert len(cache) == 2 and "a" in cache and "c" in cache and "b" not in cache
+    cache.get("b")
+    assert images.reads == {"a": 1, "b": 2, "c": 1}
+    with pytest.raises(FileNotFoundError):
+        cache.get("missing")
+    with pytest.raises(ValueError):
+        cache.get("broken")
+    assert "broken" not in cache
+
+    none_kept = ThumbnailCache(images.read, size=32, capacity=0)
+    none_kept.get("a")
+    none_kept.get("a")
+    assert len(none_kept) == 0 and images.reads["a"] == 3
+
+
+# ---- index versions ---------------------------------------------------------------------------------
+
+
+def _manifest(
+    version: str, bundle_id: str = "b1", n_images: int = 2, n_texts: int = 4
+) -> IndexManifest:
+    return IndexManifest(
+        version=version, bundle_id=bundle_id, bits=32, counts={"image": n_images, "text": n_texts}
+    )
+
+
+class _Root:
+    """An index root whose ``LATEST`` the test sets; counts validations per version."""
+
+    def __init__(self) -> None:
+        self.latest: IndexManifest | None = None
+        self.validated: dict[str, int] = {}
+
+    def read_latest(self, root: str) -> IndexManifest:
+        if self.latest is None:
+            raise FileNotFoundError(f"no LATEST under {root}")
+        return self.latest
+
+    def validate(self, manifest: IndexManifest, bits: int, bundle_id: str) -> None:
+        from duch_core.index_store import validate
+
+        self.validated[manifest.version] = self.validated.get(manifest.version, 0) + 1
+        validate(manifest, bits, bundle_id)
+
+
+class _Group:
+    """A shard group holding one image and two caption codes of each version it loads."""
+
+    def __init__(self, row: int) -> None:
+        self.row = row
+        self.held: set[str] = set()
+
+    async def prepare(self, manifest: IndexManifest) -> dict[str, int]:
+        self.held.add(manifest.version)
+        return {"image": 1, "text": 2}
+
+    async def search(self, version: str, modality: str, codes: np.ndarray, k: int, manifest=None):
+        if version not in self.held:
+            if manifest is None:
+                return None
+            self.held.add(manifest.version)
+        dist, ids = np.array([[self.row]], np.int32), np.array([[self.row]], np.int64)
+        return ShardResult(version, dist, ids, {self.row: f"{version}/{self.row}"}, {})
+
+
+def _served(root: _Root, groups: list[_Group]) -> ServedIndex:
+    loaders = Loaders(read_latest=root.read_latest, validate=root.validate)
+    return ServedIndex(
+        "mem://index", [ShardGroup(g.prepare, g.search) for g in groups], loaders, 32, "b1"
+    )
+
+
+def test_served_index_swaps_only_to_valid_versions_and_old_requests_finish_on_theirs() -> None:
+    root, groups = _Root(), [_Group(3), _Group(5)]
+    idx = _served(root, groups)
+    query = np.zeros((1, 4), np.uint8)
+
+    async def scenario() -> None:
+        with pytest.raises(IndexRefusedError, match="cannot read LATEST"):
+            await idx.reload()
+        with pytest.raises(RequestError) as e:
+            idx.current()
+        assert e.value.status == 503
+
+        root.latest = _manifest("v1")
+        r = await idx.reload()
+        assert (r.changed, r.version, r.previous_version) == (True, "v1", None)
+        assert idx.current().counts == {"image": 2, "text": 4}
+        assert (await idx.reload()).changed is False
+        old = idx.current()
+
+        for bad, words in (
+            (_manifest("v2", bundle_id="other"), "other"),
+            (_manifest("v3", n_images=5), "searchers loaded 2 image codes, manifest says 5"),
+        ):
+            root.latest = bad
+            with pytest.raises(IndexRefusedError) as refused:
+                await idx.reload()
+            assert bad.version in str(refused.value) and words in str(refused.value)
+            assert "still serving v1" in str(refused.value)
+            assert idx.current() is old
+
+        root.latest = _manifest("v4")
+        assert (await idx.reload()).previous_version == "v1"
+        assert idx.current().version == "v4" and old.version == "v1"
+        # a request that took the v1 state before the swap is answered from v1
+        res = await idx.search(old, "image", query, 2)
+        assert res.version == "v1" and res.item_ids == {3: "v1/3", 5: "v1/5"}
+        assert res.ids.tolist() == [[3, 5]]
+        # a searcher replica that does not hold the version is sent the manifest
+        groups[1].held.clear()
+        res = await idx.search(idx.current(), "text", query, 1)
+        assert res.version == "v4" and res.ids.tolist() == [[3]] and "v4" in groups[1].held
+
+    asyncio.run(scenario())
+
+
+def test_poller_follows_latest_and_does_not_retry_a_refused_version() -> None:
+    root = _Root()
+    idx = _served(root, [_Group(0)])
+
+    async def scenario() -> None:
+        root.latest = _manifest("v1", n_images=1, n_texts=2)
+        await idx.reload()
+        root.latest = _manifest("v2", bundle_id="other")
+        poller = asyncio.create_task(idx.poll(0.01))
+        try:
+            await asyncio.sleep(0.2)
+            assert idx.current().version == "v1" and root.validated["v2"] == 1
+            root.latest = _manifest("v3", n_images=1, n_texts=2)
+            for _ in range(100):
+                await asyncio.sleep(0.01)
+                if idx.current().version == "v3":
+                    break
+            assert idx.current().version == "v3"
+            root.latest = None  # LATEST unreadable: kept serving v3, the error is reported
+            await asyncio.sleep(0.1)
+            assert idx.current().version == "v3" and "no LATEST" in (idx.last_error or "")
+        finally:
+            poller.cancel()
+
+    asyncio.run(scenario())

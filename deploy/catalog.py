@@ -1,0 +1,128 @@
+"""The archive's items by id, as the service shows them: hits of a search and ``GET /v1/items``.
+
+Each served index version has its own :class:`Catalog`, built from the archive manifest the
+version names, so a hit's image and captions always come from the archive that was encoded.
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from deploy.models import Hit, Item
+from deploy.queries import RequestError
+from deploy.searcher import ShardResult
+from deploy.thumbnails import thumbnail_url
+
+
+class Catalog:
+    """Archive items by id: image URI, captions, label and split.
+
+    A lookup reads single values straight from the Arrow columns (``chunk[row].as_py()``),
+    which for the few hits of a query is much cheaper than ``Table.take(rows).to_pylist()`` on
+    a large archive.
+
+    Args:
+        table: the archive rows (``item_id`` and any of ``image_uri``, ``captions``, ``label``,
+            ``split``); ``None`` for an index that names no archive (hits then carry ids only).
+
+    Raises:
+        ValueError: an item id is listed more than once.
+    """
+
+    COLUMNS = ("image_uri", "captions", "label", "split")
+
+    def __init__(self, table: pa.Table | None) -> None:
+        self._rows: dict[str, int] = {}
+        # name -> (chunks, first row of each chunk); columns may be chunked differently
+        self._columns: dict[str, tuple[list[pa.Array], np.ndarray]] = {}
+        self._has_table = table is not None
+        if table is None:
+            return
+        ids = table.column("item_id").to_pylist()
+        self._rows = {str(i): n for n, i in enumerate(ids)}
+        if len(self._rows) != len(ids):
+            raise ValueError("the archive lists an item id more than once")
+        for name in self.COLUMNS:
+            if name in table.column_names:
+                chunks = table.column(name).chunks
+                starts = np.cumsum([0] + [len(ch) for ch in chunks], dtype=np.int64)
+                self._columns[name] = (chunks, starts)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __contains__(self, item_id: str) -> bool:
+        return item_id in self._rows
+
+    def _value(self, name: str, row: int) -> Any:
+        chunks, starts = self._columns[name]
+        c = int(np.searchsorted(starts, row, side="right")) - 1
+        return chunks[c][row - int(starts[c])].as_py()
+
+    def lookup(self, item_ids: Sequence[str]) -> list[dict[str, Any] | None]:
+        """Archive fields of each id (``None`` for ids the archive does not list)."""
+        if not self._has_table:
+            return [None] * len(item_ids)
+        out: list[dict[str, Any] | None] = []
+        for item_id in item_ids:
+            row = self._rows.get(item_id)
+            out.append(
+                None if row is None else {name: self._value(name, row) for name in self._columns}
+            )
+        return out
+
+
+def find_item(catalog: Catalog, item_id: str, version: str) -> dict[str, Any]:
+    """The archive fields of one item of index ``version`` (404 when it has none)."""
+    rec = catalog.lookup([item_id])[0]
+    if rec is None:
+        raise RequestError(404, f"no item {item_id!r} in index version {version}")
+    return rec
+
+
+def item_response(item_id: str, rec: dict[str, Any], version: str) -> Item:
+    """The ``GET /v1/items/{id}`` answer for an item's archive fields."""
+    return Item(
+        item_id=item_id,
+        image_uri=rec.get("image_uri"),
+        captions=list(rec.get("captions") or []),
+        label=rec.get("label"),
+        split=rec.get("split"),
+        thumbnail_url=thumbnail_url(item_id),
+        index_version=version,
+    )
+
+
+def hits_from_result(res: ShardResult, catalog: Catalog, modality: str) -> list[Hit]:
+    """The ranked hits of the first query of ``res``, with their archive fields.
+
+    For ``modality == "text"`` each hit also names the matched caption (``caption_index`` into
+    the item's captions, and the caption itself when the archive has it).
+    """
+    rows = [int(i) for i in res.ids[0]]
+    item_ids = [res.item_ids[r] for r in rows]
+    recs = catalog.lookup(item_ids)
+    hits = []
+    for rank, (row, item_id, rec, d) in enumerate(
+        zip(rows, item_ids, recs, res.dist[0], strict=True), start=1
+    ):
+        captions = list((rec or {}).get("captions") or [])
+        cap_idx = res.caption_index.get(row) if modality == "text" else None
+        caption = (
+            captions[cap_idx] if cap_idx is not None and 0 <= cap_idx < len(captions) else None
+        )
+        hits.append(
+            Hit(
+                rank=rank,
+                item_id=item_id,
+                distance=int(d),
+                image_uri=(rec or {}).get("image_uri"),
+                captions=captions,
+                caption_index=cap_idx,
+                caption=caption,
+                thumbnail_url=thumbnail_url(item_id),
+            )
+        )
+    return hits

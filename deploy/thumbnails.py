@@ -1,0 +1,77 @@
+"""Thumbnails of archive images for the web page and API clients, with an in-memory LRU cache.
+
+A thumbnail is a JPEG at most ``size`` pixels on its long side, made from the archive image on
+the first request and kept by image URI; the least recently used ones are dropped past
+``capacity``. Requests run in worker threads, so the cache is guarded by a lock; two threads
+missing the same image both make it, and the second simply replaces the first.
+"""
+
+import io
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from urllib.parse import quote
+
+
+def thumbnail_url(item_id: str) -> str:
+    """Relative URL of an item's thumbnail (``GET /v1/items/{id}/thumbnail``)."""
+    return f"/v1/items/{quote(item_id, safe='')}/thumbnail"
+
+
+def make_thumbnail(data: bytes, size: int) -> bytes:
+    """Decode archive image bytes and return a JPEG at most ``size`` pixels on its long side.
+
+    Raises:
+        duch_core.imageio.ImageDecodeError: the bytes are not a decodable image (a ValueError).
+    """
+    from PIL import Image
+
+    from duch_core.imageio import decode_image
+
+    img = Image.fromarray(decode_image(data))
+    img.thumbnail((size, size))
+    out = io.BytesIO()
+    img.save(out, format="JPEG", quality=85)
+    return out.getvalue()
+
+
+class ThumbnailCache:
+    """Thumbnails by image URI, at most ``capacity`` of them (least recently used dropped first).
+
+    Args:
+        read: image URI -> the archive file's bytes.
+        size: thumbnail long side, pixels.
+        capacity: thumbnails kept; 0 keeps none.
+    """
+
+    def __init__(self, read: Callable[[str], bytes], size: int, capacity: int) -> None:
+        self._read = read
+        self.size = size
+        self.capacity = capacity
+        self._items: OrderedDict[str, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, image_uri: str) -> bool:
+        return image_uri in self._items
+
+    def get(self, image_uri: str) -> bytes:
+        """The JPEG thumbnail of ``image_uri``, made on a miss (blocking: call from a thread).
+
+        Raises:
+            FileNotFoundError: the image is missing.
+            ValueError: the image cannot be decoded.
+        """
+        with self._lock:
+            hit = self._items.get(image_uri)
+            if hit is not None:
+                self._items.move_to_end(image_uri)
+                return hit
+        data = make_thumbnail(self._read(image_uri), self.size)
+        with self._lock:
+            self._items[image_uri] = data
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+        return data
