@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from duch_core import codes, storage
-from duch_core.config import ConfigError, DUCHConfig, from_dict, to_dict
+from duch_core.config import ConfigError, DUCHConfig, ImageBackboneConfig, from_dict, to_dict
 from duch_core.model import DUCH
 
 FORMAT = "duch-bundle/1"
@@ -206,6 +206,92 @@ def save_untrained_bundle(uri: str, cfg: DUCHConfig, seed: int = 0) -> str:
     return save_bundle(uri, model, cfg, None, {})
 
 
+def _read_file(uri: str, name: str) -> bytes:
+    try:
+        return storage.read_bytes(storage.join(uri, name))
+    except FileNotFoundError as e:
+        hint = " (the bundle is incomplete: meta.json is written last)" if name == META_FILE else ""
+        raise BundleError(f"bundle {uri}: {name} not found{hint}") from e
+
+
+def _read_json_files(uri: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``meta.json`` and ``config.json`` of a bundle, with the meta fields checked."""
+    try:
+        meta = json.loads(_read_file(uri, META_FILE))
+        config_dict = json.loads(_read_file(uri, CONFIG_FILE))
+    except json.JSONDecodeError as e:
+        raise BundleError(f"bundle {uri}: malformed JSON: {e}") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else meta
+        raise BundleError(f"bundle {uri}: meta.json format {found!r} is not {FORMAT!r}")
+    missing = [
+        k
+        for k in ("bundle_id", "bits", "bitorder", "image_dim", "text_dim", "hidden_dim")
+        if k not in meta
+    ]
+    if missing:
+        raise BundleError(f"bundle {uri}: meta.json lacks {missing}")
+    if meta["bitorder"] != codes.BITORDER:
+        raise BundleError(
+            f"bundle {uri}: bit order {meta['bitorder']!r}, expected {codes.BITORDER!r}"
+        )
+    if not isinstance(config_dict, dict):
+        raise BundleError(f"bundle {uri}: config.json must hold a JSON object")
+    return meta, config_dict
+
+
+def _parse_config(uri: str, config_dict: Mapping[str, Any]) -> DUCHConfig:
+    try:
+        return from_dict(DUCHConfig, config_dict)
+    except ConfigError as e:
+        raise BundleError(f"bundle {uri}: config.json does not load: {e}") from e
+
+
+@dataclasses.dataclass(frozen=True)
+class BundleMeta:
+    """What a bundle's ``meta.json`` and ``config.json`` say, read without loading the weights.
+
+    Attributes:
+        uri: the bundle directory.
+        bundle_id: content hash recorded at saving (verified only by :meth:`Bundle.load`).
+        bits: code length.
+        image_dim, text_dim: feature widths the hashing heads take.
+        config: the resolved :class:`DUCHConfig` (backbones, preprocessing).
+    """
+
+    uri: str
+    bundle_id: str
+    bits: int
+    image_dim: int
+    text_dim: int
+    config: DUCHConfig
+
+    @property
+    def image_backbone(self) -> ImageBackboneConfig:
+        """Image tower, preprocessing and decoding rule (bands, bit depth) of the bundle."""
+        return self.config.image_backbone
+
+
+def read_meta(uri: str) -> BundleMeta:
+    """Read a bundle's identity and configuration (two small JSON files, no weights).
+
+    For planning work before the model is needed (which items to re-encode, how to decode
+    images); :meth:`Bundle.load` reads the same files and also verifies the content hash.
+
+    Raises:
+        BundleError: a file is missing or malformed, wrong format or bit order, bad config.
+    """
+    meta, config_dict = _read_json_files(uri)
+    return BundleMeta(
+        uri=uri,
+        bundle_id=str(meta["bundle_id"]),
+        bits=codes.check_bits(int(meta["bits"])),
+        image_dim=int(meta["image_dim"]),
+        text_dim=int(meta["text_dim"]),
+        config=_parse_config(uri, config_dict),
+    )
+
+
 class Bundle:
     """A loaded, verified bundle.
 
@@ -248,41 +334,11 @@ class Bundle:
                 do not fit the recorded shapes, or the content hash differs from ``bundle_id``
                 (the bundle was modified after saving).
         """
-
-        def read(name: str) -> bytes:
-            try:
-                return storage.read_bytes(storage.join(uri, name))
-            except FileNotFoundError as e:
-                hint = (
-                    " (the bundle is incomplete: meta.json is written last)"
-                    if name == META_FILE
-                    else ""
-                )
-                raise BundleError(f"bundle {uri}: {name} not found{hint}") from e
-
+        meta, config_dict = _read_json_files(uri)
         try:
-            meta = json.loads(read(META_FILE))
-            config_dict = json.loads(read(CONFIG_FILE))
-        except json.JSONDecodeError as e:
-            raise BundleError(f"bundle {uri}: malformed JSON: {e}") from e
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise BundleError(
-                f"bundle {uri}: meta.json format {meta.get('format') if isinstance(meta, dict) else meta!r}"
-                f" is not {FORMAT!r}"
+            state = torch.load(
+                io.BytesIO(_read_file(uri, HEADS_FILE)), map_location="cpu", weights_only=True
             )
-        missing = [
-            k
-            for k in ("bundle_id", "bits", "bitorder", "image_dim", "text_dim", "hidden_dim")
-            if k not in meta
-        ]
-        if missing:
-            raise BundleError(f"bundle {uri}: meta.json lacks {missing}")
-        if meta["bitorder"] != codes.BITORDER:
-            raise BundleError(
-                f"bundle {uri}: bit order {meta['bitorder']!r}, expected {codes.BITORDER!r}"
-            )
-        try:
-            state = torch.load(io.BytesIO(read(HEADS_FILE)), map_location="cpu", weights_only=True)
         except BundleError:
             raise
         except Exception as e:
@@ -298,10 +354,7 @@ class Bundle:
                 f"from bundle_id {str(meta['bundle_id'])[:16]}...; heads.pt, config.json or "
                 "meta.json was modified after saving. Re-export the bundle."
             )
-        try:
-            config = from_dict(DUCHConfig, config_dict)
-        except ConfigError as e:
-            raise BundleError(f"bundle {uri}: config.json does not load: {e}") from e
+        config = _parse_config(uri, config_dict)
         bits = codes.check_bits(int(meta["bits"]))
         model = DUCH(int(meta["image_dim"]), int(meta["text_dim"]), bits, int(meta["hidden_dim"]))
         try:
@@ -400,15 +453,29 @@ class HashEncoder:
         from duch_core.imageio import preprocess
 
         cfg = self.bundle.config.image_backbone
-        tower = self.image_tower
         out = []
-        with torch.inference_mode():
-            for s in range(0, len(images), self.batch_size):
-                px = np.stack([preprocess(im, cfg) for im in images[s : s + self.batch_size]])
-                out.append(tower(torch.from_numpy(px)).float().cpu())
+        for s in range(0, len(images), self.batch_size):
+            px = np.stack([preprocess(im, cfg) for im in images[s : s + self.batch_size]])
+            out.append(self.pixel_features(px))
         if not out:
             return torch.zeros(0, int(self.bundle.meta["image_dim"]))
         return torch.cat(out)
+
+    def pixel_features(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Preprocessed ``(N, 3, S, S)`` float32 pixels -> ``(N, image_dim)`` float32 features.
+
+        ``pixels`` are :func:`duch_core.imageio.preprocess` outputs; one tower call for all N.
+        """
+        x = torch.as_tensor(pixels).to(device=self.bundle.device, dtype=torch.float32)
+        tower = self.image_tower
+        with torch.inference_mode():
+            return tower(x).float().cpu()
+
+    def encode_pixels(self, pixels: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Preprocessed ``(N, 3, S, S)`` float32 pixels -> ``(N, bits // 8)`` uint8 packed codes."""
+        if len(pixels) == 0:
+            return np.zeros((0, self.bits // 8), np.uint8)
+        return codes.pack(self.image_codes_from_features(self.pixel_features(pixels)))
 
     def text_features(self, texts: Sequence[str]) -> torch.Tensor:
         """Captions -> ``(N, text_dim)`` float32 features (cleaned as the bundle's config says)."""

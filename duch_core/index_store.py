@@ -11,14 +11,16 @@ Layout of an index root (a local directory or an ``s3://`` prefix)::
 A version id is ``<UTC timestamp>-<random suffix>`` (:func:`duch_core.storage.new_version_id`,
 re-exported here), so ids sort by creation time. Every run writes a fresh version directory: shards
 first, then ``index.json``, then ``LATEST`` is replaced atomically
-(:func:`duch_core.storage.publish_pointer`). A reader only follows ``LATEST`` and only trusts shards listed in ``index.json``, so a run that dies half way leaves an unreferenced
-directory, never a half index. Every shard's SHA-256 is recorded and checked on load.
+(:func:`duch_core.storage.publish_pointer`). A reader only follows ``LATEST`` and only trusts
+shards listed in ``index.json``, so a run that dies half way leaves an unreferenced directory,
+never a half index. Every shard's SHA-256 is recorded and checked on load.
 
 Each shard row is one code: an image (``caption_index = -1``) or one caption of an item
 (``caption_index`` = its position in the archive row's ``captions``). ``code`` is the packed
 ``bits // 8`` bytes in bit order ``big`` (:mod:`duch_core.codes`). ``fingerprint`` identifies the
-source the code was computed from (see ``jobs/encode.py``); with the bundle id it decides whether
-a later run can copy the row instead of encoding it again.
+source the code was computed from (:func:`duch_core.encoding.source_fingerprint`); with the bundle
+id it decides whether a later run can copy the row instead of encoding it again
+(:func:`compute_diff`).
 
 Search ids (``row_ids``) are global row positions in the version: shards in manifest order, rows
 in file order, both modalities counted. They do not depend on which shards a reader loads.
@@ -413,6 +415,14 @@ def read_latest_version(root: str) -> str | None:
     return value or None
 
 
+def read_latest_or_none(root: str) -> IndexManifest | None:
+    """Like :func:`read_latest`, but ``None`` when nothing is published at ``root`` yet."""
+    try:
+        return read_latest(root)
+    except IndexNotFoundError:
+        return None
+
+
 def read_latest(root: str) -> IndexManifest:
     """The manifest of the published version of an index root.
 
@@ -632,3 +642,102 @@ def apply_retention(root: str, keep: int, current: str | None = None) -> list[st
     for v in doomed:
         storage.delete_prefix(version_uri(root, v))
     return doomed
+
+
+# --------------------------------------------------------------------------------------------
+# change detection
+
+
+@dataclass
+class IndexDiff:
+    """What a run does to the published index: item counts and the two id sets.
+
+    Attributes:
+        total: archive items.
+        new: items the previous version never saw.
+        changed: items seen before that must be encoded again (different fingerprint, failed
+            last time, or image missing).
+        unchanged: items whose rows are copied from the previous version.
+        deleted: items of the previous version no longer in the archive.
+        full_reencode: every item is encoded (no previous version, or another bundle).
+        reason: why, in words.
+        encode_ids: ids to encode, a string array.
+        carry_ids: ids whose rows are carried over, a string array.
+    """
+
+    total: int
+    new: int
+    changed: int
+    unchanged: int
+    deleted: int
+    full_reencode: bool
+    reason: str
+    encode_ids: pa.Array
+    carry_ids: pa.Array
+
+    def plan(self) -> dict[str, Any]:
+        """The counts as a JSON-ready dict (what a dry run reports)."""
+        return {
+            "archive_items": self.total,
+            "new": self.new,
+            "changed": self.changed,
+            "unchanged": self.unchanged,
+            "deleted": self.deleted,
+            "would_encode": len(self.encode_ids),
+            "would_carry_over": len(self.carry_ids),
+            "full_reencode": self.full_reencode,
+            "reason": self.reason,
+        }
+
+
+def compute_diff(
+    current: pa.Table, prev: IndexManifest | None, bundle_id: str, bits: int
+) -> IndexDiff:
+    """Compare an archive's ``(item_id, fingerprint)`` table with a published version.
+
+    An item is carried over when ``prev`` was made by the same bundle and code length, it had the
+    same fingerprint there, it had no error there and its image was found now. Everything else
+    is encoded. Reads the previous version's rows (two columns, checksums verified) and errors.
+
+    Raises:
+        ArchiveError: ``current`` repeats an item id.
+        IndexCorruptError: the previous version's shards or errors table cannot be read.
+    """
+    from duch_core.archive import ArchiveError
+
+    ids = current.column("item_id").combine_chunks()
+    total = current.num_rows
+    if pc.count_distinct(ids).as_py() != total:
+        counts = pc.value_counts(ids).to_pylist()
+        dup = [v["values"] for v in counts if v["counts"] > 1][:5]
+        raise ArchiveError(f"archive item_id values are not unique, e.g. {dup}")
+    empty = pa.array([], pa.string())
+    if prev is None:
+        return IndexDiff(total, total, 0, 0, 0, True, "no published index", ids, empty)
+    prev_items = (
+        read_rows(prev, columns=["item_id", "fingerprint"])
+        .group_by(["item_id", "fingerprint"])
+        .aggregate([])
+    )
+    failed_ids = read_errors(prev).column("item_id").combine_chunks()
+    prev_ids = pc.unique(
+        pa.concat_arrays([prev_items.column("item_id").combine_chunks(), failed_ids])
+    )
+    deleted = int(pc.sum(pc.invert(pc.is_in(prev_ids, value_set=ids))).as_py() or 0)
+    if prev.bundle_id != bundle_id or int(prev.bits) != int(bits):
+        reason = f"bundle changed ({prev.bundle_id} -> {bundle_id})"
+        new = int(pc.sum(pc.invert(pc.is_in(ids, value_set=prev_ids))).as_py() or 0)
+        return IndexDiff(total, new, total - new, 0, deleted, True, reason, ids, empty)
+    joined = current.join(prev_items, keys="item_id", right_suffix="_prev", join_type="left outer")
+    fp_now = joined.column("fingerprint")
+    same = pc.and_(
+        pc.equal(fp_now, joined.column("fingerprint_prev")).fill_null(False),
+        pc.invert(pc.is_in(joined.column("item_id"), value_set=failed_ids)),
+    )
+    same = pc.and_(same, pc.invert(pc.starts_with(fp_now, "missing-")))
+    carry = joined.filter(same).column("item_id").combine_chunks()
+    encode = joined.filter(pc.invert(same)).column("item_id").combine_chunks()
+    new = int(pc.sum(pc.invert(pc.is_in(encode, value_set=prev_ids))).as_py() or 0)
+    return IndexDiff(
+        total, new, len(encode) - new, len(carry), deleted, False, "incremental", encode, carry
+    )

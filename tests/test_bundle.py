@@ -17,6 +17,7 @@ from duch_core.bundle import (
     BundleError,
     HashEncoder,
     content_hash,
+    read_meta,
     save_bundle,
     save_untrained_bundle,
 )
@@ -191,6 +192,37 @@ def test_tampering_is_detected(saved) -> None:
         f.write(b"garbage")
     with pytest.raises(BundleError, match="unreadable"):
         Bundle.load(uri)
+
+
+def test_read_meta_gives_identity_and_config_without_weights(saved) -> None:
+    uri, bid, cfg, _ = saved
+    meta = read_meta(uri)
+    assert (meta.uri, meta.bundle_id, meta.bits) == (uri, bid, BITS)
+    assert (meta.image_dim, meta.text_dim) == (32, 32)
+    assert meta.config == cfg and meta.image_backbone == cfg.image_backbone
+    # it needs no weights, but refuses what Bundle.load refuses in the JSON files
+    os.remove(os.path.join(uri, "heads.pt"))
+    assert read_meta(uri) == meta
+    _tamper_json(os.path.join(uri, "meta.json"), "bitorder", "little")
+    with pytest.raises(BundleError, match="bit order"):
+        read_meta(uri)
+    _tamper_json(os.path.join(uri, "meta.json"), "format", "other/9")
+    with pytest.raises(BundleError, match="format"):
+        read_meta(uri)
+    os.remove(os.path.join(uri, "meta.json"))
+    with pytest.raises(BundleError, match="meta.json not found.*incomplete"):
+        read_meta(uri)
+
+
+def test_encode_pixels_matches_encode_images(saved) -> None:
+    enc = HashEncoder(Bundle.load(saved[0]), batch_size=2)
+    images = _images(5)
+    pixels = np.stack([preprocess(im, enc.bundle.config.image_backbone) for im in images])
+    assert pixels.shape == (5, 3, 64, 64) and pixels.dtype == np.float32
+    want = enc.encode_images(images)
+    np.testing.assert_array_equal(enc.encode_pixels(pixels), want)
+    np.testing.assert_array_equal(enc.encode_pixels(torch.from_numpy(pixels[:3])), want[:3])
+    assert enc.encode_pixels(pixels[:0]).shape == (0, BITS // 8)
 
 
 def test_incomplete_and_inconsistent_bundles(saved, tmp_path) -> None:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 from duch_core import index_store as ix
 from duch_core import storage
+from duch_core.archive import ArchiveError
 from duch_core.codes import CodeLengthError
+from duch_core.encoding import parse_manifest_lines, source_fingerprint
 
 BITS = 32
 
@@ -184,11 +187,10 @@ def test_retention_keeps_newest_and_latest_and_removes_dead_runs(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# the encode job's change detection (pure functions, no Ray)
+# change detection and the encode batch functions (no Ray)
 
 
 def test_source_fingerprint_changes_with_object_and_captions():
-    from jobs.encode import source_fingerprint
 
     base = source_fingerprint(10, '"abc"', 5, "s3://b/x.png", ["a river"])
     assert base == source_fingerprint(10, "abc", 5, "s3://b/x.png", ["a river"])
@@ -204,8 +206,6 @@ def test_source_fingerprint_changes_with_object_and_captions():
 
 
 def test_compute_diff_new_changed_deleted_failed_and_bundle(tmp_path):
-    from jobs.encode import compute_diff
-
     root = str(tmp_path)
     ids = ["a", "b", "c", "d"]
     t = ix.shard_table(
@@ -221,24 +221,19 @@ def test_compute_diff_new_changed_deleted_failed_and_bundle(tmp_path):
         m.base_uri, ix.IndexManifest.from_dict({**m.to_dict(), "errors": ix.ERRORS_NAME})
     )
     cur = pa.table({"item_id": ["a", "b", "d", "e"], "fingerprint": ["f", "g", "f", "f"]})
-    d = compute_diff(cur, m, "bundle-a", BITS)
+    d = ix.compute_diff(cur, m, "bundle-a", BITS)
     assert (d.new, d.changed, d.unchanged, d.deleted) == (1, 2, 1, 1)
     assert sorted(d.carry_ids.to_pylist()) == ["a"]
     assert sorted(d.encode_ids.to_pylist()) == ["b", "d", "e"]
-    full = compute_diff(cur, m, "bundle-b", BITS)
+    full = ix.compute_diff(cur, m, "bundle-b", BITS)
     assert full.full_reencode and full.unchanged == 0 and len(full.encode_ids) == 4
-    first = compute_diff(cur, None, "bundle-a", BITS)
+    first = ix.compute_diff(cur, None, "bundle-a", BITS)
     assert first.new == 4 and len(first.carry_ids) == 0
-    from duch_core.config import ConfigError
-
-    with pytest.raises(ConfigError, match="not unique"):
-        compute_diff(pa.table({"item_id": ["a", "a"], "fingerprint": ["f", "f"]}), m, "x", BITS)
+    with pytest.raises(ArchiveError, match="not unique"):
+        ix.compute_diff(pa.table({"item_id": ["a", "a"], "fingerprint": ["f", "f"]}), m, "x", BITS)
 
 
 def test_parse_manifest_lines_normalises_rows_and_rejects_bad_lines():
-    from duch_core.archive import ArchiveError
-    from jobs.encode import parse_manifest_lines
-
     lines = [
         '{"item_id": "a", "image_uri": "x.png", "captions": ["a river."], "split": "train"}',
         "   ",
@@ -258,3 +253,126 @@ def test_parse_manifest_lines_normalises_rows_and_rejects_bad_lines():
     ):
         with pytest.raises(ArchiveError, match=match):
             parse_manifest_lines(pa.table({"text": [bad]}))
+
+
+def _tiny_bundle(uri: str, seed: int = 0) -> str:
+    from duch_core.bundle import save_untrained_bundle
+    from duch_core.config import DUCHConfig, ImageBackboneConfig, ModelConfig, TextBackboneConfig
+
+    cfg = DUCHConfig(
+        model=ModelConfig(bits=BITS, hidden_dim=32),
+        image_backbone=ImageBackboneConfig(
+            source="tiny:resnet", image_size=32, center_crop=0, seed=seed, bands=(2, 1, 0)
+        ),
+        text_backbone=TextBackboneConfig(source="tiny:bert", seed=seed),
+    )
+    save_untrained_bundle(uri, cfg, seed)
+    return uri
+
+
+def _png(rng: np.random.Generator, fmt: str = "PNG") -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8), "RGB").save(buf, fmt)
+    return buf.getvalue()
+
+
+def test_encode_batch_functions_end_to_end_without_ray(tmp_path):
+    """fingerprint -> decode -> encode -> write -> publish -> diff -> carry, by hand, no Ray."""
+    from duch_core import encoding
+    from duch_core.bundle import Bundle, BundleError, HashEncoder, read_meta
+    from duch_core.imageio import decode_image, decode_options
+
+    meta = read_meta(_tiny_bundle(str(tmp_path / "bundle")))
+    rng = np.random.default_rng(0)
+    base = str(tmp_path / "archive")
+    files = {"a.png": _png(rng), "b.jpg": _png(rng, "JPEG"), "c.png": _png(rng), "bad.png": b"x"}
+    for name, data in files.items():
+        storage.write_bytes(storage.join(base, name), data)
+    archive = pa.table(
+        {
+            "item_id": ["a", "b", "c", "bad", "gone"],
+            "image_uri": ["a.png", "b.jpg", "c.png", "bad.png", "gone.png"],
+            "captions": [["a river."], ["two roads", "  "], [], ["a lake"], ["a field"]],
+        }
+    )
+    items = encoding.fingerprint_batch(archive, base, io_threads=2)
+    assert items.column("lookup_error").to_pylist()[:4] == [""] * 4
+    assert "not found" in items.column("lookup_error")[4].as_py()
+    decoded = encoding.decode_batch(items, meta.image_backbone, 10**8, io_threads=2)
+    assert decoded["pixels"].shape == (5, 3, 32, 32) and decoded["pixels"].dtype == np.float32
+    assert decoded["img_ok"].tolist() == [True, True, True, False, False]
+    assert list(decoded["img_stage"]) == ["", "", "", "decode", "fetch"]
+
+    with pytest.raises(BundleError, match="replaced"):
+        encoding.BundleEncoder(meta.uri, "0" * 64)
+    rows = encoding.BundleEncoder(meta.uri, meta.bundle_id)(decoded)
+    assert rows.schema == encoding.code_row_schema(BITS)
+    # every image and caption gets a row; failures carry their stage, good rows a code
+    got = {(r["item_id"], r["caption_index"]): r["stage"] for r in rows.to_pylist()}
+    assert got == {
+        ("a", -1): "",
+        ("b", -1): "",
+        ("c", -1): "",
+        ("bad", -1): "decode",
+        ("gone", -1): "fetch",
+        ("a", 0): "",
+        ("b", 0): "",
+        ("b", 1): "caption",
+        ("bad", 0): "",
+        ("gone", 0): "",
+    }
+    # the codes are the in-memory encoder's, with the bundle's band rule
+    enc = HashEncoder(Bundle.load(meta.uri))
+    opts = decode_options(meta.image_backbone)
+    want_img = enc.encode_images([decode_image(files[n], **opts) for n in ("a.png", "b.jpg")])
+    good = rows.filter(pc.equal(rows.column("stage"), ""))
+    codes = ix.codes_from_column(good.column("code"), BITS)
+    np.testing.assert_array_equal(codes[:2], want_img)
+    texts = good.filter(pc.equal(good.column("modality"), "text"))
+    np.testing.assert_array_equal(
+        ix.codes_from_column(texts.column("code"), BITS),
+        enc.encode_texts(["a river.", "two roads", "a lake", "a field"]),
+    )
+
+    # write two batches (content-addressed), merge, publish
+    root = str(tmp_path / "index")
+    version = storage.new_version_id()
+    vdir = ix.version_uri(root, version)
+    results = [
+        encoding.write_code_batch(part, vdir, meta.bundle_id, BITS).to_pylist()[0]
+        for part in (rows.slice(0, 6), rows.slice(6))
+    ]
+    again = encoding.write_code_batch(rows.slice(6), vdir, meta.bundle_id, BITS)  # a retried task
+    assert again.to_pylist()[0] == results[1]
+    written = encoding.merge_written(vdir, results)
+    assert written.encoded_images == 3 and written.encoded_texts == 4
+    assert written.errors.column("item_id").to_pylist() == ["b", "bad", "gone"]
+    assert encoding.errors_by_stage(written.errors) == {"caption": 1, "decode": 1, "fetch": 1}
+    assert storage.list_prefix(storage.join(vdir, encoding.ERROR_PARTS_DIR)) == []
+    m = ix.finish_version(
+        root, version, written.shards, meta.bundle_id, BITS, errors=ix.ERRORS_NAME
+    )
+    assert m.counts == {"image": 3, "text": 4}
+    assert ix.read_errors(ix.read_latest(root)).equals(written.errors)
+
+    # one image overwritten (another size): it and the items with errors are encoded again
+    storage.write_bytes(storage.join(base, "c.png"), _png(rng, "JPEG"))
+    now = encoding.fingerprint_batch(archive, base, io_threads=2).select(["item_id", "fingerprint"])
+    diff = ix.compute_diff(now, ix.read_latest(root), meta.bundle_id, BITS)
+    assert sorted(diff.encode_ids.to_pylist()) == ["b", "bad", "c", "gone"]
+    assert diff.carry_ids.to_pylist() == ["a"]
+    assert (diff.new, diff.changed, diff.unchanged, diff.deleted) == (0, 4, 1, 0)
+    assert diff.plan()["would_carry_over"] == 1 and not diff.full_reencode
+    carried = encoding.carry_rows(m, range(len(m.shards)), diff.carry_ids)
+    assert set(carried.column("origin").to_pylist()) == {"carried"}
+    before = good.filter(pc.is_in(good.column("item_id"), value_set=diff.carry_ids))
+    key = [("item_id", "ascending"), ("caption_index", "ascending")]
+    assert (
+        carried.sort_by(key)
+        .select(["item_id", "caption_index", "code"])
+        .equals(before.sort_by(key).select(["item_id", "caption_index", "code"]))
+    )
