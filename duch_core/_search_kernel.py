@@ -21,7 +21,12 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
+from numba.core import cgutils
 from numba.extending import intrinsic
+
+# candidates ahead whose codes :func:`gather_chunk` asks the CPU to fetch, so the cache misses
+# of a sparse gather overlap instead of queueing one after the other
+_PREFETCH_AHEAD = 16
 
 
 @intrinsic
@@ -38,6 +43,29 @@ def _popcount(typingctx, x):
         return cnt
 
     return types.int64(x), codegen
+
+
+@intrinsic
+def _prefetch(typingctx, arr, idx):
+    """Hint the CPU to load ``arr[idx]`` into cache (never faults, returns nothing)."""
+    if not isinstance(arr, types.Array) or not isinstance(idx, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        aryty = sig.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]], wraparound=False)
+        i32 = ir.IntType(32)
+        if getattr(ptr.type, "is_opaque", False):
+            name = "llvm.prefetch.p0"
+        else:  # LLVM with typed pointers
+            name, ptr = "llvm.prefetch.p0i8", builder.bitcast(ptr, ir.IntType(8).as_pointer())
+        fnty = ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, name)
+        builder.call(fn, [ptr, i32(0), i32(3), i32(1)])  # read, keep in all levels, data
+        return context.get_dummy_value()
+
+    return types.void(arr, idx), codegen
 
 
 @njit(cache=True, inline="always")
@@ -112,7 +140,7 @@ def _cut(bd, bp, n, k, hist):
 
 
 @njit(cache=True, nogil=True)
-def scan_chunk(db, q, w, k, bits, lo, hi, block, sub, cd, cp, cn):
+def scan_chunk(db, q, w, k, bits, lo, hi, block, sub, mask, cd, cp, cn):
     """Top-k candidates of every query among database rows ``lo:hi`` (releases the GIL).
 
     Walks ``block``-row blocks (kept in cache while every query visits them); within a block a
@@ -120,9 +148,14 @@ def scan_chunk(db, q, w, k, bits, lo, hi, block, sub, cd, cp, cn):
     hold a candidate. A query accepts only distances below its threshold ``t``; a full buffer
     is cut back to ``k`` (:func:`_cut`) and ``t`` becomes the k-th distance.
 
+    ``mask`` ``(N,)`` bool keeps only rows where it is True; an empty ``mask`` keeps every row.
+    It is read only in the pieces scanned item by item (the minimum over a piece, taken over
+    all its rows, is still a lower bound for the rows that pass).
+
     Fills ``cd`` ``(Q, cap)`` int16 distances and ``cp`` ``(Q, cap)`` int64 positions with up
     to ``k`` candidates per query, in position order, and ``cn`` ``(Q,)`` with their count.
     """
+    masked = mask.shape[0] > 0
     nq = q.shape[0] // w
     cap = cd.shape[1]
     big = bits + 1
@@ -140,7 +173,7 @@ def scan_chunk(db, q, w, k, bits, lo, hi, block, sub, cd, cp, cn):
                     continue
                 for j in range(s0, s1):
                     d = _dist(db, j, q, qi, w)
-                    if d < t:
+                    if d < t and (not masked or mask[j]):
                         cd[qi, n] = d
                         cp[qi, n] = j
                         n += 1
@@ -153,6 +186,65 @@ def scan_chunk(db, q, w, k, bits, lo, hi, block, sub, cd, cp, cn):
         if cn[qi] > k:
             _cut(cd[qi], cp[qi], cn[qi], k, hist)
             cn[qi] = k
+
+
+@njit(cache=True, nogil=True)
+def gather_chunk(db, q, w, k, bits, n_rows, cand, lo, hi, block, sub, buf, cd, cp, cn):
+    """:func:`scan_chunk` over the rows ``cand[lo:hi]`` only (releases the GIL).
+
+    ``cand`` holds strictly increasing row positions. Each block of ``block`` of them is copied
+    into ``buf`` (``block * w`` words), so every query of the batch scans it contiguously, by
+    pieces, as :func:`scan_chunk` scans the database; reported positions are ``cand`` entries,
+    so candidates stay in position order.
+
+    Returns -1, or the index of the first entry of ``cand[lo:hi]`` that is out of ``0:n_rows``
+    or not above the one before it (nothing past it is read; the outputs are then undefined).
+    """
+    nq = q.shape[0] // w
+    cap = cd.shape[1]
+    big = bits + 1
+    hist = np.empty(bits + 2, np.int64)
+    thr = np.full(nq, big, np.int64)
+    cn[:] = 0
+    prev = cand[lo - 1] if lo > 0 else -1
+    for b0 in range(lo, hi, block):
+        b1 = min(hi, b0 + block)
+        nb = b1 - b0
+        for i in range(nb):
+            ahead = b0 + i + _PREFETCH_AHEAD
+            if ahead < hi:
+                pa = cand[ahead]
+                if pa >= 0 and pa < n_rows:
+                    _prefetch(db, pa * w)
+            p = cand[b0 + i]
+            if p <= prev or p >= n_rows:
+                return b0 + i
+            prev = p
+            for u in range(w):
+                buf[i * w + u] = db[p * w + u]
+        for qi in range(nq):
+            t = thr[qi]
+            n = cn[qi]
+            for s0 in range(0, nb, sub):
+                s1 = min(nb, s0 + sub)
+                if _block_min(buf, s0, s1, q, qi, w, big) >= t:
+                    continue
+                for j in range(s0, s1):
+                    d = _dist(buf, j, q, qi, w)
+                    if d < t:
+                        cd[qi, n] = d
+                        cp[qi, n] = cand[b0 + j]
+                        n += 1
+                        if n == cap:
+                            t = _cut(cd[qi], cp[qi], n, k, hist)
+                            n = k
+            cn[qi] = n
+            thr[qi] = t
+    for qi in range(nq):
+        if cn[qi] > k:
+            _cut(cd[qi], cp[qi], cn[qi], k, hist)
+            cn[qi] = k
+    return -1
 
 
 @njit(cache=True, nogil=True)

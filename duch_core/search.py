@@ -61,7 +61,7 @@ __all__ = [
 
 _POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _META_NAME = "index.json"
 _CODES_NAME = "codes.npy"
 _IDS_NAME = "ids.npy"
@@ -73,6 +73,19 @@ _BLOCK_BYTES = 16384
 _SUB_BYTES = 2048
 # chunks smaller than this are not split across threads (thread start-up would dominate)
 _MIN_CHUNK = 32768
+# the same for a candidate list (a gathered candidate costs several scanned rows)
+_MIN_GATHER_CHUNK = 8192
+# Filtered search: sorted candidate positions are gathered, a bool mask is scanned with the
+# database. A list is the faster form below this fraction of the rows for a single query (the
+# gather reads 8 bytes of position per candidate and the lines holding the candidates; the
+# masked scan reads every code), a mask above it (bench/search.py measures both).
+DENSE_FRACTION = 0.2
+# a mask keeping less than this fraction is turned into positions and gathered: below it the
+# conversion plus the gather beats the masked scan, whose threshold settles slowly when few rows
+# pass; the fraction is estimated from _MASK_SAMPLES evenly spread runs of _MASK_RUN rows
+_MASK_GATHER_FRACTION = 0.05
+_MASK_SAMPLES = 64
+_MASK_RUN = 1024
 # bound on the per-call candidate state (bytes), used to split very large query batches
 _STATE_BYTES = 64 << 20
 # multi-index hashing: a query gives up (and is answered by the scan) after examining this many
@@ -169,11 +182,13 @@ def _kernel() -> Any:
 
 
 def warmup(bits: int) -> None:
-    """Compile (or load from the on-disk cache) the kernel for ``bits``-bit codes."""
+    """Compile (or load from the on-disk cache) the kernels for ``bits``-bit codes."""
     nb = check_bits(bits) // 8
-    HammingIndex.from_arrays(np.zeros((2, nb), np.uint8), None, bits).search(
-        np.zeros((1, nb), np.uint8), 1
-    )
+    idx = HammingIndex.from_arrays(np.zeros((2, nb), np.uint8), None, bits)
+    q = np.zeros((1, nb), np.uint8)
+    idx.search(q, 1)
+    idx.search(q, 1, candidates=np.array([1]))  # the gather kernel
+    idx.search(q, 1, candidates=np.ones(2, np.bool_))  # the masked scan
 
 
 def _mih_kernel() -> Any:
@@ -207,18 +222,29 @@ def choose_mih(t_mih: float | None, t_scan: float | None, call: int) -> bool:
 
 
 def _search_positions(
-    db: np.ndarray, queries: np.ndarray, k: int, bits: int
+    db: np.ndarray,
+    queries: np.ndarray,
+    k: int,
+    bits: int,
+    cand: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k positions of ``queries`` ``(Q, W)`` in ``db`` ``(N, W)`` (same word dtype).
 
-    Returns ``(dist (Q, k) int32, pos (Q, k) int64)``, ranked by (distance, position);
-    requires ``1 <= k <= N``.
+    Every row is a candidate, or only the rows ``cand`` (``(M,)`` int64, strictly increasing;
+    gathered, so only they are read), or only the rows where ``mask`` (``(N,)`` bool) is True
+    (the database is scanned and the mask read where a row could enter the top-k).
+
+    Returns ``(dist (Q, kk) int32, pos (Q, kk) int64)``, ranked by (distance, position), where
+    ``kk = min(k, number of candidates)``; requires ``1 <= k``.
     """
     kern = _kernel()
     n, w = db.shape
     nthreads = get_num_threads()
-    nchunks = int(max(1, min(nthreads, n // _MIN_CHUNK)))
-    bounds = np.linspace(0, n, nchunks + 1).astype(np.int64)
+    total = n if cand is None else cand.shape[0]
+    min_chunk = _MIN_CHUNK if cand is None else _MIN_GATHER_CHUNK
+    nchunks = int(max(1, min(nthreads, total // min_chunk)))
+    bounds = np.linspace(0, total, nchunks + 1).astype(np.int64)
     row_bytes = max(1, w * db.itemsize)
     block = max(64, _BLOCK_BYTES // row_bytes)
     sub = max(16, _SUB_BYTES // row_bytes)
@@ -226,9 +252,12 @@ def _search_positions(
     per_query = nchunks * cap * 10 + k * 12
     qb = max(1, _STATE_BYTES // per_query)
     flat = db.reshape(-1)
+    no_mask = np.zeros(0, np.bool_) if mask is None else mask
+    bufs = [np.empty(block * w, db.dtype) for _ in range(nchunks)] if cand is not None else []
     nq = queries.shape[0]
     dist = np.empty((nq, k), np.int32)
     pos = np.empty((nq, k), np.int64)
+    filled = k
     for s in range(0, nq, qb):
         e = min(nq, s + qb)
         q = np.ascontiguousarray(queries[s:e]).reshape(-1)
@@ -241,17 +270,30 @@ def _search_positions(
         def scan(
             c: int, q: np.ndarray = q, cd: np.ndarray = cd, cp: np.ndarray = cp, cn: np.ndarray = cn
         ) -> None:
-            kern.scan_chunk(
-                flat, q, w, k, bits, bounds[c], bounds[c + 1], block, sub, cd[c], cp[c], cn[c]
+            lo, hi = bounds[c], bounds[c + 1]
+            if cand is None:
+                kern.scan_chunk(
+                    flat, q, w, k, bits, lo, hi, block, sub, no_mask, cd[c], cp[c], cn[c]
+                )
+                return
+            bad = kern.gather_chunk(
+                flat, q, w, k, bits, n, cand, lo, hi, block, sub, bufs[c], cd[c], cp[c], cn[c]
             )
+            if bad >= 0:
+                raise SearchError(
+                    f"candidates must be strictly increasing row positions in 0..{n - 1}; "
+                    f"entry {bad} is {cand[bad]}" + (f" after {cand[bad - 1]}" if bad > 0 else "")
+                )
 
         if nchunks == 1:
             scan(0)
         else:
             for f in [_pool(nthreads).submit(scan, c) for c in range(nchunks)]:
                 f.result()
+        # every query keeps min(k, candidates in the chunk) per chunk: the same count for all
+        filled = min(k, int(cn[:, 0].sum())) if e > s else k
         kern.merge_chunks(cd, cp, cn, k, bits, dist[s:e], pos[s:e])
-    return dist, pos
+    return dist[:, :filled], pos[:, :filled]
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,15 +327,99 @@ def search_reference(
 
 
 # --------------------------------------------------------------------------------------------
+# candidates of a filtered search
+
+
+def _check_candidates(candidates: Any, n: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """``(positions, None)`` or ``(None, mask)`` from the ``candidates`` of a search.
+
+    Positions are returned as int64 but not checked here (the gather kernel checks each as it
+    reads it); use :func:`_check_positions` where no kernel runs.
+    """
+    a = np.asarray(candidates)
+    if a.dtype == np.bool_:
+        if a.shape != (n,):
+            raise SearchError(
+                f"a candidate mask must have shape ({n},) (one flag per row), got {a.shape}"
+            )
+        a = np.ascontiguousarray(a)
+        return None, (a if a.flags.writeable else a.copy())  # one compiled kernel variant
+    if a.ndim == 1 and a.size == 0:
+        return np.zeros(0, np.int64), None
+    if a.ndim != 1 or a.dtype.kind not in "iu":
+        raise SearchError(
+            "candidates must be a 1-D integer array of row positions or a bool mask of shape "
+            f"({n},), got {a.dtype} {a.shape}"
+        )
+    if a.dtype.kind == "u" and a.dtype.itemsize == 8 and int(a.max()) >= n:
+        raise SearchError(f"candidates must be row positions in 0..{n - 1}, got {int(a.max())}")
+    a = np.ascontiguousarray(a, dtype=np.int64)
+    return a if a.flags.writeable else a.copy(), None
+
+
+def _check_positions(cand: np.ndarray, n: int) -> None:
+    """Raise unless ``cand`` is strictly increasing within ``0:n`` (numpy; no kernel)."""
+    if cand.size and (cand[0] < 0 or cand[-1] >= n or bool(np.any(cand[1:] <= cand[:-1]))):
+        raise SearchError(f"candidates must be strictly increasing row positions in 0..{n - 1}")
+
+
+def _mask_fraction(mask: np.ndarray) -> float:
+    """Fraction of True in ``mask``: exact for small masks, else from evenly spread runs."""
+    n = mask.shape[0]
+    if n <= 4 * _MASK_SAMPLES * _MASK_RUN:
+        return np.count_nonzero(mask) / max(n, 1)
+    starts = np.linspace(0, n - _MASK_RUN, _MASK_SAMPLES).astype(np.int64)
+    hits = sum(int(np.count_nonzero(mask[s : s + _MASK_RUN])) for s in starts)
+    return hits / (_MASK_SAMPLES * _MASK_RUN)
+
+
+def _read_id_file(path: Path) -> tuple[np.dtype, tuple[int, ...], bool, bool, int]:
+    """``(dtype, shape, sorted, contiguous, first)`` of an ``ids.npy``, read in pieces through
+    the file rather than a mapping, so checking it leaves nothing resident."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        if dtype != np.int64 or len(shape) != 1 or fortran:
+            return dtype, shape, False, False, 0
+        left = shape[0]
+        ok, contiguous, first, last = True, True, 0, None
+        while left:
+            part = np.fromfile(f, np.int64, count=min(left, 1 << 20))
+            if part.size == 0:
+                raise SearchError(f"{path}: file ends before its {shape[0]} ids")
+            left -= part.size
+            if last is None:
+                first = int(part[0])
+            else:
+                part = np.concatenate([[last], part])
+            step = np.diff(part)
+            ok = ok and bool(np.all(step >= 0))
+            contiguous = contiguous and bool(np.all(step == 1))
+            last = int(part[-1])
+        return dtype, shape, ok, contiguous and ok, first
+
+
+# --------------------------------------------------------------------------------------------
 # index
 
 
 class HammingIndex:
     """Exact Hamming index over ``bits``-bit packed codes.
 
-    Memory: the ``(N, bits // 8)`` uint8 codes plus ``(N,)`` int64 ids, both kept sorted by id
-    (an :meth:`add` with ids below the current maximum re-sorts once). A loaded index may be
-    memory-mapped read-only (:meth:`load`); adding to it copies into memory.
+    Memory: the ``(N, bits // 8)`` uint8 codes, kept sorted by id (an :meth:`add` with ids
+    below the current maximum re-sorts once). Ids that are row positions (the default,
+    ``ids=None``) or any contiguous range ``base .. base + N - 1`` cost nothing: an id is
+    ``base + position``. Other ids are an ``(N,)`` int64 array, held in memory, or, in an
+    index loaded with ``mmap=True``, mapped from its file and read only for the rows a search
+    returns. A loaded index may map its codes read-only (:meth:`load`); adding to it copies
+    into memory.
+
+    Filtered search (:meth:`search` with ``candidates``) ranks only the rows that pass a filter
+    (:mod:`duch_core.filters` builds them from item metadata); a row position is the row's rank
+    in id order, which :meth:`positions_of` gives for ids.
     """
 
     def __init__(self, bits: int) -> None:
@@ -304,8 +430,11 @@ class HammingIndex:
         self.bits = int(bits)
         self._nbytes = self.bits // 8
         self._codes = np.zeros((0, self._nbytes), np.uint8)
-        self._ids = np.zeros((0,), np.int64)
-        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+        # None: the id of a row is _id_base + its position
+        self._ids: np.ndarray | None = None
+        self._id_base = 0
+        # (codes, ids or None for running positions, ntotal when added)
+        self._pending: list[tuple[np.ndarray, np.ndarray | None, int]] = []
         self._npending = 0
         self._mih_on = False
         # (starts, lens, offsets, items), built from the codes on first use
@@ -319,17 +448,28 @@ class HammingIndex:
 
     @property
     def ntotal(self) -> int:
-        return int(self._ids.shape[0]) + self._npending
+        return int(self._codes.shape[0]) + self._npending
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by codes and ids (mapped or in memory)."""
+        """Bytes the index holds for its rows: the codes (mapped or in memory), plus 8 per row
+        for ids held in memory. Positional or contiguous ids take none; ids mapped from a file
+        by :meth:`load` are not counted, since a search reads only the returned rows' ids."""
         self._consolidate()
-        return int(self._codes.nbytes + self._ids.nbytes)
+        ids = self._ids
+        held = 0 if ids is None or isinstance(ids, np.memmap) else ids.nbytes
+        return int(self._codes.nbytes + held)
+
+    @property
+    def ids_are_positions(self) -> bool:
+        """True when ids are ``base + position`` and no id array is held."""
+        self._consolidate()
+        return self._ids is None
 
     @classmethod
     def from_arrays(cls, codes: np.ndarray, ids: np.ndarray | None, bits: int) -> HammingIndex:
-        """An index over ``(N, bits // 8)`` uint8 ``codes`` with ``(N,)`` int64 ``ids``."""
+        """An index over ``(N, bits // 8)`` uint8 ``codes`` with ``(N,)`` integer ``ids``
+        (``None``: ids are row positions ``0 .. N - 1`` and no id array is kept)."""
         idx = cls(bits)
         idx.add(codes, ids)
         return idx
@@ -354,32 +494,95 @@ class HammingIndex:
         """
         codes = _check_codes(codes, self.bits, "codes")
         n = codes.shape[0]
-        if ids is None:
-            ids = np.arange(self.ntotal, self.ntotal + n, dtype=np.int64)
-        ids = np.asarray(ids)
-        if ids.shape != (n,):
-            raise SearchError(f"ids must have shape ({n},), got {ids.shape}")
-        if n and ids.dtype.kind not in "iu":
-            raise SearchError(f"ids must be integers, got dtype {ids.dtype}")
+        if ids is not None:
+            ids = np.asarray(ids)
+            if ids.shape != (n,):
+                raise SearchError(f"ids must have shape ({n},), got {ids.shape}")
+            if n and ids.dtype.kind not in "iu":
+                raise SearchError(f"ids must be integers, got dtype {ids.dtype}")
+            ids = ids.astype(np.int64)
         if n == 0:
             return
-        self._pending.append((codes.copy(), ids.astype(np.int64)))
+        self._pending.append((codes.copy(), ids, self.ntotal))
         self._npending += n
+
+    def _id_array(self) -> np.ndarray:
+        """The ``(N,)`` int64 ids of the consolidated rows (materialised when positional)."""
+        if self._ids is None:
+            return np.arange(self._id_base, self._id_base + self._codes.shape[0], dtype=np.int64)
+        return np.asarray(self._ids)
+
+    def _set_ids(self, ids: np.ndarray | None) -> None:
+        """Keep ``ids`` (sorted), or only their first value when they are contiguous."""
+        if ids is not None and (
+            ids.size == 0
+            or (int(ids[-1]) - int(ids[0]) == ids.size - 1 and bool(np.all(np.diff(ids) == 1)))
+        ):
+            self._id_base = int(ids[0]) if ids.size else 0
+            ids = None
+        elif ids is None:
+            self._id_base = 0
+        self._ids = ids
 
     def _consolidate(self) -> None:
         if not self._pending:
             return
-        codes = np.concatenate([self._codes, *(c for c, _ in self._pending)])
-        ids = np.concatenate([self._ids, *(i for _, i in self._pending)])
+        pending = self._pending
+        if self._codes.shape[0] == 0 and len(pending) == 1:
+            codes = pending[0][0]  # already a private copy
+        else:
+            codes = np.concatenate([self._codes, *(c for c, _, _ in pending)])
+        positional = self._ids is None and self._id_base == 0
+        if positional and all(i is None for _, i, _ in pending):
+            ids = None
+        else:
+            ids = np.concatenate(
+                [self._id_array()]
+                + [
+                    i if i is not None else np.arange(at, at + c.shape[0], dtype=np.int64)
+                    for c, i, at in pending
+                ]
+            )
+            if ids.size > 1 and bool(np.any(ids[1:] < ids[:-1])):
+                order = np.argsort(ids, kind="stable")
+                codes = codes[order]
+                ids = ids[order]
         self._pending = []
         self._npending = 0
         self._mih_tables = None  # rebuilt on the next search that uses them
-        if ids.size > 1 and bool(np.any(ids[1:] < ids[:-1])):
-            order = np.argsort(ids, kind="stable")
-            codes = codes[order]
-            ids = ids[order]
         self._codes = codes
-        self._ids = ids
+        self._set_ids(ids)
+
+    def _resolve(self, pos: np.ndarray) -> np.ndarray:
+        """Ids of the rows at positions ``pos`` (any shape, int64)."""
+        if self._ids is None:
+            return pos + self._id_base if self._id_base else pos
+        return np.asarray(self._ids[pos])
+
+    def positions_of(self, ids: Any) -> np.ndarray:
+        """Row positions (int64, same shape) of the rows with these ``ids``; sorted ids give
+        sorted positions, as :meth:`search`'s ``candidates`` need.
+
+        Raises:
+            SearchError: an id is not in the index.
+        """
+        self._consolidate()
+        a = np.asarray(ids)
+        if a.size and a.dtype.kind not in "iu":
+            raise SearchError(f"ids must be integers, got dtype {a.dtype}")
+        a = a.astype(np.int64)
+        n = self._codes.shape[0]
+        if self._ids is None:
+            pos = a - self._id_base
+            bad = (pos < 0) | (pos >= n)
+        else:
+            pos = np.searchsorted(self._ids, a)
+            bad = pos >= n
+            inside = ~bad
+            bad[inside] = np.asarray(self._ids[pos[inside]]) != a[inside]
+        if bool(np.any(bad)):
+            raise SearchError(f"id {int(a[bad].flat[0])} is not in the index")
+        return pos.astype(np.int64, copy=False)
 
     def enable_mih(self, on: bool = True) -> None:
         """Use multi-index hashing (Norouzi et al.) where it is faster than the scan.
@@ -446,20 +649,44 @@ class HammingIndex:
                 f.result()
         return dist, pos, done
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top-``k`` of each query (by MIH where enabled and faster, see
-        :meth:`enable_mih`; otherwise by the blocked scan).
+    def search(
+        self, queries: np.ndarray, k: int, candidates: Any = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-``k`` of each query, among every row or only among ``candidates``.
+
+        Unfiltered, by MIH where enabled and faster (see :meth:`enable_mih`), otherwise by the
+        blocked scan. Filtered, by one of two kernels, both exact:
+
+        * sorted positions: only the candidates' codes are read (gathered block by block and
+          scanned like the database); the cost follows the number of candidates;
+        * a bool mask: the database is scanned and the mask read only where a row could enter
+          the top-k, so the cost is about that of an unfiltered scan. A mask keeping under
+          5 % of the rows is turned into positions first. :data:`DENSE_FRACTION` is where the
+          two forms cost the same for a single query.
 
         Args:
             queries: ``(Q, bits // 8)`` uint8 packed codes.
-            k: positive int; fewer are returned when the index holds fewer items.
+            k: positive int.
+            candidates: ``None`` (every row), ``(M,)`` integer row positions, strictly
+                increasing, in ``0 .. ntotal - 1`` (positions are ranks in id order, see
+                :meth:`positions_of`), or an ``(ntotal,)`` bool mask. One set for the batch.
 
         Returns:
-            ``(dist, ids)``, both ``(Q, min(k, ntotal))``: int32 distances ascending, int64 ids
-            ascending within equal distances.
+            ``(dist, ids)``, both ``(Q, min(k, C))`` where ``C`` is the number of candidates
+            (``ntotal`` without a filter): int32 distances ascending, int64 ids ascending
+            within equal distances. Nothing is padded: with fewer than ``k`` candidates every
+            one of them is returned, and every query has the same number of results.
+
+        Raises:
+            SearchError: bad queries, ``k`` or ``candidates`` (positions out of range,
+                unsorted or repeated; a mask of the wrong length).
         """
         queries = _check_codes(queries, self.bits, "queries")
-        k = min(_check_k(k), self.ntotal)
+        k = _check_k(k)
+        if candidates is not None:
+            self._consolidate()
+            return self._search_filtered(queries, k, candidates)
+        k = min(k, self.ntotal)
         nq = queries.shape[0]
         if k == 0 or nq == 0:
             return np.zeros((nq, k), np.int32), np.zeros((nq, k), np.int64)
@@ -470,7 +697,30 @@ class HammingIndex:
         else:
             self.mih_stats["scanned"] += nq
             dist, pos = self._scan(queries, k)
-        return dist, self._ids[pos]
+        return dist, self._resolve(pos)
+
+    def _search_filtered(
+        self, queries: np.ndarray, k: int, candidates: Any
+    ) -> tuple[np.ndarray, np.ndarray]:
+        n = self._codes.shape[0]
+        cand, mask = _check_candidates(candidates, n)
+        if mask is not None and _mask_fraction(mask) < _MASK_GATHER_FRACTION:
+            cand, mask = np.flatnonzero(mask), None
+        nq = queries.shape[0]
+        if cand is not None:
+            k = min(k, cand.shape[0])
+        elif nq == 0 and mask is not None:
+            k = min(k, int(np.count_nonzero(mask)))
+        if k == 0 or nq == 0:
+            if cand is not None:
+                _check_positions(cand, n)  # no kernel runs to check them
+            return np.zeros((nq, k), np.int32), np.zeros((nq, k), np.int64)
+        self.mih_stats["queries"] += nq
+        self.mih_stats["scanned"] += nq
+        db = _as_words(self._codes, self._nbytes)
+        q = _as_words(queries, self._nbytes)
+        dist, pos = _search_positions(db, q, k, self.bits, cand=cand, mask=mask)
+        return dist, self._resolve(pos)
 
     def _scan(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k positions of ``queries`` by the blocked scan."""
@@ -502,12 +752,22 @@ class HammingIndex:
         times[slot] = per_query if old is None else 0.7 * old + 0.3 * per_query
         return dist, pos
 
-    def reference_search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`search` by :func:`search_reference` (slow; for tests and benchmarks)."""
+    def reference_search(
+        self, queries: np.ndarray, k: int, candidates: Any = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`search` by :func:`search_reference` over the candidate rows (slow; for tests
+        and benchmarks)."""
         queries = _check_codes(queries, self.bits, "queries")
         k = _check_k(k)
         self._consolidate()
-        return search_reference(self._codes, self._ids, queries, k)
+        codes, ids = self._codes, self._id_array()
+        if candidates is not None:
+            cand, mask = _check_candidates(candidates, codes.shape[0])
+            rows = np.flatnonzero(mask) if mask is not None else cand
+            if rows is not None:
+                _check_positions(rows, codes.shape[0])
+                codes, ids = codes[rows], ids[rows]
+        return search_reference(codes, ids, queries, k)
 
     # ----------------------------------------------------------------------------------------
     # files
@@ -515,15 +775,25 @@ class HammingIndex:
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the index into directory ``path`` (created if needed).
 
-        Files: ``codes.npy`` ``(N, bits // 8)`` uint8, ``ids.npy`` ``(N,)`` int64 (sorted), and
-        ``index.json`` (written last) with bits, count and format version.
+        Files: ``codes.npy`` ``(N, bits // 8)`` uint8; ``ids.npy`` ``(N,)`` int64 (sorted),
+        only when ids are neither positions nor a contiguous range; and ``index.json`` (written
+        last) with bits, count, format version and ``ids``: ``"positions"`` (an id is
+        ``id_base + position``) or ``"file"``.
         """
         self._consolidate()
         root = Path(path)
         root.mkdir(parents=True, exist_ok=True)
         np.save(root / _CODES_NAME, np.ascontiguousarray(self._codes))
-        np.save(root / _IDS_NAME, np.ascontiguousarray(self._ids))
-        meta = {"format_version": FORMAT_VERSION, "bits": self.bits, "ntotal": self.ntotal}
+        meta: dict[str, Any] = {
+            "format_version": FORMAT_VERSION,
+            "bits": self.bits,
+            "ntotal": self.ntotal,
+        }
+        if self._ids is None:
+            meta.update(ids="positions", id_base=self._id_base)
+        else:
+            np.save(root / _IDS_NAME, np.ascontiguousarray(self._ids))
+            meta.update(ids="file")
         tmp = root / (_META_NAME + ".tmp")
         tmp.write_text(json.dumps(meta, indent=2))
         tmp.replace(root / _META_NAME)
@@ -531,6 +801,9 @@ class HammingIndex:
     @classmethod
     def load(cls, path: str | os.PathLike[str], mmap: bool = True) -> HammingIndex:
         """Read an index written by :meth:`save`; ``mmap=True`` maps the files (never written).
+
+        With ``mmap=True`` an id file stays on disk, mapped, and a search reads only the ids of
+        the rows it returns (the file is checked by reading it through, not by mapping it).
 
         Raises:
             FileNotFoundError: no index at ``path``.
@@ -545,20 +818,31 @@ class HammingIndex:
             bits = int(meta["bits"])
             ntotal = int(meta["ntotal"])
             fmt = int(meta.get("format_version", FORMAT_VERSION))
+            id_kind = str(meta.get("ids", "file"))  # format 1 always wrote ids.npy
+            id_base = int(meta.get("id_base", 0))
         except (ValueError, KeyError, TypeError) as e:
             raise SearchError(f"{meta_path}: not a valid search index manifest ({e!r})") from e
         if fmt > FORMAT_VERSION:
             raise SearchError(f"{meta_path}: format_version {fmt} is newer than {FORMAT_VERSION}")
+        if id_kind not in ("positions", "file"):
+            raise SearchError(f"{meta_path}: ids must be 'positions' or 'file', got {id_kind!r}")
+        ids_path = root / _IDS_NAME
         try:
-            if mmap:
-                # copy-on-write mapping: never written, but typed like an in-memory array, so
-                # the kernel compiled for in-memory codes serves it (no read-only variant)
-                codes = np.load(root / _CODES_NAME, mmap_mode="c", allow_pickle=False)
-                ids = np.load(root / _IDS_NAME, mmap_mode="c", allow_pickle=False)
-            else:
-                codes = np.load(root / _CODES_NAME, allow_pickle=False)
-                ids = np.load(root / _IDS_NAME, allow_pickle=False)
-        except ValueError as e:
+            # copy-on-write mapping: never written, but typed like an in-memory array, so
+            # the kernel compiled for in-memory codes serves it (no read-only variant)
+            codes = np.load(root / _CODES_NAME, mmap_mode="c" if mmap else None, allow_pickle=False)
+            ids: np.ndarray | None = None
+            ok = True  # the id file is sorted (checked here when mapped)
+            if id_kind == "file":
+                if mmap:
+                    dtype, shape, ok, contiguous, first = _read_id_file(ids_path)
+                    if contiguous:
+                        id_kind, id_base = "positions", first
+                    else:
+                        ids = np.load(ids_path, mmap_mode="r", allow_pickle=False)
+                else:
+                    ids = np.load(ids_path, allow_pickle=False)
+        except (ValueError, OSError) as e:
             raise SearchError(f"{root}: unreadable index arrays ({e})") from e
         idx = cls(bits)
         if codes.dtype != np.uint8 or codes.shape != (ntotal, bits // 8):
@@ -566,14 +850,22 @@ class HammingIndex:
                 f"{root}: codes are {codes.dtype} {codes.shape}, expected uint8 "
                 f"({ntotal}, {bits // 8})"
             )
-        if ids.dtype != np.int64 or ids.shape != (ntotal,):
-            raise SearchError(
-                f"{root}: ids are {ids.dtype} {ids.shape}, expected int64 ({ntotal},)"
-            )
-        if ntotal > 1 and bool(np.any(ids[1:] < ids[:-1])):
-            raise SearchError(f"{root}: ids are not sorted; the file was not written by save()")
+        if ids is not None:
+            if ids.dtype != np.int64 or ids.shape != (ntotal,):
+                raise SearchError(
+                    f"{root}: ids are {ids.dtype} {ids.shape}, expected int64 ({ntotal},)"
+                )
+            if not mmap:
+                ok = ntotal < 2 or not bool(np.any(ids[1:] < ids[:-1]))
+            if not ok:
+                raise SearchError(f"{root}: ids are not sorted; the file was not written by save()")
         idx._codes = codes
-        idx._ids = ids
+        if ids is None:
+            idx._ids, idx._id_base = None, id_base
+        elif mmap:
+            idx._ids = ids  # kept mapped (contiguous files were turned into a base above)
+        else:
+            idx._set_ids(ids)
         return idx
 
 

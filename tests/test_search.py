@@ -201,14 +201,16 @@ def test_merge_topk_ties_by_id_and_bad_parts() -> None:
 def test_save_load_roundtrip(tmp_path, mmap: bool, small_blocks: None) -> None:
     rng = np.random.default_rng(5)
     codes = _clustered(rng, 1500, 128)
-    ids = rng.permutation(1500).astype(np.int64) + 100
+    ids = rng.permutation(1500).astype(np.int64) * 3 + 100  # not a range: an id file
     q = _clustered(rng, 4, 128)
     idx = HammingIndex.from_arrays(codes, ids, 128)
     idx.save(tmp_path / "idx")
     loaded = HammingIndex.load(tmp_path / "idx", mmap=mmap)
     assert loaded.bits == 128 and loaded.ntotal == 1500
     assert isinstance(loaded._codes, np.memmap) is mmap
-    assert loaded.nbytes == 1500 * (16 + 8)
+    # mapped ids stay on disk (read for the returned rows only); loaded ones are held
+    assert isinstance(loaded._ids, np.memmap) is mmap
+    assert loaded.nbytes == 1500 * 16 + (0 if mmap else 1500 * 8)
     for a, b in zip(idx.search(q, 30), loaded.search(q, 30), strict=True):
         np.testing.assert_array_equal(a, b)
     # read-only queries (e.g. from bytes) are accepted
@@ -223,16 +225,106 @@ def test_save_load_roundtrip(tmp_path, mmap: bool, small_blocks: None) -> None:
     assert again.ntotal == 1500
 
 
+def test_positional_ids_hold_only_codes(tmp_path, small_blocks: None) -> None:
+    """Ids that are positions, or any contiguous range, cost no memory and no file; the
+    results are the same as with the ids spelled out."""
+    rng = np.random.default_rng(15)
+    codes = _clustered(rng, 1200, 64)
+    q = _clustered(rng, 3, 64)
+    pos = HammingIndex.from_arrays(codes, None, 64)
+    assert pos.ids_are_positions and pos.nbytes == 1200 * 8
+    shifted = HammingIndex.from_arrays(codes, np.arange(1200, dtype=np.int64) + 5000, 64)
+    assert shifted.ids_are_positions and shifted.nbytes == 1200 * 8
+    spelled = np.arange(1200, dtype=np.int64) * 2  # not contiguous: an id array
+    held = HammingIndex.from_arrays(codes, spelled, 64)
+    assert not held.ids_are_positions and held.nbytes == 1200 * 16
+    d, i = pos.search(q, 20)
+    np.testing.assert_array_equal(shifted.search(q, 20)[1], i + 5000)
+    np.testing.assert_array_equal(held.search(q, 20)[1], i * 2)
+    rd, ri = search_reference(codes, np.arange(1200), q, 20)
+    np.testing.assert_array_equal(d, rd)
+    np.testing.assert_array_equal(i, ri)
+    # adds with default ids keep positions; an add out of order is sorted, then compacted again
+    grown = HammingIndex(64)
+    grown.add(codes[:700])
+    grown.add(codes[700:])
+    assert grown.ids_are_positions
+    np.testing.assert_array_equal(grown.search(q, 20)[1], i)
+    mixed = HammingIndex(64)
+    mixed.add(codes[700:], np.arange(700, 1200))
+    mixed.add(codes[:700], np.arange(700))
+    assert mixed.ids_are_positions
+    np.testing.assert_array_equal(mixed.search(q, 20)[1], i)
+    # files: no id file for positions, and a shifted range keeps its base
+    shifted.save(tmp_path / "s")
+    assert not (tmp_path / "s" / "ids.npy").exists()
+    back = HammingIndex.load(tmp_path / "s")
+    assert back.ids_are_positions and back.nbytes == 1200 * 8
+    np.testing.assert_array_equal(back.search(q, 20)[1], i + 5000)
+    # an id file that holds a contiguous range is not mapped at all
+    HammingIndex.from_arrays(codes, spelled, 64).save(tmp_path / "r")
+    np.save(tmp_path / "r" / "ids.npy", np.arange(1200, dtype=np.int64) + 7)
+    ranged = HammingIndex.load(tmp_path / "r")
+    assert ranged.ids_are_positions
+    np.testing.assert_array_equal(ranged.search(q, 20)[1], i + 7)
+
+
+def test_reads_format_1_index(tmp_path) -> None:
+    """An index written before ids could be positions (always an id file) still loads."""
+    rng = np.random.default_rng(16)
+    codes = _codes(rng, 50, 64)
+    root = tmp_path / "v1"
+    root.mkdir()
+    np.save(root / "codes.npy", codes)
+    np.save(root / "ids.npy", np.arange(50, dtype=np.int64) * 10)
+    (root / "index.json").write_text('{"format_version": 1, "bits": 64, "ntotal": 50}')
+    for mmap in (True, False):
+        idx = HammingIndex.load(root, mmap=mmap)
+        rd, ri = search_reference(codes, np.arange(50) * 10, codes[:3], 5)
+        np.testing.assert_array_equal(idx.search(codes[:3], 5)[1], ri)
+
+
+def test_positions_of() -> None:
+    codes = np.zeros((6, 8), np.uint8)
+    held = HammingIndex.from_arrays(codes, np.array([50, 10, 40, 30, 20, 0]), 64)
+    np.testing.assert_array_equal(held.positions_of([0, 20, 50]), [0, 2, 5])
+    shifted = HammingIndex.from_arrays(codes, np.arange(6) + 100, 64)
+    np.testing.assert_array_equal(shifted.positions_of(np.array([[100, 105]])), [[0, 5]])
+    for idx, missing in ((held, 25), (held, 60), (shifted, 99), (shifted, 106)):
+        with pytest.raises(SearchError, match=f"id {missing} is not in the index"):
+            idx.positions_of([missing])
+    with pytest.raises(SearchError, match="integers"):
+        held.positions_of([1.5])
+
+
 def test_load_errors(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="no search index"):
         HammingIndex.load(tmp_path / "missing")
     HammingIndex.from_arrays(np.zeros((3, 8), np.uint8), None, 64).save(tmp_path / "a")
-    (tmp_path / "a" / "index.json").write_text('{"bits": 64, "ntotal": 4, "format_version": 1}')
+    (tmp_path / "a" / "index.json").write_text('{"bits": 64, "ntotal": 4, "ids": "positions"}')
     with pytest.raises(SearchError, match="expected uint8"):
         HammingIndex.load(tmp_path / "a")
+    (tmp_path / "a" / "index.json").write_text('{"bits": 64, "ntotal": 3, "format_version": 1}')
+    with pytest.raises(SearchError, match="unreadable index arrays"):
+        HammingIndex.load(tmp_path / "a")  # format 1 has an id file
     (tmp_path / "a" / "index.json").write_text("not json")
     with pytest.raises(SearchError, match="not a valid"):
         HammingIndex.load(tmp_path / "a")
+    (tmp_path / "a" / "index.json").write_text('{"bits": 64, "ntotal": 3, "format_version": 9}')
+    with pytest.raises(SearchError, match="newer"):
+        HammingIndex.load(tmp_path / "a")
+    (tmp_path / "a" / "index.json").write_text('{"bits": 64, "ntotal": 3, "ids": "names"}')
+    with pytest.raises(SearchError, match="'positions' or 'file'"):
+        HammingIndex.load(tmp_path / "a")
+    # an id file that is not sorted, mapped or read
+    HammingIndex.from_arrays(np.zeros((3, 8), np.uint8), [0, 5, 9], 64).save(tmp_path / "b")
+    np.save(tmp_path / "b" / "ids.npy", np.array([0, 9, 5], np.int64))
+    for mmap in (True, False):
+        with pytest.raises(SearchError, match="not sorted"):
+            HammingIndex.load(tmp_path / "b", mmap=mmap)
+    np.save(tmp_path / "b" / "ids.npy", np.array([0, 9, 5], np.int32))
+    with pytest.raises(SearchError, match="expected int64"):
+        HammingIndex.load(tmp_path / "b")
 
 
 def test_from_shards(tmp_path) -> None:
