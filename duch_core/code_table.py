@@ -1,7 +1,7 @@
 """The per-sample binary target table ``B`` of the quantization loss, keyed by item id.
 
 Each training item has a ``±1`` code ``B[id]``, initialised as ``sign(randn)`` and refreshed once
-per epoch from that epoch's outputs (PAPER.md §2.3)::
+per epoch from that epoch's outputs (docs/method.md §4.5)::
 
     B[id] = sign( ((h_v1 + h_v2) / 2 + (h_t1 + h_t2) / 2) / 2 )
 

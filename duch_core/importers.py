@@ -11,7 +11,7 @@ Two formats are read:
   number of caption lines per image, in the same order.
 
 Item ids are the image paths as the dataset names them (``1.tif``, ``baseballfield_452.tif``).
-Class labels (used only for evaluation) follow ``/work/shared/data/README.md``:
+Class labels (used only for evaluation; docs/method.md §7.3):
 
 * UCM: image ``N.tif`` is class ``(N - 1) // 100`` of :data:`UCM_CLASSES` (alphabetical).
 * RSITMD / RSICD: the filename prefix before ``_<number>`` (``baseballfield_452.tif`` ->
