@@ -1,0 +1,414 @@
+"""Item metadata filters -> the candidate rows of a filtered Hamming search.
+
+A filter spec is a mapping with any of these keys, all of which must hold (AND):
+
+* ``bbox``: ``[min_lon, min_lat, max_lon, max_lat]`` in WGS84 degrees; an item passes when its
+  own box intersects it (edges included; longitudes -180 and 180 are the same meridian). A box
+  with ``min_lon > max_lon`` crosses the antimeridian (it covers ``min_lon .. 180`` and
+  ``-180 .. max_lon``), for the query and for items alike.
+* ``datetime``: ``"start/end"`` in ISO 8601, either end open as ``..`` (``"../2024-06-30"``,
+  ``"2024-01-01/.."``), or a single instant. Ends are inclusive; a date without a time covers
+  its whole day (UTC), so ``"../2024-06-30"`` keeps all of June 30. A time without a zone is
+  UTC.
+* ``label``, ``split``, ``sensor``: a string or a list of strings; the item's value must be one
+  of them.
+
+Items with an unknown value (NaN box, NaT datetime, missing string) never pass a filter on that
+field. Bad specs raise :class:`FilterError`, whose ``field`` names the offending key.
+
+:class:`ItemMetadata` holds the columns, one entry per index row in row-position order, ready to
+filter (strings dictionary-encoded once). :func:`build_candidates` returns what
+:meth:`duch_core.search.HammingIndex.search` takes as ``candidates``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, timedelta
+from datetime import datetime as DateTime
+from typing import Any
+
+import numpy as np
+
+from duch_core.search import DENSE_FRACTION
+
+__all__ = [
+    "FILTER_KEYS",
+    "FilterError",
+    "ItemMetadata",
+    "build_candidates",
+    "candidate_positions",
+    "filter_mask",
+    "parse_datetime_range",
+]
+
+FILTER_KEYS = ("bbox", "datetime", "label", "split", "sensor")
+_CATEGORICAL = ("label", "split", "sensor")
+# int64 epoch microseconds of NaT: the value of an unknown datetime
+NAT_US = np.iinfo(np.int64).min
+_EPOCH = DateTime(1970, 1, 1, tzinfo=UTC)
+# once fewer rows than this fraction survive, the remaining predicates are evaluated on the
+# survivors only (gathered) instead of on whole columns
+_GATHER_BELOW = 1 / 16
+
+
+class FilterError(ValueError):
+    """A filter spec that cannot be applied. ``field`` is the offending key (``None`` when the
+    spec itself is not a mapping)."""
+
+    def __init__(self, field: str | None, message: str) -> None:
+        super().__init__(f"filter {field}: {message}" if field else f"filter: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class ItemMetadata:
+    """Item metadata as columns, entry ``i`` describing index row ``i``.
+
+    Build it with :meth:`from_columns`. Attributes: ``n`` rows; ``bbox``: the ``(n,)`` float
+    columns ``(min_lon, min_lat, max_lon, max_lat)`` (NaN: unknown) or ``None``;
+    ``datetime_us``: ``(n,)`` int64 epoch microseconds (:data:`NAT_US`: unknown) or ``None``;
+    ``categorical``: per string column, its ``(n,)`` integer codes (-1: missing) and the code
+    of each value.
+    """
+
+    n: int
+    bbox: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+    datetime_us: np.ndarray | None = None
+    categorical: dict[str, tuple[np.ndarray, dict[str, int]]] = field(default_factory=dict)
+    # rows whose box crosses the antimeridian (min_lon > max_lon); None when no row does
+    lon_wraps: np.ndarray | None = None
+
+    @classmethod
+    def from_columns(
+        cls,
+        *,
+        min_lon: Any = None,
+        min_lat: Any = None,
+        max_lon: Any = None,
+        max_lat: Any = None,
+        datetime: Any = None,
+        label: Any = None,
+        split: Any = None,
+        sensor: Any = None,
+    ) -> ItemMetadata:
+        """Columns in row order (numpy arrays, pyarrow arrays or sequences; any may be left
+        out, then filters on it are refused).
+
+        Args:
+            min_lon, min_lat, max_lon, max_lat: ``(n,)`` floats, WGS84 degrees, NaN unknown;
+                all four or none.
+            datetime: ``(n,)`` numpy ``datetime64`` (NaT unknown) or int64 epoch microseconds
+                (:data:`NAT_US` unknown).
+            label, split, sensor: ``(n,)`` strings, ``None`` for missing.
+
+        Raises:
+            ValueError: columns of different lengths, or only some of the bbox columns.
+        """
+        boxes = [min_lon, min_lat, max_lon, max_lat]
+        given = [b is not None for b in boxes]
+        if any(given) and not all(given):
+            raise ValueError("give all four bbox columns (min_lon, min_lat, max_lon, max_lat)")
+        lengths: dict[str, int] = {}
+        bbox = None
+        if all(given):
+            cols = []
+            for name, col in zip(("min_lon", "min_lat", "max_lon", "max_lat"), boxes, strict=True):
+                a = _to_numpy(col)
+                cols.append(
+                    np.ascontiguousarray(a if a.dtype.kind == "f" else a.astype(np.float64))
+                )
+                lengths[name] = a.shape[0]
+            bbox = (cols[0], cols[1], cols[2], cols[3])
+        dt = None
+        if datetime is not None:
+            dt = _datetime_column(datetime)
+            lengths["datetime"] = dt.shape[0]
+        cats: dict[str, tuple[np.ndarray, dict[str, int]]] = {}
+        for name, col in (("label", label), ("split", split), ("sensor", sensor)):
+            if col is not None:
+                cats[name] = _encode_strings(col)
+                lengths[name] = cats[name][0].shape[0]
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"metadata columns differ in length: {lengths}")
+        n = next(iter(lengths.values()), 0)
+        wraps = None
+        if bbox is not None:
+            w = bbox[0] > bbox[2]
+            wraps = w if bool(w.any()) else None
+        return cls(n, bbox, dt, cats, wraps)
+
+
+def _to_numpy(col: Any) -> np.ndarray:
+    if hasattr(col, "combine_chunks"):  # pyarrow ChunkedArray
+        col = col.combine_chunks()
+    if hasattr(col, "to_numpy") and not isinstance(col, np.ndarray):
+        return np.asarray(col.to_numpy(zero_copy_only=False))
+    return np.asarray(col)
+
+
+def _datetime_column(col: Any) -> np.ndarray:
+    a = _to_numpy(col)
+    if a.dtype.kind == "M":
+        return np.ascontiguousarray(a.astype("datetime64[us]").view(np.int64))
+    if a.dtype.kind in "iu":
+        return np.ascontiguousarray(a, dtype=np.int64)
+    raise ValueError(f"datetime column must be datetime64 or int64 microseconds, got {a.dtype}")
+
+
+def _encode_strings(col: Any) -> tuple[np.ndarray, dict[str, int]]:
+    """Dictionary-encode a string column: ``(codes, code of each value)``; -1 for missing."""
+    import pyarrow as pa
+
+    arr = col.combine_chunks() if hasattr(col, "combine_chunks") else col
+    if not isinstance(arr, pa.Array):
+        arr = pa.array(np.asarray(arr, dtype=object) if not isinstance(arr, list) else arr)
+    if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+        if not pa.types.is_null(arr.type):
+            raise ValueError(f"string metadata columns must hold strings, got {arr.type}")
+        arr = arr.cast(pa.string())
+    enc = arr.dictionary_encode()
+    values = enc.dictionary.to_pylist()
+    # the narrowest type that holds the codes: less to read per filter
+    dtype = np.int8 if len(values) < 127 else np.int16 if len(values) < 32767 else np.int32
+    codes = enc.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(dtype)
+    return codes, {v: i for i, v in enumerate(values)}
+
+
+# --------------------------------------------------------------------------------------------
+# spec validation
+
+
+def _check_bbox(value: Any) -> tuple[float, float, float, float]:
+    if isinstance(value, str | bytes) or not isinstance(value, Sequence | np.ndarray):
+        raise FilterError("bbox", f"must be [min_lon, min_lat, max_lon, max_lat], got {value!r}")
+    vals = list(value)
+    if len(vals) != 4 or not all(
+        isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool)
+        for v in vals
+    ):
+        raise FilterError(
+            "bbox", f"must be 4 numbers [min_lon, min_lat, max_lon, max_lat], got {value!r}"
+        )
+    w, s, e, n = (float(v) for v in vals)
+    for name, v, lim in (
+        ("min_lon", w, 180),
+        ("max_lon", e, 180),
+        ("min_lat", s, 90),
+        ("max_lat", n, 90),
+    ):
+        if not (math.isfinite(v) and -lim <= v <= lim):
+            raise FilterError("bbox", f"{name} {v} is outside [-{lim}, {lim}]")
+    if s > n:
+        raise FilterError("bbox", f"min_lat {s} is above max_lat {n}")
+    return w, s, e, n
+
+
+def _parse_instant(text: str, end: bool) -> int:
+    """ISO 8601 date or date-time -> epoch microseconds; a bare date is the start of its day
+    (or, for an end, its last microsecond)."""
+    t = text.strip()
+    try:
+        if len(t) == 10:  # YYYY-MM-DD
+            d = date.fromisoformat(t)
+            start = DateTime(d.year, d.month, d.day, tzinfo=UTC)
+            us = (start - _EPOCH) // timedelta(microseconds=1)
+            return us + (86_400_000_000 - 1 if end else 0)
+        dt = DateTime.fromisoformat(t)
+    except ValueError:
+        raise FilterError("datetime", f"{text!r} is not an ISO 8601 date or date-time") from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return (dt - _EPOCH) // timedelta(microseconds=1)
+
+
+def parse_datetime_range(value: Any) -> tuple[int | None, int | None]:
+    """``"start/end"``, open ends ``..``, or one instant -> inclusive epoch-microsecond bounds
+    ``(start, end)``, ``None`` for an open end.
+
+    Raises:
+        FilterError: (``field="datetime"``) not a string, unparseable, both ends open, or
+            start after end.
+    """
+    if not isinstance(value, str):
+        raise FilterError("datetime", f"must be an ISO 8601 string 'start/end', got {value!r}")
+    parts = value.split("/")
+    if len(parts) == 1:
+        if parts[0].strip() in ("", ".."):
+            raise FilterError("datetime", f"{value!r} names no instant")
+        return _parse_instant(parts[0], end=False), _parse_instant(parts[0], end=True)
+    if len(parts) != 2:
+        raise FilterError("datetime", f"{value!r} must be one instant or 'start/end'")
+    lo_s, hi_s = (p.strip() for p in parts)
+    lo = None if lo_s in ("", "..") else _parse_instant(lo_s, end=False)
+    hi = None if hi_s in ("", "..") else _parse_instant(hi_s, end=True)
+    if lo is None and hi is None:
+        raise FilterError("datetime", f"{value!r}: at least one end must be given")
+    if lo is not None and hi is not None and lo > hi:
+        raise FilterError("datetime", f"{value!r}: start is after end")
+    return lo, hi
+
+
+def _check_strings(key: str, value: Any) -> list[str]:
+    vals = [value] if isinstance(value, str) else value
+    if not isinstance(vals, Sequence | np.ndarray) or isinstance(vals, bytes):
+        raise FilterError(key, f"must be a string or a list of strings, got {value!r}")
+    vals = list(vals)
+    if not vals or not all(isinstance(v, str) for v in vals):
+        raise FilterError(key, f"must be a string or a non-empty list of strings, got {value!r}")
+    return vals
+
+
+def _predicates(meta: ItemMetadata, spec: Any) -> list[tuple[str, Any]]:
+    """Validated ``(key, argument)`` pairs, cheapest to evaluate first."""
+    if not isinstance(spec, Mapping):
+        raise FilterError(None, f"a filter must be a mapping of {FILTER_KEYS}, got {spec!r}")
+    out: list[tuple[str, Any]] = []
+    for key in spec:
+        if key not in FILTER_KEYS:
+            raise FilterError(str(key), f"unknown filter key; known: {', '.join(FILTER_KEYS)}")
+    for key in (*_CATEGORICAL, "datetime", "bbox"):
+        if key not in spec:
+            continue
+        value = spec[key]
+        if key == "bbox":
+            arg: Any = _check_bbox(value)
+            have = meta.bbox is not None
+        elif key == "datetime":
+            arg = parse_datetime_range(value)
+            have = meta.datetime_us is not None
+        else:
+            arg = _check_strings(key, value)
+            have = key in meta.categorical
+        if not have:
+            raise FilterError(key, "this archive has no such metadata")
+        out.append((key, arg))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# evaluation
+
+
+def _rows(a: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
+    return a if rows is None else a[rows]
+
+
+def _eval(meta: ItemMetadata, key: str, arg: Any, rows: np.ndarray | None) -> np.ndarray:
+    """Bool flags of predicate ``key`` over every row (``rows`` None) or over ``rows``."""
+    if key in _CATEGORICAL:
+        codes, lookup = meta.categorical[key]
+        c = _rows(codes, rows)
+        want = sorted({lookup[v] for v in arg if v in lookup})
+        if len(want) <= 4:
+            hit = np.zeros(c.shape, np.bool_)
+            for code in want:
+                hit |= c == code
+            return hit
+        table = np.zeros(len(lookup) + 1, np.bool_)  # index -1 (missing) is the last: False
+        table[want] = True
+        return table[c]
+    if key == "datetime":
+        if meta.datetime_us is None:
+            raise FilterError(key, "this archive has no such metadata")
+        t = _rows(meta.datetime_us, rows)
+        lo, hi = arg
+        hit = t >= (NAT_US + 1 if lo is None else lo)  # NaT is the smallest int64: excluded
+        if hi is not None:
+            hit &= t <= hi
+        return hit
+    if meta.bbox is None:
+        raise FilterError(key, "this archive has no such metadata")
+    min_lon, min_lat, max_lon, max_lat = meta.bbox
+    # float64 bounds: a float32 column is compared exactly, not against rounded bounds
+    w, s, e, n = (np.float64(v) for v in arg)
+    hit = _rows(min_lat, rows) <= n
+    hit &= _rows(max_lat, rows) >= s
+    lo_ok = _rows(min_lon, rows) <= e  # the item starts west of the query's east edge
+    hi_ok = _rows(max_lon, rows) >= w  # and ends east of its west edge
+    wraps = None if meta.lon_wraps is None else _rows(meta.lon_wraps, rows)
+    if w <= e:
+        # an ordinary item overlaps [w, e] when both hold; an item across the antimeridian
+        # covers [min_lon, 180] and [-180, max_lon], and overlaps when either does
+        lon = lo_ok & hi_ok
+        if wraps is not None:
+            lon |= wraps & (lo_ok | hi_ok)
+        # -180 and 180 are one meridian: a query touching one touches items at the other
+        if e == 180:
+            lon |= _rows(min_lon, rows) == -180
+        if w == -180:
+            lon |= _rows(max_lon, rows) == 180
+    else:
+        # the query covers [w, 180] and [-180, e]: an ordinary item overlaps one of them when
+        # it ends east of w or starts west of e; an item across the antimeridian always does
+        lon = lo_ok | hi_ok
+        if wraps is not None:
+            lon |= wraps
+    hit &= lon
+    return hit
+
+
+def _select(meta: ItemMetadata, spec: Any) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """``(mask, None)`` or ``(None, positions)`` of the rows passing ``spec``; ``(None, None)``
+    when the spec is empty (every row passes)."""
+    preds = _predicates(meta, spec)
+    if not preds:
+        return None, None
+    mask: np.ndarray | None = None
+    rows: np.ndarray | None = None
+    for key, arg in preds:
+        if rows is None:
+            hit = _eval(meta, key, arg, None)
+            mask = hit if mask is None else np.logical_and(mask, hit, out=mask)
+            if meta.n and np.count_nonzero(mask) < _GATHER_BELOW * meta.n:
+                rows, mask = np.flatnonzero(mask), None
+        else:
+            rows = rows[_eval(meta, key, arg, rows)]
+    return mask, rows
+
+
+def filter_mask(meta: ItemMetadata, spec: Any) -> np.ndarray:
+    """``(n,)`` bool: the rows that pass ``spec``.
+
+    Raises:
+        FilterError: a bad spec (``field`` names the key).
+    """
+    mask, rows = _select(meta, spec)
+    if rows is not None:
+        mask = np.zeros(meta.n, np.bool_)
+        mask[rows] = True
+    return np.ones(meta.n, np.bool_) if mask is None else mask
+
+
+def candidate_positions(meta: ItemMetadata, spec: Any) -> np.ndarray:
+    """``(M,)`` int64, ascending: the positions of the rows that pass ``spec``.
+
+    Raises:
+        FilterError: a bad spec (``field`` names the key).
+    """
+    mask, rows = _select(meta, spec)
+    if rows is not None:
+        return rows
+    return np.arange(meta.n, dtype=np.int64) if mask is None else np.flatnonzero(mask)
+
+
+def build_candidates(
+    meta: ItemMetadata, spec: Any, dense_fraction: float = DENSE_FRACTION
+) -> np.ndarray | None:
+    """The ``candidates`` argument of :meth:`duch_core.search.HammingIndex.search` for ``spec``.
+
+    Returns ``None`` for an empty spec (search unfiltered); the ``(n,)`` bool mask when at
+    least ``dense_fraction`` of the rows pass (turning a broad mask into positions would cost
+    more than the search); else the ascending int64 positions.
+
+    Raises:
+        FilterError: a bad spec (``field`` names the key).
+    """
+    mask, rows = _select(meta, spec)
+    if rows is not None or mask is None:
+        return rows
+    if np.count_nonzero(mask) >= dense_fraction * meta.n:
+        return mask
+    return np.flatnonzero(mask)

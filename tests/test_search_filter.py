@@ -1,0 +1,427 @@
+"""Filtered Hamming search: metadata filters -> candidates -> exact top-k among them.
+
+Every filtered search is checked against brute force: a slow row-by-row filter, then every
+passing row ranked by (distance, position) with the numpy reference.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+
+from duch_core import _search_kernel
+from duch_core import filters as F
+from duch_core import search as S
+from duch_core.filters import FilterError, ItemMetadata
+from duch_core.search import HammingIndex, SearchError, search_reference
+
+N = 3001  # not a multiple of any block, piece or chunk size
+LABELS = ["forest", "river", "beach", "harbor", "desert", "airport"]
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+@pytest.fixture
+def small_blocks(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Tiny blocks, chunks and query batches, so small inputs cross every boundary."""
+    monkeypatch.setattr(S, "_BLOCK_BYTES", 256)
+    monkeypatch.setattr(S, "_SUB_BYTES", 64)
+    monkeypatch.setattr(S, "_MIN_CHUNK", 100)
+    monkeypatch.setattr(S, "_MIN_GATHER_CHUNK", 40)
+    monkeypatch.setattr(S, "_STATE_BYTES", 20_000)
+    S.set_num_threads(3)
+    yield
+    S.set_num_threads(None)
+
+
+@pytest.fixture
+def kernels_used(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Counts the calls of each scan kernel."""
+    calls = {"scan": 0, "masked": 0, "gather": 0}
+
+    def scan_chunk(*a: Any) -> Any:
+        calls["masked" if a[9].shape[0] else "scan"] += 1
+        return _search_kernel.scan_chunk(*a)
+
+    def gather_chunk(*a: Any) -> Any:
+        calls["gather"] += 1
+        return _search_kernel.gather_chunk(*a)
+
+    spy = SimpleNamespace(
+        scan_chunk=scan_chunk,
+        gather_chunk=gather_chunk,
+        merge_chunks=_search_kernel.merge_chunks,
+    )
+    monkeypatch.setattr(S, "_kernel", lambda: spy)
+    return calls
+
+
+def _clustered(rng: np.random.Generator, n: int, bits: int) -> np.ndarray:
+    """Few centres with sparse bit flips: small distances and many ties."""
+    c = np.random.default_rng(99).integers(0, 256, (5, bits // 8), dtype=np.uint8)
+    noise = rng.integers(0, 256, (3, n, bits // 8), dtype=np.uint8)
+    return c[rng.integers(0, 5, n)] ^ (noise[0] & noise[1] & noise[2])
+
+
+def _us(text: str) -> int:
+    return (datetime.fromisoformat(text).replace(tzinfo=UTC) - EPOCH) // timedelta(microseconds=1)
+
+
+def _metadata(rng: np.random.Generator, n: int = N) -> dict[str, np.ndarray]:
+    """Boxes of up to 30 x 10 degrees anywhere (some across the antimeridian, some unknown),
+    datetimes in 2020-2023 (some on midnight, some unknown), strings with gaps."""
+    w = rng.uniform(-180, 180, n)
+    width = rng.uniform(0, 30, n)
+    e = w + width
+    e[e > 180] -= 360  # across the antimeridian: min_lon > max_lon
+    s = rng.uniform(-90, 85, n)
+    north = np.minimum(s + rng.uniform(0, 10, n), 90)
+    unknown = rng.random(n) < 0.03
+    for a in (w, s, e, north):
+        a[unknown] = np.nan
+    t = np.datetime64("2020-01-01", "us") + rng.integers(0, 4 * 365 * 86_400 * 10**6, n).astype(
+        "timedelta64[us]"
+    )
+    t[rng.random(n) < 0.05] = np.datetime64("2021-06-30", "us")  # midnight, on a date bound
+    t[rng.random(n) < 0.03] = np.datetime64("NaT")
+    label = np.array(LABELS, dtype=object)[rng.integers(0, len(LABELS), n)]
+    label[rng.random(n) < 0.02] = None
+    split = np.array(["train", "val", "test"], dtype=object)[rng.integers(0, 3, n)]
+    sensor = np.array(["S2A", "S2B", "L8"], dtype=object)[rng.integers(0, 3, n)]
+    return {"min_lon": w, "min_lat": s, "max_lon": e, "max_lat": north, "datetime": t,
+            "label": label, "split": split, "sensor": sensor}  # fmt: skip
+
+
+# ---- the slow, obvious filter ---------------------------------------------------------------
+
+
+def _lon_intervals(w: float, e: float) -> list[tuple[float, float]]:
+    out = [(w, e)] if w <= e else [(w, 180.0), (-180.0, e)]
+    # -180 and 180 are one meridian
+    out += [(-180.0, -180.0)] if e == 180 else []
+    out += [(180.0, 180.0)] if w == -180 else []
+    return out
+
+
+def _passes(row: dict[str, Any], spec: dict[str, Any]) -> bool:
+    for key, want in spec.items():
+        if key == "bbox":
+            w, s, e, n = want
+            iw, is_, ie, in_ = (row[c] for c in ("min_lon", "min_lat", "max_lon", "max_lat"))
+            if any(math.isnan(v) for v in (iw, is_, ie, in_)):
+                return False
+            if not (is_ <= n and in_ >= s):
+                return False
+            if not any(
+                a0 <= b1 and b0 <= a1
+                for a0, a1 in _lon_intervals(w, e)
+                for b0, b1 in _lon_intervals(iw, ie)
+            ):
+                return False
+        elif key == "datetime":
+            t = row["datetime"]
+            if np.isnat(t):
+                return False
+            us = int(t.astype("datetime64[us]").astype(np.int64))
+            lo, hi = (x.strip() for x in want.split("/")) if "/" in want else (want, want)
+            if lo not in ("..", "") and us < _bound(lo, end=False):
+                return False
+            if hi not in ("..", "") and us > _bound(hi, end=True):
+                return False
+        else:
+            allowed = [want] if isinstance(want, str) else want
+            if row[key] is None or row[key] not in allowed:
+                return False
+    return True
+
+
+def _bound(text: str, end: bool) -> int:
+    if len(text) == 10:  # a date: its first or last microsecond
+        day = _us(text + "T00:00:00")
+        return day + 86_400_000_000 - 1 if end else day
+    dt = datetime.fromisoformat(text)
+    dt = dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+    return (dt - EPOCH) // timedelta(microseconds=1)
+
+
+def _reference_rows(cols: dict[str, np.ndarray], spec: dict[str, Any]) -> np.ndarray:
+    n = len(cols["label"])
+    return np.array(
+        [i for i in range(n) if _passes({k: v[i] for k, v in cols.items()}, spec)], np.int64
+    )
+
+
+def _brute_force(
+    codes: np.ndarray, ids: np.ndarray, rows: np.ndarray, q: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rank every passing row by (distance, position): the expected filtered result."""
+    if rows.size == 0:
+        return np.zeros((len(q), 0), np.int32), np.zeros((len(q), 0), np.int64)
+    d, p = search_reference(codes[rows], rows, q, k)
+    return d, ids[p]
+
+
+SPECS: list[dict[str, Any]] = [
+    {"bbox": [-10.0, 35.0, 30.0, 60.0]},
+    {"bbox": [170.0, -20.0, -170.0, 20.0]},  # across the antimeridian
+    {"bbox": [-180, -90, 180, 90]},
+    {"datetime": "2021-01-01/2021-06-30"},
+    {"datetime": "../2020-03-31"},
+    {"datetime": "2023-06-01T12:00:00Z/.."},
+    {"label": "river"},
+    {"label": ["beach", "harbor"], "split": "test"},
+    {"sensor": "L8", "datetime": "2020-06-01/2022-06-01", "bbox": [-60, -40, 60, 40]},
+    {"label": "airport", "split": "val", "sensor": "S2A", "bbox": [100, 0, -100, 60]},
+]
+
+
+@pytest.mark.parametrize("bits", [16, 32, 64, 128])
+@pytest.mark.parametrize("spec", SPECS, ids=[str(i) for i in range(len(SPECS))])
+def test_filtered_search_equals_brute_force(
+    bits: int, spec: dict[str, Any], small_blocks: None
+) -> None:
+    rng = np.random.default_rng(bits)
+    cols = _metadata(np.random.default_rng(1))
+    meta = ItemMetadata.from_columns(**cols)
+    codes = _clustered(rng, N, bits)
+    q = np.concatenate([_clustered(rng, 5, bits), codes[[7]]])
+    idx = HammingIndex.from_arrays(codes, None, bits)
+    rows = _reference_rows(cols, spec)
+    np.testing.assert_array_equal(F.candidate_positions(meta, spec), rows)
+    np.testing.assert_array_equal(np.flatnonzero(F.filter_mask(meta, spec)), rows)
+    mask = np.zeros(N, np.bool_)
+    mask[rows] = True
+    for k in (1, 7, 50):
+        want = _brute_force(codes, np.arange(N), rows, q, k)
+        for cand in (rows, mask, F.build_candidates(meta, spec)):
+            d, i = idx.search(q, k, candidates=cand)
+            assert d.dtype == np.int32 and i.dtype == np.int64
+            assert d.shape == i.shape == (len(q), min(k, len(rows)))
+            np.testing.assert_array_equal(d, want[0])
+            np.testing.assert_array_equal(i, want[1])
+
+
+@pytest.mark.parametrize("bits", [16, 64, 128])
+def test_both_kernels_at_every_candidate_count(
+    bits: int, small_blocks: None, kernels_used: dict[str, int]
+) -> None:
+    """Filters keeping no row, one, fewer than k, many and all: positions are gathered, dense
+    masks scanned, sparse masks gathered; results equal brute force either way."""
+    rng = np.random.default_rng(bits + 1)
+    codes = _clustered(rng, N, bits)
+    q = _clustered(rng, 4, bits)
+    idx = HammingIndex.from_arrays(codes, None, bits)
+    k = 20
+    for keep in (0, 1, 7, 60, 600, N // 2, N):
+        rows = np.sort(rng.choice(N, keep, replace=False)).astype(np.int64)
+        mask = np.zeros(N, np.bool_)
+        mask[rows] = True
+        want = _brute_force(codes, np.arange(N), rows, q, k)
+        for cand, kernel in ((rows, "gather"), (mask, "masked")):
+            if cand is mask and keep < S._MASK_GATHER_FRACTION * N:
+                kernel = "gather"  # a sparse mask is turned into positions
+            before = dict(kernels_used)
+            d, i = idx.search(q, k, candidates=cand)
+            np.testing.assert_array_equal(d, want[0])
+            np.testing.assert_array_equal(i, want[1])
+            assert d.shape == (4, min(k, keep))
+            if keep:  # an empty candidate list runs no kernel
+                ran = {name for name in kernels_used if kernels_used[name] > before[name]}
+                assert ran == {kernel}, (keep, ran)
+    assert kernels_used["scan"] == 0
+
+
+def test_filtered_search_with_ids_mapped_files_and_mih(tmp_path, small_blocks: None) -> None:
+    """Candidates are positions in id order; results carry ids, whether the ids are held, a
+    range, or a mapped file; MIH indexes filter through the same kernels."""
+    rng = np.random.default_rng(5)
+    codes = _clustered(rng, N, 64)
+    q = _clustered(rng, 3, 64)
+    ids = rng.permutation(N).astype(np.int64) * 3 + 11
+    held = HammingIndex.from_arrays(codes, ids, 64)
+    wanted_ids = np.sort(ids[rng.random(N) < 0.1])
+    cand = held.positions_of(wanted_ids)
+    keep = np.isin(ids, wanted_ids)
+    want = search_reference(codes[keep], ids[keep], q, 30)
+    for got in (held.search(q, 30, candidates=cand), held.reference_search(q, 30, cand)):
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+    held.save(tmp_path / "held")
+    mapped = HammingIndex.load(tmp_path / "held", mmap=True)
+    mapped.enable_mih()
+    for a, b in zip(mapped.search(q, 30, candidates=cand), want, strict=True):
+        np.testing.assert_array_equal(a, b)
+    shifted = HammingIndex.from_arrays(codes, np.arange(N) + 1000, 64)
+    d, i = shifted.search(q, 30, candidates=cand)
+    np.testing.assert_array_equal(i - 1000, _brute_force(codes, np.arange(N), cand, q, 30)[1])
+
+
+def test_bad_candidates_raise_search_error(small_blocks: None) -> None:
+    idx = HammingIndex.from_arrays(np.zeros((500, 8), np.uint8), None, 64)
+    q = np.zeros((2, 8), np.uint8)
+    for bad in ([3, 2], [1, 1], [0, 500], [-1, 4], list(range(100)) + [99]):
+        for batch in (q, q[:0]):  # checked with or without a kernel run
+            with pytest.raises(SearchError, match="strictly increasing row positions"):
+                idx.search(batch, 5, candidates=np.array(bad))
+    with pytest.raises(SearchError, match="integer array of row positions"):
+        idx.search(q, 5, candidates=np.array([0.0, 1.0]))
+    with pytest.raises(SearchError, match="integer array of row positions"):
+        idx.search(q, 5, candidates=np.array([[0, 1]]))
+    with pytest.raises(SearchError, match=r"mask must have shape \(500,\)"):
+        idx.search(q, 5, candidates=np.ones(499, np.bool_))
+    with pytest.raises(SearchError, match="row positions in 0..499"):
+        idx.search(q, 5, candidates=np.array([2**63 + 5], np.uint64))
+    # empty candidates: no results, still one row per query
+    for empty in ([], np.zeros(0, np.int32), np.zeros(500, np.bool_)):
+        d, i = idx.search(q, 5, candidates=empty)
+        assert d.shape == i.shape == (2, 0)
+    # other integer types and read-only arrays are accepted
+    ro = np.arange(0, 500, 7, dtype=np.int32)
+    ro.flags.writeable = False
+    assert idx.search(q, 5, candidates=ro)[1].tolist() == [[0, 7, 14, 21, 28]] * 2
+
+
+# ---- filters --------------------------------------------------------------------------------
+
+
+def _boxes(*boxes: tuple[float, float, float, float]) -> ItemMetadata:
+    a = np.array(boxes, np.float64)
+    return ItemMetadata.from_columns(
+        min_lon=a[:, 0], min_lat=a[:, 1], max_lon=a[:, 2], max_lat=a[:, 3]
+    )
+
+
+def test_bbox_antimeridian_and_edges() -> None:
+    meta = _boxes(
+        (175, -5, -175, 5),  # 0: item across the antimeridian
+        (170, -5, 179, 5),  # 1: just west of it
+        (-179, -5, -170, 5),  # 2: just east of it
+        (0, 0, 10, 10),  # 3: far away
+        (-180, 10, -178, 12),  # 4: touches -180
+        (179.5, 40, 180, 41),  # 5: touches 180
+        (-10, -90, 10, -80),  # 6: at the south pole
+    )
+    pos = lambda bbox: F.candidate_positions(meta, {"bbox": bbox}).tolist()  # noqa: E731
+    assert pos([179.5, -1, -179.5, 1]) == [0]  # both across
+    assert pos([178, -1, -178, 1]) == [0, 1, 2]
+    assert pos([160, -10, -160, 10]) == [0, 1, 2, 4]  # 4 touches lat 10
+    assert pos([176, -1, 178, 1]) == [0, 1]  # query west of 180, item 0 across
+    assert pos([-177, -1, -176, 1]) == [0, 2]  # query east of -180
+    assert pos([179, -5, 179, 5]) == [0, 1]  # a line on the edge of item 1
+    assert pos([180, -90, 180, 90]) == [0, 4, 5]  # -180 and 180 are one meridian
+    assert pos([-180, -90, -180, 90]) == [0, 4, 5]
+    assert pos([170, 0, -170, 90]) == [0, 1, 2, 4, 5]
+    assert pos([-180, -90, 180, 90]) == [0, 1, 2, 3, 4, 5, 6]
+    assert pos([20, 0, 10, 10]) == [0, 1, 2, 3, 4]  # all but lon 10..20, lat 0..10
+    assert pos([-5, -90, 5, -90]) == [6]
+    assert pos([11, 0, 169, 90]) == []
+
+
+def test_datetime_bounds() -> None:
+    t = np.array(
+        ["2024-06-30T00:00:00", "2024-06-30T23:59:59.999999", "2024-07-01T00:00:00",
+         "2024-01-01T00:00:00", "NaT", "2023-12-31T23:00:00"],
+        dtype="datetime64[us]",
+    )  # fmt: skip
+    meta = ItemMetadata.from_columns(datetime=t)
+    pos = lambda dt: F.candidate_positions(meta, {"datetime": dt}).tolist()  # noqa: E731
+    assert pos("../2024-06-30") == [0, 1, 3, 5]  # a date end keeps its whole day
+    assert pos("2024-06-30") == [0, 1]  # a date alone is its day
+    assert pos("2024-06-30T00:00:00Z") == [0]  # an instant is itself
+    assert pos("2024-07-01/..") == [2]
+    assert pos("2024-01-01T00:00:00+01:00/2024-01-01") == [3, 5]  # offsets are honoured
+    assert pos("2023-12-31T23:00:00/2023-12-31T23:00:00") == [5]
+    assert pos(" 2024-01-01 / 2024-06-30T00:00:00 ") == [0, 3]
+    as_int = ItemMetadata.from_columns(datetime=t.view(np.int64))
+    assert F.candidate_positions(as_int, {"datetime": "../2024-06-30"}).tolist() == [0, 1, 3, 5]
+    assert F.parse_datetime_range("2024-01-01/..") == (_us("2024-01-01T00:00:00"), None)
+
+
+def test_strings_and_combinations() -> None:
+    meta = ItemMetadata.from_columns(
+        label=["a", "b", None, "a", "c"], split=np.array(["train", "val", "train", "test", "val"])
+    )
+    pos = lambda spec: F.candidate_positions(meta, spec).tolist()  # noqa: E731
+    assert pos({"label": "a"}) == [0, 3]
+    assert pos({"label": ["a", "c", "zzz"]}) == [0, 3, 4]
+    assert pos({"label": "zzz"}) == []
+    assert pos({"label": ["a", "b", "c", "d", "e", "f"]}) == [0, 1, 3, 4]  # the lookup table
+    assert pos({"label": "a", "split": "test"}) == [3]
+    assert pos({}) == [0, 1, 2, 3, 4]
+    assert F.build_candidates(meta, {}) is None
+    assert F.filter_mask(meta, {"split": "val"}).tolist() == [False, True, False, False, True]
+    # below the dense fraction: positions; at or above it: the mask
+    assert F.build_candidates(meta, {"label": "c"}, dense_fraction=0.5).tolist() == [4]
+    assert F.build_candidates(meta, {"label": "a"}, dense_fraction=0.2).dtype == np.bool_
+
+
+def test_survivors_are_filtered_on_gathered_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once few rows survive, later predicates are evaluated on them alone; same result."""
+    cols = _metadata(np.random.default_rng(3))
+    meta = ItemMetadata.from_columns(**cols)
+    spec = {"label": "river", "bbox": [-120, -60, 120, 60], "datetime": "2021-01-01/.."}
+    want = _reference_rows(cols, spec)
+    for below in (0.0, 1.0):  # never / right away
+        monkeypatch.setattr(F, "_GATHER_BELOW", below)
+        np.testing.assert_array_equal(F.candidate_positions(meta, spec), want)
+        np.testing.assert_array_equal(np.flatnonzero(F.filter_mask(meta, spec)), want)
+
+
+BAD_SPECS: list[tuple[Any, str | None, str]] = [
+    ({"bbox": [0, 10, 5, 5]}, "bbox", "min_lat 10.0 is above max_lat 5.0"),
+    ({"bbox": [-181, 0, 5, 5]}, "bbox", "min_lon -181.0 is outside"),
+    ({"bbox": [0, 0, 180.5, 5]}, "bbox", "max_lon 180.5 is outside"),
+    ({"bbox": [0, -91, 5, 5]}, "bbox", "min_lat -91.0 is outside"),
+    ({"bbox": [0, 0, 5, 90.1]}, "bbox", "max_lat 90.1 is outside"),
+    ({"bbox": [0, 0, float("nan"), 5]}, "bbox", "max_lon nan is outside"),
+    ({"bbox": [0, 0, 5]}, "bbox", "4 numbers"),
+    ({"bbox": [0, 0, 5, True]}, "bbox", "4 numbers"),
+    ({"bbox": "0,0,5,5"}, "bbox", "must be"),
+    ({"bbox": None}, "bbox", "must be"),
+    ({"datetime": "2024-13-01/.."}, "datetime", "not an ISO 8601"),
+    ({"datetime": "yesterday"}, "datetime", "not an ISO 8601"),
+    ({"datetime": "2024-06-30/2024-01-01"}, "datetime", "start is after end"),
+    ({"datetime": "2024-01-01T10:00:00Z/2024-01-01T09:00:00Z"}, "datetime", "start is after"),
+    ({"datetime": "../.."}, "datetime", "at least one end"),
+    ({"datetime": ".."}, "datetime", "names no instant"),
+    ({"datetime": "2024-01-01/2024-02-01/2024-03-01"}, "datetime", "one instant or"),
+    ({"datetime": 20240101}, "datetime", "ISO 8601 string"),
+    ({"label": 3}, "label", "string or a list"),
+    ({"label": []}, "label", "non-empty list"),
+    ({"split": ["train", 1]}, "split", "non-empty list of strings"),
+    ({"sensor": b"S2A"}, "sensor", "string or a list"),
+    ({"cloud_cover": 10}, "cloud_cover", "unknown filter key"),
+    ({"label": "a", "bbox ": [0, 0, 1, 1]}, "bbox ", "unknown filter key"),
+    (["label", "a"], None, "must be a mapping"),
+]
+
+
+@pytest.mark.parametrize(("spec", "field", "message"), BAD_SPECS)
+def test_every_filter_error_names_its_field(spec: Any, field: str | None, message: str) -> None:
+    meta = ItemMetadata.from_columns(**_metadata(np.random.default_rng(0), n=10))
+    for fn in (F.candidate_positions, F.filter_mask, F.build_candidates):
+        with pytest.raises(FilterError, match=message) as err:
+            fn(meta, spec)
+        assert err.value.field == field
+        assert isinstance(err.value, ValueError)
+
+
+def test_filter_on_missing_metadata_and_bad_columns() -> None:
+    meta = ItemMetadata.from_columns(label=["a", "b"])
+    for key, value in (("bbox", [0, 0, 1, 1]), ("datetime", "2024-01-01"), ("sensor", "L8")):
+        with pytest.raises(FilterError, match="no such metadata") as err:
+            F.candidate_positions(meta, {key: value})
+        assert err.value.field == key
+    with pytest.raises(ValueError, match="all four bbox columns"):
+        ItemMetadata.from_columns(min_lon=[0.0], max_lon=[1.0])
+    with pytest.raises(ValueError, match="differ in length"):
+        ItemMetadata.from_columns(label=["a"], split=["x", "y"])
+    with pytest.raises(ValueError, match="datetime64 or int64"):
+        ItemMetadata.from_columns(datetime=["2024-01-01"])
+    with pytest.raises(ValueError, match="must hold strings"):
+        ItemMetadata.from_columns(label=[1, 2])
