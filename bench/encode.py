@@ -9,9 +9,9 @@ images with the same batch size twice:
 * **loop**: one process, images already decoded in memory, ``preprocess`` + tower + head +
   ``pack`` in batches (model loaded and warmed up before timing). This is the bound the pipeline
   is held to (target ratio >= 0.8).
-* **pipeline**: ``jobs/encode.py``'s full Ray Data run (fetch, decode and preprocess in CPU tasks,
-  encoder actor, shard writer), timed from the start of the encode stage to the last shard (the
-  ``encode_seconds`` of its summary). ``pipeline_img_s`` is images / that time, actor start-up
+* **pipeline**: ``jobs/encode.py`` run as its own process, as ``ray job submit`` runs it (fetch,
+  decode and preprocess in CPU tasks, encoder actor, shard writer), timed from the start of the
+  encode stage to the last shard (the ``encode_seconds`` of its ``summary.json``). ``pipeline_img_s`` is images / that time, actor start-up
   (torch import, bundle load) included. The job runs twice, on a quarter of the images and on all
   of them; ``steady_img_s = (n - n/4) / (t_n - t_n/4)`` removes the fixed start-up cost
   (``fixed_s``) and is the throughput of a long nightly run.
@@ -35,6 +35,7 @@ import glob
 import io
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +43,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _write_generated(root: str, n: int, seed: int = 0) -> list[dict[str, Any]]:
@@ -128,28 +131,45 @@ def _loop(bundle_uri: str, files: list[str], batch_size: int, threads: int) -> t
     import torch
 
     from duch_core.bundle import Bundle, HashEncoder
-    from duch_core.codes import pack
-    from duch_core.imageio import decode_image, preprocess
+    from duch_core.imageio import decode_image
 
     torch.set_num_threads(threads)
     t = time.perf_counter()
     images = [decode_image(open(f, "rb").read()) for f in files]
     decode_s = time.perf_counter() - t
-    bundle = Bundle.load(bundle_uri)
-    enc = HashEncoder(bundle)
-    from jobs.encode import _image_tower
-
-    tower = _image_tower(enc, bundle, "cpu")
-    cfg = bundle.config.image_backbone
-    out = []
-    with torch.inference_mode():
-        tower(torch.zeros(1, 3, cfg.image_size, cfg.image_size))  # warm-up
-        t = time.perf_counter()
-        for s in range(0, len(images), batch_size):
-            px = np.stack([preprocess(im, cfg) for im in images[s : s + batch_size]])
-            out.append(pack(enc.image_codes_from_features(tower(torch.from_numpy(px)))))
-        loop_s = time.perf_counter() - t
+    enc = HashEncoder(Bundle.load(bundle_uri), batch_size=batch_size)
+    enc.encode_images(images[:1])  # warm-up: towers built, first-call costs paid
+    t = time.perf_counter()
+    enc.encode_images(images)  # preprocess + tower + head + pack, batch by batch
+    loop_s = time.perf_counter() - t
     return decode_s, len(images) / loop_s
+
+
+def _pipeline(bundle: str, manifest: str, out: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Run ``jobs/encode.py`` in a process of its own (it starts Ray); return its summary."""
+    from duch_core import index_store, storage
+
+    sets = {
+        "batch_size": args.batch_size,
+        "shard_rows": 65536,
+        "manifest_block_rows": 128,
+        "decode_batch": 32,
+        "decode_cpus": 0.25,
+        "actors": args.actors,
+        "min_actors": args.actors,
+        "actor_cpus": args.actor_cpus,
+        "torch_threads": max(1, args.threads // args.actors),
+        "max_error_rate": 1.0,
+        "keep_versions": 0,
+    }
+    cmd = [sys.executable, os.path.join(REPO, "jobs", "encode.py"), "--bundle", bundle]
+    cmd += ["--archive", manifest, "--out", out]
+    for k, v in sets.items():
+        cmd += ["--set", f"{k}={v}"]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"jobs/encode.py exited {r.returncode}:\n{r.stderr[-4000:]}")
+    return storage.read_json(index_store.read_latest(out).resolve(index_store.SUMMARY_NAME))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,19 +189,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default="", help="also write the results here")
     args = p.parse_args(argv)
 
+    # inherited by the job processes
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    import ray
-
     from duch_core.archive import write_archive
-    from jobs import encode
 
     work = args.workdir or tempfile.mkdtemp(prefix="bench-encode-")
     bundle = _make_bundle(os.path.join(work, "bundle"), args.backbone, args.image_size, args.bits)
     ncpu = os.cpu_count() or 1
     load_before = os.getloadavg()[0]
-    ray.init(num_cpus=ncpu, include_dashboard=False, log_to_driver=False, configure_logging=False)
     results = []
     for name in [d.strip() for d in args.datasets.split(",") if d.strip()]:
         root = os.path.join(work, name)
@@ -205,23 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         for label, subset in (("small", rows[: max(1, len(rows) // 4)]), ("full", rows)):
             sub_manifest = os.path.join(root, f"manifest-{label}.parquet")
             write_archive(subset, sub_manifest)
-            cfg = encode.EncodeConfig(
-                bundle=bundle,
-                archive=sub_manifest,
-                out=os.path.join(root, f"index-{label}"),
-                batch_size=args.batch_size,
-                shard_rows=65536,
-                manifest_block_rows=128,
-                decode_batch=32,
-                decode_cpus=0.25,
-                actors=args.actors,
-                min_actors=args.actors,
-                actor_cpus=args.actor_cpus,
-                torch_threads=max(1, args.threads // args.actors),
-                max_error_rate=1.0,
-                keep_versions=0,
-            )
-            s = encode.run(cfg)
+            s = _pipeline(bundle, sub_manifest, os.path.join(root, f"index-{label}"), args)
             timings[label] = (len(subset), s["encode_seconds"], s)
         _, loop_b = _loop(bundle, files, args.batch_size, args.threads)
         loop_ips = (loop_a + loop_b) / 2
@@ -243,7 +244,6 @@ def main(argv: list[str] | None = None) -> int:
                 "fixed_s": round(t_full - n_full / steady, 2) if steady == steady else 0.0,
             }
         )
-    ray.shutdown()
     cols = [
         "dataset",
         "images",

@@ -10,7 +10,6 @@ bundle's band rule would produce different codes.
 from __future__ import annotations
 
 import io
-import json
 import os
 import signal
 import subprocess
@@ -201,11 +200,15 @@ def reference(bundle, archive):
 @pytest.fixture(scope="module")
 def full_run(ray_session, bundle, archive):
     """One uninterrupted run of the job over the archive (reused by several tests)."""
+    import contextlib
+
     from jobs import encode
 
     out = f"{archive.manifest.rpartition('/')[0]}-index-full"
-    rc = encode.main(_argv(bundle, archive.manifest, out))
-    return rc, out
+    console = io.StringIO()
+    with contextlib.redirect_stdout(console):
+        rc = encode.main(_argv(bundle, archive.manifest, out))
+    return rc, out, console.getvalue()
 
 
 def _argv(bundle: str, manifest: str, out: str, *sets: str) -> list[str]:
@@ -233,11 +236,14 @@ def _summary(root: str) -> dict:
 
 
 def test_full_encode_matches_in_memory_encoder(full_run, archive, reference, bundle):
-    rc, out = full_run
+    rc, out, printed = full_run
     assert rc == 0
     m = ix.read_latest(out)
     meta = storage.read_json(storage.join(bundle, "meta.json"))
     ix.validate(m, BITS, meta["bundle_id"])
+    # the console gets a short report naming the version and where it is
+    assert printed.startswith(f"version {m.version} published")
+    assert m.base_uri in printed and len(printed.strip().splitlines()) <= 6
     rows = _index_rows(out)
     keys = list(
         zip(
@@ -284,27 +290,33 @@ def test_full_encode_matches_in_memory_encoder(full_run, archive, reference, bun
 def test_dry_run_reports_and_writes_nothing(full_run, bundle, archive, capsys):
     from jobs import encode
 
-    _, out = full_run
+    _, out, _ = full_run
     before = storage.list_prefix(out)
-    assert encode.main(_argv(bundle, archive.manifest, out) + ["--dry-run"]) == 0
-    report = json.loads(capsys.readouterr().out)
+    args = encode.build_parser().parse_args(_argv(bundle, archive.manifest, out))
+    report = encode.run(encode.load_config(args), dry_run=True)
     assert report["dry_run"] is True
     bad = len(archive.bad_images) + len(archive.bad_captions)
     assert report["unchanged"] == len(archive.rows) - bad
     assert report["changed"] == bad  # items that failed last time are retried
     assert report["new"] == 0 and report["deleted"] == 0
+    assert report["would_encode"] == bad and report["full_reencode"] is False
+    assert report["previous_version"] == ix.read_latest_version(out)
     assert storage.list_prefix(out) == before
 
-    # the same archive as JSON lines (parsed in Ray tasks) gives the same plan
+    # the same archive as JSON lines (parsed in Ray tasks), through the CLI: the same plan,
+    # told in a few lines
     from duch_core.archive import write_archive
 
     jsonl = write_archive(archive.rows, archive.manifest.replace(".parquet", ".jsonl"))
+    capsys.readouterr()
     assert encode.main(_argv(bundle, jsonl, out) + ["--dry-run"]) == 0
-    report2 = json.loads(capsys.readouterr().out)
-    timing = ("scan_seconds", "diff_seconds")
-    assert {k: v for k, v in report2.items() if k not in timing} == {
-        k: v for k, v in report.items() if k not in timing
-    }
+    printed = capsys.readouterr().out
+    assert len(printed.strip().splitlines()) <= 3 and "nothing written" in printed
+    assert (
+        f"{report['archive_items']} archive items: 0 new, {bad} changed, "
+        f"{report['unchanged']} unchanged, 0 deleted (incremental)"
+    ) in printed
+    assert f"would encode {bad} and carry over {report['unchanged']} items" in printed
     assert storage.list_prefix(out) == before
 
 
@@ -327,7 +339,7 @@ def test_nightly_schedule_submits_this_job_with_a_valid_config(monkeypatch):
     # the job's arguments with the crontab's variables filled in
     args = [env[a.strip('"$')] if a.strip('"').startswith("$") else a for a in job[2:]]
     monkeypatch.chdir(REPO)
-    cfg = encode.load_config(encode._parser().parse_args(args))
+    cfg = encode.load_config(encode.build_parser().parse_args(args))
     assert (cfg.bundle, cfg.archive, cfg.out) == (
         env["DUCH_BUNDLE"],
         env["DUCH_ARCHIVE"],
@@ -339,7 +351,7 @@ def test_nightly_schedule_submits_this_job_with_a_valid_config(monkeypatch):
 def test_crash_then_rerun_publishes_the_same_index(full_run, ray_session, bundle, archive):
     from jobs import encode
 
-    _, full_out = full_run
+    _, full_out, _ = full_run
     out = f"{archive.manifest.rpartition('/')[0]}-index-crash"
     rc = encode.main(_argv(bundle, archive.manifest, out, "fail_after_shards=3"))
     assert rc != 0
@@ -364,7 +376,7 @@ def test_incremental_run_encodes_only_new_and_changed(
     from duch_core.archive import write_archive
     from jobs import encode
 
-    _, out = full_run
+    _, out, _ = full_run
     base = archive.manifest.rpartition("/")[0]
     rng = np.random.default_rng(99)
     rows = [dict(r) for r in archive.rows]
@@ -447,6 +459,34 @@ def test_new_bundle_reencodes_everything_retention_and_error_threshold(
     assert encode.main(_argv(bundle_b, arch.manifest, out, "max_error_rate=0.1")) == 1
     assert ix.read_latest_version(out) == published
     assert encode.main(["--bundle", bundle, "--out", out]) == 2  # no archive given
+    assert encode.main(_argv(s3_prefix + "no-bundle", arch.manifest, out)) == 2
+    assert ix.read_latest_version(out) == published
+
+
+def test_cli_help_print_config_and_bad_config(capsys):
+    """No Ray: ``python jobs/encode.py --help`` as a script, resolved config, bad values."""
+    import yaml
+
+    from jobs import encode
+
+    r = subprocess.run(
+        [sys.executable, "jobs/encode.py", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert all(f"--{o}" in r.stdout for o in ("bundle", "archive", "out", "dry-run", "config"))
+    assert encode.main(["--config", SMOKE, "--set", "batch_size=7", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["batch_size"] == 7 and printed["shard_rows"] == 512 and printed["bundle"] == ""
+    where = ["--bundle", "b", "--archive", "a", "--out", "o"]
+    assert encode.main([*where, "--set", "batch_size=0"]) == 2
+    assert "batch_size" in capsys.readouterr().err
+    assert encode.main([*where, "--set", "max_error_rate=2"]) == 2
+    assert encode.main([*where, "--set", "no_such_key=1"]) == 2
+    assert "no_such_key" in capsys.readouterr().err
 
 
 @pytest.mark.slow
