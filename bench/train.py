@@ -8,7 +8,7 @@ features, same global batch, same heads and losses):
 
 * **loop**: :func:`duch_core.train_loop.train_epoch` in this process on
   :func:`~duch_core.train_loop.make_batches` (features already z-scored in memory).
-* **ray_1w**: ``jobs/train.py``'s ``TorchTrainer`` (:func:`jobs.train.make_trainer`) with one
+* **ray_1w**: ``jobs/train.py``'s ``TorchTrainer`` (``jobs.train.make_trainer``) with one
   worker: the features stream from a materialised Ray dataset through ``get_dataset_shard``, are
   z-scored per batch, and every epoch reports and checkpoints.
 * **ray_2w**: the same with two workers (gloo, codes gathered across workers).
@@ -26,22 +26,17 @@ checkpoints included). Target: ray_1w / loop >= 0.85.
 the ``--backbone`` image tower and ``offline:minilm``; both views of every image and both
 captions):
 
-* **loop**: one process, :func:`jobs.extract_features.decode_batch` then
-  :class:`jobs.extract_features.FeatureEncoder` on consecutive batches (towers loaded and warmed
+* **loop**: one process, :func:`duch_core.extraction.decode_batch` then
+  :class:`duch_core.extraction.FeatureEncoder` on consecutive batches (towers loaded and warmed
   up before timing);
-* **ray_data**: ``jobs/extract_features.run_stage`` (decode tasks, backbone actor pool, parquet
-  writer), timed end to end, actor start-up (torch import, tower loading) included;
+* **ray_data**: the extract stage (``jobs._common.run_feature_stage``: decode tasks, backbone
+  actor pool, parquet writer), timed end to end, actor start-up (torch import, tower loading)
+  included;
 * **ray_steady**: the stage run on a quarter of the images and on all of them;
   ``(n - n/4) / (t_n - t_n/4)`` removes the fixed start-up cost: the rate of a long run.
 """
 
 from __future__ import annotations
-
-if __name__ == "__main__" and not __package__:  # `python bench/train.py`
-    import pathlib
-    import sys
-
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import argparse
 import json
@@ -121,6 +116,7 @@ def bench_loop(args: argparse.Namespace, f: dict[str, Any], stats: Any, cfg: Any
 def bench_ray(
     args: argparse.Namespace, ds: Any, f: dict[str, Any], stats: Any, workers: int, work: str
 ) -> dict:
+    from duch_core.checkpoint import load_state
     from jobs import train
 
     cfg = _job_config(args, work, workers, f"bench{workers}w")
@@ -131,7 +127,7 @@ def bench_ray(
     result = trainer.fit()
     fit_s = time.perf_counter() - t0
     with result.checkpoint.as_directory() as d:
-        history = train.load_state(d)["history"]
+        history = load_state(d)["history"]
     return {"samples_s": _steady(history), "fit_s": fit_s}
 
 
@@ -139,8 +135,8 @@ def bench_training(args: argparse.Namespace, work: str) -> list[dict[str, Any]]:
     import pyarrow as pa
     import ray
 
+    from duch_core.features import fixed_size_list
     from duch_core.train_loop import FeatureStats
-    from jobs.extract_features import fixed_size_list
 
     f = _features(args.n)
     stats = FeatureStats(
@@ -168,12 +164,13 @@ def bench_training(args: argparse.Namespace, work: str) -> list[dict[str, Any]]:
 
 def bench_extraction(args: argparse.Namespace, work: str) -> list[dict[str, Any]]:
     import torch
-    from ray.data.block import BlockAccessor
 
     from duch_core.archive import read_archive
     from duch_core.config import load
+    from duch_core.extraction import FeatureEncoder, decode_batch
+    from duch_core.features import manifest_rows
     from duch_core.synthetic_archive import make_demo_archive
-    from jobs.extract_features import FeatureEncoder, decode_batch, manifest_rows, run_stage
+    from jobs._common import run_feature_stage
     from jobs.train_config import TrainJobConfig, validate
 
     uri = make_demo_archive(
@@ -218,7 +215,7 @@ def bench_extraction(args: argparse.Namespace, work: str) -> list[dict[str, Any]
                 cfg.augment,
                 st.io_threads,
             )
-            enc(BlockAccessor.for_block(dec).to_batch_format("numpy"))
+            enc(dec)
         return time.perf_counter() - t0
 
     loop_once(min(n, st.batch_size))  # warm-up
@@ -226,7 +223,7 @@ def bench_extraction(args: argparse.Namespace, work: str) -> list[dict[str, Any]
 
     def ray_once(table: Any) -> float:
         t0 = time.perf_counter()
-        run_stage(cfg, table, st, os.path.join(work, "features"), force=True)
+        run_feature_stage(cfg, table, st, os.path.join(work, "features"), force=True)
         return time.perf_counter() - t0
 
     quarter = max(1, n // 4)

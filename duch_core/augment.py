@@ -27,10 +27,14 @@ Captions: :func:`augment_caption` rewrites a caption offline with a built-in rem
 synonym table (nouns, verbs, adjectives, multi-word terms), "there is" -> "it is" as the paper's
 rule-based augmentation, and digits <-> number words. :class:`BackTranslator` runs a chain of
 MarianMT models (e.g. en->de, de->en), greedy decoding, at most 128 tokens, batches of 8.
+
+Per item, :func:`item_rngs` gives the generators of each augmented view, seeded by the item id,
+so a view does not depend on batching, ordering or scheduling.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -56,6 +60,35 @@ RANDOM_CROP = 200
 
 class AugmentError(ValueError):
     """Unknown preset or unusable input to an augmentation."""
+
+
+# --------------------------------------------------------------------------------------------
+# per-item seeding
+# --------------------------------------------------------------------------------------------
+
+
+def item_key(item_id: str) -> int:
+    """A stable 63-bit integer of an item id (seeds the item's random streams)."""
+    return int.from_bytes(hashlib.blake2b(item_id.encode(), digest_size=8).digest(), "big") >> 1
+
+
+def item_rngs(
+    seed: int, item_id: str, view: int = 0
+) -> tuple[np.random.Generator, np.random.Generator]:
+    """The (image, caption) generators of augmented view ``view`` of an item.
+
+    Fixed by ``seed``, the id and the view index; view 0 has the streams of the single fixed
+    view (``[seed, key, 0]`` and ``[seed, key, 1]``), view ``v >= 1`` its own
+    (``[seed, key, 0, v]`` and ``[seed, key, 1, v]``).
+    """
+    if view < 0:
+        raise ValueError(f"view must be >= 0, got {view}")
+    key = item_key(item_id)
+    extra = [view] if view else []
+    return (
+        np.random.default_rng(np.random.SeedSequence([seed, key, 0, *extra])),
+        np.random.default_rng(np.random.SeedSequence([seed, key, 1, *extra])),
+    )
 
 
 # --------------------------------------------------------------------------------------------

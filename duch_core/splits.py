@@ -235,3 +235,46 @@ def choose_captions(
             digest = hashlib.blake2b(f"{seed}\x00{item}".encode(), digest_size=8).digest()
             out[j] = int.from_bytes(digest, "big") % int(n)
     return out
+
+
+SPLIT_SOURCES: tuple[str, ...] = ("auto", "manifest", "paper")
+
+
+def resolve_split(
+    item_ids: Sequence[str],
+    manifest_split: Sequence[str | None],
+    source: str = "auto",
+    seed: int = 42,
+    train_frac: float = 0.5,
+    query_frac: float = 0.1,
+    mode: SplitMode = "sorted",
+) -> dict[str, list[str]]:
+    """The train / query / database items of an archive, following ``source``.
+
+    ``"manifest"``: the archive's own ``split`` column (every item needs one); ``"paper"``:
+    :func:`paper_split` with ``seed``, the fractions and ``mode``; ``"auto"``: the manifest's
+    split when every item has one, else the paper split.
+
+    Args:
+        item_ids: the archive's item ids, in its row order (``mode="reference"`` draws on it).
+        manifest_split: the ``split`` column aligned with ``item_ids`` (None where missing).
+
+    Returns:
+        ``{"train": [...], "query": [...], "database": [...]}``; the manifest's lists sorted.
+
+    Raises:
+        ValueError: ``source`` is unknown, or ``"manifest"`` while some items have no split.
+    """
+    if source not in SPLIT_SOURCES:
+        raise ValueError(f"split source must be one of {SPLIT_SOURCES}, got {source!r}")
+    complete = all(s in SPLIT_NAMES for s in manifest_split)
+    if source == "manifest" and not complete:
+        raise ValueError(
+            "split_source: manifest, but some archive items have no train/query/database split"
+        )
+    if source == "manifest" or (source == "auto" and complete):
+        out: dict[str, list[str]] = {name: [] for name in SPLIT_NAMES}
+        for item, s in zip(item_ids, manifest_split, strict=True):
+            out[str(s)].append(str(item))
+        return {k: sorted(v) for k, v in out.items()}
+    return paper_split(item_ids, seed=seed, train_frac=train_frac, query_frac=query_frac, mode=mode)

@@ -1,7 +1,7 @@
 """DUCH training and evaluation as plain functions on precomputed features.
 
 DUCH trains only the hashing heads and the discriminator on frozen backbone features
-(PAPER.md §1). One training step on a batch of ``N`` items (four views each):
+(docs/method.md §2). One training step on a batch of ``N`` items (four views each):
 
 1. forward the heads: ``h_v1, h_v2`` (image, augmented image), ``h_t1, h_t2`` (caption,
    augmented caption), each ``(N, K)``;
@@ -18,9 +18,10 @@ Do not wrap the model in DistributedDataParallel: :func:`train_epoch` synchronis
 
 from __future__ import annotations
 
+import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -43,8 +44,11 @@ __all__ = [
     "FeatureBatch",
     "FeatureStats",
     "RetrievalSet",
+    "combine_records",
+    "drop_last_needed",
     "encode",
     "encode_features",
+    "epoch_line",
     "evaluate",
     "fit",
     "make_batches",
@@ -59,6 +63,8 @@ Modality = Literal["image", "text"]
 ArrayLike = torch.Tensor | np.ndarray
 # one augmented-view matrix, or the views resampled per epoch (see make_batches)
 AugViews = ArrayLike | list[ArrayLike] | tuple[ArrayLike, ...]
+
+log = logging.getLogger("duch.train")
 
 
 def _as_tensor(x: ArrayLike, name: str) -> torch.Tensor:
@@ -107,6 +113,18 @@ class FeatureBatch:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, Any], stats: FeatureStats | None) -> FeatureBatch:
+        """A batch from ``{"ids", "img", "img_aug", "txt", "txt_aug"}`` (``(N, D)`` arrays or
+        tensors), z-scored with ``stats`` unless it is ``None``."""
+        img, img_aug, txt, txt_aug = (
+            torch.as_tensor(arrays[k]) for k in ("img", "img_aug", "txt", "txt_aug")
+        )
+        if stats is not None:
+            img, img_aug = stats.apply(img, "image"), stats.apply(img_aug, "image")
+            txt, txt_aug = stats.apply(txt, "text"), stats.apply(txt_aug, "text")
+        return cls([str(i) for i in arrays["ids"]], img, img_aug, txt, txt_aug)
 
     def to(self, device: str | torch.device) -> FeatureBatch:
         """The batch with float32 features on ``device``."""
@@ -157,6 +175,52 @@ class FeatureStats:
         """Fit on ``(N, D_img)`` training image features and ``(M, D_txt)`` text features."""
         im, istd = cls._moments(image, "image")
         tm, tstd = cls._moments(text, "text")
+        return cls(im, istd, tm, tstd)
+
+    @staticmethod
+    def partial_moments(x: ArrayLike) -> tuple[float, float, float]:
+        """``(count, mean, M2)`` of all values of one chunk of features, in float64.
+
+        Chunks (e.g. the blocks of a dataset) are combined by :meth:`from_partial_moments`,
+        so the statistics of a large training set are fitted in one streaming pass.
+        """
+        a = np.asarray(x, dtype=np.float64).reshape(-1)
+        if a.size == 0:
+            return 0.0, 0.0, 0.0
+        mean = float(a.mean())
+        return float(a.size), mean, float(((a - mean) ** 2).sum())
+
+    @staticmethod
+    def _combine(parts: Iterable[tuple[float, float, float]], name: str) -> tuple[float, float]:
+        # Chan et al.'s pairwise update: exact up to rounding, in any order of the chunks
+        n, mean, m2 = 0.0, 0.0, 0.0
+        for nb, mb, m2b in parts:
+            if nb == 0:
+                continue
+            delta = mb - mean
+            tot = n + nb
+            mean += delta * nb / tot
+            m2 += m2b + delta * delta * n * nb / tot
+            n = tot
+        if n == 0:
+            raise ValueError(f"cannot fit feature stats on empty {name}")
+        return mean, math.sqrt(m2 / n)
+
+    @classmethod
+    def from_partial_moments(
+        cls,
+        image: Iterable[tuple[float, float, float]],
+        text: Iterable[tuple[float, float, float]],
+    ) -> FeatureStats:
+        """The statistics of the union of chunks, from their :meth:`partial_moments`.
+
+        Equal to :meth:`fit` on the concatenated chunks (up to float64 rounding).
+
+        Raises:
+            ValueError: no values, or constant values (std 0).
+        """
+        im, istd = cls._combine(image, "image")
+        tm, tstd = cls._combine(text, "text")
         return cls(im, istd, tm, tstd)
 
     def apply(self, feats: ArrayLike, modality: Modality) -> torch.Tensor:
@@ -460,9 +524,77 @@ def train_epoch(
         samples=float(n_samples),
         lr=float(opt_hash.param_groups[0]["lr"]),
         table_rows_updated=float(updated),
+        bit_imbalance=bit_imbalance(table.b),
         seconds=time.perf_counter() - t0,
     )
     return out
+
+
+def bit_imbalance(b: torch.Tensor) -> float:
+    """Mean over bits of ``|mean code value over items|`` of ``(N, K)`` codes in {-1, +1}.
+
+    In ``[0, 1]``: 0 when every bit is +1 for half of the items (what the bit-balance term
+    aims at), 1 when every bit is constant.
+    """
+    if b.numel() == 0:
+        return 0.0
+    return float(b.to(torch.float32).mean(dim=0).abs().mean())
+
+
+def combine_records(records: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """One epoch record from every worker's :func:`train_epoch` output.
+
+    ``samples`` and ``batches`` are summed, ``seconds`` is the slowest worker's, everything else
+    (loss parts, lr, epoch) is averaged; ``samples_per_s`` is added.
+    """
+    out: dict[str, float] = {}
+    for key in records[0]:
+        vals = [float(r[key]) for r in records]
+        if key in ("samples", "batches"):
+            out[key] = float(sum(vals))
+        elif key == "seconds":
+            out[key] = max(vals)
+        else:
+            out[key] = float(np.mean(vals))
+    out["samples_per_s"] = out.get("samples", 0.0) / max(out.get("seconds", 0.0), 1e-9)
+    return out
+
+
+def drop_last_needed(n_rows: int, world_size: int, per_worker_batch: int) -> bool:
+    """True when equal shards of ``n_rows`` would end in a 1-item batch (BatchNorm needs 2)."""
+    return (n_rows // world_size) % per_worker_batch == 1
+
+
+# loss parts in the order the epoch line prints them, with their short names
+_LINE_TERMS = (
+    ("inter", "inter"),
+    ("intra_image", "intra_img"),
+    ("intra_text", "intra_txt"),
+    ("adversarial", "adv"),
+    ("quantization", "quant"),
+    ("bit_balance", "balance"),
+    ("discriminator", "disc"),
+)
+
+
+def epoch_line(rec: Mapping[str, float], epochs: int, k: int = 20) -> str:
+    """One human-readable line for an epoch record (:func:`train_epoch`, merged or not).
+
+    ``epoch 3/30  loss 1.234 (inter 0.51, ...)  lr 8.0e-05  bit imbalance 0.041  mAP@20 0.532
+    (map_mean, only on evaluated epochs)  2.1 s``.
+    """
+    parts = ", ".join(f"{short} {rec[key]:.4g}" for key, short in _LINE_TERMS if key in rec)
+    line = f"epoch {int(rec.get('epoch', 0)) + 1}/{epochs}  loss {rec.get('total', math.nan):.4g}"
+    if parts:
+        line += f" ({parts})"
+    line += f"  lr {rec.get('lr', math.nan):.2e}"
+    if "bit_imbalance" in rec:
+        line += f"  bit imbalance {rec['bit_imbalance']:.3f}"
+    if "map_mean" in rec:
+        line += f"  mAP@{k} {rec['map_mean']:.4f}"
+    if "seconds" in rec:
+        line += f"  {rec['seconds']:.1f} s"
+    return line
 
 
 # --------------------------------------------------------------------------------------------
@@ -613,6 +745,7 @@ def fit(
             for key, v in evaluate(model, query, database, k).items():
                 rec[f"map_{key}"] = v
         history.append(rec)
+        log.info("%s", epoch_line(rec, epochs, k))
         if on_epoch is not None:
             on_epoch(rec)
     return history

@@ -10,7 +10,14 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from duch_core.config import DUCHConfig
+    from duch_core.features import FeatureSet
+    from jobs.train_config import FeatureStageConfig
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -155,3 +162,103 @@ def check_shared_locations(locations: dict[str, str | None], nodes: int | None =
             f"an s3:// URI, but these are node-local: {', '.join(local)}. Put them on S3 "
             "(e.g. --set KEY=s3://bucket/prefix) or run on a single node."
         )
+
+
+def run_feature_stage(
+    cfg: DUCHConfig,
+    archive: pa.Table,
+    stage: FeatureStageConfig,
+    cache_root: str,
+    force: bool = False,
+) -> FeatureSet:
+    """The feature set of ``archive``: from the cache, else computed on Ray Data.
+
+    Shared by the extract, train and evaluate jobs. Read the manifest rows in blocks ->
+    :func:`duch_core.extraction.decode_batch` in CPU tasks -> :class:`~duch_core.extraction.
+    FeatureEncoder` in an actor pool -> Parquet shards, then
+    :func:`duch_core.features.complete_feature_set` publishes the version.
+
+    Args:
+        cfg: the method's :class:`~duch_core.config.DUCHConfig` (backbones, augmentation).
+        archive: the validated manifest table (:func:`duch_core.archive.read_archive`).
+        stage: the ``features:`` section (``jobs.train_config.FeatureStageConfig``).
+        cache_root: URI of the feature cache.
+        force: compute a new version even if the cache holds one.
+
+    Raises:
+        ArchiveError: the archive has no items.
+        FeatureStageError: more than ``stage.max_error_rate`` of the items failed.
+    """
+    import time
+    import warnings
+
+    from duch_core import features, storage
+    from duch_core.archive import ArchiveError
+    from duch_core.extraction import FeatureEncoder, decode_batch
+
+    if archive.num_rows == 0:
+        raise ArchiveError("the archive has no items")
+    inputs = features.fingerprint_inputs(cfg, features.manifest_hash(archive))
+    root = storage.join(cache_root, features.fingerprint(inputs))
+    found = None if force else features.load_feature_set(root, reused=True)
+    if found is not None:
+        log.info("features: reusing %s (%d items)", root, found.items)
+        return found
+    ensure_ray()
+    check_shared_locations({"features.cache_root": cache_root})
+    import ray
+
+    t0 = time.perf_counter()
+    version = features.new_version()
+    rows = features.manifest_rows(archive, cfg.data.caption_seed)
+    blocks = [rows.slice(i, stage.block_rows) for i in range(0, rows.num_rows, stage.block_rows)]
+    with warnings.catch_warnings():
+        # max_retries has no named parameter in Ray 2.60 (only **ray_remote_args, deprecated);
+        # besides bounding retries, it keeps decoding in its own CPU tasks instead of fusing
+        # it into the encoder actors when both ask for the same CPUs
+        warnings.filterwarnings("ignore", message=".*ray_remote_args. is deprecated")
+        ds = ray.data.from_arrow(blocks).map_batches(
+            decode_batch,  # type: ignore[arg-type]  # Ray's hint misses fn_kwargs
+            batch_format="pyarrow",
+            batch_size=stage.decode_batch,
+            fn_kwargs={
+                "image_cfg": cfg.image_backbone,
+                "text_cfg": cfg.text_backbone,
+                "augment_cfg": cfg.augment,
+                "io_threads": stage.io_threads,
+                "max_pixels": stage.max_image_pixels,
+            },
+            num_cpus=stage.decode_cpus,
+            max_retries=3,
+        )
+    resources: dict[str, Any] = (
+        {"num_gpus": stage.num_gpus} if stage.num_gpus > 0 else {"num_cpus": stage.actor_cpus}
+    )
+    ds = ds.map_batches(
+        FeatureEncoder,
+        batch_format="pyarrow",
+        batch_size=stage.batch_size,
+        fn_constructor_kwargs={
+            "image_cfg": cfg.image_backbone,
+            "text_cfg": cfg.text_backbone,
+            "augment_cfg": cfg.augment,
+            "paper_compat": cfg.paper_compat,
+            "batch_size": stage.batch_size,
+            "torch_threads": stage.torch_threads,
+        },
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=stage.actors),
+        **resources,
+    )
+    fs, path = storage.resolve(storage.join(root, version, features.SHARDS_DIR))
+    ds.write_parquet(path, filesystem=fs, min_rows_per_file=stage.shard_rows)
+    done = features.complete_feature_set(
+        root,
+        version,
+        inputs,
+        views=features.view_count(cfg.augment),
+        expected_items=archive.num_rows,
+        max_error_rate=stage.max_error_rate,
+        seconds=time.perf_counter() - t0,
+    )
+    log.info("features: wrote %s (%d items, %d errors)", done.shards, done.items, done.errors)
+    return done

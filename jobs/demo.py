@@ -64,8 +64,8 @@ def train(work_dir: str, retrain: bool, config: str) -> dict[str, Any]:
     from duch_core import storage
     from duch_core.config import load
     from duch_core.synthetic_archive import MANIFEST_NAME
-    from jobs.train import demo_archive_uri, prepare_archive, run
-    from jobs.train_config import TrainJobConfig, validate
+    from jobs.train import run
+    from jobs.train_config import TrainJobConfig, demo_archive_uri, prepare_archive, validate
 
     cfg = validate(load(TrainJobConfig, config, [f"work_dir={work_dir}"]))
     report = storage.join(cfg.output, "training.json")

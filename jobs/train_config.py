@@ -4,7 +4,8 @@ One YAML file drives ``jobs/extract_features.py``, ``jobs/train.py`` and ``jobs/
 (``configs/*.yaml``); ``--set key.path=value`` overrides any key. Loading is strict
 (:func:`duch_core.config.load`) and :func:`validate` checks values and ranges before anything
 starts, so a bad value is reported as a :class:`~duch_core.config.ConfigError` naming the key
-instead of surfacing later inside a Ray worker.
+instead of surfacing later inside a Ray worker. The three jobs also share the archive
+(:func:`prepare_archive`) and the split (:func:`effective_split`) of a config from here.
 
 Locations are URIs (local paths or ``s3://``). Empty ones default to folders under
 ``work_dir``::
@@ -20,17 +21,24 @@ reachable from every node: use ``s3://`` there.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-from duch_core import storage
+import pyarrow as pa
+
+from duch_core import storage, synthetic_archive
+from duch_core.archive import read_archive
 from duch_core.augment import IMAGE_PRESETS
 from duch_core.config import ConfigError, DUCHConfig
+from duch_core.splits import SPLIT_SOURCES, resolve_split
 
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 TEXT_METHODS = ("rule", "backtranslate", "none")
-SPLIT_SOURCES = ("auto", "manifest", "paper")
+
+log = logging.getLogger("duch.train")
 
 
 @dataclass(frozen=True)
@@ -69,6 +77,9 @@ class RunSection:
     storage_path: str = ""  # local dir or s3:// prefix; "" = <work_dir>/ray_results
     max_failures: int = 2  # worker-group restarts after a failure (-1 = unlimited)
     checkpoints_to_keep: int = 2
+    # Every this many epochs worker 0 adds mAP@eval_k (mean of the four directions) of the
+    # current heads on the query/database items to the epoch line; 0 = only the final report.
+    eval_every: int = 0
     # Fault injection for tests: the last worker exits abruptly during this epoch (0-based) on
     # the first attempt only; a marker object under the run's storage records that it happened.
     fail_at_epoch: int = -1
@@ -248,6 +259,7 @@ def validate(cfg: TrainJobConfig) -> TrainJobConfig:
     )
     _check(r.max_failures >= -1, "run.max_failures", f"must be >= -1, got {r.max_failures}")
     _check(r.checkpoints_to_keep >= 1, "run.checkpoints_to_keep", "must be >= 1")
+    _check(r.eval_every >= 0, "run.eval_every", f"must be >= 0, got {r.eval_every}")
     _check(cfg.eval_k >= 1, "eval_k", f"must be >= 1, got {cfg.eval_k}")
     _check(
         cfg.split_source in SPLIT_SOURCES,
@@ -272,3 +284,56 @@ def validate(cfg: TrainJobConfig) -> TrainJobConfig:
         except (storage.BadURIError, ValueError) as e:
             raise ConfigError(f"{key}: {e}") from e
     return resolved
+
+
+def demo_archive_uri(cfg: TrainJobConfig) -> str:
+    """Where the built-in demo archive of ``cfg.demo`` lives under ``work_dir``."""
+    d = cfg.demo
+    return storage.join(
+        cfg.work_dir, "demo_archive", f"n{d.n_per_class}-s{d.image_size}-seed{d.seed}"
+    )
+
+
+def prepare_archive(cfg: TrainJobConfig) -> pa.Table:
+    """The archive manifest of ``cfg``; with ``duch.data.archive`` empty, the built-in demo
+    archive (:mod:`duch_core.synthetic_archive`), written under ``work_dir`` once.
+
+    Raises:
+        ArchiveError: the manifest is missing, unreadable or invalid.
+    """
+    uri = cfg.duch.data.archive
+    if not uri:
+        uri = demo_archive_uri(cfg)
+        if not storage.exists(storage.join(uri, synthetic_archive.MANIFEST_NAME)):
+            log.info("writing the demo archive to %s", uri)
+            synthetic_archive.make_demo_archive(
+                uri,
+                n_per_class=cfg.demo.n_per_class,
+                seed=cfg.demo.seed,
+                image_size=cfg.demo.image_size,
+            )
+    return read_archive(uri)
+
+
+def effective_split(
+    item_ids: Sequence[str], manifest_split: Sequence[str | None], cfg: TrainJobConfig
+) -> dict[str, list[str]]:
+    """The train / query / database item ids of ``cfg`` (:func:`duch_core.splits.resolve_split`
+    with ``split_source`` and the ``duch.data`` seed, fractions and mode).
+
+    Raises:
+        ConfigError: ``split_source: manifest`` but some items have no split.
+    """
+    d = cfg.duch.data
+    try:
+        return resolve_split(
+            item_ids,
+            manifest_split,
+            cfg.split_source,
+            seed=d.split_seed,
+            train_frac=d.train_frac,
+            query_frac=d.query_frac,
+            mode=d.split_mode,  # type: ignore[arg-type]
+        )
+    except ValueError as e:
+        raise ConfigError(str(e)) from e

@@ -133,6 +133,26 @@ def test_caption_augmentation_is_deterministic_and_always_changes_something() ->
         A.augment_caption(None, np.random.default_rng(0))  # type: ignore[arg-type]
 
 
+def test_item_rngs_view_zero_is_the_fixed_view() -> None:
+    for a, b in zip(A.item_rngs(42, "x"), A.item_rngs(42, "x", 0), strict=True):
+        assert a.random() == b.random()
+    draws = [tuple(float(g.random()) for g in A.item_rngs(42, "x", v)) for v in range(4)]
+    assert len(set(draws)) == 4  # every view its own image and caption streams
+    assert len({x for d in draws for x in d}) == 8
+    with pytest.raises(ValueError, match="view"):
+        A.item_rngs(42, "x", -1)
+
+
+def test_item_rngs_depend_on_seed_and_id_only() -> None:
+    first = [g.integers(0, 1 << 30) for g in A.item_rngs(7, "scene-1", 2)]
+    again = [g.integers(0, 1 << 30) for g in A.item_rngs(7, "scene-1", 2)]
+    assert first == again
+    assert A.item_key("scene-1") == A.item_key("scene-1") < 2**63
+    others = ((8, "scene-1"), (7, "scene-2"))
+    for seed, item in others:
+        assert [g.integers(0, 1 << 30) for g in A.item_rngs(seed, item, 2)] != first
+
+
 def test_synonym_table_is_symmetric() -> None:
     syn = A._SYNONYMS
     for term, alts in syn.items():

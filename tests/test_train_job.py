@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -21,14 +22,13 @@ import numpy as np
 import pytest
 import torch
 
-from duch_core import codes, storage
+from duch_core import checkpoint, codes, report, storage
 from duch_core.bundle import Bundle, HashEncoder
 from duch_core.config import load
+from duch_core.features import load_feature_set, read_columns, read_items
 from duch_core.train_loop import FeatureStats, encode_features
 from jobs import train
-from jobs.evaluate import flat_metrics, read_items
-from jobs.extract_features import _load_set, read_columns
-from jobs.train_config import TrainJobConfig, validate
+from jobs.train_config import TrainJobConfig, prepare_archive, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
@@ -39,7 +39,7 @@ def smoke_config(*overrides: str) -> TrainJobConfig:
 
 
 def read_state(checkpoint_uri: str) -> dict[str, Any]:
-    data = storage.read_bytes(storage.join(checkpoint_uri, train.STATE_FILE))
+    data = storage.read_bytes(storage.join(checkpoint_uri, checkpoint.STATE_FILE))
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
 
 
@@ -68,18 +68,32 @@ def s3_overrides(base: str, name: str, work_dir: Path) -> list[str]:
 # Ray Train on S3
 
 
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
 @pytest.fixture(scope="module")
 def s3_run(s3_demo: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """A 2-worker smoke run on the S3 demo archive, checkpoints and bundle in S3."""
+    """A 2-worker smoke run on the S3 demo archive, checkpoints and bundle in S3, validated
+    every epoch; the driver's ``duch.train`` log lines are kept."""
     work = tmp_path_factory.mktemp("s3run")
-    sets = s3_overrides(s3_demo, "s3run", work)
+    sets = [*s3_overrides(s3_demo, "s3run", work), "run.eval_every=1"]
     cfg = smoke_config(*sets)
-    return {
-        "cfg": cfg,
-        "sets": sets,
-        "work": work,
-        "summary": train.run(cfg, train.prepare_archive(cfg)),
-    }
+    logger, handler = logging.getLogger("duch.train"), _Lines()
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        summary = train.run(cfg, prepare_archive(cfg))
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    return {"cfg": cfg, "sets": sets, "work": work, "summary": summary, "log": handler.lines}
 
 
 def test_two_workers_on_s3_bundle_reproduces_the_model(s3_demo: str, s3_run: dict) -> None:
@@ -95,11 +109,11 @@ def test_two_workers_on_s3_bundle_reproduces_the_model(s3_demo: str, s3_run: dic
 
     # the exported bundle gives exactly the codes of the in-memory (checkpointed) model
     state = read_state(summary["checkpoint"])
-    model = train.model_from_state(state, cfg.duch)
+    model = checkpoint.model_from_state(state, cfg.duch)
     stats = FeatureStats.from_dict(state["feature_stats"])
     bundle = Bundle.load(summary["bundle"])
     assert bundle.bundle_id == summary["bundle_id"] and bundle.bits == 16
-    fs_ = _load_set(summary["features"], reused=True)
+    fs_ = load_feature_set(summary["features"], reused=True)
     assert fs_ is not None
     items = read_items(fs_, read_columns(fs_, ["item_id"]).column("item_id").to_pylist())
     enc = HashEncoder(bundle)
@@ -112,7 +126,7 @@ def test_two_workers_on_s3_bundle_reproduces_the_model(s3_demo: str, s3_run: dic
         assert mine.shape == (len(items.ids), 2)
         np.testing.assert_array_equal(theirs, mine)
     # the bundle's own towers rebuild the cached features from the raw images
-    manifest = train.prepare_archive(cfg)
+    manifest = prepare_archive(cfg)
     ids, image_uris = manifest.column("item_id").to_pylist(), manifest.column("image_uri")
     uris = dict(zip(ids, image_uris.to_pylist(), strict=True))
     from duch_core.imageio import decode_image
@@ -127,11 +141,27 @@ def test_two_workers_on_s3_bundle_reproduces_the_model(s3_demo: str, s3_run: dic
     assert bundle.meta["metrics"] == summary["metrics"]
     assert set(summary["metrics"]) >= {"map@20_i2t", "map@20_t2t", "map@10_mean"}
     assert all(0.0 <= v <= 1.0 for v in summary["metrics"].values())
-    report = storage.read_json(summary["report"]["json"])
-    assert flat_metrics(report) == summary["metrics"] and report["bundle_id"] == bundle.bundle_id
-    assert storage.read_bytes(summary["report"]["pr_curve"])[:8] == b"\x89PNG\r\n\x1a\n"
+    written = storage.read_json(summary["report"]["json"])
+    assert report.flat_metrics(written) == summary["metrics"]
+    assert written["bundle_id"] == bundle.bundle_id
+    for png in ("pr_curve", "loss_curve"):
+        assert storage.read_bytes(summary["report"][png])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert summary["report"]["loss_curve"] == storage.join(summary["bundle"], report.LOSS_PNG)
     training = storage.read_json(storage.join(summary["bundle"], "training.json"))
     assert training["config"]["run"]["name"] == "s3run"
+
+
+def test_driver_logs_one_line_per_epoch_with_validation(s3_run: dict) -> None:
+    summary = s3_run["summary"]
+    lines = [m for m in s3_run["log"] if m.startswith("epoch ")]
+    assert [m.split()[1] for m in lines] == ["1/2", "2/2"], s3_run["log"]
+    for line, rec in zip(lines, summary["history"], strict=True):
+        assert f"loss {rec['total']:.4g} (inter " in line and "bit imbalance" in line
+        assert f"mAP@20 {rec['map_mean']:.4f}" in line  # run.eval_every=1: every epoch
+    # worker 0 validated the same heads the final evaluation scores
+    assert summary["history"][-1]["map_mean"] == pytest.approx(
+        summary["metrics"]["map@20_mean"], abs=1e-12
+    )
 
 
 def test_evaluate_job_reproduces_the_training_evaluation(
@@ -144,17 +174,18 @@ def test_evaluate_job_reproduces_the_training_evaluation(
     for kv in s3_run["sets"]:
         argv += ["--set", kv]
     assert evaluate.main(argv) == 0
-    printed = json.loads(capsys.readouterr().out)
+    printed = capsys.readouterr().out
+    assert f"report written to {tmp_path}" in printed and len(printed.splitlines()) <= 4
+    written = storage.read_json(str(tmp_path / report.REPORT_JSON))
     # the bundle alone, through HashEncoder, scores exactly what the trained heads scored
-    assert printed["metrics"] == summary["metrics"]
-    report = json.loads((tmp_path / evaluate.REPORT_JSON).read_text())
+    assert report.flat_metrics(written) == summary["metrics"]
     trained = storage.read_json(summary["report"]["json"])
     for key in ("map", "map_standard", "precision_at_k", "pr_curve", "n_query", "n_database"):
-        assert report[key] == trained[key], key
-    assert report["n_query"] == summary["split"]["query"]
-    for png in (evaluate.PR_PNG, evaluate.PK_PNG):
+        assert written[key] == trained[key], key
+    assert written["n_query"] == summary["split"]["query"]
+    for png in (report.PR_PNG, report.PK_PNG):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| mAP@20 |" in (tmp_path / evaluate.REPORT_MD).read_text()
+    assert "| mAP@20 |" in (tmp_path / report.REPORT_MD).read_text()
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,7 +276,7 @@ def test_killed_worker_resumes_from_the_last_checkpoint(s3_demo: str, tmp_path: 
     cfg = smoke_config(
         *s3_overrides(s3_demo, "faulty", tmp_path), "run.fail_at_epoch=1", "run.max_failures=1"
     )
-    summary = train.run(cfg, train.prepare_archive(cfg))
+    summary = train.run(cfg, prepare_archive(cfg))
     marker = storage.read_json(storage.join(s3_demo, "ray_results", "faulty", train.FAULT_MARKER))
     assert marker["epoch"] == 1 and marker["rank"] == 1  # the last worker died in epoch 1
     hist = summary["history"]
@@ -261,9 +292,9 @@ def test_killed_worker_resumes_from_the_last_checkpoint(s3_demo: str, tmp_path: 
 @pytest.mark.slow
 def test_rerun_with_the_same_name_continues(s3_demo: str, tmp_path: Path) -> None:
     sets = s3_overrides(s3_demo, "rerun", tmp_path)
-    first = train.run(cfg := smoke_config(*sets, "duch.optim.epochs=1"), train.prepare_archive(cfg))
+    first = train.run(cfg := smoke_config(*sets, "duch.optim.epochs=1"), prepare_archive(cfg))
     more = smoke_config(*sets, "duch.optim.epochs=3")
-    again = train.run(more, train.prepare_archive(more))
+    again = train.run(more, prepare_archive(more))
     assert [int(h["epoch"]) for h in again["history"]] == [0, 1, 2]
     assert [int(h["resumed_from"]) for h in again["history"]] == [0, 1, 1]
     assert again["history"][:1] == first["history"]
@@ -279,6 +310,7 @@ def test_rerun_with_the_same_name_continues(s3_demo: str, tmp_path: Path) -> Non
         ("duch.model.bits=13", "duch.model.bits"),
         ("duch.optim.batch_size=7", "split evenly into 2 workers"),
         ("scaling.num_workers=0", "scaling.num_workers"),
+        ("run.eval_every=-1", "run.eval_every"),
         ("run.name=has space", "run.name"),
         ("duch.augment.image_preset=sepia", "duch.augment.image_preset"),
         ("duch.optim.epoch=3", "epoch"),  # unknown key
@@ -348,6 +380,8 @@ def test_ray_job_submit_runs_the_smoke_config(head_cluster: Any, tmp_path: Path)
     assert "succeeded" in log, log[-5000:]
     assert "Started a local Ray instance" not in log  # the driver joined the cluster
     assert f"bundle written to {work}/bundles/smoke" in log
+    # the per-epoch lines reach the driver console although workers' output does not (quiet)
+    assert "epoch 1/2  loss " in log and "epoch 2/2  loss " in log, log[-5000:]
     bundle = Bundle.load(str(work / "bundles" / "smoke"))
     assert bundle.bits == 16 and "map@20_mean" in bundle.meta["metrics"]
     assert time.monotonic() - t0 < 400

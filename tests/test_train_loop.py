@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import re
 
 import numpy as np
 import pytest
@@ -16,7 +18,11 @@ from duch_core.train_loop import (
     FeatureBatch,
     FeatureStats,
     RetrievalSet,
+    bit_imbalance,
+    combine_records,
+    drop_last_needed,
     encode_features,
+    epoch_line,
     evaluate,
     fit,
     make_batches,
@@ -157,6 +163,84 @@ def test_feature_stats_bad_input() -> None:
         FeatureStats(0.0, 0.0, 0.0, 1.0)
 
 
+@pytest.mark.parametrize("chunks", [1, 3, 7])
+def test_streamed_moments_equal_the_fit_on_all_features(chunks: int) -> None:
+    rng = np.random.default_rng(1)
+    img = rng.normal(100.0, 0.01, (61, 5)).astype(np.float32)  # large mean, tiny spread
+    txt = rng.normal(-2.0, 3.0, (17, 4)).astype(np.float32)
+    parts = [
+        [FeatureStats.partial_moments(c) for c in np.array_split(x, chunks)] for x in (img, txt)
+    ]
+    parts[0].append(FeatureStats.partial_moments(np.zeros((0, 5))))  # an empty block counts 0
+    streamed = FeatureStats.from_partial_moments(*parts)
+    whole = FeatureStats.fit(img, txt)
+    for key in ("image_mean", "image_std", "text_mean", "text_std"):
+        assert getattr(streamed, key) == pytest.approx(getattr(whole, key), rel=1e-9), key
+    with pytest.raises(ValueError, match="empty image"):
+        FeatureStats.from_partial_moments([(0.0, 0.0, 0.0)], parts[1])
+
+
+def test_feature_batch_from_arrays_applies_the_stats() -> None:
+    rng = np.random.default_rng(2)
+    arrays = {
+        "ids": np.array(["a", "b", "c"], dtype=object),
+        "img": rng.random((3, 4), dtype=np.float32),
+        "img_aug": rng.random((3, 4), dtype=np.float32),
+        "txt": torch.rand(3, 2),
+        "txt_aug": torch.rand(3, 2),
+    }
+    st = FeatureStats(0.5, 2.0, -1.0, 4.0)
+    b = FeatureBatch.from_arrays(arrays, st)
+    assert b.ids == ["a", "b", "c"]
+    torch.testing.assert_close(b.img_aug, (torch.from_numpy(arrays["img_aug"]) - 0.5) / 2.0)
+    torch.testing.assert_close(b.txt, (arrays["txt"] + 1.0) / 4.0)
+    raw = FeatureBatch.from_arrays(arrays, None)
+    assert torch.equal(raw.img, torch.from_numpy(arrays["img"]))
+
+
+def test_combine_records_sums_counts_and_averages_the_rest() -> None:
+    a = {"samples": 8.0, "batches": 2.0, "seconds": 1.0, "total": 1.0, "lr": 1e-4}
+    b = {"samples": 6.0, "batches": 2.0, "seconds": 3.0, "total": 3.0, "lr": 1e-4}
+    out = combine_records([a, b])
+    assert out["samples"] == 14 and out["batches"] == 4 and out["seconds"] == 3.0
+    assert out["total"] == 2.0 and out["lr"] == pytest.approx(1e-4)
+    assert out["samples_per_s"] == pytest.approx(14 / 3)
+
+
+def test_drop_last_needed_only_for_a_trailing_single_item() -> None:
+    assert drop_last_needed(18, 2, 4)  # 9 rows per worker: 4 + 4 + 1
+    assert not drop_last_needed(16, 2, 4) and not drop_last_needed(20, 2, 4)
+
+
+def test_bit_imbalance() -> None:
+    assert bit_imbalance(torch.tensor([[1, -1], [-1, 1]], dtype=torch.int8)) == 0.0
+    assert bit_imbalance(torch.tensor([[1, 1], [1, -1]], dtype=torch.int8)) == 0.5
+    assert bit_imbalance(torch.ones(5, 3)) == 1.0
+
+
+def test_epoch_line_shows_every_term_lr_balance_and_map() -> None:
+    rec = {
+        "epoch": 2.0,
+        "total": 1.5,
+        "inter": 0.5,
+        "intra_image": 0.25,
+        "intra_text": 0.125,
+        "adversarial": -0.75,
+        "quantization": 0.0625,
+        "bit_balance": 0.03125,
+        "discriminator": 1.25,
+        "lr": 8e-5,
+        "bit_imbalance": 0.0413,
+        "seconds": 2.25,
+    }
+    line = epoch_line(rec, 30)
+    assert line.startswith("epoch 3/30  loss 1.5 (inter 0.5, intra_img 0.25, intra_txt 0.125, ")
+    assert "adv -0.75, quant 0.0625, balance 0.03125, disc 1.25)" in line
+    assert "lr 8.00e-05" in line and "bit imbalance 0.041" in line and "2.2 s" in line
+    assert "mAP" not in line and "\n" not in line
+    assert "mAP@10 0.6250" in epoch_line({**rec, "map_mean": 0.625}, 30, k=10)
+
+
 def _feats(n: int, seed: int = 0) -> tuple[list[str], list[torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     return ids_(n), [torch.randn(n, d, generator=g) for d in (6, 6, 5, 5)]
@@ -272,6 +356,7 @@ def test_train_epoch_updates_heads_discriminator_and_table() -> None:
         assert not torch.equal(before, after), name
     assert rec["samples"] == 20 and rec["batches"] == len(batches)
     assert rec["table_rows_updated"] == 20
+    assert rec["bit_imbalance"] == bit_imbalance(table.b)
     for key in (
         "total",
         "contrastive",
@@ -399,3 +484,23 @@ def test_fit_learns_class_structure_and_is_deterministic() -> None:
     hist2, _, after2 = run()
     assert after2 == after
     assert [h["total"] for h in hist2] == [h["total"] for h in hist]
+
+
+def test_fit_logs_one_line_per_epoch(caplog: pytest.LogCaptureFixture) -> None:
+    ids, lab, img, img_aug, txt, txt_aug = _synthetic(n=60)
+    cfg = DUCHConfig(model=ModelConfig(bits=16, hidden_dim=32), optim=OptimConfig(epochs=3))
+    q, db = RetrievalSet(img[:10], txt[:10], lab[:10]), RetrievalSet(img, txt, lab)
+    with caplog.at_level(logging.INFO, logger="duch.train"):
+        fit(
+            make_model(64, 48, cfg),
+            lambda e: make_batches(ids, img, img_aug, txt, txt_aug, 16, 0, e),
+            cfg,
+            ids,
+            q,
+            db,
+            eval_every=2,
+        )
+    lines = [r.getMessage() for r in caplog.records if r.name == "duch.train"]
+    assert [re.match(r"epoch (\d+)/3 ", m).group(1) for m in lines] == ["1", "2", "3"]  # type: ignore[union-attr]
+    assert ["mAP@20" in m for m in lines] == [False, True, True]  # every 2nd and the last
+    assert all(" bit imbalance " in m and " lr " in m for m in lines)

@@ -3,7 +3,7 @@
 The feature stage stores ``V`` independently drawn augmented views per item, view 0 being the
 single fixed view of the default setting; epoch ``e`` trains on view ``e % V``, in the plain
 loop (:func:`duch_core.train_loop.make_batches`) and in the Ray Train worker loop
-(:func:`jobs.train.epoch_batches`).
+(``jobs.train.epoch_batches``).
 """
 
 from __future__ import annotations
@@ -16,11 +16,14 @@ import pyarrow as pa
 import pytest
 import torch
 
+from duch_core import extraction
+from duch_core import features as fx
 from duch_core.archive import read_archive
 from duch_core.config import ConfigError, load
+from duch_core.features import train_columns
 from duch_core.train_loop import make_batches, view_for_epoch
-from jobs import extract_features as fx
-from jobs.train import epoch_batches, train_columns
+from jobs._common import run_feature_stage
+from jobs.train import epoch_batches
 from jobs.train_config import TrainJobConfig, validate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,16 +74,6 @@ def test_view_for_epoch() -> None:
         view_for_epoch(-1, 2)
 
 
-def test_item_rngs_view_zero_is_the_fixed_view() -> None:
-    for a, b in zip(fx.item_rngs(42, "x"), fx.item_rngs(42, "x", 0), strict=True):
-        assert a.random() == b.random()
-    draws = [tuple(float(g.random()) for g in fx.item_rngs(42, "x", v)) for v in range(4)]
-    assert len(set(draws)) == 4  # every view its own image and caption streams
-    assert len({x for d in draws for x in d}) == 8
-    with pytest.raises(ValueError, match="view"):
-        fx.item_rngs(42, "x", -1)
-
-
 # --------------------------------------------------------------------------------------------
 # feature stage: decode + backbones
 
@@ -96,23 +89,19 @@ def manifest(tmp_path_factory: pytest.TempPathFactory) -> pa.Table:
     return fx.manifest_rows(archive, smoke_config().duch.data.caption_seed).slice(0, 6)
 
 
-def _numpy_batch(table: pa.Table) -> dict[str, np.ndarray]:
-    """A decoded Arrow batch as the numpy dict Ray Data hands to the backbone actors."""
-    out: dict[str, np.ndarray] = {}
-    for name in table.column_names:
-        col = table.column(name).combine_chunks()
-        if name.startswith("pixels"):
-            out[name] = np.asarray(col.to_numpy())
-        else:
-            out[name] = np.asarray(col.to_numpy(zero_copy_only=False))
-    return out
+def _pixels(decoded: pa.Table, column: str) -> np.ndarray:
+    return extraction.pixels(decoded, column, smoke_config().duch.image_backbone.image_size)
 
 
 def _features(cfg: TrainJobConfig, rows: pa.Table) -> tuple[pa.Table, pa.Table]:
     d = cfg.duch
-    decoded = fx.decode_batch(rows, d.image_backbone, d.text_backbone, d.augment, io_threads=2)
-    enc = fx.FeatureEncoder(d.image_backbone, d.text_backbone, d.augment, d.paper_compat, 8, 1)
-    return decoded, enc(_numpy_batch(decoded))
+    decoded = extraction.decode_batch(
+        rows, d.image_backbone, d.text_backbone, d.augment, io_threads=2
+    )
+    enc = extraction.FeatureEncoder(
+        d.image_backbone, d.text_backbone, d.augment, d.paper_compat, 8, 1
+    )
+    return decoded, enc(decoded)
 
 
 def test_three_views_are_distinct_and_view_zero_is_the_single_view(manifest: pa.Table) -> None:
@@ -128,17 +117,14 @@ def test_three_views_are_distinct_and_view_zero_is_the_single_view(manifest: pa.
     # view 0 of V = 3 is exactly the output of the default single view
     for col in ("caption", "caption_aug"):
         assert three.column(col).to_pylist() == one.column(col).to_pylist()
-    np.testing.assert_array_equal(
-        _numpy_batch(dec3)["pixels_aug"], _numpy_batch(dec1)["pixels_aug"]
-    )
+    np.testing.assert_array_equal(_pixels(dec3, "pixels_aug"), _pixels(dec1, "pixels_aug"))
     for col in ("img", "img_aug", "txt", "txt_aug"):
         np.testing.assert_array_equal(
             fx.list_to_numpy(three.column(col)), fx.list_to_numpy(one.column(col))
         )
 
     # three different augmented images per item, all different from the original
-    px = _numpy_batch(dec3)
-    pixel_views = [px[fx.view_name("pixels_aug", v)] for v in range(3)]
+    pixel_views = [_pixels(dec3, fx.view_name("pixels_aug", v)) for v in range(3)]
     img_views = [fx.list_to_numpy(three.column(fx.aug_columns(v)[0])) for v in range(3)]
     img = fx.list_to_numpy(three.column("img"))
     for i in range(n):
@@ -177,7 +163,7 @@ def test_feature_stage_on_ray_data_writes_every_view(tmp_path: Path, ray_session
     sets = {}
     for v, overrides in ((1, ()), (3, RESAMPLE)):
         cfg = smoke_config(*overrides)
-        sets[v] = fx.run_stage(cfg.duch, archive, cfg.features, str(tmp_path / "cache"))
+        sets[v] = run_feature_stage(cfg.duch, archive, cfg.features, str(tmp_path / "cache"))
     assert sets[1].fingerprint != sets[3].fingerprint
     assert (sets[1].views, sets[3].views) == (1, 3)
     assert sets[3].meta["views"] == 3
@@ -193,7 +179,7 @@ def test_feature_stage_on_ray_data_writes_every_view(tmp_path: Path, ray_session
     for a in range(3):
         for b in range(a):
             assert (np.abs(views[a] - views[b]).max(axis=1) > 0).all()
-    again = fx.run_stage(
+    again = run_feature_stage(
         smoke_config(*RESAMPLE).duch, archive, smoke_config().features, str(tmp_path / "cache")
     )
     assert again.reused and again.views == 3
@@ -242,7 +228,7 @@ def test_make_batches_view_lists_must_match() -> None:
 
 
 def test_ray_worker_batches_use_view_e_mod_v(ray_session: Any) -> None:
-    """:func:`jobs.train.epoch_batches` (the Ray Train worker's input) on a real Ray dataset."""
+    """``jobs.train.epoch_batches`` (the Ray Train worker's input) on a real Ray dataset."""
     import ray
 
     n, v = 12, 3
