@@ -55,6 +55,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -454,7 +455,7 @@ def _rasterio_env(s3: bool) -> Any:
 def _opened(uris: Sequence[str], scene_id: str = "") -> Iterator[list[Any]]:
     """Open band files (inside one GDAL environment) as rasterio datasets."""
     import rasterio
-    from rasterio.errors import RasterioIOError
+    from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
     with ExitStack() as stack:
         stack.enter_context(_rasterio_env(any(storage.is_s3(u) for u in uris)))
@@ -467,8 +468,10 @@ def _opened(uris: Sequence[str], scene_id: str = "") -> Iterator[list[Any]]:
                     scene_id,
                 )
             try:
-                datasets.append(stack.enter_context(rasterio.open(_gdal_path(uri))))
-            except (RasterioIOError, OSError) as e:
+                with warnings.catch_warnings():  # a missing geotransform is reported below
+                    warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                    datasets.append(stack.enter_context(rasterio.open(_gdal_path(uri))))
+            except (RasterioError, OSError) as e:
                 raise SceneError(
                     "open", f"{uri}: cannot open: {_describe_io_error(e)}", scene_id
                 ) from e
@@ -707,7 +710,7 @@ def _valid_mask(
 ) -> np.ndarray | None:
     """``(H, W)`` bool, True where every band file has data; ``None`` when all are valid."""
     from rasterio.enums import Resampling
-    from rasterio.errors import RasterioIOError
+    from rasterio.errors import RasterioError
 
     valid: np.ndarray | None = None
     for ds, info in zip(datasets, infos, strict=True):
@@ -722,7 +725,7 @@ def _valid_mask(
                 ok = np.any(data != np.asarray(nodata, dtype=data.dtype), axis=0)
             else:
                 ok = ds.dataset_mask(window=win, out_shape=shape, resampling=Resampling.nearest) > 0
-        except (RasterioIOError, OSError) as e:
+        except (RasterioError, OSError) as e:
             raise SceneError(
                 "read", f"{info.uri}: cannot read: {_describe_io_error(e)}", scene_id
             ) from e
@@ -732,13 +735,13 @@ def _valid_mask(
 
 def _check_readable(datasets: Sequence[Any], infos: Sequence[_BandInfo], scene_id: str) -> None:
     """Read the last pixel of every band file: truncated files fail here, not at encode time."""
-    from rasterio.errors import RasterioIOError
+    from rasterio.errors import RasterioError
     from rasterio.windows import Window
 
     for ds, info in zip(datasets, infos, strict=True):
         try:
             ds.read(1, window=Window(info.width - 1, info.height - 1, 1, 1))
-        except (RasterioIOError, OSError) as e:
+        except (RasterioError, OSError) as e:
             raise SceneError(
                 "read",
                 f"{info.uri}: cannot read pixels (truncated or corrupt file?): {_describe_io_error(e)}",
@@ -787,8 +790,9 @@ def tile_scene(
         edge: ``clip`` or ``shift`` (see :func:`chip_offsets`).
         footprint_tolerance: see :func:`scene_grid`.
         chip_rows: only the chip rows ``[start, stop)`` (to split a big scene over tasks).
-        check_read: read one pixel of every band file first, so truncated files are reported
-            here (one block per file on S3).
+        check_read: read the last pixel of every band file first, so truncated files are
+            reported here (one block per file on S3); a job that splits a scene over tasks checks
+            once, when it plans the scene.
 
     Returns:
         :class:`Tiles`; each row has ``item_id`` (``<scene_id>/r<row>_c<col>``, the chip's pixel
@@ -802,6 +806,7 @@ def tile_scene(
         ValueError: bad chip parameters.
     """
     from pyproj import Transformer
+    from pyproj.exceptions import ProjError
 
     if not 0.0 <= max_nodata <= 1.0:
         raise ValueError(f"max_nodata must be in [0, 1], got {max_nodata}")
@@ -818,9 +823,14 @@ def tile_scene(
         out.chip_rows = len(rows)
         if chip_rows is not None:
             rows = rows[chip_rows[0] : chip_rows[1]]
-        if check_read and rows:
+        if check_read:
             _check_readable(datasets, infos, sid)
-        transformer = Transformer.from_crs(grid.crs, "EPSG:4326", always_xy=True)
+        try:
+            transformer = Transformer.from_crs(grid.crs, "EPSG:4326", always_xy=True)
+        except ProjError as e:
+            raise SceneError(
+                "georef", f"CRS {grid.crs:.80} has no transformation to WGS84: {e}", sid
+            ) from e
         for r_off, r_size in rows:
             strip = grid.window_bounds(col0, r_off, width, r_size)
             valid = None
@@ -875,7 +885,7 @@ def read_window(
             ``georef``, ``read``.
     """
     from rasterio.enums import Resampling
-    from rasterio.errors import RasterioIOError
+    from rasterio.errors import RasterioError
 
     if resampling not in _RESAMPLING:
         raise ValueError(f"resampling must be one of {_RESAMPLING}, got {resampling!r}")
@@ -904,7 +914,7 @@ def read_window(
                         resampling=getattr(Resampling, resampling),
                     )
                 )
-            except (RasterioIOError, OSError) as e:
+            except (RasterioError, OSError) as e:
                 raise SceneError(
                     "read", f"{f}: cannot read the chip: {_describe_io_error(e)}"
                 ) from e

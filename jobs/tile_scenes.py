@@ -12,7 +12,8 @@ and are read on the driver; the band files are only opened by the tasks.
 Pipeline (Ray Data):
 
 1. **Plan** (one task per scene): open the band files' headers, build the chip grid
-   (:func:`duch_core.scenes.tile_scene` with no chip rows) and split the scene into tasks of
+   (:func:`duch_core.scenes.tile_scene` with no chip rows), read the last pixel of every band
+   file (``check_read``: truncated files fail here) and split the scene into tasks of
    ``rows_per_task`` chip rows, so a big scene is tiled by several tasks.
 2. **Tile** (one task per row band): chip rows with WGS84 boxes; masks are read only for files
    that have nodata; each task writes its chips as one Parquet part of the manifest and returns
@@ -33,7 +34,8 @@ URI, see :mod:`duch_core.scenes`), ``captions``, and the metadata ``scene_id``, 
 wholly in the manifest or in the errors table: parts of a scene that failed are removed from the
 run's own version.
 
-Bad scenes never stop the run. When the share of scenes with an error exceeds
+Bad scenes never stop the run: a :class:`~duch_core.scenes.SceneError` is recorded with its stage,
+any other failure of one scene with stage ``internal``. When the share of scenes with an error exceeds
 ``max_error_rate`` the version is written for inspection but ``LATEST`` is not moved (exit 1).
 Exit status: 0 done, 1 error rate over the limit or the run failed, 2 bad arguments or no usable
 scene at all.
@@ -130,14 +132,26 @@ def _tile_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _failure(e: Exception, scene_id: str) -> tuple[str, str]:
+    """``(stage, reason)`` of a failed scene; anything but a SceneError is stage ``internal``."""
+    if isinstance(e, SceneError):
+        return e.stage, e.reason
+    log.exception("scene %s failed unexpectedly", scene_id)
+    return "internal", f"{type(e).__name__}: {e}"
+
+
 def plan_scene(row: dict[str, Any], cfg: dict[str, Any]) -> list[dict[str, Any]]:
     """One task row per ``rows_per_task`` chip rows of a scene, or one error row."""
     scene = Scene.from_dict(json.loads(row["scene"]))
     base = {"scene": row["scene"], "scene_id": scene.scene_id, "stage": "", "reason": ""}
     try:
-        n = tile_scene(scene, chip_rows=(0, 0), check_read=False, **_tile_kwargs(cfg)).chip_rows
-    except SceneError as e:
-        return [{**base, "start": -1, "stop": -1, "stage": e.stage, "reason": e.reason}]
+        tiles = tile_scene(
+            scene, chip_rows=(0, 0), check_read=cfg["check_read"], **_tile_kwargs(cfg)
+        )
+    except Exception as e:  # noqa: BLE001 - one bad scene must not stop the run
+        stage, reason = _failure(e, scene.scene_id)
+        return [{**base, "start": -1, "stop": -1, "stage": stage, "reason": reason}]
+    n = tiles.chip_rows
     step = cfg["rows_per_task"]
     return [{**base, "start": s, "stop": min(s + step, n)} for s in range(0, n, step)]
 
@@ -163,13 +177,11 @@ def tile_task(row: dict[str, Any], cfg: dict[str, Any], version_dir: str) -> dic
     scene = Scene.from_dict(json.loads(row["scene"]))
     try:
         tiles = tile_scene(
-            scene,
-            chip_rows=(row["start"], row["stop"]),
-            check_read=cfg["check_read"],
-            **_tile_kwargs(cfg),
+            scene, chip_rows=(row["start"], row["stop"]), check_read=False, **_tile_kwargs(cfg)
         )
-    except SceneError as e:
-        return {**out, "stage": e.stage, "reason": e.reason}
+    except Exception as e:  # noqa: BLE001 - one bad scene must not stop the run
+        stage, reason = _failure(e, scene.scene_id)
+        return {**out, "stage": stage, "reason": reason}
     out["skipped_nodata"] = tiles.skipped_nodata
     if tiles.rows:
         uri = part_uri(version_dir, scene.scene_id, row["start"])
@@ -233,7 +245,7 @@ def run(cfg: TileConfig) -> dict[str, Any]:
 
     items = [{"scene": json.dumps(s.to_dict())} for s in scenes]
     plan = (
-        ray.data.from_items(items, override_num_blocks=len(items))
+        ray.data.from_items(items, override_num_blocks=min(len(items), 1000))
         .flat_map(functools.partial(plan_scene, cfg=plain), num_cpus=cfg.task_cpus)
         .materialize()
     )
