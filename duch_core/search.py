@@ -76,14 +76,19 @@ _MIN_CHUNK = 32768
 # the same for a candidate list (a gathered candidate costs several scanned rows)
 _MIN_GATHER_CHUNK = 8192
 # Filtered search: sorted candidate positions are gathered, a bool mask is scanned with the
-# database. A list is the faster form below this fraction of the rows for a single query (the
-# gather reads 8 bytes of position per candidate and the lines holding the candidates; the
-# masked scan reads every code), a mask above it (bench/search.py measures both).
-DENSE_FRACTION = 0.2
-# a mask keeping less than this fraction is turned into positions and gathered: below it the
-# conversion plus the gather beats the masked scan, whose threshold settles slowly when few rows
-# pass; the fraction is estimated from _MASK_SAMPLES evenly spread runs of _MASK_RUN rows
+# database. For a single query a list is the faster form below this fraction of the rows (the
+# gather reads 8 bytes of position per candidate and the cache lines holding the candidates;
+# the masked scan reads every code), a mask above it (bench/search.py measures both).
+DENSE_FRACTION = 0.15
+# A mask is turned into positions (np.flatnonzero) and gathered when it keeps less than this
+# fraction (the masked scan's threshold settles slowly when few rows pass), or when the batch
+# is large enough to repay the conversion: in units of one scanned code, converting costs about
+# _NONZERO_COST per row, gathering about _GATHER_COST per candidate, and every query then scans
+# the fraction f of the rows that pass instead of all of them.
 _MASK_GATHER_FRACTION = 0.05
+_NONZERO_COST = 2.5
+_GATHER_COST = 3.5
+# the mask's fraction is estimated from _MASK_SAMPLES evenly spread runs of _MASK_RUN rows
 _MASK_SAMPLES = 64
 _MASK_RUN = 1024
 # bound on the per-call candidate state (bytes), used to split very large query batches
@@ -361,6 +366,14 @@ def _check_positions(cand: np.ndarray, n: int) -> None:
     """Raise unless ``cand`` is strictly increasing within ``0:n`` (numpy; no kernel)."""
     if cand.size and (cand[0] < 0 or cand[-1] >= n or bool(np.any(cand[1:] <= cand[:-1]))):
         raise SearchError(f"candidates must be strictly increasing row positions in 0..{n - 1}")
+
+
+def _mask_gathers(fraction: float, nq: int) -> bool:
+    """Whether a mask keeping ``fraction`` of the rows is searched faster for ``nq`` queries
+    by converting it to positions and gathering (else by the masked scan)."""
+    if fraction < _MASK_GATHER_FRACTION:
+        return True
+    return nq * (1.0 - fraction) > _NONZERO_COST + _GATHER_COST * fraction
 
 
 def _mask_fraction(mask: np.ndarray) -> float:
@@ -661,8 +674,11 @@ class HammingIndex:
           scanned like the database); the cost follows the number of candidates;
         * a bool mask: the database is scanned and the mask read only where a row could enter
           the top-k, so the cost is about that of an unfiltered scan. A mask keeping under
-          5 % of the rows is turned into positions first. :data:`DENSE_FRACTION` is where the
-          two forms cost the same for a single query.
+          5 % of the rows, or searched by a batch large enough to repay the conversion, is
+          turned into positions first.
+
+        :data:`DENSE_FRACTION` is where the two forms cost the same for a single query;
+        :func:`duch_core.filters.build_candidates` returns the cheaper one.
 
         Args:
             queries: ``(Q, bits // 8)`` uint8 packed codes.
@@ -704,9 +720,9 @@ class HammingIndex:
     ) -> tuple[np.ndarray, np.ndarray]:
         n = self._codes.shape[0]
         cand, mask = _check_candidates(candidates, n)
-        if mask is not None and _mask_fraction(mask) < _MASK_GATHER_FRACTION:
-            cand, mask = np.flatnonzero(mask), None
         nq = queries.shape[0]
+        if mask is not None and nq and _mask_gathers(_mask_fraction(mask), nq):
+            cand, mask = np.flatnonzero(mask), None
         if cand is not None:
             k = min(k, cand.shape[0])
         elif nq == 0 and mask is not None:

@@ -210,30 +210,39 @@ def test_filtered_search_equals_brute_force(
 def test_both_kernels_at_every_candidate_count(
     bits: int, small_blocks: None, kernels_used: dict[str, int]
 ) -> None:
-    """Filters keeping no row, one, fewer than k, many and all: positions are gathered, dense
-    masks scanned, sparse masks gathered; results equal brute force either way."""
+    """Filters keeping no row, one, fewer than k, many and all: positions are gathered; a mask
+    is scanned, or turned into positions and gathered when sparse or searched by a large
+    batch; results equal brute force either way."""
     rng = np.random.default_rng(bits + 1)
     codes = _clustered(rng, N, bits)
-    q = _clustered(rng, 4, bits)
+    queries = _clustered(rng, 40, bits)
     idx = HammingIndex.from_arrays(codes, None, bits)
     k = 20
     for keep in (0, 1, 7, 60, 600, N // 2, N):
         rows = np.sort(rng.choice(N, keep, replace=False)).astype(np.int64)
         mask = np.zeros(N, np.bool_)
         mask[rows] = True
-        want = _brute_force(codes, np.arange(N), rows, q, k)
-        for cand, kernel in ((rows, "gather"), (mask, "masked")):
-            if cand is mask and keep < S._MASK_GATHER_FRACTION * N:
-                kernel = "gather"  # a sparse mask is turned into positions
-            before = dict(kernels_used)
-            d, i = idx.search(q, k, candidates=cand)
-            np.testing.assert_array_equal(d, want[0])
-            np.testing.assert_array_equal(i, want[1])
-            assert d.shape == (4, min(k, keep))
-            if keep:  # an empty candidate list runs no kernel
-                ran = {name for name in kernels_used if kernels_used[name] > before[name]}
-                assert ran == {kernel}, (keep, ran)
+        for nq in (1, 4, 40):
+            q = queries[:nq]
+            want = _brute_force(codes, np.arange(N), rows, q, k)
+            mask_kernel = "gather" if S._mask_gathers(keep / N, nq) else "masked"
+            for cand, kernel in ((rows, "gather"), (mask, mask_kernel)):
+                before = dict(kernels_used)
+                d, i = idx.search(q, k, candidates=cand)
+                np.testing.assert_array_equal(d, want[0])
+                np.testing.assert_array_equal(i, want[1])
+                assert d.shape == (nq, min(k, keep))
+                if keep:  # an empty candidate list runs no kernel
+                    ran = {name for name in kernels_used if kernels_used[name] > before[name]}
+                    assert ran == {kernel}, (keep, nq, ran)
     assert kernels_used["scan"] == 0
+    assert kernels_used["masked"] > 0 and kernels_used["gather"] > 0
+
+
+def test_mask_conversion_rule() -> None:
+    assert S._mask_gathers(0.01, 1) and S._mask_gathers(0.01, 1000)  # sparse: always
+    assert not S._mask_gathers(0.5, 1) and S._mask_gathers(0.5, 32)  # broad: big batches
+    assert not S._mask_gathers(1.0, 10_000)  # every row passes: nothing to save
 
 
 def test_filtered_search_with_ids_mapped_files_and_mih(tmp_path, small_blocks: None) -> None:
