@@ -350,6 +350,14 @@ def test_a_given_resolution_resamples_every_band(real):
     np.testing.assert_allclose(chip[..., 0], expected, atol=1.0)
 
 
+def test_a_chip_becomes_the_encoders_rgb_picture_by_the_imageio_band_rule(real):
+    from duch_core.imageio import select_bands, to_uint8
+
+    row = sc.tile_scene(real.scenes()[1], chip_size=256).rows[10]
+    rgb = to_uint8(select_bands(sc.read_window(row), (0, 1, 2)))  # B04, B03, B02
+    assert rgb.shape == (256, 256, 3) and rgb.dtype == np.uint8 and 0 < rgb.mean() < 255
+
+
 # --------------------------------------------------------------------------------------------
 # chip URIs
 
@@ -450,7 +458,7 @@ def test_a_chip_read_from_s3_moves_about_its_compressed_bytes(real, s3_prefix, p
     assert whole > 4 * need  # a whole-file download could not pass
 
 
-def test_a_jpeg2000_band_on_s3_is_read_by_window(real, s3_prefix, tmp_path):
+def test_a_jpeg2000_band_on_s3_is_read_by_window(real, s3_prefix, tmp_path, proxy):
     assert "JP2OpenJPEG" in rasterio.drivers.raster_driver_extensions().values()
     with rasterio.open(real.s2[0]) as ds:
         data, prof = ds.read(1), ds.profile
@@ -473,7 +481,13 @@ def test_a_jpeg2000_band_on_s3_is_read_by_window(real, s3_prefix, tmp_path):
     assert (tiles.grid.width, tiles.grid.height) == data.shape[::-1]
     row = tiles.rows[5]
     col, r, w, h = _pixel_window(row)
-    np.testing.assert_array_equal(sc.read_window(row)[..., 0], data[r : r + h, col : col + w])
+    storage.write_bytes(storage.join(s3_prefix, "again.jp2"), Path(jp2).read_bytes())
+    proxy.reset()
+    again = sc.read_window(row["image_uri"].replace("s2_B04.jp2", "again.jp2"))
+    moved, size = proxy.down, os.path.getsize(jp2)
+    print(f"jp2: chip {w}x{h} moved {moved} B in {proxy.requests} requests, file {size} B")
+    np.testing.assert_array_equal(again[..., 0], data[r : r + h, col : col + w])
+    assert moved < size / 2  # tiles by range requests, not the whole file
 
 
 # --------------------------------------------------------------------------------------------
