@@ -877,7 +877,9 @@ def read_window(
     Args:
         chip: a chip row (``image_uri`` and, for several band files, ``bands``) or a chip URI.
         resampling: how bands coarser (or offset) relative to the chip grid are resampled:
-            ``nearest``, ``bilinear``, ``cubic`` or ``average``. Aligned bands are read as is.
+            ``nearest``, ``bilinear``, ``cubic`` or ``average``. Aligned bands are read as is;
+            a grid coarser than a file is read from the file's overviews where it has them
+            (GDAL's choice: fewer bytes, values as the overviews were made).
         max_pixels: refuse chips larger than this (``H * W``).
 
     Raises:
