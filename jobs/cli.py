@@ -1,6 +1,6 @@
 """The ``duch`` command: one entry point for every job of the pipeline.
 
-    duch import | extract | train | evaluate | encode | serve | demo  [options]
+    duch import | tile | extract | train | evaluate | encode | serve | demo  [options]
     duch <command> --help
 
 Each subcommand is the job module's own ``main(argv)``; ``python jobs/<module>.py`` (also under
@@ -16,6 +16,7 @@ import sys
 # subcommand -> (job module, one-line summary); in pipeline order
 COMMANDS: dict[str, tuple[str, str]] = {
     "import": ("jobs.import_archive", "turn a captioned image collection into an archive manifest"),
+    "tile": ("jobs.tile_scenes", "cut georeferenced scenes (COG/GeoTIFF/JP2, STAC) into chips"),
     "extract": ("jobs.extract_features", "run the frozen backbones over an archive (Ray Data)"),
     "train": ("jobs.train", "train the DUCH hashing heads and export a model bundle (Ray Train)"),
     "evaluate": ("jobs.evaluate", "score a model bundle with the retrieval protocol (mAP@K, PR)"),

@@ -25,7 +25,7 @@ def _duch(*args: str) -> subprocess.CompletedProcess[str]:
 def test_console_script_lists_every_subcommand():
     out = _duch("--help")
     assert out.returncode == 0, out.stderr
-    for name in ("import", "extract", "train", "evaluate", "encode", "serve", "demo"):
+    for name in ("import", "tile", "extract", "train", "evaluate", "encode", "serve", "demo"):
         assert f"  {name} " in out.stdout
 
 
