@@ -50,8 +50,11 @@ _CATEGORICAL = ("label", "split", "sensor")
 NAT_US = np.iinfo(np.int64).min
 _EPOCH = DateTime(1970, 1, 1, tzinfo=UTC)
 # once fewer rows than this fraction survive, the remaining predicates are evaluated on the
-# survivors only (gathered) instead of on whole columns
+# survivors only (gathered) instead of on whole columns; an index (below) is used when it
+# narrows the rows to less than this fraction
 _GATHER_BELOW = 1 / 16
+# side of a spatial grid cell, degrees
+_GRID_CELL = 1.0
 
 
 class FilterError(ValueError):
@@ -80,6 +83,9 @@ class ItemMetadata:
     categorical: dict[str, tuple[np.ndarray, dict[str, int]]] = field(default_factory=dict)
     # rows whose box crosses the antimeridian (min_lon > max_lon); None when no row does
     lon_wraps: np.ndarray | None = None
+    grid: _Grid | None = None
+    # (rows in datetime order, their datetimes): a range is a slice
+    time_order: tuple[np.ndarray, np.ndarray] | None = None
 
     @classmethod
     def from_columns(
@@ -93,6 +99,7 @@ class ItemMetadata:
         label: Any = None,
         split: Any = None,
         sensor: Any = None,
+        index: bool = True,
     ) -> ItemMetadata:
         """Columns in row order (numpy arrays, pyarrow arrays or sequences; any may be left
         out, then filters on it are refused).
@@ -103,6 +110,9 @@ class ItemMetadata:
             datetime: ``(n,)`` numpy ``datetime64`` (NaT unknown) or int64 epoch microseconds
                 (:data:`NAT_US` unknown).
             label, split, sensor: ``(n,)`` strings, ``None`` for missing.
+            index: also build a spatial grid over the boxes and the datetime order, so that a
+                selective bbox or datetime filter reads only the rows near it (about 4 and 12
+                bytes per row).
 
         Raises:
             ValueError: columns of different lengths, or only some of the bbox columns.
@@ -134,11 +144,112 @@ class ItemMetadata:
         if len(set(lengths.values())) > 1:
             raise ValueError(f"metadata columns differ in length: {lengths}")
         n = next(iter(lengths.values()), 0)
-        wraps = None
+        wraps = grid = order = None
         if bbox is not None:
             w = bbox[0] > bbox[2]
             wraps = w if bool(w.any()) else None
-        return cls(n, bbox, dt, cats, wraps)
+            grid = _Grid.build(bbox, _GRID_CELL) if index else None
+        if dt is not None and index:
+            rows = np.argsort(dt, kind="stable").astype(_row_dtype(n))
+            order = (rows, dt[rows])
+        return cls(n, bbox, dt, cats, wraps, grid, order)
+
+
+def _row_dtype(n: int) -> type[np.signedinteger[Any]]:
+    return np.int32 if n < 2**31 else np.int64
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """Boxes filed by the grid cell of their south-west corner.
+
+    Only boxes at most one cell wide and high are filed, so a query needs the cells of its own
+    box widened by one cell to the west and south; the others (wider, across or touching the
+    antimeridian, unknown) are ``loose`` and always checked. Cells are numbered row by row
+    (``lat_cell * nlon + lon_cell``), so the cells of one latitude band and a longitude range
+    are one slice of ``rows``.
+    """
+
+    cell: float
+    nlon: int
+    nlat: int
+    offsets: np.ndarray  # (nlon * nlat + 1,) int64: rows[offsets[c]:offsets[c + 1]] is cell c
+    rows: np.ndarray  # filed rows by cell, ascending within a cell
+    loose: np.ndarray  # rows not filed, ascending
+
+    @classmethod
+    def build(cls, bbox: tuple[np.ndarray, ...], cell: float) -> _Grid:
+        w, s, e, n = bbox
+        nlon, nlat = round(360 / cell), round(180 / cell)
+        filed = (w <= e) & (e - w <= cell) & (n - s <= cell) & (w > -180) & (e < 180)  # not NaN
+        inside = np.flatnonzero(filed)
+        ix = np.minimum(((w[inside] + 180) / cell).astype(np.int64), nlon - 1)
+        iy = np.minimum(((s[inside] + 90) / cell).astype(np.int64), nlat - 1)
+        cid = iy * nlon + ix
+        by_cell = np.argsort(cid, kind="stable")
+        counts = np.bincount(cid, minlength=nlon * nlat)
+        offsets = np.zeros(nlon * nlat + 1, np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        rdt = _row_dtype(len(w))
+        return cls(cell, nlon, nlat, offsets, inside[by_cell].astype(rdt),
+                   np.flatnonzero(~filed).astype(rdt))  # fmt: skip
+
+    def _slices(self, box: tuple[float, float, float, float]) -> list[tuple[int, int]]:
+        """Slices of ``rows`` that hold every filed box intersecting ``box``."""
+        w, s, e, n = box
+        lon_ranges = [(w, e)] if w <= e else [(w, 180.0), (-180.0, e)]
+        y0 = max(0, int((s - self.cell + 90) // self.cell))
+        y1 = min(self.nlat - 1, int((n + 90) // self.cell))
+        out = []
+        for lo, hi in lon_ranges:
+            x0 = max(0, int((lo - self.cell + 180) // self.cell))
+            x1 = min(self.nlon - 1, int((hi + 180) // self.cell))
+            for y in range(y0, y1 + 1):
+                a, b = self.offsets[y * self.nlon + x0], self.offsets[y * self.nlon + x1 + 1]
+                if b > a:
+                    out.append((int(a), int(b)))
+        return out
+
+    def count(self, box: tuple[float, float, float, float]) -> int:
+        return sum(b - a for a, b in self._slices(box)) + len(self.loose)
+
+    def rows_near(self, box: tuple[float, float, float, float]) -> np.ndarray:
+        """Ascending rows that may intersect ``box`` (a superset: check them)."""
+        parts = [self.rows[a:b] for a, b in self._slices(box)] + [self.loose]
+        return np.sort(np.concatenate(parts)).astype(np.int64)
+
+
+def _index_rows(meta: ItemMetadata, preds: list[tuple[str, Any]]) -> np.ndarray | None:
+    """Ascending rows that may pass, from the most selective index, when one narrows the rows
+    to less than ``_GATHER_BELOW`` of them; else ``None``."""
+    best = None  # (count, key, argument)
+    for key, arg in preds:
+        if key == "bbox" and meta.grid is not None:
+            c = meta.grid.count(arg)
+        elif key == "datetime" and meta.time_order is not None:
+            lo, hi = _time_slice(meta.time_order[1], arg)
+            c, arg = hi - lo, (lo, hi)
+        else:
+            continue
+        if best is None or c < best[0]:
+            best = (c, key, arg)
+    if best is None or best[0] >= _GATHER_BELOW * meta.n:
+        return None
+    _, key, arg = best
+    if key == "bbox" and meta.grid is not None:
+        return meta.grid.rows_near(arg)
+    if meta.time_order is not None:
+        return np.sort(meta.time_order[0][arg[0] : arg[1]]).astype(np.int64)
+    return None
+
+
+def _time_slice(times: np.ndarray, bounds: tuple[int | None, int | None]) -> tuple[int, int]:
+    """The slice of the sorted ``times`` within inclusive ``bounds`` (NaT, the smallest value,
+    never included)."""
+    lo, hi = bounds
+    a = int(np.searchsorted(times, NAT_US + 1 if lo is None else lo, "left"))
+    b = len(times) if hi is None else int(np.searchsorted(times, hi, "right"))
+    return a, max(a, b)
 
 
 def _to_numpy(col: Any) -> np.ndarray:
@@ -357,7 +468,7 @@ def _select(meta: ItemMetadata, spec: Any) -> tuple[np.ndarray | None, np.ndarra
     if not preds:
         return None, None
     mask: np.ndarray | None = None
-    rows: np.ndarray | None = None
+    rows = _index_rows(meta, preds)
     for key, arg in preds:
         if rows is None:
             hit = _eval(meta, key, arg, None)

@@ -72,15 +72,18 @@ def _us(text: str) -> int:
     return (datetime.fromisoformat(text).replace(tzinfo=UTC) - EPOCH) // timedelta(microseconds=1)
 
 
-def _metadata(rng: np.random.Generator, n: int = N) -> dict[str, np.ndarray]:
-    """Boxes of up to 30 x 10 degrees anywhere (some across the antimeridian, some unknown),
-    datetimes in 2020-2023 (some on midnight, some unknown), strings with gaps."""
+def _metadata(rng: np.random.Generator, n: int = N, size: float = 30) -> dict[str, np.ndarray]:
+    """Boxes of up to ``size`` x ``size / 3`` degrees anywhere (some across the antimeridian,
+    some on it, some unknown), datetimes in 2020-2023 (some on midnight, some unknown), strings
+    with gaps."""
     w = rng.uniform(-180, 180, n)
-    width = rng.uniform(0, 30, n)
+    width = rng.uniform(0, size, n)
     e = w + width
     e[e > 180] -= 360  # across the antimeridian: min_lon > max_lon
-    s = rng.uniform(-90, 85, n)
-    north = np.minimum(s + rng.uniform(0, 10, n), 90)
+    w[rng.random(n) < 0.01] = -180.0
+    e[rng.random(n) < 0.01] = 180.0
+    s = rng.uniform(-90, 90, n)
+    north = np.minimum(s + rng.uniform(0, size / 3, n), 90)
     unknown = rng.random(n) < 0.03
     for a in (w, s, e, north):
         a[unknown] = np.nan
@@ -379,6 +382,35 @@ def test_survivors_are_filtered_on_gathered_rows(monkeypatch: pytest.MonkeyPatch
         monkeypatch.setattr(F, "_GATHER_BELOW", below)
         np.testing.assert_array_equal(F.candidate_positions(meta, spec), want)
         np.testing.assert_array_equal(np.flatnonzero(F.filter_mask(meta, spec)), want)
+
+
+def test_grid_and_time_index_select_the_same_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small boxes (most filed in the spatial grid) and random selective filters: the rows are
+    the same through the indexes, without them, and row by row."""
+    rng = np.random.default_rng(21)
+    cols = _metadata(np.random.default_rng(22), n=4000, size=1.5)
+    with_index = ItemMetadata.from_columns(**cols)
+    without = ItemMetadata.from_columns(**cols, index=False)
+    assert with_index.grid is not None and 0 < len(with_index.grid.loose) < 4000 // 2
+    assert without.grid is None and without.time_order is None
+    monkeypatch.setattr(F, "_GATHER_BELOW", 1.0)  # use an index whenever there is one
+    for _ in range(40):
+        w = float(rng.uniform(-180, 180))
+        e = w + float(rng.uniform(0, 40))
+        e = e - 360 if e > 180 else e
+        s = float(rng.uniform(-90, 80))
+        spec: dict[str, Any] = {"bbox": [w, s, e, min(90.0, s + float(rng.uniform(0, 15)))]}
+        if rng.random() < 0.5:
+            day = np.datetime64("2020-01-01") + int(rng.integers(0, 1400))
+            spec["datetime"] = f"{day}/{day + int(rng.integers(0, 60))}"
+        if rng.random() < 0.3:
+            spec = {"datetime": spec.get("datetime", "2021-06-30")}
+        want = _reference_rows(cols, spec)
+        for meta in (with_index, without):
+            np.testing.assert_array_equal(F.candidate_positions(meta, spec), want)
+    for edge in ([180, -90, 180, 90], [-180, -90, -180, 90], [179.5, 0, -179.5, 90]):
+        want = _reference_rows(cols, {"bbox": edge})
+        np.testing.assert_array_equal(F.candidate_positions(with_index, {"bbox": edge}), want)
 
 
 BAD_SPECS: list[tuple[Any, str | None, str]] = [
