@@ -1,9 +1,12 @@
-"""Exact Hamming top-k: ``duch_core.search.HammingIndex`` vs faiss ``IndexBinaryFlat`` vs numpy.
+"""Exact Hamming top-k: ``duch_core.search.HammingIndex`` vs faiss ``IndexBinaryFlat`` vs numpy,
+unfiltered, and filtered by item metadata (``--filtered``) vs faiss and Milvus Lite.
 
     python bench/search.py [--quick] [--sizes 1000000,10000000] [--bits 64,128]
         [--batches 1,32,1000] [--ks 20,100] [--data random,clustered] [--threads 2] [--json F]
+    python bench/search.py --filtered [--filter-sizes 10000000] [--milvus-size 1000000]
+        [--filter-bits 64] [--filter-k 20] [--filter-batches 1,32]
 
-All three run in the same process on the same codes and queries, with the same thread count
+All engines run on the same codes and queries, with the same thread count
 (``duch_core.search.set_num_threads`` and faiss's OpenMP both set to ``--threads``):
 
 * **duch**: ``HammingIndex.search`` (numba kernel, all threads for every batch size);
@@ -22,14 +25,35 @@ way), so distances are small and ties frequent.
 Timing: batch 1 is the median latency over ``--single`` separate single-query calls; larger
 batches are the best of ``--repeats`` calls (``--big-repeats`` when N * batch > 2e9).
 ``ms/query`` = time / batch, ``codes/s`` = codes compared per second per query stream
-(N / time per query), ``mem`` = bytes the index holds (codes + ids for duch and numpy, codes for
-faiss, which keeps no ids). ``x faiss`` is faiss's time / this time, where faiss's time is its
+(N / time per query), ``mem`` = bytes the index holds (codes only for duch, whose ids are row
+positions, and for faiss). ``x faiss`` is faiss's time / this time, where faiss's time is its
 best: for batch 1 faiss also runs on one OpenMP thread (row ``faiss-1t``), because its
 single-query search on two threads is far slower on a busy machine.
 
-Parity: duch must equal numpy exactly (same tie-break); against faiss (whose tie order differs)
-the distance lists must be equal, the ids below each query's k-th distance must be the same set,
-and every faiss id at the k-th distance must really be at that distance.
+Memory table: ``B/code`` is what the engine reports holding per code; ``RSS MB`` the growth of
+this process's resident set while the index was built (for Milvus Lite, the resident set of its
+server process, scalar fields included), ``x codes`` that growth over ``N * bits / 8``.
+
+Filtered (``--filtered``): a synthetic archive (:func:`make_metadata`) and four filters of
+:data:`FILTERS` keeping about 0.1 % (bbox), 1 % (datetime), 10 % (label) and 50 % (split) of
+the items, turned into candidates by ``duch_core.filters.build_candidates`` (positions, or the
+mask for broad filters; its time is the ``note`` of the ``duch`` row, and is not in the search
+time). Engines:
+
+* **duch-scan**: the unfiltered ``HammingIndex.search``, the reference for ``x scan``;
+* **duch**: ``HammingIndex.search(..., candidates=...)``;
+* **faiss**: ``IndexBinaryFlat`` takes no id selector, so k is doubled until every query has k
+  results that pass the filter (``note``: the last k);
+* **milvus-lite**: a local Milvus Lite collection (``BIN_FLAT``, ``HAMMING``) with the metadata
+  as scalar fields and the filter as a scalar expression, at ``--milvus-size`` (inserting is too
+  slow here for more); duch and faiss are measured at that size too.
+
+Parity (filtered): duch must equal the numpy reference over the passing rows exactly (first two
+queries); the peers must give the same distances, the same ids below the k-th distance after
+sorting by (distance, id), and ids at the k-th distance that pass and are at that distance.
+Unfiltered: duch must equal numpy exactly (same tie-break); against faiss (whose tie order
+differs) the distance lists must be equal, the ids below each query's k-th distance must be the
+same set, and every faiss id at the k-th distance must really be at that distance.
 
 The machine's load average is printed with every row, since other processes share the cores.
 """
@@ -45,9 +69,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-
-if __package__ in (None, ""):  # `python bench/search.py` from the repository root
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @dataclass
@@ -123,7 +144,7 @@ def _time_batch(fn: Any, q: np.ndarray, batch: int, repeats: int, single: int) -
     return best / batch, res
 
 
-def run(args: argparse.Namespace) -> list[Row]:
+def run(args: argparse.Namespace) -> tuple[list[Row], list[MemRow]]:
     import faiss
 
     from duch_core import search
@@ -132,16 +153,21 @@ def run(args: argparse.Namespace) -> list[Row]:
     search.set_num_threads(args.threads)
     HammingIndex = search.HammingIndex
     rows: list[Row] = []
+    mem: list[MemRow] = []
     for kind in args.data:
         for bits in args.bits:
             for n in args.sizes:
                 rng = np.random.default_rng([n, bits, len(kind)])
                 codes = make_codes(kind, n, bits, rng)
                 queries = make_codes(kind, max(max(args.batches), args.single), bits, rng)
+                search.warmup(bits)  # numba and the kernels load outside the measured growth
                 t = time.perf_counter()
+                r0 = rss_bytes()
                 ours = HammingIndex.from_arrays(codes, None, bits)
                 ours.search(queries[:1], 1)  # compile / load the kernel before timing
                 build = time.perf_counter() - t
+                mem.append(MemRow(n, bits, "duch", ours.nbytes / n, (rss_bytes() - r0) / 2**20,
+                                  "ids are positions"))  # fmt: skip
                 mih = None
                 if args.mih:
                     t = time.perf_counter()
@@ -149,8 +175,14 @@ def run(args: argparse.Namespace) -> list[Row]:
                     mih.enable_mih()
                     mih.search(queries[:1], 1)  # builds the tables
                     print(f"# MIH tables built in {time.perf_counter() - t:.1f} s", flush=True)
+                    mem.append(MemRow(n, bits, "duch+mih", (mih.nbytes + mih.mih_nbytes) / n, -1,
+                                      "codes + MIH tables"))  # fmt: skip
+                r0 = rss_bytes()
                 flat = faiss.IndexBinaryFlat(bits)
                 flat.add(codes)
+                mem.append(MemRow(n, bits, "faiss", flat.code_size, (rss_bytes() - r0) / 2**20))
+                for r in mem[-3:]:
+                    print("# memory: " + fmt_mem(r), flush=True)
                 print(
                     f"# {kind} N={n} bits={bits}: built (duch {build:.1f} s incl. kernel load)",
                     flush=True,
@@ -229,7 +261,362 @@ def run(args: argparse.Namespace) -> list[Row]:
                         for r in rows[first:]:
                             print(fmt_row(r), flush=True)
                 del ours, flat, codes, mih
-    return rows
+    return rows, mem
+
+
+# --------------------------------------------------------------------------------------------
+# memory
+
+
+def rss_bytes(pid: int | str = "self") -> int:
+    """Resident set size of a process (Linux ``/proc``)."""
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                out += [int(c) for c in f.read().split()]
+        except OSError:
+            pass
+    return out
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """Resident set size of the processes started by ``pid`` (not ``pid`` itself)."""
+    total, todo = 0, _children(pid)
+    while todo:
+        c = todo.pop()
+        try:
+            total += rss_bytes(c)
+            todo += _children(c)
+        except OSError:
+            pass
+    return total
+
+
+@dataclass
+class MemRow:
+    n: int
+    bits: int
+    engine: str
+    bytes_per_code: float  # what the engine reports holding, per code
+    resident_mb: float  # growth of the resident set while it was built (-1: not measured)
+    note: str = ""
+
+
+def fmt_mem(r: MemRow) -> str:
+    per = f"{r.bytes_per_code:>8.2f}" if r.bytes_per_code >= 0 else f"{'-':>8}"
+    res, ratio = f"{'-':>9}", f"{'-':>8}"
+    if r.resident_mb >= 0:
+        res = f"{r.resident_mb:>9.1f}"
+        ratio = f"{r.resident_mb * 2**20 / (r.n * r.bits / 8):>8.2f}"
+    return f"{r.n:>9} {r.bits:>4} {r.engine:<12} {per} {res} {ratio}  {r.note}"
+
+
+# RSS MB: growth of the resident set while the engine was built; x codes: that over the code
+# bytes (N * bits / 8)
+MEM_HEADER = f"{'N':>9} {'bits':>4} {'engine':<12} {'B/code':>8} {'RSS MB':>9} {'x codes':>8}  note"
+
+
+# --------------------------------------------------------------------------------------------
+# filtered search
+
+
+# (name, spec): kinds of filter a user sends, sized to keep about 0.1 %, 1 %, 10 % and 50 %
+# of the synthetic archive of make_metadata
+FILTERS: list[tuple[str, dict[str, Any]]] = [
+    ("bbox 0.1%", {"bbox": [0.0, 0.0, 10.8, 5.4]}),
+    ("date 1%", {"datetime": "2020-01-01/2020-02-06"}),
+    ("label 10%", {"label": ["l00", "l01"]}),
+    ("split 50%", {"split": "train"}),
+]
+
+
+def make_metadata(n: int, rng: np.random.Generator) -> dict[str, Any]:
+    """Columns of a synthetic archive: 0.1-degree tiles uniform in lon/lat (none across the
+    antimeridian), acquisition times uniform over 2015-2024, 20 equally frequent labels, a
+    50/25/25 train/val/test split."""
+    lon = rng.uniform(-180, 179.9, n)
+    lat = rng.uniform(-90, 89.9, n)
+    t0 = np.datetime64("2015-01-01", "us")
+    span = int((np.datetime64("2025-01-01", "us") - t0).astype(np.int64))
+    labels = np.array([f"l{i:02d}" for i in range(20)], dtype=object)
+    splits = np.array(["train", "train", "val", "test"], dtype=object)
+    return {
+        "min_lon": lon,
+        "min_lat": lat,
+        "max_lon": lon + 0.1,
+        "max_lat": lat + 0.1,
+        "datetime": t0 + rng.integers(0, span, n).astype("timedelta64[us]"),
+        "label": labels[rng.integers(0, 20, n)],
+        "split": splits[rng.integers(0, 4, n)],
+    }
+
+
+def milvus_expr(spec: dict[str, Any]) -> str:
+    """The filter of FILTERS as a Milvus scalar expression (boxes do not cross 180 here)."""
+    from duch_core.filters import parse_datetime_range
+
+    parts = []
+    for key, v in spec.items():
+        if key == "bbox":
+            w, s, e, n = v
+            parts.append(f"min_lat <= {n} and max_lat >= {s} and min_lon <= {e} and max_lon >= {w}")
+        elif key == "datetime":
+            lo, hi = parse_datetime_range(v)
+            parts += ([f"t >= {lo}"] if lo is not None else []) + (
+                [f"t <= {hi}"] if hi is not None else []
+            )
+        else:
+            vals = [v] if isinstance(v, str) else v
+            parts.append(f"{key} in {json.dumps(vals)}")
+    return " and ".join(parts)
+
+
+def faiss_filtered(
+    flat: Any, q: np.ndarray, k: int, mask: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """faiss ``IndexBinaryFlat`` has no id selector: search with k doubled until every query
+    has ``k`` results that pass ``mask`` (or k covers the index). ``(dist, ids, last k)``."""
+    n = flat.ntotal
+    kk = min(k, n)
+    want = min(k, int(np.count_nonzero(mask)))
+    while True:
+        d, i = flat.search(q, kk)
+        ok = mask[i]
+        if kk >= n or bool(np.all(ok.sum(axis=1) >= want)):
+            break
+        kk = min(2 * kk, n)
+    dist = np.zeros((len(q), want), np.int32)
+    ids = np.zeros((len(q), want), np.int64)
+    for r in range(len(q)):
+        sel = np.flatnonzero(ok[r])[:want]
+        dist[r], ids[r] = d[r, sel], i[r, sel]
+    return dist, ids, kk
+
+
+def check_tie_aware(
+    d: np.ndarray, i: np.ndarray, pd: np.ndarray, pi: np.ndarray, codes: np.ndarray,
+    q: np.ndarray, mask: np.ndarray,
+) -> str:  # fmt: skip
+    """A peer's filtered (dist, ids) against ours: distances equal; ids sorted by (distance, id)
+    equal below the k-th distance; the peer's ids at the k-th distance pass and are at it."""
+    from duch_core.codes import hamming
+
+    if d.shape != pd.shape or not np.array_equal(d, pd.astype(np.int32)):
+        return "DIST-MISMATCH"
+    for r in range(d.shape[0]):
+        if d.shape[1] == 0:
+            continue
+        kth = d[r, -1]
+        order = np.lexsort((pi[r], pd[r]))
+        below = pd[r][order] < kth
+        if not np.array_equal(i[r][d[r] < kth], pi[r][order][below]):
+            return "ID-MISMATCH"
+        tied = pi[r][pd[r] == kth]
+        if not (np.all(mask[tied]) and np.all(hamming(q[r : r + 1], codes[tied])[0] == kth)):
+            return "TIE-WRONG"
+    return "ok"
+
+
+@dataclass
+class FRow:
+    n: int
+    bits: int
+    filter: str
+    kept: float  # fraction of rows that pass
+    batch: int
+    k: int
+    engine: str
+    ms_per_query: float
+    vs_scan: float  # our unfiltered scan's time / this time
+    parity: str
+    load: float
+    note: str = ""
+
+
+FHEADER = (
+    f"{'N':>9} {'bits':>4} {'filter':<10} {'kept %':>7} {'batch':>5} {'k':>3} {'engine':<12} "
+    f"{'ms/query':>9} {'x scan':>7} {'parity':<8} {'load':>5}  note"
+)
+
+
+def fmt_frow(r: FRow) -> str:
+    return (
+        f"{r.n:>9} {r.bits:>4} {r.filter:<10} {100 * r.kept:>7.3f} {r.batch:>5} {r.k:>3} "
+        f"{r.engine:<12} {r.ms_per_query:>9.3f} {r.vs_scan:>7.2f} {r.parity:<8} {r.load:>5.1f}  "
+        f"{r.note}"
+    )
+
+
+class MilvusPeer:
+    """A Milvus Lite collection (BIN_FLAT, HAMMING) of the same codes and metadata."""
+
+    def __init__(self, path: str, codes: np.ndarray, cols: dict[str, Any], bits: int) -> None:
+        from pymilvus import DataType, MilvusClient
+
+        self.client = MilvusClient(path)
+        c = self.client
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("id", DataType.INT64, is_primary=True)
+        schema.add_field("v", DataType.BINARY_VECTOR, dim=bits)
+        for f in ("min_lon", "min_lat", "max_lon", "max_lat"):
+            schema.add_field(f, DataType.DOUBLE)
+        schema.add_field("t", DataType.INT64)
+        schema.add_field("label", DataType.VARCHAR, max_length=16)
+        schema.add_field("split", DataType.VARCHAR, max_length=16)
+        ip = c.prepare_index_params()
+        ip.add_index(field_name="v", index_type="BIN_FLAT", metric_type="HAMMING")
+        if c.has_collection("codes"):
+            c.drop_collection("codes")
+        c.create_collection("codes", schema=schema, index_params=ip)
+        t_us = cols["datetime"].astype("datetime64[us]").astype(np.int64)
+        step = 20_000
+        for s in range(0, len(codes), step):
+            e = min(len(codes), s + step)
+            c.insert(
+                "codes",
+                [
+                    {"id": j, "v": codes[j].tobytes(), "min_lon": float(cols["min_lon"][j]),
+                     "min_lat": float(cols["min_lat"][j]), "max_lon": float(cols["max_lon"][j]),
+                     "max_lat": float(cols["max_lat"][j]), "t": int(t_us[j]),
+                     "label": cols["label"][j], "split": cols["split"][j]}
+                    for j in range(s, e)
+                ],
+            )  # fmt: skip
+        c.flush("codes")
+        c.load_collection("codes")
+
+    def search(self, q: np.ndarray, k: int, expr: str) -> tuple[np.ndarray, np.ndarray]:
+        res = self.client.search(
+            "codes", data=[r.tobytes() for r in q], limit=k, filter=expr, anns_field="v",
+            search_params={"metric_type": "HAMMING"}, output_fields=["id"],
+        )  # fmt: skip
+        w = min(len(h) for h in res)
+        d = np.array([[int(x["distance"]) for x in h[:w]] for h in res], np.int32).reshape(-1, w)
+        i = np.array([[int(x["id"]) for x in h[:w]] for h in res], np.int64).reshape(-1, w)
+        return d, i
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def run_filtered(args: argparse.Namespace, n: int, milvus: bool) -> tuple[list[FRow], list[MemRow]]:
+    """Filtered search rows at ``n`` codes of ``args.filter_bits`` bits (see the docstring)."""
+    import faiss
+
+    from duch_core import search
+    from duch_core.filters import ItemMetadata, build_candidates, filter_mask
+
+    faiss.omp_set_num_threads(args.threads)
+    search.set_num_threads(args.threads)
+    bits, k = args.filter_bits, args.filter_k
+    rng = np.random.default_rng([n, bits, 7])
+    codes = make_codes("random", n, bits, rng)
+    queries = make_codes("random", max(max(args.filter_batches), args.single), bits, rng)
+    t = time.perf_counter()
+    cols = make_metadata(n, rng)
+    meta = ItemMetadata.from_columns(**cols)
+    print(f"# N={n}: metadata built in {time.perf_counter() - t:.1f} s", flush=True)
+    meta_bytes = sum(a.nbytes for a in _arrays(meta))
+    print(f"# metadata: {meta_bytes / n:.1f} bytes per row with its indexes", flush=True)
+    mem: list[MemRow] = []
+    search.warmup(bits)  # numba and the kernels load outside the measured growth
+    r0 = rss_bytes()
+    ours = search.HammingIndex.from_arrays(codes, None, bits)
+    ours.search(queries[:1], 1)
+    mem.append(MemRow(n, bits, "duch", ours.nbytes / n, (rss_bytes() - r0) / 2**20,
+                      "ids are positions"))  # fmt: skip
+    r0 = rss_bytes()
+    flat = faiss.IndexBinaryFlat(bits)
+    flat.add(codes)
+    mem.append(MemRow(n, bits, "faiss", flat.code_size, (rss_bytes() - r0) / 2**20))
+    peer = None
+    if milvus:
+        try:
+            import tempfile
+
+            tmp = tempfile.mkdtemp(prefix="milvus-bench-")
+            t = time.perf_counter()
+            before = tree_rss_bytes(os.getpid())
+            peer = MilvusPeer(os.path.join(tmp, "bench.db"), codes, cols, bits)
+            used = (tree_rss_bytes(os.getpid()) - before) / 2**20
+            mem.append(MemRow(n, bits, "milvus-lite", -1, used,
+                              "server process, with scalar fields; B/code not reported"))  # fmt: skip
+            print(f"# milvus-lite: collection built in {time.perf_counter() - t:.0f} s", flush=True)
+        except Exception as e:  # noqa: BLE001 - report why the peer is missing, go on
+            print(f"# milvus-lite unavailable: {type(e).__name__}: {e}", flush=True)
+            peer = None
+    rows: list[FRow] = []
+    for name, spec in FILTERS:
+        t_build = min(_timed_once(lambda spec=spec: build_candidates(meta, spec)) for _ in range(3))
+        cand = build_candidates(meta, spec)
+        mask = filter_mask(meta, spec)
+        kept = np.count_nonzero(mask) / n
+        form = "mask" if cand is not None and cand.dtype == np.bool_ else "positions"
+        for batch in args.filter_batches:
+            reps = args.repeats
+
+            def timed(fn: Any, batch: int = batch, reps: int = reps) -> tuple[float, Any]:
+                return _time_batch(fn, queries, batch, reps, args.single)
+
+            t_scan, _ = timed(lambda x: ours.search(x, k))
+            t_ours, (d, i) = timed(lambda x, c=cand: ours.search(x, k, candidates=c))
+            qq = queries[: d.shape[0]]
+            m = min(2, d.shape[0])
+            rd, ri = ours.reference_search(qq[:m], k, candidates=mask)
+            par = "ok" if np.array_equal(rd, d[:m]) and np.array_equal(ri, i[:m]) else "MISMATCH"
+            load = os.getloadavg()[0]
+            base = (n, bits, name, kept, batch, k)
+            rows.append(FRow(*base, "duch-scan", t_scan * 1e3, 1.0, "-", load, "unfiltered"))
+            rows.append(FRow(*base, "duch", t_ours * 1e3, t_scan / t_ours, par, load,
+                             f"{form}; filter built in {t_build * 1e3:.1f} ms"))  # fmt: skip
+            last_k = [0]
+
+            def fa(
+                x: np.ndarray, mask: np.ndarray = mask, last_k: list[int] = last_k
+            ) -> tuple[np.ndarray, np.ndarray]:
+                fd, fi, last_k[0] = faiss_filtered(flat, x, k, mask)
+                return fd, fi
+
+            t_f, (fd, fi) = timed(fa)
+            par_f = check_tie_aware(d, i, fd, fi, codes, qq, mask)
+            rows.append(FRow(*base, "faiss", t_f * 1e3, t_scan / t_f, par_f, load,
+                             f"k doubled to {last_k[0]}"))  # fmt: skip
+            if peer is not None:
+                expr = milvus_expr(spec)
+                t_m, (md, mi) = timed(lambda x, e=expr: peer.search(x, k, e))
+                par_m = check_tie_aware(d, i, md, mi, codes, qq, mask)
+                rows.append(FRow(*base, "milvus-lite", t_m * 1e3, t_scan / t_m, par_m, load,
+                                 "BIN_FLAT HAMMING + scalar expression"))  # fmt: skip
+            for r in rows[-(3 + (peer is not None)) :]:
+                print(fmt_frow(r), flush=True)
+    if peer is not None:
+        peer.close()
+    return rows, mem
+
+
+def _arrays(x: Any) -> list[np.ndarray]:
+    """Every numpy array reachable from ``x`` (dataclass fields, tuples, dicts)."""
+    if isinstance(x, np.ndarray):
+        return [x]
+    if isinstance(x, tuple | list):
+        return [a for v in x for a in _arrays(v)]
+    if isinstance(x, dict):
+        return [a for v in x.values() for a in _arrays(v)]
+    if hasattr(x, "__dataclass_fields__"):
+        return [a for f in x.__dataclass_fields__ for a in _arrays(getattr(x, f))]
+    return []
+
+
+def _timed_once(fn: Any) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
 HEADER = (
@@ -270,22 +657,53 @@ def main(argv: list[str] | None = None) -> int:
         default=True,
         help="also time an index with multi-index hashing enabled (row duch+mih)",
     )
+    p.add_argument(
+        "--filtered", action="store_true", help="only the filtered-search table (see --filter-*)"
+    )
+    p.add_argument("--filter-sizes", type=ints, default=[10_000_000])
+    p.add_argument(
+        "--milvus-size",
+        type=int,
+        default=1_000_000,
+        help="also compare with Milvus Lite at this size (0: never)",
+    )
+    p.add_argument("--filter-bits", type=int, default=64)
+    p.add_argument("--filter-k", type=int, default=20)
+    p.add_argument("--filter-batches", type=ints, default=[1, 32])
     p.add_argument("--json", default="", help="also write the rows to this JSON file")
     args = p.parse_args(argv)
     if args.quick:
         args.sizes, args.bits, args.data = [1_000_000], [64], ["random"]
     print(f"load average at start: {os.getloadavg()}, cores: {os.cpu_count()}", flush=True)
-    print(HEADER, flush=True)
     t = time.perf_counter()
-    rows = run(args)
-    print(f"\n{HEADER}")
-    for r in rows:
-        print(fmt_row(r))
+    rows: list[Any] = []
+    mem: list[MemRow] = []
+    if args.filtered:
+        print(FHEADER, flush=True)
+        sizes = list(args.filter_sizes)
+        if args.milvus_size and args.milvus_size not in sizes:
+            sizes.append(args.milvus_size)
+        for n in sizes:
+            r, m = run_filtered(args, n, milvus=n == args.milvus_size)
+            rows += r
+            mem += m
+        print(f"\n{FHEADER}")
+        for r in rows:
+            print(fmt_frow(r))
+    else:
+        print(HEADER, flush=True)
+        rows, mem = run(args)
+        print(f"\n{HEADER}")
+        for r in rows:
+            print(fmt_row(r))
+    print(f"\n{MEM_HEADER}")
+    for r in mem:
+        print(fmt_mem(r))
     bad = [r for r in rows if r.parity not in ("ok", "-")]
     print(f"\n{len(rows)} rows in {time.perf_counter() - t:.0f} s; parity failures: {len(bad)}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump([asdict(r) for r in rows], f, indent=1)
+            json.dump([asdict(r) for r in rows + mem], f, indent=1)
     return 1 if bad else 0
 
 

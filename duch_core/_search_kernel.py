@@ -10,8 +10,9 @@ See the module docstring of :mod:`duch_core.search` for the algorithm. Arrays:
 * ``out_d`` ``(Q, k)`` int32 and ``out_p`` ``(Q, k)`` int64: distances and positions, ranked by
   (distance, position).
 
-The database is split into chunks scanned by :func:`scan_chunk` on separate threads (it releases
-the GIL), then :func:`merge_chunks` merges them. Threads come from a Python pool rather than
+The database (or the candidate list of a filtered search, :func:`gather_chunk`) is split into
+chunks scanned by :func:`scan_chunk` on separate threads (it releases the GIL), then
+:func:`merge_chunks` merges them. Threads come from a Python pool rather than
 ``numba.prange``: the same speed, about half the compile time, and no dependence on numba's
 threading layer when several threads search at once.
 """

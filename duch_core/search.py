@@ -10,7 +10,8 @@ type and cached on disk; :func:`warmup` does it ahead of the first request):
   widest unsigned integer type dividing ``bits // 8`` (uint64 for 64, 128, 256 bits; uint32 and
   uint16 for 32 and 16 bits), so memory stays exactly ``bits // 8`` bytes per code. The distance
   of two codes is the sum of the hardware popcounts of the XORs of their words.
-* Codes are kept sorted by id, so the tie-break by id is a tie-break by position.
+* Codes are kept sorted by id, so the tie-break by id is a tie-break by position. Ids that are
+  positions (or a contiguous range) are not stored: the index holds the codes alone.
 * The database is split into one contiguous chunk per thread (:func:`set_num_threads`; the
   kernel releases the GIL), for a single query too. Each thread walks its chunk in blocks of
   about 16 KiB and runs every query of the batch against a block while it is in L1. Per query,
@@ -32,6 +33,13 @@ proves its top-k exact. It examines a small fraction of the database when neighb
 as with a trained model's codes, and gives up for queries that would examine more than
 ``N / 64`` candidates, which the scan then answers. The index times both methods and uses the
 faster one for each batch size. Results are the same either way.
+
+Filtered search (``candidates`` of :meth:`HammingIndex.search`) ranks only the rows that pass a
+metadata filter, exactly. Sorted candidate positions are gathered block by block into a small
+buffer (the codes a few candidates ahead are prefetched, so cache misses overlap) and scanned as
+above; a bool mask is applied inside the scan where a row could enter the top-k. The cost of the
+first follows the number of candidates, of the second the size of the database; see
+:data:`DENSE_FRACTION`.
 """
 
 from __future__ import annotations
