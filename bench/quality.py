@@ -4,7 +4,7 @@
         [--seeds 42,43,44] [--variants duch,paper_compat] [--variant NAME=key=v;key=v]
         [--epochs 100] [--text-encoder mpnet|minilm] [--split-mode reference|sorted]
         [--cache out/quality_cache] [--results FILE.jsonl] [--resume] [--json FILE]
-        [--threads 1] [--quick]
+        [--threads 1] [--quick] [--features-only]
 
 **Data** (``--data DIR``, text only; the images are not needed):
 
@@ -17,6 +17,7 @@
   github.com/CQULab/JGDN ``data/rsitmd_precomp``: ``train_filename.txt`` (one line per scene)
   with ``train_caps.txt`` (5 lines per scene), ``test_filename.txt`` and ``test_caps.txt`` (one
   line per caption). Class = the file name before the first underscore (``beach_12.tif``): 33.
+  Four training scenes have only empty caption lines and are left out (4,739 scenes remain).
 
 **Two modalities from real captions.** Let caption ``k`` of a scene be its ``k``-th distinct
 caption in file order, wrapping around when it has fewer than ``k``. Two different pretrained
@@ -193,7 +194,8 @@ def load_karpathy(path: Path, name: str = "ucm") -> Scenes:
 
 
 def load_rsitmd(folder: Path) -> Scenes:
-    """RSITMD in the precomp text layout: training scenes first, then test scenes.
+    """RSITMD in the precomp text layout: training scenes first, then test scenes; scenes whose
+    caption lines are all empty are left out.
 
     Raises:
         DataError: missing files, caption and name files of different lengths.
@@ -215,10 +217,13 @@ def load_rsitmd(folder: Path) -> Scenes:
             raise DataError(f"{folder}/{part}_caps.txt has fewer lines than {part}_filename.txt")
         for n, c in zip(names, caps, strict=False):
             caps_of.setdefault(n, []).append(c)
-    ids = list(caps_of)
+    # the published files hold 4 training scenes whose 5 caption lines are empty: left out
+    ids = [i for i in caps_of if _distinct(caps_of[i])]
+    if len(ids) < len(caps_of):
+        print(
+            f"  rsitmd: {len(caps_of) - len(ids)} scenes without captions left out", file=sys.stderr
+        )
     captions = [_distinct(caps_of[i]) for i in ids]
-    if any(not c for c in captions):
-        raise DataError(f"{folder}: a scene has no caption")
     labels = [i.split("_", 1)[0] for i in ids]
     return Scenes("rsitmd", ids, labels, captions, _digest(files))
 
@@ -514,6 +519,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=None, help="write every run of this invocation")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--quick", action="store_true", help="smoke run: " + json.dumps(QUICK))
+    p.add_argument("--features-only", action="store_true", help="fill the cache, train nothing")
     return p.parse_args(argv)
 
 
@@ -560,6 +566,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in [d.strip() for d in args.datasets.split(",") if d.strip()]:
         full = load_dataset(name, args.data)
         views_full = view_features(full, args.text_encoder, args.cache)
+        if args.features_only:
+            continue
         scenes = full.subset(args.scenes) if args.scenes else full
         at = {item: i for i, item in enumerate(full.ids)}
         rows = np.array([at[i] for i in scenes.ids], dtype=np.int64)

@@ -67,8 +67,8 @@ def test_karpathy_reader_distinct_captions_classes_and_slots(tmp_path):
 def test_rsitmd_reader(tmp_path):
     d = tmp_path / "rsitmd_captions"
     d.mkdir()
-    (d / "train_filename.txt").write_text("beach_1.tif\nport_2.tif\n")
-    caps = [f"beach caption {i}" for i in range(5)] + ["a port"] * 5
+    (d / "train_filename.txt").write_text("beach_1.tif\nport_2.tif\npond_3.tif\n")
+    caps = [f"beach caption {i}" for i in range(5)] + ["a port"] * 5 + [""] * 5  # pond: none
     (d / "train_caps.txt").write_text("\n".join(caps) + "\n")
     (d / "test_filename.txt").write_text("beach_9.tif\nbeach_9.tif\n")
     (d / "test_caps.txt").write_text("sand and sea\nsea and sand\n")
