@@ -101,14 +101,16 @@ def bench_loop(args: argparse.Namespace, f: dict[str, Any], stats: Any, cfg: Any
     model = make_model(512, 768, cfg)
     opt_hash, opt_disc = make_optimizers(model, cfg.optim)
     table = CodeTable(f["ids"], cfg.model.bits, seed=cfg.optim.seed)
-    mats = [
+    img, img_aug, txt, txt_aug = (
         stats.apply(f[k], "image" if k.startswith("img") else "text")
         for k in ("img", "img_aug", "txt", "txt_aug")
-    ]
+    )
     history = []
     t0 = time.perf_counter()
     for epoch in range(cfg.optim.epochs):
-        batches = make_batches(f["ids"], *mats, cfg.optim.batch_size, cfg.optim.seed, epoch)
+        batches = make_batches(
+            f["ids"], img, img_aug, txt, txt_aug, cfg.optim.batch_size, cfg.optim.seed, epoch
+        )
         history.append(train_epoch(model, batches, opt_hash, opt_disc, table, cfg, epoch))
     return {"samples_s": _steady(history), "fit_s": time.perf_counter() - t0}
 
