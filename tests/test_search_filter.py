@@ -246,6 +246,12 @@ def test_mask_conversion_rule() -> None:
     assert S._mask_gathers(0.01, 1) and S._mask_gathers(0.01, 1000)  # sparse: always
     assert not S._mask_gathers(0.5, 1) and S._mask_gathers(0.5, 32)  # broad: big batches
     assert not S._mask_gathers(1.0, 10_000)  # every row passes: nothing to save
+    # large masks: the fraction is estimated from spread runs
+    rng = np.random.default_rng(0)
+    for f in (0.0, 0.01, 0.3, 1.0):
+        mask = rng.random(1_000_003) < f
+        assert abs(S._mask_fraction(mask) - f) < 0.01
+    assert S._mask_fraction(np.ones(10, np.bool_)) == 1.0
 
 
 def test_filtered_search_with_ids_mapped_files_and_mih(tmp_path, small_blocks: None) -> None:
