@@ -48,6 +48,20 @@ def read_latest(root_uri: str) -> IndexManifest:
     return index_store.read_latest(root_uri)
 
 
+def read_latest_or_none(root_uri: str) -> IndexManifest | None:
+    """Like :func:`read_latest`, ``None`` when nothing is published yet."""
+    return index_store.read_latest_or_none(root_uri)
+
+
+def bundle_identity(bundle_uri: str) -> tuple[int, str]:
+    """``(bits, bundle id)`` of a bundle, from its ``meta.json`` alone (no weights; the builder
+    runs it, where importing torch would cost seconds)."""
+    from duch_core import storage
+
+    meta = storage.read_json(storage.join(bundle_uri, "meta.json"))
+    return int(meta["bits"]), str(meta["bundle_id"])
+
+
 def validate(manifest: IndexManifest, bits: int, bundle_id: str) -> None:
     """Raise ``IndexMismatchError`` unless the manifest fits the encoder."""
     index_store.validate(manifest, bits, bundle_id)
@@ -85,10 +99,26 @@ def merge_topk(parts: list[TopK], k: int) -> TopK:
     return search.merge_topk(parts, k)
 
 
-def read_image_bytes(uri: str) -> bytes:
-    from duch_core.storage import read_bytes
+class ObjectTooLargeError(ValueError):
+    """An archive object is larger than the caller may read."""
 
-    return read_bytes(uri)
+
+def read_image_bytes(uri: str, limit: int | None = None) -> bytes:
+    """The bytes of an archive image; with ``limit``, a larger object raises
+    :class:`ObjectTooLargeError` before any of it is read.
+
+    Raises:
+        FileNotFoundError: no such object.
+    """
+    from duch_core.storage import open_input, read_bytes
+
+    if limit is None:
+        return read_bytes(uri)
+    with open_input(uri) as f:
+        size = f.size()  # known from opening the object: nothing is read for a refusal
+        if size > limit:
+            raise ObjectTooLargeError(f"the image is {size} bytes, over the cap of {limit}")
+        return bytes(f.read())
 
 
 @dataclass(frozen=True)
@@ -97,10 +127,12 @@ class Loaders:
 
     open_encoder: Callable[[str], LoadedEncoder] = open_encoder
     read_latest: Callable[[str], IndexManifest] = read_latest
+    read_latest_or_none: Callable[[str], IndexManifest | None] = read_latest_or_none
+    bundle_identity: Callable[[str], tuple[int, str]] = bundle_identity
     validate: Callable[[IndexManifest, int, str], None] = validate
     load_codes: Callable[[IndexManifest, str, Sequence[int] | None], Codes] = load_codes
     read_items: Callable[[IndexManifest], pa.Table] = read_items
-    read_image_bytes: Callable[[str], bytes] = read_image_bytes
+    read_image_bytes: Callable[[str, int | None], bytes] = read_image_bytes
     new_index: Callable[[int], HammingIndex] = new_index
     merge_topk: Callable[[list[TopK], int], TopK] = merge_topk
 

@@ -3,6 +3,11 @@
 Text and image queries become packed hash codes, in batches (``@serve.batch``). The ingress
 either calls the :class:`QueryEncoder` deployment or runs a :class:`BatchedEncoder` itself
 (``encode_in_ingress``); :func:`connect_encoder` gives both the same call shapes.
+
+Every answer names the bundle that made the code, and a caller may name the bundle it expects:
+the encoder refuses a query for another bundle, and the ingress refuses (503) an answer from
+another bundle than the one its index version was built with, so codes of two models are
+never compared (a redeployed encoder with a new bundle, before the index is re-encoded).
 """
 
 import asyncio
@@ -15,10 +20,13 @@ import numpy as np
 from ray import serve
 
 from deploy.artifacts import LoadedEncoder, Loaders
+from deploy.retry import retry_unavailable
 
 log = logging.getLogger("ray.serve")
 
 EncodeResult = tuple[np.ndarray | None, str | None]
+#: ``(code | None, error | None, bundle id of the encoder that answered)``.
+Answer = tuple[np.ndarray | None, str | None, str]
 
 
 def _encode(fn: Any, items: list[Any]) -> list[EncodeResult]:
@@ -139,24 +147,55 @@ class QueryEncoder:
         """Bundle id, code length and the bundle's resolved config."""
         return encoder_info(self.loaded, self.bundle_uri)
 
-    async def encode_text(self, text: str) -> EncodeResult:
-        """One text in, ``(code (bits // 8,) uint8 | None, error | None)`` out (batched)."""
-        return await self.batched.encode_text(text)
+    def _refuse(self, bundle_id: str | None) -> Answer | None:
+        own = self.loaded.bundle_id
+        if bundle_id is not None and bundle_id != own:
+            log.error("query encoder: asked for bundle %s, holds %s: refused", bundle_id, own)
+            return None, f"the encoder holds bundle {own}, not {bundle_id}", own
+        return None
 
-    async def encode_image(self, image: np.ndarray) -> EncodeResult:
-        """One ``(H, W, 3)`` uint8 image in, ``(code | None, error | None)`` out (batched)."""
-        return await self.batched.encode_image(image)
+    async def encode_text(self, text: str, bundle_id: str | None = None) -> Answer:
+        """One text in, ``(code (bits // 8,) uint8 | None, error | None, bundle id)`` out
+        (batched); refused when ``bundle_id`` names another bundle than the one held."""
+        refused = self._refuse(bundle_id)
+        if refused is not None:
+            return refused
+        return (*await self.batched.encode_text(text), self.loaded.bundle_id)
+
+    async def encode_image(self, image: np.ndarray, bundle_id: str | None = None) -> Answer:
+        """One ``(H, W, 3)`` uint8 image in, ``(code | None, error | None, bundle id)`` out."""
+        refused = self._refuse(bundle_id)
+        if refused is not None:
+            return refused
+        return (*await self.batched.encode_image(image), self.loaded.bundle_id)
 
 
 @dataclass(frozen=True)
 class EncoderClient:
-    """How the ingress encodes one query: each call returns ``(code | None, error | None)`` as
-    :class:`BatchedEncoder` does, whether the encoder runs in this process or in a deployment."""
+    """How the ingress encodes one query: each call takes the query and the bundle id it
+    expects and returns an :data:`Answer`, whether the encoder runs in this process or in a
+    deployment. ``image_cfg`` is the bundle's image preprocessing (for reduced decoding), or
+    ``None`` when unknown."""
 
-    encode_text: Callable[[str], Awaitable[EncodeResult]]
-    encode_image: Callable[[np.ndarray], Awaitable[EncodeResult]]
+    encode_text: Callable[[str, str], Awaitable[Answer]]
+    encode_image: Callable[[np.ndarray, str], Awaitable[Answer]]
     bits: int
     bundle_id: str
+    image_cfg: Any = None
+
+
+def image_config(config: dict[str, Any]) -> Any:
+    """The bundle config's ``image_backbone`` as an ``ImageBackboneConfig`` (``None`` if absent
+    or unreadable: the ingress then decodes query images at full size)."""
+    from duch_core.config import ImageBackboneConfig, from_dict
+
+    section = (config or {}).get("image_backbone")
+    if not isinstance(section, dict):
+        return None
+    try:
+        return from_dict(ImageBackboneConfig, section)
+    except Exception:
+        return None
 
 
 async def connect_encoder(
@@ -170,6 +209,9 @@ async def connect_encoder(
     """The :class:`QueryEncoder` deployment behind ``handle``, or with no handle, the bundle at
     ``bundle_uri`` loaded into this process (a blocking load, run in a worker thread).
 
+    Calls to a deployment are retried on another replica when the one called is gone
+    (:func:`deploy.retry.retry_unavailable`): encoding is idempotent.
+
     Raises:
         ValueError: neither a handle nor a bundle URI.
     """
@@ -178,11 +220,31 @@ async def connect_encoder(
             raise ValueError("the ingress encodes queries itself but names no bundle_uri")
         loaded = await asyncio.to_thread(open_query_encoder, bundle_uri, torch_threads, loaders)
         local = BatchedEncoder(loaded, batch_max_size, batch_wait_s)
-        return EncoderClient(local.encode_text, local.encode_image, loaded.bits, loaded.bundle_id)
-    info = await handle.info.remote()
+        own = loaded.bundle_id
+
+        async def text_local(text: str, bundle_id: str) -> Answer:
+            if bundle_id != own:
+                return None, f"the encoder holds bundle {own}, not {bundle_id}", own
+            return (*await local.encode_text(text), own)
+
+        async def image_local(image: np.ndarray, bundle_id: str) -> Answer:
+            if bundle_id != own:
+                return None, f"the encoder holds bundle {own}, not {bundle_id}", own
+            return (*await local.encode_image(image), own)
+
+        return EncoderClient(text_local, image_local, loaded.bits, own, image_config(loaded.config))
+    info = await retry_unavailable(handle.info.remote)
+
+    async def text_remote(text: str, bundle_id: str) -> Answer:
+        return tuple(await retry_unavailable(handle.encode_text.remote, text, bundle_id))  # type: ignore[return-value]
+
+    async def image_remote(image: np.ndarray, bundle_id: str) -> Answer:
+        return tuple(await retry_unavailable(handle.encode_image.remote, image, bundle_id))  # type: ignore[return-value]
+
     return EncoderClient(
-        handle.encode_text.remote,
-        handle.encode_image.remote,
+        text_remote,
+        image_remote,
         int(info["bits"]),
         str(info["bundle_id"]),
+        image_config(info.get("config") or {}),
     )

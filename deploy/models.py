@@ -99,9 +99,42 @@ class ReloadResponse(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok", "unavailable"]
+    """Liveness for load balancers, without internals (details: ``GET /v1/status``).
+
+    ``ok``: serving and following ``LATEST``; ``degraded``: serving, but the last reload or poll
+    failed; ``unavailable`` (answered 503): no index version is served.
+    """
+
+    status: Literal["ok", "degraded", "unavailable"]
     index_version: str | None = None
-    detail: str | None = None
+
+
+class ReplicaMemory(BaseModel):
+    """Memory of the answering replica's process (from ``/proc/self/status``)."""
+
+    rss_bytes: int | None = Field(description="Resident set size now.")
+    peak_rss_bytes: int | None = Field(description="Highest resident set size (VmHWM).")
+
+
+class Status(BaseModel):
+    """What an operator needs to see about the answering ingress replica."""
+
+    status: Literal["ok", "degraded", "unavailable"]
+    index_version: str | None
+    index_created: str | None = Field(description="When the served version was encoded.")
+    index_age_s: float | None = Field(description="Seconds since the served version was encoded.")
+    previous_version: str | None
+    bundle_id: str = Field(description="Bundle of the query encoder.")
+    last_error: str | None = Field(description="Why the last reload or poll failed, if it did.")
+    refused_versions: dict[str, str] = Field(description="Versions refused, with the reason.")
+    reload_failures: int
+    refused_requests: dict[str, int] = Field(description="Requests refused, by reason.")
+    auth: Literal["token", "anonymous"]
+    admin_token: bool = Field(description="Whether an admin token is configured.")
+    decode_slots: int = Field(description="Image decodes this replica runs at once.")
+    body_budget_bytes: int = Field(description="Request body bytes this replica may hold.")
+    body_bytes_held: int
+    memory: ReplicaMemory
 
 
 class ErrorResponse(BaseModel):

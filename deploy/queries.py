@@ -3,11 +3,18 @@
 The HTTP layer turns a :class:`RequestError` into its status code and a ``{"detail": message}``
 body. Status codes:
 
-* 400: the body is not what its content type says (malformed JSON or multipart, bad base64).
+* 400: the body is not what its content type says: malformed JSON of any kind (syntax, invalid
+  UTF-8, NaN/Infinity, numbers too long to convert, nesting too deep, lone surrogates),
+  malformed multipart, bad base64.
 * 413: the body, the image file or the decoded image (pixels) is over its cap.
 * 415: a content type the endpoint does not take, or bytes that are not a decodable image.
-* 422: a well-formed request with invalid values (empty or over-long text, k out of range,
-  unknown target, both or neither of text and image, a form field given twice).
+* 422: a well-formed request with invalid values (text without a word or over-long, k out of
+  range, unknown target, both or neither of text and image, a form field given twice).
+* 503 (with ``Retry-After``): the replica holds as many request bodies as it may buffer.
+
+What is accepted is also published as JSON Schema (:func:`json_body_schema`,
+:func:`form_body_schema`) with the service's limits, so a request the schema allows is not
+refused for its shape.
 
 :func:`parse_search_request` is the whole path from an HTTP request to a :class:`Query`: content
 type, body size (checked while the body streams in), then JSON (:func:`parse_json`) or
@@ -16,10 +23,10 @@ multipart (:func:`read_form_fields` + :func:`parse_form`).
 
 import base64
 import binascii
-import io
 import json
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+import re
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -39,13 +46,29 @@ SEARCH_TYPES = ("application/json", "multipart/form-data")
 GENERIC_FILE_TYPES = frozenset({"application/octet-stream", ""})
 
 
-class RequestError(Exception):
-    """A request the service refuses, with the HTTP status and a message for the client."""
+#: Seconds a client is asked to wait after a 503.
+RETRY_AFTER_S = 1
 
-    def __init__(self, status: int, message: str) -> None:
+
+class RequestError(Exception):
+    """A request the service refuses, with the HTTP status, a message for the client and any
+    headers (a 503 always carries ``Retry-After``)."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        headers: Mapping[str, str] | None = None,
+        reason: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = dict(headers or {})
+        if status == 503:
+            self.headers.setdefault("Retry-After", str(RETRY_AFTER_S))
+        #: a short label for the refused-requests metric (defaults to the status)
+        self.reason = reason or str(status)
 
 
 @dataclass(frozen=True)
@@ -55,7 +78,7 @@ class Limits:
     k_cap: int = 100
     max_text_chars: int = 1000
     max_image_bytes: int = 20 * 1024 * 1024
-    max_image_pixels: int = 40_000_000
+    max_image_pixels: int = 16_777_216  # 4096 x 4096
 
     def max_body_bytes(self, content_type: str) -> int:
         """Largest body accepted for a content type (base64 in JSON costs 4/3 of the bytes)."""
@@ -93,13 +116,65 @@ def media_type(content_type: str | None) -> str:
     return (content_type or "").split(";", 1)[0].strip().lower()
 
 
-async def read_limited(chunks: AsyncIterator[bytes], limit: int) -> bytes:
-    """Read a streamed body, refusing it (413) as soon as it grows past ``limit`` bytes."""
+class BodyBudget:
+    """Bytes of request bodies one replica may hold at once, shared by its requests.
+
+    Each request reserves its body's bytes while they stream in (:meth:`hold`) and gives them
+    back when it is answered; a body that would take the total past ``capacity`` is refused
+    with 503, before it is read further. Without it, ``max_ongoing_requests`` bodies of the
+    largest accepted size could be buffered together.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+
+    def reserve(self, n: int) -> None:
+        if self.used + n > self.capacity:
+            raise RequestError(
+                503,
+                "the service is holding as many request bodies as it may; retry shortly",
+                reason="body_budget",
+            )
+        self.used += n
+
+    def hold(self) -> "BodyHold":
+        return BodyHold(self)
+
+
+@dataclass
+class BodyHold:
+    """One request's share of a :class:`BodyBudget` (an async context manager)."""
+
+    budget: BodyBudget | None
+    held: int = field(default=0)
+
+    def add(self, n: int) -> None:
+        if self.budget is not None:
+            self.budget.reserve(n)
+            self.held += n
+
+    async def __aenter__(self) -> "BodyHold":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.budget is not None:
+            self.budget.used -= self.held
+        self.held = 0
+
+
+async def read_limited(
+    chunks: AsyncIterator[bytes], limit: int, hold: BodyHold | None = None
+) -> bytes:
+    """Read a streamed body, refusing it (413) as soon as it grows past ``limit`` bytes, and
+    (503) as soon as ``hold``'s budget is spent."""
     buf = bytearray()
     async for chunk in chunks:
-        buf += chunk
-        if len(buf) > limit:
+        if len(buf) + len(chunk) > limit:
             raise RequestError(413, f"request body is larger than {limit} bytes")
+        if hold is not None:
+            hold.add(len(chunk))
+        buf += chunk
     return bytes(buf)
 
 
@@ -115,16 +190,29 @@ def check_k(k: int | None, limits: Limits) -> int:
     return k
 
 
+#: A query text needs one character that caption cleaning keeps (not a space or ``. , ! ?``);
+#: published as the schema's ``pattern``.
+TEXT_PATTERN = r"[^\s.,!?]"
+_TEXT_WORD = re.compile(TEXT_PATTERN)
+
+
 def check_text(text: str, limits: Limits) -> str:
-    """Strip and bound a query text (422 when empty or longer than the cap)."""
-    t = text.strip()
-    if not t:
-        raise RequestError(422, "text is empty")
-    if len(t) > limits.max_text_chars:
+    """Bound a query text and strip it (422 when it has no word or is longer than the cap,
+    counted as sent, as the schema's ``maxLength`` counts)."""
+    if len(text) > limits.max_text_chars:
         raise RequestError(
-            422, f"text is {len(t)} characters long; at most {limits.max_text_chars} are accepted"
+            422,
+            f"text is {len(text)} characters long; at most {limits.max_text_chars} are accepted",
         )
-    return t
+    if not text.strip():
+        raise RequestError(422, "text is empty")
+    if not _TEXT_WORD.search(text):
+        raise RequestError(422, "text has no word: only spaces and . , ! ?")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError(400, "text is not valid Unicode (lone surrogate)") from None
+    return text.strip()
 
 
 def check_image_bytes(data: bytes, limits: Limits) -> bytes:
@@ -151,16 +239,32 @@ def _from_model(req: SearchRequest, limits: Limits) -> Query:
     return Query("image", k, req.target, image=check_image_bytes(data, limits))
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def parse_json(body: bytes, limits: Limits) -> Query:
-    """Parse a JSON search body (see :class:`deploy.models.SearchRequest`)."""
+    """Parse a JSON search body (see :class:`deploy.models.SearchRequest`).
+
+    Anything ``json.loads`` cannot turn into a value is a 400: syntax errors, invalid UTF-8,
+    ``NaN``/``Infinity``, integers too long for Python to convert, nesting deeper than the
+    interpreter's recursion limit.
+    """
     try:
-        obj = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RequestError(400, f"request body is not valid JSON: {e}") from None
+        obj = json.loads(body, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError included
+        msg = "nested too deeply" if isinstance(e, RecursionError) else str(e)[:200]
+        raise RequestError(400, f"request body is not valid JSON: {msg}") from None
     if not isinstance(obj, dict):
         raise RequestError(422, "request body must be a JSON object")
-    try:
-        req = SearchRequest.model_validate(obj)
+    nulls = [n for n in ("text", "image_base64", "target") if n in obj and obj[n] is None]
+    if nulls:
+        raise RequestError(422, f"{nulls[0]}: must be a string, not null")
+    k = obj.get("k")
+    if isinstance(k, float) and k.is_integer():
+        obj["k"] = int(k)  # 3.0 is an integer to JSON Schema
+    try:  # strict: "3" is not a JSON integer, 1 is not a string (the form parser is lax)
+        req = SearchRequest.model_validate(obj, strict=True)
     except ValidationError as e:
         raise RequestError(422, format_validation_error(e)) from None
     return _from_model(req, limits)
@@ -180,6 +284,8 @@ def parse_form(fields: dict[str, Any], limits: Limits) -> Query:
     text = fields.get("text")
     if isinstance(text, tuple):
         raise RequestError(422, "text must be a plain form field, not a file")
+    if text == "" and image is not None:
+        text = None  # an empty text field next to an image: browsers send one for an empty box
     obj: dict[str, Any] = {}
     for name in ("k", "target"):
         if name in fields:
@@ -273,12 +379,20 @@ async def read_form_fields(scope: Scope, body: bytes, limits: Limits) -> dict[st
     return fields
 
 
-async def parse_search_request(request: Request, limits: Limits) -> Query:
+async def parse_search_request(
+    request: Request, limits: Limits, hold: BodyHold | None = None
+) -> Query:
     """The :class:`Query` of a ``POST /v1/search`` request: JSON or a multipart form.
+
+    Args:
+        request: the HTTP request; its body is read here, chunk by chunk.
+        limits: the caps.
+        hold: the request's share of the replica's :class:`BodyBudget`, or none.
 
     Raises:
         RequestError: 415 for another content type, 413 for a body over
-            :meth:`Limits.max_body_bytes` (declared or streamed), else as the parsers.
+            :meth:`Limits.max_body_bytes` (declared or streamed), 503 when the replica's body
+            budget is spent, else as the parsers.
     """
     ctype = media_type(request.headers.get("content-type"))
     if ctype not in SEARCH_TYPES:
@@ -291,38 +405,123 @@ async def parse_search_request(request: Request, limits: Limits) -> Query:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise RequestError(413, f"request body is {declared} bytes; at most {limit} accepted")
-    body = await read_limited(request.stream(), limit)
+    body = await read_limited(request.stream(), limit, hold)
     if ctype == "application/json":
         return parse_json(body, limits)
     fields = await read_form_fields(request.scope, body, limits)
     return parse_form(fields, limits)
 
 
-def decode_query_image(data: bytes, limits: Limits) -> np.ndarray:
+def decode_query_image(data: bytes, limits: Limits, image_cfg: Any = None) -> np.ndarray:
     """Decode query image bytes to ``(H, W, 3)`` uint8, refusing bombs and non-images.
 
     The pixel count is read from the file header first, so a decompression bomb is refused
-    (413) before any pixel is decoded.
+    (413) before any pixel is decoded. With the encoder's ``image_cfg``
+    (:class:`duch_core.config.ImageBackboneConfig`) the image is reduced toward the model's
+    input size before any conversion (:func:`duch_core.imageio.decode_for_model`).
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
-    from duch_core.imageio import ImageDecodeError, decode_image
+    from duch_core.imageio import ImageDecodeError, decode_for_model, decode_image, image_size
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            w, h = im.size
+        w, h = image_size(data)
     except Image.DecompressionBombError as e:
         raise RequestError(413, f"image has too many pixels: {e}") from None
-    except (UnidentifiedImageError, OSError, ValueError):
-        w = h = 0  # not readable by Pillow's header parser; the decoder decides
     if w * h > limits.max_image_pixels:
         raise RequestError(
             413, f"image is {w}x{h} = {w * h} pixels; at most {limits.max_image_pixels} accepted"
         )
     try:
-        img = decode_image(data, max_pixels=limits.max_image_pixels)
+        if image_cfg is not None:
+            img = decode_for_model(data, image_cfg, max_pixels=limits.max_image_pixels)
+        else:
+            img = decode_image(data, max_pixels=limits.max_image_pixels)
     except ImageDecodeError as e:
         msg = str(e)
         status = 413 if "pixel" in msg.lower() else 415
         raise RequestError(status, f"cannot use the image: {msg}") from None
+    except Image.DecompressionBombError as e:
+        raise RequestError(413, f"image has too many pixels: {e}") from None
     return np.ascontiguousarray(img)
+
+
+# ---- the accepted bodies as JSON Schema (published in the OpenAPI document) -------------------
+
+#: base64 (standard alphabet, padded), optionally behind a ``data:...,`` URL prefix, non-empty.
+BASE64_PATTERN = (
+    r"^(data:[^,]*,)?(?:[A-Za-z0-9+/]{4})*"
+    r"(?:[A-Za-z0-9+/]{4}|[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)$"
+)
+
+
+def _k_schema(limits: Limits) -> dict[str, Any]:
+    return {
+        "type": "integer",
+        "minimum": 1,
+        "maximum": limits.k_cap,
+        "description": f"Number of results, 1 .. {limits.k_cap} (default "
+        f"{min(DEFAULT_K, limits.k_cap)}).",
+    }
+
+
+def _text_schema(limits: Limits) -> dict[str, Any]:
+    return {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": limits.max_text_chars,
+        "pattern": TEXT_PATTERN,
+        "description": "Query text, e.g. 'a river crossing farmland'.",
+    }
+
+
+TARGET_SCHEMA = {
+    "type": "string",
+    "enum": ["images", "captions"],
+    "default": "images",
+    "description": "Search the archive's images or its captions.",
+}
+
+
+def json_body_schema(limits: Limits) -> dict[str, Any]:
+    """JSON Schema of the JSON body of ``POST /v1/search`` under ``limits``."""
+    return {
+        "title": "SearchRequest",
+        "description": "A search by text or by image: exactly one of text and image_base64.",
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "text": _text_schema(limits),
+            "image_base64": {
+                "type": "string",
+                "pattern": BASE64_PATTERN,
+                "description": "Query image (JPEG, PNG or TIFF file bytes), base64-encoded.",
+            },
+            "k": {"anyOf": [_k_schema(limits), {"type": "null"}]},
+            "target": TARGET_SCHEMA,
+        },
+        "oneOf": [{"required": ["text"]}, {"required": ["image_base64"]}],
+    }
+
+
+def form_body_schema(limits: Limits) -> dict[str, Any]:
+    """JSON Schema of the multipart form of ``POST /v1/search`` under ``limits``: an ``image``
+    file, or a ``text`` field (an empty ``text`` next to an image counts as absent)."""
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "image": {"type": "string", "format": "binary"},
+            "text": {"type": "string", "maxLength": limits.max_text_chars},
+            "k": _k_schema(limits),
+            "target": TARGET_SCHEMA,
+        },
+        "oneOf": [
+            {"required": ["image"], "properties": {"text": {"maxLength": 0}}},
+            {
+                "required": ["text"],
+                "properties": {"text": _text_schema(limits)},
+                "not": {"required": ["image"]},
+            },
+        ],
+    }

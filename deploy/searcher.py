@@ -2,10 +2,18 @@
 
 Searcher ``g`` of ``n`` holds group ``g`` of the manifest's shards, split so every searcher
 holds about the same number of rows (:func:`deploy.artifacts.assign_shards`), for both
-modalities. It keeps up to ``keep_versions`` index versions in memory so
-requests tagged with the previous version finish on it while the ingress switches to a new one;
-a request for a version it does not hold is answered ``None`` so the ingress sends the
-manifest to load (versions are immutable once published).
+modalities. It keeps up to ``keep_versions`` index versions in memory, dropping the least
+recently searched first, so requests tagged with the previous version finish on it while the
+ingress switches to a new one.
+
+A version is never loaded on the request path. Every replica of a searcher deployment loads the
+version ``LATEST`` names in its constructor (Serve sends it no request before), then follows
+``LATEST`` in the background, refusing versions that do not fit the model (bits, bundle id) or
+fail to load, as the ingress does. A search for a version the replica does not hold is answered
+``None`` at once (the ingress then asks another version or replica); when it comes with the
+manifest, the replica also starts loading that version in the background. ``check_health``
+fails while the replica holds no version although one is published, so Serve sends it no
+traffic.
 """
 
 import asyncio
@@ -129,6 +137,7 @@ class ShardStore:
         keep_versions: int = 2,
         loaders: Loaders | None = None,
         mih: bool = False,
+        expect: tuple[int, str] | None = None,
     ) -> None:
         if not 0 <= group < n_groups:
             raise ValueError(f"searcher group {group} is outside 0..{n_groups - 1}")
@@ -137,10 +146,16 @@ class ShardStore:
         self.keep_versions = max(1, keep_versions)
         self.loaders = loaders or Loaders()
         self.mih = bool(mih)
+        self.expect = expect  # (bits, bundle id) a version must have; None = any
         self._versions: OrderedDict[str, dict[str, ShardData]] = OrderedDict()
         self._loading: dict[str, asyncio.Future[dict[str, ShardData]]] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+        self.refused: dict[str, str] = {}  # version -> why it was not loaded
+        self.published = False  # whether LATEST named a version when last read
 
     def _load(self, manifest: IndexManifest) -> dict[str, ShardData]:
+        if self.expect is not None:
+            self.loaders.validate(manifest, *self.expect)
         shards = assigned_shards(manifest, self.group, self.n_groups)
         out: dict[str, ShardData] = {}
         for modality in MODALITIES:
@@ -193,9 +208,81 @@ class ShardStore:
         return await fut
 
     async def prepare(self, manifest: IndexManifest) -> dict[str, int]:
-        """Load an index version (if not held yet) and report its code count per modality."""
+        """Load an index version (if not held yet) and report its code count per modality.
+
+        The control path (the ingress validating a new version), never a search."""
         data = await self._get(manifest)
         return {m: int(d.index.ntotal) for m, d in data.items()}
+
+    def preload(self, manifest: IndexManifest) -> bool:
+        """Start loading ``manifest``'s version in the background unless it is held, loading or
+        was refused; returns whether a load started."""
+        v = manifest.version
+        if v in self._versions or v in self._loading or v in self.refused:
+            return False
+        task = asyncio.get_running_loop().create_task(self._load_quietly(manifest))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return True
+
+    async def _load_quietly(self, manifest: IndexManifest) -> None:
+        try:
+            await self._get(manifest)
+        except Exception as e:
+            self.refused[manifest.version] = f"{type(e).__name__}: {e}"
+            log.error(
+                "searcher %d/%d refused index version %s: %s",
+                self.group,
+                self.n_groups,
+                manifest.version,
+                self.refused[manifest.version],
+            )
+
+    async def sync_latest(self, index_root: str, strict: bool = False) -> str | None:
+        """Load the version ``LATEST`` names (if new and not refused); returns it.
+
+        Args:
+            index_root: the index root URI.
+            strict: raise when that version cannot be loaded (a replica's constructor), instead
+                of remembering it as refused and keeping what is held.
+        """
+        manifest = await asyncio.to_thread(self.loaders.read_latest_or_none, index_root)
+        if manifest is None:
+            self.published = False
+            return None
+        self.published = True
+        v = manifest.version
+        if v in self._versions or (v in self.refused and not strict):
+            return v
+        try:
+            await self._get(manifest)
+        except Exception as e:
+            if strict:
+                raise
+            self.refused[v] = f"{type(e).__name__}: {e}"
+            log.error(
+                "searcher %d/%d refused index version %s: %s",
+                self.group,
+                self.n_groups,
+                v,
+                self.refused[v],
+            )
+        return v
+
+    async def follow(self, index_root: str, interval_s: float) -> None:
+        """Every ``interval_s``, load the version ``LATEST`` names if it is new."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.sync_latest(index_root)
+            except Exception as e:  # LATEST unreadable: keep what is held, try again later
+                log.warning(
+                    "searcher %d/%d: reading LATEST failed: %s", self.group, self.n_groups, e
+                )
+
+    def ready(self) -> bool:
+        """Whether this store can answer: it holds a version, or none is published."""
+        return bool(self._versions) or not self.published
 
     async def search(
         self,
@@ -212,21 +299,18 @@ class ShardStore:
             modality: ``"image"`` or ``"text"``.
             queries: ``(Q, bits // 8)`` uint8 packed query codes.
             k: results per query.
-            manifest: that version's manifest; when given, a version this replica does not hold
-                is loaded first. Without it such a request is answered ``None`` (the caller then
-                sends the manifest), which keeps the common request small.
+            manifest: that version's manifest; when given and the version is not held, this
+                replica starts loading it in the background. Either way a version not held is
+                answered ``None`` at once: a search never waits for a load.
         """
         data = self._versions.get(version)
         if data is None:
-            fut = self._loading.get(version)
-            if fut is not None:
-                data = await asyncio.shield(fut)
-            elif manifest is not None:
+            if manifest is not None:
                 if manifest.version != version:
                     raise ValueError(f"manifest of {manifest.version} sent for {version}")
-                data = await self._get(manifest)
-            else:
-                return None
+                self.preload(manifest)
+            return None
+        self._versions.move_to_end(version)  # least recently searched is dropped first
         shard = data[modality]
         if shard.index.ntotal > INLINE_SEARCH_MAX_ROWS:
             return await asyncio.to_thread(search_shard, shard, queries, k, version)
@@ -239,7 +323,46 @@ class ShardStore:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
 class ShardSearcher(ShardStore):
-    """A :class:`ShardStore` as a Serve deployment: one per shard group, called by the ingress."""
+    """A :class:`ShardStore` as a Serve deployment: one per shard group, called by the ingress.
+
+    Args (besides :class:`ShardStore`'s):
+        index_root: the index root URI; the constructor loads what ``LATEST`` names and then
+            follows it every ``poll_interval_s`` (0 = only when asked, through
+            :meth:`ShardStore.prepare` and manifests sent with searches).
+    """
+
+    # Serve awaits an async constructor: the replica takes requests once its version is loaded.
+    async def __init__(  # type: ignore[misc]
+        self,
+        group: int,
+        n_groups: int,
+        keep_versions: int = 2,
+        loaders: Loaders | None = None,
+        mih: bool = False,
+        expect: tuple[int, str] | None = None,
+        index_root: str | None = None,
+        poll_interval_s: float = 0.0,
+    ) -> None:
+        super().__init__(group, n_groups, keep_versions, loaders, mih, expect)
+        self._follower: asyncio.Task[None] | None = None
+        if index_root:
+            await self.sync_latest(index_root, strict=True)
+            if poll_interval_s > 0:
+                self._follower = asyncio.get_running_loop().create_task(
+                    self.follow(index_root, poll_interval_s)
+                )
+
+    def check_health(self) -> None:
+        """Serve's readiness and health probe."""
+        if not self.ready():
+            raise RuntimeError("this searcher holds no index version although one is published")
+        if self._follower is not None and self._follower.done():
+            raise RuntimeError("this searcher stopped following LATEST")
+
+    def __del__(self) -> None:
+        follower = getattr(self, "_follower", None)  # unset when the constructor failed
+        if follower is not None:
+            follower.cancel()
 
 
 def merge_results(

@@ -4,8 +4,16 @@ The ingress serves one :class:`ServingState` at a time. A request takes the stat
 starts and uses it throughout, so its answer comes from one version and says which. A new
 version (from ``LATEST``, polled or on ``POST /v1/reload``) is validated against the encoder's
 bits and bundle id, its catalog is read and every shard group loads its shards; only then is
-the state reference replaced. A version that fails any step is refused and the current one
-stays; the poller does not retry it until ``LATEST`` names another version.
+the state reference replaced (the one before is kept as ``previous``). A version that fails any
+step is refused and the current one stays; the poller does not retry it until ``LATEST`` names
+another version.
+
+Searcher replicas follow ``LATEST`` on their own (:mod:`deploy.searcher`), so right after a swap
+some replicas may not hold the new version yet, and a replica started later may hold only the
+newest. A search therefore tries the version the request took, then the current one, then the
+previous one, each over all shard groups, and answers from the first that every group holds:
+never from two versions, never waiting for a load. Only when no replica holds any of them is
+the answer a 503 with ``Retry-After``.
 """
 
 import asyncio
@@ -21,7 +29,9 @@ from deploy.artifacts import Loaders
 from deploy.catalog import Catalog
 from deploy.models import ReloadResponse
 from deploy.queries import RequestError
+from deploy.retry import retry_unavailable
 from deploy.searcher import ShardResult, ShardStore, merge_results
+from deploy.telemetry import Telemetry
 from duch_core.index_store import IndexManifest
 
 log = logging.getLogger("ray.serve")
@@ -46,9 +56,32 @@ def shard_groups(
     """The searcher deployments' remote calls, or one :class:`ShardStore` in this process for
     the whole index when there are no searchers (same call shapes, awaited the same way)."""
     if searchers:
-        return [ShardGroup(s.prepare.remote, s.search.remote) for s in searchers]
+        return [_remote_group(s) for s in searchers]
     store = ShardStore(0, 1, keep_versions, loaders, mih)
     return [ShardGroup(store.prepare, store.search)]
+
+
+def _remote_group(handle: Any) -> ShardGroup:
+    """A searcher deployment's calls, retried on another replica when the one called is gone."""
+
+    async def prepare(manifest: IndexManifest) -> dict[str, int]:
+        return await retry_unavailable(handle.prepare.remote, manifest)  # type: ignore[no-any-return]
+
+    async def search(*args: Any) -> ShardResult | None:
+        return await retry_unavailable(handle.search.remote, *args)  # type: ignore[no-any-return]
+
+    return ShardGroup(prepare, search)
+
+
+def version_age_s(created: str, now: float | None = None) -> float | None:
+    """Seconds since an ISO 8601 ``created`` time (``None`` when it cannot be read)."""
+    from datetime import datetime
+
+    try:
+        t = datetime.fromisoformat(created.replace("Z", "+00:00")).timestamp()
+    except (ValueError, AttributeError):
+        return None
+    return max(0.0, (time.time() if now is None else now) - t)
 
 
 @dataclass(frozen=True)
@@ -78,6 +111,7 @@ class ServedIndex:
         loaders: how manifests and archive items are read.
         bits: code length of the query encoder; a version with other codes is refused.
         bundle_id: bundle of the query encoder; a version encoded with another is refused.
+        telemetry: where reload failures are counted.
     """
 
     def __init__(
@@ -87,23 +121,39 @@ class ServedIndex:
         loaders: Loaders,
         bits: int,
         bundle_id: str,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.index_root = index_root
         self.groups = list(groups)
         self.loaders = loaders
         self.bits = bits
         self.bundle_id = bundle_id
+        self.telemetry = telemetry or Telemetry(export=False)
         self.state: ServingState | None = None
+        self.previous: ServingState | None = None
         self.last_error: str | None = None
         self._refused: dict[str, str] = {}
         self._reload_lock = asyncio.Lock()
 
     def current(self) -> ServingState:
-        """The state to answer a request with (503 while no version is served)."""
+        """The state to answer a request with (503 while no version is served; the reason is
+        logged, not sent: it may name storage locations)."""
         st = self.state
         if st is None:
-            raise RequestError(503, f"no index version is being served: {self.last_error}")
+            raise RequestError(503, "no index version is being served yet", reason="no_index")
         return st
+
+    def health(self) -> str:
+        """``ok``, ``degraded`` (serving, but the last reload or poll failed) or
+        ``unavailable`` (nothing served)."""
+        if self.state is None:
+            return "unavailable"
+        return "degraded" if self.last_error else "ok"
+
+    @property
+    def refused(self) -> dict[str, str]:
+        """Versions refused since they were last named by ``LATEST``, with the reason."""
+        return dict(self._refused)
 
     async def _read_latest(self) -> IndexManifest:
         return await asyncio.to_thread(self.loaders.read_latest, self.index_root)
@@ -120,9 +170,11 @@ class ServedIndex:
             try:
                 manifest = await self._read_latest()
             except Exception as e:
+                self.telemetry.reload_failed()
                 raise IndexRefusedError(f"cannot read LATEST under {self.index_root}: {e}") from e
             version = manifest.version
             if previous is not None and version == previous.version:
+                self.last_error = None
                 return ReloadResponse(changed=False, version=version, previous_version=version)
             try:
                 state = await self._prepare(manifest)
@@ -131,8 +183,11 @@ class ServedIndex:
                 if prev_version:
                     reason += f"; still serving {prev_version}"
                 self._refused[version] = reason
+                self.last_error = reason
+                self.telemetry.reload_failed()
                 log.error("ingress: %s", reason)
                 raise IndexRefusedError(reason) from e
+            self.previous = previous
             self.state = state  # the swap: requests that started earlier keep the old state
             self.last_error = None
             self._refused.pop(version, None)
@@ -171,7 +226,9 @@ class ServedIndex:
             try:
                 version = (await self._read_latest()).version
                 current = self.state.version if self.state else None
-                if version != current and version not in self._refused:
+                if version == current:
+                    self.last_error = None  # serving what LATEST names (again)
+                elif version not in self._refused:
                     await self.reload()
             except IndexRefusedError:
                 pass  # logged by reload(); retried when LATEST names another version
@@ -180,20 +237,43 @@ class ServedIndex:
                 if msg != self.last_error:
                     log.warning("ingress: %s", msg)
                 self.last_error = msg
+                self.telemetry.reload_failed()
+            if self.state is not None:
+                self.telemetry.index_age(version_age_s(self.state.manifest.created))
 
     async def search(
         self, st: ServingState, modality: str, codes: np.ndarray, k: int
-    ) -> ShardResult:
-        """Exact top-k of ``codes`` ``(Q, bits // 8)`` uint8 over all shard groups of version
-        ``st``, merged with ``loaders.merge_topk``."""
+    ) -> tuple[ServingState, ShardResult]:
+        """Exact top-k of ``codes`` ``(Q, bits // 8)`` uint8 over all shard groups, merged with
+        ``loaders.merge_topk``, from ``st`` or else the current or previous version (see the
+        module docstring); returns the state answered from and the result.
 
-        async def one(group: ShardGroup) -> ShardResult:
-            res = await group.search(st.version, modality, codes, k)
-            if res is None:  # that replica does not hold the version: ask again with the manifest
-                res = await group.search(st.version, modality, codes, k, st.manifest)
-            if res is None:
-                raise RuntimeError(f"a searcher did not load index version {st.version}")
-            return res
+        Raises:
+            RequestError: 503 when no version is held by a replica of every group.
+        """
+        tried: list[str] = []
+        for cand in (st, self.state, self.previous):
+            if cand is None or cand.version in tried:
+                continue
+            tried.append(cand.version)
+            parts = await asyncio.gather(
+                *(self._one(g, cand, modality, codes, k) for g in self.groups)
+            )
+            if all(p is not None for p in parts):
+                return cand, merge_results(
+                    [p for p in parts if p is not None], k, self.loaders.merge_topk
+                )
+        log.warning("ingress: no searcher replica holds index versions %s yet", tried)
+        raise RequestError(
+            503, "the searchers are loading the index; retry shortly", reason="loading"
+        )
 
-        parts = await asyncio.gather(*(one(g) for g in self.groups))
-        return merge_results(parts, k, self.loaders.merge_topk)
+    @staticmethod
+    async def _one(
+        group: ShardGroup, st: ServingState, modality: str, codes: np.ndarray, k: int
+    ) -> ShardResult | None:
+        res = await group.search(st.version, modality, codes, k)
+        if res is None:  # that replica lacks the version: another one may hold it, and the
+            # manifest lets a replica without it start loading it (in the background)
+            res = await group.search(st.version, modality, codes, k, st.manifest)
+        return res

@@ -4,6 +4,11 @@ A thumbnail is a JPEG at most ``size`` pixels on its long side, made from the ar
 the first request and kept by image URI; the least recently used ones are dropped past
 ``capacity``. Requests run in worker threads, so the cache is guarded by a lock; two threads
 missing the same image both make it, and the second simply replaces the first.
+
+Memory: an archive object larger than ``max_bytes`` is refused before it is read, and the image
+is reduced toward twice the thumbnail size while it is decoded
+(:func:`duch_core.imageio.decode_image` with ``reduce``), so a large scene never exists as
+floats or at full size in 8 bits.
 """
 
 import io
@@ -12,10 +17,13 @@ from collections import OrderedDict
 from collections.abc import Callable
 from urllib.parse import quote
 
+#: Largest archive image a thumbnail is made from (pixels), as the encode job's default.
+THUMBNAIL_MAX_PIXELS = 1 << 26
+
 
 def thumbnail_url(item_id: str) -> str:
-    """Relative URL of an item's thumbnail (``GET /v1/items/{id}/thumbnail``)."""
-    return f"/v1/items/{quote(item_id, safe='')}/thumbnail"
+    """Relative URL of an item's thumbnail (``GET /v1/thumbnails/{id}``)."""
+    return f"/v1/thumbnails/{quote(item_id, safe='')}"
 
 
 def make_thumbnail(data: bytes, size: int) -> bytes:
@@ -26,9 +34,11 @@ def make_thumbnail(data: bytes, size: int) -> bytes:
     """
     from PIL import Image
 
-    from duch_core.imageio import decode_image
+    from duch_core.imageio import decode_image, image_size, reduction_for
 
-    img = Image.fromarray(decode_image(data))
+    w, h = image_size(data)
+    reduce = reduction_for(max(w, h), size)
+    img = Image.fromarray(decode_image(data, max_pixels=THUMBNAIL_MAX_PIXELS, reduce=reduce))
     img.thumbnail((size, size))
     out = io.BytesIO()
     img.save(out, format="JPEG", quality=85)
@@ -39,15 +49,24 @@ class ThumbnailCache:
     """Thumbnails by image URI, at most ``capacity`` of them (least recently used dropped first).
 
     Args:
-        read: image URI -> the archive file's bytes.
+        read: ``(image URI, byte limit)`` -> the archive file's bytes (refusing larger objects
+            with a ValueError).
         size: thumbnail long side, pixels.
         capacity: thumbnails kept; 0 keeps none.
+        max_bytes: largest archive image read for a thumbnail.
     """
 
-    def __init__(self, read: Callable[[str], bytes], size: int, capacity: int) -> None:
+    def __init__(
+        self,
+        read: Callable[[str, int | None], bytes],
+        size: int,
+        capacity: int,
+        max_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
         self._read = read
         self.size = size
         self.capacity = capacity
+        self.max_bytes = max_bytes
         self._items: OrderedDict[str, bytes] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -62,14 +81,14 @@ class ThumbnailCache:
 
         Raises:
             FileNotFoundError: the image is missing.
-            ValueError: the image cannot be decoded.
+            ValueError: the image is over ``max_bytes`` or cannot be decoded.
         """
         with self._lock:
             hit = self._items.get(image_uri)
             if hit is not None:
                 self._items.move_to_end(image_uri)
                 return hit
-        data = make_thumbnail(self._read(image_uri), self.size)
+        data = make_thumbnail(self._read(image_uri, self.max_bytes), self.size)
         with self._lock:
             self._items[image_uri] = data
             while len(self._items) > self.capacity:

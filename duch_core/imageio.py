@@ -25,6 +25,12 @@ Decoding rules (:func:`decode_image`), stated once here and recorded with every 
   ``4 * max_pixels`` samples in all bands. Pillow's own bomb limit (about 179 M pixels) also
   applies. Empty, truncated, corrupt or unrecognised data raises :class:`ImageDecodeError`
   with the reason.
+* **Memory.** Samples are converted to 8 bits in row blocks of about a million samples, so the
+  float temporaries stay a few MB whatever the image size; the peak is the decoded file at its
+  own bit depth plus the 8-bit result. ``reduce=f`` shrinks the picture by an integer factor
+  (box average; JPEG through DCT scaling while decoding) *before* any conversion, for callers
+  that need far fewer pixels than the file holds (query images, thumbnails):
+  :func:`decode_for_model` picks the factor from a backbone's input size.
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ MAX_BANDS = 256
 STRETCH_PERCENTILES = (2.0, 98.0)
 _STRETCH_SAMPLES = 1 << 20
 _PIL_FORMATS = ("JPEG", "PNG", "TIFF", "WEBP", "BMP", "GIF")
+_PIL_REDUCE_MODES = frozenset({"L", "LA", "RGB", "RGBA", "I", "F"})
+_CHUNK_SAMPLES = 1 << 20  # samples per block when converting or reducing
 _CAPTION_STRIP = re.compile(r"[.,!?]")
 _SPACES = re.compile(r"\s+")
 
@@ -107,7 +115,7 @@ def _png_is_16bit_colour(data: bytes) -> bool:
     return len(data) > 26 and data[12:16] == b"IHDR" and data[24] == 16 and data[25] in (2, 6)
 
 
-def _decode_pil(data: bytes, max_pixels: int, kind: str) -> np.ndarray:
+def _decode_pil(data: bytes, max_pixels: int, kind: str, reduce: int = 1) -> np.ndarray:
     from PIL import Image, ImageOps
 
     try:
@@ -133,7 +141,11 @@ def _decode_pil(data: bytes, max_pixels: int, kind: str) -> np.ndarray:
         except ImportError:  # Pillow keeps the 8 high bits of each 16-bit sample
             pass
         else:
-            return np.asarray(imagecodecs.png_decode(data))
+            return _block_reduce(np.asarray(imagecodecs.png_decode(data)), reduce)
+    if kind == "jpeg" and reduce > 1:
+        # DCT scaling by 1/2, 1/4 or 1/8 while decoding; the rest of the factor is done below
+        im.draft(im.mode, (max(1, w // reduce), max(1, h // reduce)))
+        reduce = max(1, int(reduce * im.size[0] / w))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         warnings.simplefilter("ignore", UserWarning)  # "Truncated File Read": raised below
@@ -142,6 +154,12 @@ def _decode_pil(data: bytes, max_pixels: int, kind: str) -> np.ndarray:
             im.seek(0)
         if kind == "jpeg":
             im = ImageOps.exif_transpose(im)
+    if reduce > 1 and im.mode in _PIL_REDUCE_MODES:
+        try:
+            im = im.reduce(reduce)  # in Pillow's buffer: no full-size numpy copy
+            reduce = 1
+        except ValueError:  # a mode this Pillow cannot reduce: done in numpy below
+            pass
     if im.mode == "1":
         im = im.convert("L")
     elif im.mode == "P":
@@ -153,7 +171,35 @@ def _decode_pil(data: bytes, max_pixels: int, kind: str) -> np.ndarray:
     arr = np.asarray(im)
     if arr.ndim == 2:
         arr = arr[:, :, None]
-    return arr
+    return _block_reduce(arr, reduce)
+
+
+def _block_reduce(arr: np.ndarray, f: int) -> np.ndarray:
+    """``(H, W[, C])`` -> ``(H // f, W // f, C)``: the mean of each ``f x f`` block, in the input
+    dtype (integers rounded); the rows and columns left over are dropped evenly from both sides,
+    so the centre stays the centre. Works through row blocks: its temporaries stay small."""
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if f <= 1:
+        return arr
+    h, w, c = arr.shape[0] // f, arr.shape[1] // f, arr.shape[2]
+    if h == 0 or w == 0:
+        raise ImageDecodeError(f"image of {arr.shape[1]}x{arr.shape[0]} cannot be reduced by {f}")
+    top, left = (arr.shape[0] - h * f) // 2, (arr.shape[1] - w * f) // 2
+    arr = arr[top : top + h * f, left : left + w * f]
+    out = np.empty((h, w, c), arr.dtype)
+    step = max(1, _CHUNK_SAMPLES // max(1, f * f * w * c))
+    acc = np.float64 if arr.dtype.itemsize > 2 else np.float32
+    for r in range(0, h, step):
+        n = min(step, h - r)
+        block = arr[r * f : (r + n) * f].reshape(n, f, w, f, c)
+        mean = block.mean(axis=(1, 3), dtype=acc)
+        if arr.dtype.kind in "ui":
+            np.rint(mean, out=mean)
+        elif arr.dtype == np.bool_:
+            mean = mean >= 0.5
+        out[r : r + n] = mean
+    return out
 
 
 def select_bands(arr: np.ndarray, bands: Sequence[int] | None = None) -> np.ndarray:
@@ -179,8 +225,41 @@ def select_bands(arr: np.ndarray, bands: Sequence[int] | None = None) -> np.ndar
     return arr[:, :, idx]
 
 
+def _band_view(arr: np.ndarray, bands: Sequence[int] | None) -> np.ndarray:
+    """:func:`select_bands` without copying where a view does: grey repeated by broadcasting,
+    evenly spaced bands by slicing (read-only views, for :func:`to_uint8`)."""
+    c = arr.shape[2]
+    if c < 3:
+        return np.broadcast_to(arr[:, :, :1], (*arr.shape[:2], 3))
+    if not bands:
+        return arr[:, :, :3]
+    idx = [int(b) for b in bands]
+    idx = idx * 3 if len(idx) == 1 else idx
+    if len(idx) == 3 and all(0 <= b < c for b in idx):
+        step = idx[1] - idx[0]
+        if idx[2] - idx[1] == step:
+            if step == 0:
+                return np.broadcast_to(arr[:, :, idx[0] : idx[0] + 1], (*arr.shape[:2], 3))
+            stop = idx[2] + (1 if step > 0 else -1)
+            return arr[:, :, idx[0] : (stop if stop >= 0 else None) : step]
+    return select_bands(arr, bands)  # also raises for bad band lists
+
+
+def _stretch_sample(arr: np.ndarray) -> np.ndarray:
+    """Every ``step``-th sample of ``arr`` in C order (at most about ``_STRETCH_SAMPLES``), without
+    flattening a copy of a non-contiguous array."""
+    step = max(1, arr.size // _STRETCH_SAMPLES)
+    if arr.flags.c_contiguous:
+        return arr.reshape(-1)[::step]
+    idx = np.unravel_index(np.arange(0, arr.size, step, dtype=np.int64), arr.shape)
+    return arr[idx]
+
+
 def to_uint8(arr: np.ndarray, depth: str = "stretch") -> np.ndarray:
     """Map any numeric ``(H, W, C)`` array to uint8 by the bit-depth rule (module docstring).
+
+    The arithmetic is float64, as the rule is stated, but done over blocks of about a million
+    samples: the temporaries stay a few MB whatever the image size.
 
     Args:
         arr: pixel values; uint8 passes through unchanged.
@@ -194,27 +273,39 @@ def to_uint8(arr: np.ndarray, depth: str = "stretch") -> np.ndarray:
         return arr.astype(np.uint8) * 255
     if arr.dtype.kind not in "uif":
         raise ImageDecodeError(f"unsupported pixel type {arr.dtype}")
-    x = arr.astype(np.float64)
-    finite = np.isfinite(x)
+    floating = arr.dtype.kind == "f"
     if depth == "scale":
-        if arr.dtype.kind in "ui":
+        if not floating:
             info = np.iinfo(arr.dtype)
-            y = (x - min(info.min, 0)) / (info.max - min(info.min, 0))
+            lo, span = float(min(info.min, 0)), float(info.max - min(info.min, 0))
         else:
-            y = x
+            lo, span = 0.0, 1.0
     else:
-        flat = x.reshape(-1)
-        step = max(1, flat.size // _STRETCH_SAMPLES)
-        sample = flat[::step]
+        sample = _stretch_sample(arr).astype(np.float64)
         sample = sample[np.isfinite(sample)]
         if sample.size == 0:
             return np.zeros(arr.shape, np.uint8)
         lo, hi = np.percentile(sample, STRETCH_PERCENTILES)
         if hi <= lo:
             lo, hi = float(sample.min()), float(sample.max())
-        y = (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
-    y = np.where(finite, y, 0.0)
-    return np.rint(np.clip(y, 0.0, 1.0) * 255.0).astype(np.uint8)
+        if hi <= lo:
+            return np.zeros(arr.shape, np.uint8)
+        span = hi - lo
+    out = np.empty(arr.shape, np.uint8)
+    rows = max(1, _CHUNK_SAMPLES // max(1, arr.size // max(1, arr.shape[0])))
+    for r in range(0, arr.shape[0], rows):
+        x = arr[r : r + rows].astype(np.float64)
+        bad = ~np.isfinite(x) if floating else None
+        if depth == "stretch" or not floating:
+            x -= lo
+            x /= span
+        if bad is not None:
+            x[bad] = 0.0
+        np.clip(x, 0.0, 1.0, out=x)
+        x *= 255.0
+        np.rint(x, out=x)
+        out[r : r + rows] = x
+    return out
 
 
 def decode_image(
@@ -222,14 +313,18 @@ def decode_image(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     bands: Sequence[int] | None = None,
     depth: str = "stretch",
+    reduce: int = 1,
 ) -> np.ndarray:
     """Decode image bytes into an RGB picture.
 
     Args:
         data: the encoded file (TIFF, JPEG, PNG, WebP, BMP, GIF).
-        max_pixels: largest accepted ``H * W``.
+        max_pixels: largest accepted ``H * W`` (of the file, before any reduction).
         bands: band indices used as R, G, B for images with 3 or more bands (default first three).
         depth: rule for data wider than 8 bits: ``"stretch"`` or ``"scale"``.
+        reduce: shrink by this integer factor before any conversion (box average of
+            ``reduce x reduce`` blocks; JPEG partly through DCT scaling, so its result is a
+            little larger); 1 decodes every pixel.
 
     Returns:
         ``(H, W, 3)`` uint8, C-contiguous.
@@ -242,22 +337,23 @@ def decode_image(
     data = bytes(data)
     if not data:
         raise ImageDecodeError("image data is empty (0 bytes)")
+    reduce = max(1, int(reduce))
     kind = _kind(data)
     try:
         if kind == "tiff":
             try:
-                arr = _decode_tiff(data, max_pixels)
+                arr = _block_reduce(_decode_tiff(data, max_pixels), reduce)
             except ImageDecodeError:
                 raise
             except Exception as tiff_error:
                 try:
-                    arr = _decode_pil(data, max_pixels, kind)
+                    arr = _decode_pil(data, max_pixels, kind, reduce)
                 except ImageDecodeError as e:
                     raise ImageDecodeError(
                         f"corrupt or unsupported TIFF: {type(tiff_error).__name__}: {tiff_error}"
                     ) from e
         else:
-            arr = _decode_pil(data, max_pixels, kind)
+            arr = _decode_pil(data, max_pixels, kind, reduce)
     except ImageDecodeError:
         raise
     except Exception as e:
@@ -265,7 +361,69 @@ def decode_image(
         raise ImageDecodeError(f"corrupt or truncated {name} image: {type(e).__name__}: {e}") from e
     if arr.ndim != 3:
         raise ImageDecodeError(f"decoded image has shape {arr.shape}; expected (H, W[, bands])")
-    return np.ascontiguousarray(to_uint8(select_bands(arr, bands), depth))
+    return np.ascontiguousarray(to_uint8(_band_view(arr, bands), depth))
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """``(width, height)`` of an encoded image, from its header only (0, 0 when unreadable)."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                return int(im.size[0]), int(im.size[1])
+    except Exception:
+        pass
+    if _kind(bytes(data[:4])) == "tiff":
+        try:
+            import tifffile
+
+            with tifffile.TiffFile(io.BytesIO(data)) as tif:
+                series = tif.series[0]
+                axes, shape = series.axes, series.shape
+                return int(shape[axes.index("X")]), int(shape[axes.index("Y")])
+        except Exception:
+            pass
+    return 0, 0
+
+
+def reduction_for(side: int, target: int) -> int:
+    """The largest integer factor that keeps ``side`` at least twice ``target`` (at least 1):
+    the final resize then still sees two samples per output pixel."""
+    if target <= 0 or side <= 0:
+        return 1
+    return max(1, side // (2 * target))
+
+
+def decode_for_model(
+    data: bytes, cfg: ImageBackboneConfig, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
+    """Decode an image for one backbone, reduced toward its input size before any conversion.
+
+    ``preprocess(decode_for_model(data, cfg), cfg)`` equals ``preprocess(decode_image(data,
+    **decode_options(cfg)), cfg)`` for images whose crop window is less than four times
+    ``cfg.image_size`` (no reduction); larger ones are box-reduced by an integer factor that
+    keeps the window at least twice the input size, and the centre crop is applied here at
+    the reduced scale, so the result differs from the full decode by resampling only. A 40 MP
+    16-bit query then never exists as floats.
+
+    Returns:
+        ``(H', W', 3)`` uint8.
+    """
+    w, h = image_size(data)
+    window = min(h, w)
+    if cfg.center_crop > 0:
+        window = min(window, cfg.center_crop)
+    f = reduction_for(window, cfg.image_size)
+    if f == 1 or w == 0:
+        return decode_image(data, max_pixels=max_pixels, **decode_options(cfg))
+    img = decode_image(data, max_pixels=max_pixels, reduce=f, **decode_options(cfg))
+    if cfg.center_crop > 0:
+        # JPEG's DCT scaling may leave a factor a little off f; EXIF may have turned the image
+        scaled = min(img.shape[:2]) / min(h, w)
+        img = np.ascontiguousarray(center_crop(img, max(1, round(cfg.center_crop * scaled))))
+    return img
 
 
 def decode_options(cfg: ImageBackboneConfig) -> dict[str, Any]:

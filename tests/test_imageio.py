@@ -309,3 +309,93 @@ def test_bad_captions() -> None:
         clean_caption("x" * 21, cfg)
     with pytest.raises(CaptionError, match="must be a string"):
         clean_caption(None, cfg)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------------
+# bounded memory: blockwise conversion, reduction before conversion
+# --------------------------------------------------------------------------------------------
+
+
+def _to_uint8_reference(arr: np.ndarray, depth: str = "stretch") -> np.ndarray:
+    """The bit-depth rule over the whole image in float64 at once (the slow reference)."""
+    x = arr.astype(np.float64)
+    finite = np.isfinite(x)
+    if depth == "scale":
+        if arr.dtype.kind in "ui":
+            info = np.iinfo(arr.dtype)
+            y = (x - min(info.min, 0)) / (info.max - min(info.min, 0))
+        else:
+            y = x
+    else:
+        flat = x.reshape(-1)
+        sample = flat[:: max(1, flat.size // (1 << 20))]
+        sample = sample[np.isfinite(sample)]
+        if sample.size == 0:
+            return np.zeros(arr.shape, np.uint8)
+        lo, hi = np.percentile(sample, (2.0, 98.0))
+        if hi <= lo:
+            lo, hi = float(sample.min()), float(sample.max())
+        y = (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
+    y = np.where(finite, y, 0.0)
+    return np.rint(np.clip(y, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "int32", "float32", "float64"])
+@pytest.mark.parametrize("depth", ["stretch", "scale"])
+def test_blockwise_conversion_equals_the_whole_image_reference(dtype: str, depth: str) -> None:
+    rng = np.random.default_rng(1)
+    # 1500 x 800 x 3 = 3.6 M samples: several blocks, and a strided percentile sample
+    arr = (rng.normal(0.4, 0.3, (1500, 800, 3)) * 4000).astype(dtype)
+    if arr.dtype.kind == "f":
+        arr /= 4000
+        arr[5, 7] = np.nan
+        arr[9, 1, 2] = np.inf
+    np.testing.assert_array_equal(to_uint8(arr, depth), _to_uint8_reference(arr, depth))
+    view = arr[:, ::-1, 1:]  # a non-contiguous view: sampled without a flattened copy
+    np.testing.assert_array_equal(to_uint8(view, depth), _to_uint8_reference(view, depth))
+
+
+def test_reduced_decode_is_the_block_mean_and_shrinks_every_format() -> None:
+    rng = np.random.default_rng(2)
+    arr = rng.integers(0, 256, (130, 171, 3), dtype=np.uint8)
+    png = _pil_bytes(arr, "PNG")
+    out = decode_image(png, reduce=4)
+    assert out.shape == (33, 43, 3)  # Pillow keeps the partial last block
+    ref = arr[:128, :168].reshape(32, 4, 42, 4, 3).mean(axis=(1, 3))
+    assert np.abs(out[:32, :42].astype(np.float64) - ref).max() <= 1.0
+    a16 = rng.integers(0, 65535, (130, 171, 3), dtype=np.uint16)
+    tif = _tiff_bytes(a16, photometric="rgb")
+    small = decode_image(tif, reduce=4)
+    assert small.shape == (32, 42, 3)
+    top, left = (130 - 128) // 2, (171 - 168) // 2  # the leftover is dropped on both sides
+    block = a16[top : top + 128, left : left + 168].reshape(32, 4, 42, 4, 3).mean(axis=(1, 3))
+    np.testing.assert_array_equal(small, to_uint8(np.rint(block).astype(np.uint16)))
+    jpg = _pil_bytes(arr, "JPEG", quality=95)
+    assert decode_image(jpg, reduce=4).shape[:2] in ((33, 43), (32, 42))
+    assert decode_image(png, reduce=1).shape == arr.shape
+
+
+def test_a_large_16_bit_png_decodes_for_a_model_without_float_copies() -> None:
+    """A 6000 x 4000 16-bit RGB PNG (144 MB of samples, a few hundred KB of file) decodes for
+    a 224-pixel model with numpy allocations under twice its samples: the full-size float64
+    path held more than 10 times that."""
+    import tracemalloc
+
+    import imagecodecs
+
+    from duch_core.imageio import decode_for_model
+
+    big = np.full((4000, 6000, 3), 1200, np.uint16)
+    big[:, 3000:, 1] = 2400
+    data = imagecodecs.png_encode(big)
+    del big
+    assert len(data) < 2_000_000
+    cfg = ImageBackboneConfig(image_size=224, center_crop=0)
+    tracemalloc.start()
+    try:
+        img = decode_for_model(data, cfg, max_pixels=30_000_000)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert img.shape == (4000 // 8, 6000 // 8, 3) and img.dtype == np.uint8
+    assert peak < 2 * 144_000_000, peak

@@ -10,7 +10,8 @@ tiny backbones and index:
   ingress replica's own port (Serve's direct ingress, switched on for the test session in
   ``conftest.py``).
 
-Both have bearer-token auth. Tests that change the served index version run last.
+Both have bearer-token auth (an API token, and an admin token for reloads). Tests that change
+the served index version run last.
 """
 
 import base64
@@ -37,6 +38,9 @@ pytestmark = pytest.mark.timeout(420)
 
 TOKEN = "serve-test-token-1b7d"
 TOKEN_ENV = "DUCH_TEST_API_TOKEN"
+ADMIN_TOKEN = "serve-test-admin-93ce"
+ADMIN_ENV = "DUCH_TEST_ADMIN_TOKEN"
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 BITS = 32
 K_CAP = 50
 MAX_TEXT = 200
@@ -250,14 +254,18 @@ def service(artifacts: Artifacts) -> Any:
         max_image_pixels=MAX_PIXELS,
         poll_interval_s=1.0,
         auth_token_env=TOKEN_ENV,
+        admin_token_env=ADMIN_ENV,
         thumbnail_size=THUMB,
         handle_transport="grpc",  # as the serve configs deploy it
     )
-    ingress = {
-        "ray_actor_options": {"num_cpus": 0.25, "runtime_env": {"env_vars": {TOKEN_ENV: TOKEN}}}
-    }
+    ingress = {"ray_actor_options": {"num_cpus": 0.25}}
+    tokens = {TOKEN_ENV: TOKEN, ADMIN_ENV: ADMIN_TOKEN}
     try:
-        serve.run(compose(args, ingress_options=ingress), name="duch", route_prefix="/")
+        serve.run(
+            compose(args, ingress_options=ingress, ingress_env=tokens),
+            name="duch",
+            route_prefix="/",
+        )
         session = requests.Session()
         session.headers["Authorization"] = f"Bearer {TOKEN}"
         proxy_url = f"http://127.0.0.1:{port}"
@@ -390,21 +398,26 @@ def test_index_items_and_thumbnail(service: Service) -> None:
     assert info["counts"]["image"] == 32 and info["counts"]["text"] == 32 * 5
     item = service.session.get(f"{service.url}/v1/items/forest_0002", timeout=30).json()
     assert item["item_id"] == "forest_0002" and len(item["captions"]) == 5
+    assert item["thumbnail_url"] == "/v1/thumbnails/forest_0002"
     r = service.session.get(f"{service.url}{item['thumbnail_url']}", timeout=30)
     assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
     img = Image.open(io.BytesIO(r.content))
     assert img.format == "JPEG" and max(img.size) <= THUMB
+    old_url = service.session.get(f"{service.url}/v1/items/forest_0002/thumbnail", timeout=30)
+    assert old_url.status_code == 200 and old_url.content == r.content  # the former URL
     r = service.session.get(f"{service.url}/v1/items/no_such_item", timeout=30)
     assert r.status_code == 404 and "no_such_item" in r.json()["detail"]
-    r = service.session.get(f"{service.url}/v1/items/no_such_item/thumbnail", timeout=30)
-    assert r.status_code == 404
+    for path in ("/v1/thumbnails/no_such_item", "/v1/items/no_such_item/thumbnail"):
+        assert service.session.get(f"{service.url}{path}", timeout=30).status_code == 404
 
 
 def test_openapi_and_docs_are_published(service: Service) -> None:
     spec = requests.get(f"{service.url}/openapi.json", timeout=30).json()
     content = spec["paths"]["/v1/search"]["post"]["requestBody"]["content"]
     assert {"application/json", "multipart/form-data"} <= set(content)
-    assert "/v1/items/{item_id}/thumbnail" in spec["paths"]
+    assert "/v1/thumbnails/{item_id}" in spec["paths"]
+    assert "/v1/items/{item_id}/thumbnail" not in spec["paths"]  # no route shadows an item id
+    assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
     assert "SearchResponse" in spec["components"]["schemas"]
     assert requests.get(f"{service.url}/docs", timeout=30).status_code == 200
 
@@ -487,11 +500,14 @@ def test_bad_bodies_and_uploads_get_precise_4xx(service: Service) -> None:
 
 def test_auth_required_except_health(service: Service) -> None:
     url = service.url
-    assert requests.get(f"{url}/healthz", timeout=30).json()["status"] == "ok"
+    health = requests.get(f"{url}/healthz", timeout=30).json()
+    assert health == {"status": "ok", "index_version": str(service.art.manifest.version)}
     for method, path in (
         ("get", "/v1/index"),
+        ("get", "/v1/status"),
         ("post", "/v1/search"),
         ("get", "/v1/items/forest_0000"),
+        ("get", "/v1/thumbnails/forest_0000"),
         ("get", "/v1/items/forest_0000/thumbnail"),
         ("post", "/v1/reload"),
     ):
@@ -509,6 +525,14 @@ def test_auth_required_except_health(service: Service) -> None:
         assert TOKEN not in r.text
     r = requests.get(f"{url}/v1/index", headers={"Authorization": TOKEN}, timeout=30)
     assert r.status_code == 401  # a token without the Bearer scheme
+    # the API token does not reload; the admin token does, and also searches
+    assert service.session.post(f"{url}/v1/reload", timeout=30).status_code == 403
+    assert requests.post(f"{url}/v1/reload", headers=ADMIN, timeout=60).status_code == 200
+    r = requests.post(f"{url}/v1/search", json={"text": "river"}, headers=ADMIN, timeout=60)
+    assert r.status_code == 200
+    status = service.session.get(f"{url}/v1/status", timeout=30).json()
+    assert status["auth"] == "token" and status["admin_token"] is True
+    assert status["refused_requests"]["auth"] >= 14
 
 
 # ---- the web page -----------------------------------------------------------------------------
@@ -752,7 +776,7 @@ def test_reload_refuses_an_index_that_fails_validation(service: Service, defect:
         bad = corrupt_index(art)
         words = ["checksum", bad.shards[0].path]
     try:
-        r = service.session.post(f"{service.url}/v1/reload", timeout=60)
+        r = requests.post(f"{service.url}/v1/reload", headers=ADMIN, timeout=60)
         assert r.status_code == 409, r.text
         detail = r.json()["detail"]
         assert str(bad.version) in detail and good in detail
@@ -763,9 +787,12 @@ def test_reload_refuses_an_index_that_fails_validation(service: Service, defect:
         r = service.search(text="a river", k=3)
         assert r.status_code == 200 and r.json()["index_version"] == good
         assert requests.get(f"{service.url}/healthz", timeout=30).json()["index_version"] == good
+        status = service.session.get(f"{service.url}/v1/status", timeout=30).json()
+        assert status["status"] == "degraded" and str(bad.version) in status["refused_versions"]
+        assert status["reload_failures"] >= 1
     finally:
         storage.publish_pointer(index_store.latest_uri(art.index_root), good)
-    r = service.session.post(f"{service.url}/v1/reload", timeout=60)
+    r = requests.post(f"{service.url}/v1/reload", headers=ADMIN, timeout=60)
     assert r.status_code == 200 and r.json() == {
         "changed": False,
         "version": good,

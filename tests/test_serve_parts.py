@@ -88,10 +88,18 @@ def test_form_queries() -> None:
     assert _status(parse_form, {}, LIMITS)[0] == 422
 
 
-def test_text_limits_count_characters_after_stripping() -> None:
-    assert check_text(" " * 50 + "a" * 20 + "\n", LIMITS) == "a" * 20
+def test_text_limits_count_characters_as_sent_and_need_a_word() -> None:
+    """As the published schema says: ``maxLength`` over the text as sent, and a ``pattern``
+    asking for one character that caption cleaning keeps."""
+    assert check_text("  " + "a" * 17 + "\n", LIMITS) == "a" * 17
+    assert _status(check_text, " " * 10 + "a" * 11, LIMITS)[0] == 422
     assert _status(check_text, "a" * 21, LIMITS)[0] == 422
     assert _status(check_text, " \t\n", LIMITS)[0] == 422
+    assert _status(check_text, " ...!? ,", LIMITS) == (
+        422,
+        "text has no word: only spaces and . , ! ?",
+    )
+    assert check_text("é.", LIMITS) == "é."
 
 
 def _png(w: int, h: int) -> bytes:
@@ -332,11 +340,11 @@ def test_items_are_found_by_id_or_refused_with_404() -> None:
         "train",
         None,
     )
-    assert item.thumbnail_url == "/v1/items/a/thumbnail" and item.index_version == "v1"
+    assert item.thumbnail_url == "/v1/thumbnails/a" and item.index_version == "v1"
     with pytest.raises(RequestError) as e:
         find_item(cat, "zz", "v7")
     assert e.value.status == 404 and "'zz'" in e.value.message and "v7" in e.value.message
-    assert thumbnail_url("tiles/1 2?") == "/v1/items/tiles%2F1%202%3F/thumbnail"
+    assert thumbnail_url("tiles/1 2?") == "/v1/thumbnails/tiles%2F1%202%3F"
 
 
 def test_hits_carry_archive_fields_and_the_matched_caption() -> None:
@@ -371,13 +379,18 @@ class _Images:
     def __init__(self) -> None:
         self.reads: dict[str, int] = {}
 
-    def read(self, uri: str) -> bytes:
+    def read(self, uri: str, limit: int | None = None) -> bytes:
+        from deploy.artifacts import ObjectTooLargeError
+
         self.reads[uri] = self.reads.get(uri, 0) + 1
         if uri == "missing":
             raise FileNotFoundError(uri)
         if uri == "broken":
             return b"not an image"
-        return _png(200, 100)
+        data = _png(200, 100)
+        if limit is not None and len(data) > limit:
+            raise ObjectTooLargeError(f"{uri}: {len(data)} bytes")
+        return data
 
 
 def test_thumbnails_are_small_jpegs_and_the_cache_drops_the_least_recently_used() -> None:
@@ -403,6 +416,28 @@ def test_thumbnails_are_small_jpegs_and_the_cache_drops_the_least_recently_used(
     none_kept.get("a")
     none_kept.get("a")
     assert len(none_kept) == 0 and images.reads["a"] == 3
+    with pytest.raises(ValueError, match="bytes"):  # over the byte cap: refused, not decoded
+        ThumbnailCache(images.read, size=32, capacity=2, max_bytes=100).get("a")
+
+
+def test_thumbnails_of_large_images_are_made_from_a_reduced_decode() -> None:
+    """A 4000 x 3000 scene becomes a 64-pixel thumbnail through a decode reduced toward twice
+    that size, and looks like the full-size one."""
+    from PIL import Image
+
+    from deploy.thumbnails import make_thumbnail
+
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    scene = np.asarray(Image.fromarray(small).resize((4000, 3000), Image.Resampling.BILINEAR))
+    out = io.BytesIO()
+    Image.fromarray(scene).save(out, format="PNG")
+    thumb = Image.open(io.BytesIO(make_thumbnail(out.getvalue(), 64)))
+    assert thumb.size == (64, 48)
+    ref = Image.fromarray(scene)
+    ref.thumbnail((64, 64))
+    diff = np.abs(np.asarray(thumb, np.int16) - np.asarray(ref, np.int16))
+    assert diff.mean() < 6, diff.mean()  # JPEG at quality 85 included
 
 
 # ---- index versions ---------------------------------------------------------------------------------
@@ -441,6 +476,7 @@ class _Group:
     def __init__(self, row: int) -> None:
         self.row = row
         self.held: set[str] = set()
+        self.lagging = False  # a manifest sent starts a load that is not done yet
 
     async def prepare(self, manifest: IndexManifest) -> dict[str, int]:
         self.held.add(manifest.version)
@@ -448,7 +484,7 @@ class _Group:
 
     async def search(self, version: str, modality: str, codes: np.ndarray, k: int, manifest=None):
         if version not in self.held:
-            if manifest is None:
+            if manifest is None or self.lagging:
                 return None
             self.held.add(manifest.version)
         dist, ids = np.array([[self.row]], np.int32), np.array([[self.row]], np.int64)
@@ -495,14 +531,33 @@ def test_served_index_swaps_only_to_valid_versions_and_old_requests_finish_on_th
         root.latest = _manifest("v4")
         assert (await idx.reload()).previous_version == "v1"
         assert idx.current().version == "v4" and old.version == "v1"
+        assert idx.previous is old
         # a request that took the v1 state before the swap is answered from v1
-        res = await idx.search(old, "image", query, 2)
-        assert res.version == "v1" and res.item_ids == {3: "v1/3", 5: "v1/5"}
+        st, res = await idx.search(old, "image", query, 2)
+        assert st is old and res.version == "v1" and res.item_ids == {3: "v1/3", 5: "v1/5"}
         assert res.ids.tolist() == [[3, 5]]
         # a searcher replica that does not hold the version is sent the manifest
         groups[1].held.clear()
-        res = await idx.search(idx.current(), "text", query, 1)
+        st, res = await idx.search(idx.current(), "text", query, 1)
         assert res.version == "v4" and res.ids.tolist() == [[3]] and "v4" in groups[1].held
+        # a replica that holds only v1 (still loading v4) answers the request from v1, whole
+        groups[1].held = {"v1"}
+        groups[1].lagging = True
+        st, res = await idx.search(idx.current(), "image", query, 2)
+        assert (
+            st.version == "v1"
+            and res.version == "v1"
+            and set(res.item_ids.values())
+            == {
+                "v1/3",
+                "v1/5",
+            }
+        )
+        # a replica that holds none of them: 503 with Retry-After, never a mixed answer
+        groups[1].held = set()
+        with pytest.raises(RequestError) as e:
+            await idx.search(idx.current(), "image", query, 2)
+        assert e.value.status == 503 and e.value.headers["Retry-After"] == "1"
 
     asyncio.run(scenario())
 
@@ -532,3 +587,276 @@ def test_poller_follows_latest_and_does_not_retry_a_refused_version() -> None:
             poller.cancel()
 
     asyncio.run(scenario())
+
+
+# ---- hostile bodies, the published schema, the body budget -------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        (b"[" * 100_000 + b"]" * 100_000, 400),  # nested 100,000 deep
+        (b'{"text": "a", "k": ' + b"9" * 5000 + b"}", 400),  # k of 5,000 digits
+        (b'{"text": "a", "k": NaN}', 400),
+        (b'{"text": "a", "k": -Infinity}', 400),
+        (b'{"text": "a", "k": 1e999}', 422),  # a float: not an integer
+        (b'{"text": "\xff\xfe"}', 400),  # invalid UTF-8
+        (b'{"text": "\\ud800 river"}', 400),  # a lone surrogate
+        (b'{"text": null, "image_base64": "aGk="}', 422),
+        (b'{"text": "a", "target": null}', 422),
+        (b'{"text": ["a"]}', 422),
+        (b'{"text": {"a": 1}}', 422),
+        (b'{"text": "a", "k": "3"}', 422),
+        (b'{"text": "a", "k": true}', 422),
+        (b"", 400),
+        (b"\x00", 400),
+    ],
+    ids=lambda v: repr(v)[:30] if isinstance(v, bytes) else str(v),
+)
+def test_malformed_json_of_every_kind_is_a_4xx(body: bytes, status: int) -> None:
+    assert _status(parse_json, body, LIMITS)[0] == status
+
+
+def test_an_image_upload_with_an_empty_text_field_is_an_image_query() -> None:
+    q = parse_form({"image": ("a.png", "image/png", b"123"), "text": ""}, LIMITS)
+    assert (q.modality, q.image) == ("image", b"123")
+    assert _status(parse_form, {"text": ""}, LIMITS)[0] == 422
+
+
+def test_the_published_body_schemas_accept_exactly_what_the_parser_accepts() -> None:
+    """Bodies the schema allows parse (image bytes are decoded later), bodies it refuses get a
+    4xx: what schemathesis checks against the running service, here without Ray."""
+    import jsonschema
+
+    from deploy.queries import form_body_schema, json_body_schema
+
+    schema = json_body_schema(LIMITS)
+    b64 = base64.b64encode(b"abc").decode()
+    bodies = [
+        {"text": "river"},
+        {"text": "river", "k": 10, "target": "captions"},
+        {"text": "river", "k": None},
+        {"image_base64": b64},
+        {"image_base64": "data:image/png;base64," + b64},
+        {"text": "  "},
+        {"text": "?!"},
+        {"text": "x" * 21},
+        {"text": "river", "k": 11},
+        {"text": "river", "k": 0},
+        {"text": "river", "image_base64": b64},
+        {},
+        {"image_base64": "abc"},
+        {"image_base64": ""},
+        {"text": "river", "extra": 1},
+        {"text": "river", "target": "maps"},
+    ]
+    for body in bodies:
+        valid = jsonschema.Draft202012Validator(schema).is_valid(body)
+        try:
+            parse_json(json.dumps(body).encode(), LIMITS)
+            accepted = True
+        except RequestError as e:
+            assert 400 <= e.status < 500, e.status
+            accepted = False
+        assert valid == accepted, (body, valid, accepted)
+    form = form_body_schema(LIMITS)
+    forms = [
+        ({"text": "river", "k": 3}, {"text": "river", "k": "3"}),
+        ({"image": "x"}, {"image": ("a.png", "image/png", b"x")}),
+        ({"image": "x", "text": ""}, {"image": ("a.png", "image/png", b"x"), "text": ""}),
+        ({"image": "x", "text": "river"}, {"image": ("a", "image/png", b"x"), "text": "river"}),
+        ({"text": ""}, {"text": ""}),
+        ({}, {}),
+    ]
+    for doc, fields in forms:
+        valid = jsonschema.Draft202012Validator(form).is_valid(doc)
+        try:
+            parse_form(fields, LIMITS)
+            accepted = True
+        except RequestError:
+            accepted = False
+        assert valid == accepted, (doc, valid, accepted)
+
+
+def test_the_body_budget_refuses_with_503_and_is_given_back() -> None:
+    from deploy.queries import BodyBudget
+
+    budget = BodyBudget(250)
+    body = b'{"text": "river"}'.ljust(200)
+
+    async def scenario() -> None:
+        async with budget.hold() as first:
+            q = await parse_search_request(_request(body, "application/json"), LIMITS, first)
+            assert q.text == "river" and budget.used == 200
+            async with budget.hold() as second:
+                with pytest.raises(RequestError) as e:
+                    await parse_search_request(_request(body, "application/json"), LIMITS, second)
+                assert e.value.status == 503 and e.value.headers["Retry-After"] == "1"
+                assert e.value.reason == "body_budget"
+        assert budget.used == 0
+        async with budget.hold() as third:
+            await parse_search_request(_request(body, "application/json"), LIMITS, third)
+        assert budget.used == 0
+
+    asyncio.run(scenario())
+
+
+# ---- auth fails closed ------------------------------------------------------------------------------
+
+
+def test_auth_fails_closed_and_separates_the_admin_token() -> None:
+    from deploy.auth import AuthConfigError, check_admin, check_api, resolve_tokens
+
+    with pytest.raises(AuthConfigError, match="allow_anonymous"):
+        resolve_tokens("API", "ADMIN", False, {})
+    with pytest.raises(AuthConfigError):
+        resolve_tokens("API", "ADMIN", False, {"API": "  "})  # blank is unset
+    with pytest.raises(AuthConfigError):
+        resolve_tokens(None, "ADMIN", False, {"ADMIN": "a"})
+    t = resolve_tokens("API", "ADMIN", False, {"API": "k1", "ADMIN": "k2"})
+    assert t.mode == "token"
+    check_api(t, "Bearer k1")
+    check_api(t, "bearer  k2 ")  # the admin token works everywhere
+    check_admin(t, "Bearer k2")
+    for fn, header, status in (
+        (check_api, "", 401),
+        (check_api, "k1", 401),
+        (check_api, "Basic k1", 401),
+        (check_api, "Bearer k3", 403),
+        (check_admin, "Bearer k1", 403),  # the API token does not reload
+        (check_admin, "", 401),
+    ):
+        assert _status(fn, t, header)[0] == status, (fn.__name__, header)
+    no_admin = resolve_tokens("API", "ADMIN", False, {"API": "k1"})
+    assert _status(check_admin, no_admin, "Bearer k1")[0] == 403
+    anon = resolve_tokens("API", "ADMIN", True, {})
+    assert anon.mode == "anonymous"
+    check_api(anon, "")
+    check_admin(anon, "")
+    anon_admin = resolve_tokens("API", "ADMIN", True, {"ADMIN": "k2"})
+    assert _status(check_admin, anon_admin, "")[0] == 401
+
+
+def test_the_builder_pins_the_tokens_into_the_ingress_replicas_environment() -> None:
+    from deploy.app import HEALTH_CHECK, _with_defaults, token_env_vars
+    from deploy.auth import AuthConfigError
+
+    args = AppArgs(index_root="x", auth_token_env="T", admin_token_env="A")
+    with pytest.raises(AuthConfigError):
+        token_env_vars(args, {})
+    assert token_env_vars(args, {"T": "t", "A": "a", "B": "b"}) == {"T": "t", "A": "a"}
+    assert token_env_vars(args.model_copy(update={"allow_anonymous": True}), {}) == {}
+    opts = _with_defaults(
+        {"ray_actor_options": {"num_cpus": 1, "runtime_env": {"env_vars": {"X": "1", "T": "own"}}}},
+        {"T": "t", "A": "a"},
+    )
+    assert opts["ray_actor_options"] == {
+        "num_cpus": 1,
+        "runtime_env": {"env_vars": {"T": "own", "A": "a", "X": "1"}},
+    }
+    assert opts["health_check_timeout_s"] == HEALTH_CHECK["health_check_timeout_s"]
+    assert _with_defaults({"health_check_timeout_s": 5}, {})["health_check_timeout_s"] == 5
+
+
+# ---- searchers load off the request path ------------------------------------------------------
+
+
+def test_a_searcher_never_loads_on_the_request_path() -> None:
+    """A search for a version not held is answered ``None`` at once (with the manifest, the load
+    starts in the background); versions are validated as the ingress does, refused ones are not
+    retried, and the least recently searched version is dropped first."""
+    from deploy.searcher import ShardStore
+
+    codes = np.arange(8, dtype=np.uint8).reshape(2, 4)
+    gate = asyncio.Event()
+    loads: list[str] = []
+
+    def load_codes(manifest, modality, shards):
+        loads.append(manifest.version)
+        return codes, ["a", "b"], np.array([-1, -1], np.int32), np.array([0, 1], np.int64)
+
+    root = _Root()
+    loaders = Loaders(
+        load_codes=load_codes, validate=root.validate, read_latest_or_none=lambda r: root.latest
+    )
+    store = ShardStore(0, 1, keep_versions=2, loaders=loaders, expect=(32, "b1"))
+    q = np.zeros((1, 4), np.uint8)
+
+    async def scenario() -> None:
+        assert await store.sync_latest("mem://") is None and store.ready()  # nothing published
+        root.latest = _manifest("v1")
+        assert await store.sync_latest("mem://", strict=True) == "v1"
+        assert (await store.search("v1", "image", q, 1)).version == "v1"
+        m2 = _manifest("v2")
+        assert await store.search("v2", "image", q, 1) is None and "v2" not in loads
+        assert await store.search("v2", "image", q, 1, m2) is None  # starts the load, no wait
+        for _ in range(100):
+            if "v2" in store.versions():
+                break
+            await asyncio.sleep(0.01)
+        assert store.versions() == ["v1", "v2"]
+        await store.search("v1", "image", q, 1)  # v1 searched last: v2 goes first
+        await store.prepare(_manifest("v3"))
+        assert store.versions() == ["v1", "v3"]
+        root.latest = _manifest("v4", bundle_id="other")
+        assert await store.sync_latest("mem://") == "v4"
+        assert "v4" in store.refused and store.versions() == ["v1", "v3"]
+        await store.sync_latest("mem://")
+        assert root.validated["v4"] == 1  # not retried
+        fresh = ShardStore(0, 1, loaders=loaders, expect=(32, "b1"))
+        with pytest.raises(Exception, match="other"):
+            await fresh.sync_latest("mem://", strict=True)  # a constructor refuses to start
+        assert not fresh.ready()
+        gate.set()
+
+    asyncio.run(scenario())
+
+
+def test_calls_are_retried_when_the_replica_is_gone_and_only_then() -> None:
+    from ray.exceptions import ActorDiedError
+
+    from deploy import retry
+
+    calls: list[int] = []
+
+    async def flaky(x: int) -> int:
+        calls.append(x)
+        if len(calls) < 3:
+            raise ActorDiedError()
+        return x * 2
+
+    async def bad(x: int) -> int:
+        calls.append(x)
+        raise ValueError("bad input")
+
+    async def scenario() -> None:
+        assert await retry.retry_unavailable(flaky, 4) == 8 and len(calls) == 3
+        calls.clear()
+        with pytest.raises(ValueError):
+            await retry.retry_unavailable(bad, 1)
+        assert calls == [1]
+
+    asyncio.run(scenario())
+
+
+def test_query_images_are_reduced_toward_the_model_input_before_conversion() -> None:
+    from duch_core.config import ImageBackboneConfig
+    from duch_core.imageio import decode_image, preprocess
+
+    cfg = ImageBackboneConfig(image_size=32, center_crop=0)
+    limits = Limits(max_image_pixels=10_000_000)
+    small = _png(100, 80)
+    np.testing.assert_array_equal(
+        decode_query_image(small, limits, cfg), decode_image(small)
+    )  # under 4x the input: decoded whole, as the encode job does
+    import imagecodecs
+
+    y, x = np.mgrid[0:1200, 0:1600].astype(np.float64)
+    smooth = np.stack([x / 1600, y / 1200, 0.5 + 0.5 * np.sin(x / 150 + y / 200)], axis=-1)
+    big = (3000 + 4000 * smooth).astype(np.uint16)  # 1600 x 1200, 12-bit data in 16 bits
+    data = imagecodecs.png_encode(big)
+    img = decode_query_image(data, limits, cfg)
+    assert img.shape == (1200 // 18, 1600 // 18, 3)  # factor 18 keeps 2 x 32 on the short side
+    full = preprocess(decode_image(data), cfg)
+    diff = np.abs(preprocess(img, cfg) - full)  # normalised units: 1 is about 57/255
+    assert diff.mean() < 0.03 and diff.max() < 0.2, (diff.mean(), diff.max())
