@@ -219,7 +219,10 @@ def train_func(config: dict[str, Any]) -> None:
                 ckpt.save_state(tmp, state, config["job_config"])
                 ray.train.report(merged, checkpoint=Checkpoint.from_directory(tmp))
             if progress is not None:
-                progress.put(merged)
+                try:
+                    progress.put(merged)
+                except Exception:  # the driver's log is gone; training goes on without it
+                    progress = None
         else:
             ray.train.report(merged, checkpoint=None)
 
