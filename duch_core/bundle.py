@@ -8,14 +8,23 @@ A bundle is a directory (local or ``s3://``) with three files, written in this o
   so the backbones and preprocessing are rebuilt from the bundle alone;
 * ``meta.json`` (last: a bundle without it is incomplete): ``format``, ``bundle_id``, ``bits``,
   ``bitorder`` ("big"), ``image_dim``, ``text_dim``, ``hidden_dim``, ``feature_stats``
-  (``{"image": {"mean", "std"}, "text": {...}}`` or null), ``created`` (UTC ISO time),
-  ``metrics``, ``hash_covers``.
+  (``{"image": {"mean", "std"}, "text": {...}}`` or null), ``backbones`` (the digest of each
+  frozen backbone's weights, :func:`backbone_digests`), ``created`` (UTC ISO time), ``metrics``,
+  ``hash_covers``.
 
 ``bundle_id`` is the SHA-256 of a canonical encoding of the weights (every tensor's name, dtype,
 shape and bytes, in name order), the config (sorted-key JSON) and the meta fields that change
-what the codes are (format, bits, bitorder, dims, feature stats). :meth:`Bundle.load` recomputes
-it and refuses a bundle whose files were changed after saving. ``created`` and ``metrics`` are
-descriptive and not covered.
+what the codes are (format, bits, bitorder, dims, feature stats, backbone digests).
+:meth:`Bundle.load` recomputes it and refuses a bundle whose files were changed after saving;
+:class:`HashEncoder` recomputes each backbone's digest when it builds the tower and refuses a
+backbone whose weights are not the ones the bundle was made with (a hub model updated in place,
+a checkpoint directory overwritten), so one bundle id always means the same codes. ``created``
+and ``metrics`` are descriptive and not covered. Bundles written before the backbone digests
+existed list what their id covers in ``hash_covers`` and still load.
+
+Bundles are referenced by id: :func:`pin_bundle` copies a bundle, verified, to an immutable
+``<dir>/<bundle id>/`` (the encode job pins into ``<index root>/bundles/``), so an index can name
+a location whose content never changes, whatever happens to the mutable URI it was given.
 """
 
 from __future__ import annotations
@@ -41,7 +50,7 @@ FORMAT = "duch-bundle/1"
 HEADS_FILE = "heads.pt"
 CONFIG_FILE = "config.json"
 META_FILE = "meta.json"
-HASH_COVERS = (
+LEGACY_HASH_COVERS = (
     "weights",
     "config",
     "format",
@@ -52,6 +61,9 @@ HASH_COVERS = (
     "hidden_dim",
     "feature_stats",
 )
+"""What the ids of bundles written before backbone digests existed cover."""
+
+HASH_COVERS = (*LEGACY_HASH_COVERS, "backbones")
 
 
 class BundleError(ValueError):
@@ -67,20 +79,67 @@ def _canonical_json(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
 
-def content_hash(
-    state: Mapping[str, torch.Tensor], config: Mapping[str, Any], meta: Mapping[str, Any]
-) -> str:
-    """SHA-256 hex digest of weights, config and the code-defining meta fields (module docstring)."""
-    h = hashlib.sha256()
-    h.update(FORMAT.encode() + b"\0")
+def _update_with_state(h: Any, state: Mapping[str, torch.Tensor]) -> None:
     for name in sorted(state):
         t = state[name].detach().cpu().contiguous()
         h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
         h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def content_hash(
+    state: Mapping[str, torch.Tensor],
+    config: Mapping[str, Any],
+    meta: Mapping[str, Any],
+    covers: Sequence[str] = HASH_COVERS,
+) -> str:
+    """SHA-256 hex digest of weights, config and the code-defining meta fields (module docstring).
+
+    ``covers`` names the meta fields included (a bundle's own ``hash_covers``).
+    """
+    h = hashlib.sha256()
+    h.update(FORMAT.encode() + b"\0")
+    _update_with_state(h, state)
     h.update(b"\0config\0" + _canonical_json(config))
-    covered = {k: meta.get(k) for k in HASH_COVERS if k not in ("weights", "config")}
+    covered = {k: meta.get(k) for k in covers if k not in ("weights", "config")}
     h.update(b"\0meta\0" + _canonical_json(covered))
     return h.hexdigest()
+
+
+def tower_digest(tower: Any) -> str:
+    """SHA-256 of a backbone tower's weights (every tensor of its model's state dict) and, for a
+    text tower, its tokenizer's vocabulary and lower-casing: what makes its features."""
+    h = hashlib.sha256()
+    _update_with_state(h, tower.model.state_dict())
+    tok = getattr(tower, "tokenizer", None)
+    if tok is not None:
+        vocab = sorted(tok.get_vocab().items())
+        h.update(b"\0tokenizer\0" + type(tok).__name__.encode())
+        h.update(_canonical_json([vocab, getattr(tok, "do_lower_case", None)]))
+    return h.hexdigest()
+
+
+def backbone_digests(cfg: DUCHConfig) -> dict[str, dict[str, str]]:
+    """``{"image": {"source", "sha256"}, "text": {...}}``: the backbones ``cfg`` names, hashed.
+
+    Builds both towers (from the local caches: nothing is downloaded).
+
+    Raises:
+        BundleError: a backbone cannot be loaded here.
+    """
+    from duch_core.backbones import BackboneError, load_image_tower, load_text_tower
+
+    try:
+        image = load_image_tower(cfg.image_backbone)
+        text = load_text_tower(cfg.text_backbone, paper_compat=cfg.paper_compat)
+    except BackboneError as e:
+        raise BundleError(
+            f"cannot hash the backbones for the bundle id ({e}); export the bundle where the "
+            "backbones load (the nodes that extracted the features), or pass backbones="
+        ) from e
+    return {
+        "image": {"source": cfg.image_backbone.source, "sha256": tower_digest(image)},
+        "text": {"source": cfg.text_backbone.source, "sha256": tower_digest(text)},
+    }
 
 
 def normalize_feature_stats(stats: Any) -> dict[str, dict[str, float]] | None:
@@ -132,6 +191,7 @@ def save_bundle(
     cfg: DUCHConfig,
     feature_stats: Any = None,
     metrics: Mapping[str, Any] | None = None,
+    backbones: Mapping[str, Mapping[str, str]] | None = None,
 ) -> str:
     """Write a bundle directory at ``uri`` (local path or ``s3://`` prefix).
 
@@ -142,12 +202,15 @@ def save_bundle(
         feature_stats: global z-score statistics per modality (see
             :func:`normalize_feature_stats`), or ``None`` when features are not normalised.
         metrics: evaluation results to record (JSON-serialisable).
+        backbones: the backbones' digests (:func:`backbone_digests`); computed here (both
+            towers are built) when ``None``.
 
     Returns:
         The bundle id (SHA-256 hex of the content).
 
     Raises:
-        BundleError: inconsistent model and config, bad feature stats, non-JSON metrics.
+        BundleError: inconsistent model and config, bad feature stats, non-JSON metrics, or a
+            backbone that cannot be loaded to be hashed.
     """
     if not isinstance(cfg, DUCHConfig):
         raise BundleError(f"cfg must be a DUCHConfig, got {type(cfg).__name__}")
@@ -166,6 +229,9 @@ def save_bundle(
         "text_dim": int(model.text_head.in_dim),
         "hidden_dim": int(first_linear.out_features),
         "feature_stats": stats,
+        "backbones": json.loads(
+            json.dumps(dict(backbones) if backbones is not None else backbone_digests(cfg))
+        ),
     }
     bundle_id = content_hash(state, config, meta)
     try:
@@ -199,11 +265,15 @@ def save_untrained_bundle(uri: str, cfg: DUCHConfig, seed: int = 0) -> str:
     """
     from duch_core.backbones import load_image_tower, load_text_tower
 
-    image_dim = load_image_tower(cfg.image_backbone).dim
-    text_dim = load_text_tower(cfg.text_backbone, paper_compat=cfg.paper_compat).dim
+    image = load_image_tower(cfg.image_backbone)
+    text = load_text_tower(cfg.text_backbone, paper_compat=cfg.paper_compat)
+    digests = {
+        "image": {"source": cfg.image_backbone.source, "sha256": tower_digest(image)},
+        "text": {"source": cfg.text_backbone.source, "sha256": tower_digest(text)},
+    }
     torch.manual_seed(seed)
-    model = DUCH(image_dim, text_dim, cfg.model.bits, cfg.model.hidden_dim).eval()
-    return save_bundle(uri, model, cfg, None, {})
+    model = DUCH(image.dim, text.dim, cfg.model.bits, cfg.model.hidden_dim).eval()
+    return save_bundle(uri, model, cfg, None, {}, backbones=digests)
 
 
 def _read_file(uri: str, name: str) -> bytes:
@@ -216,10 +286,16 @@ def _read_file(uri: str, name: str) -> bytes:
 
 def _read_json_files(uri: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """``meta.json`` and ``config.json`` of a bundle, with the meta fields checked."""
+    return _parse_json_files(uri, _read_file(uri, META_FILE), _read_file(uri, CONFIG_FILE))
+
+
+def _parse_json_files(
+    uri: str, meta_bytes: bytes, config_bytes: bytes
+) -> tuple[dict[str, Any], dict[str, Any]]:
     try:
-        meta = json.loads(_read_file(uri, META_FILE))
-        config_dict = json.loads(_read_file(uri, CONFIG_FILE))
-    except json.JSONDecodeError as e:
+        meta = json.loads(meta_bytes)
+        config_dict = json.loads(config_bytes)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BundleError(f"bundle {uri}: malformed JSON: {e}") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else meta
@@ -257,6 +333,8 @@ class BundleMeta:
         bits: code length.
         image_dim, text_dim: feature widths the hashing heads take.
         config: the resolved :class:`DUCHConfig` (backbones, preprocessing).
+        backbones: the backbone digests the id covers, or ``None`` for a bundle written
+            before they existed (its id then does not cover the backbone weights).
     """
 
     uri: str
@@ -265,6 +343,7 @@ class BundleMeta:
     image_dim: int
     text_dim: int
     config: DUCHConfig
+    backbones: dict[str, Any] | None = None
 
     @property
     def image_backbone(self) -> ImageBackboneConfig:
@@ -289,6 +368,82 @@ def read_meta(uri: str) -> BundleMeta:
         image_dim=int(meta["image_dim"]),
         text_dim=int(meta["text_dim"]),
         config=_parse_config(uri, config_dict),
+        backbones=_covered_backbones(meta),
+    )
+
+
+def _covers(meta: Mapping[str, Any]) -> tuple[str, ...]:
+    """The meta fields a bundle's id covers (its own ``hash_covers``; legacy list if absent)."""
+    covers = meta.get("hash_covers")
+    if isinstance(covers, list) and all(isinstance(c, str) for c in covers):
+        return tuple(covers)
+    return LEGACY_HASH_COVERS
+
+
+def _covered_backbones(meta: Mapping[str, Any]) -> dict[str, Any] | None:
+    found = meta.get("backbones")
+    if "backbones" in _covers(meta) and isinstance(found, dict):
+        return dict(found)
+    return None
+
+
+def _verified_state(
+    uri: str, meta: Mapping[str, Any], config_dict: Mapping[str, Any], heads: bytes
+) -> dict[str, torch.Tensor]:
+    """The heads' state dict, after checking the content hash against ``bundle_id``."""
+    try:
+        state = torch.load(io.BytesIO(heads), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise BundleError(
+            f"bundle {uri}: {HEADS_FILE} is unreadable: {type(e).__name__}: {e}"
+        ) from e
+    if not isinstance(state, dict):
+        raise BundleError(f"bundle {uri}: {HEADS_FILE} does not hold a state dict")
+    actual = content_hash(state, config_dict, meta, _covers(meta))
+    if actual != meta["bundle_id"]:
+        raise BundleError(
+            f"bundle {uri} failed its integrity check: content hash {actual[:16]}... differs "
+            f"from bundle_id {str(meta['bundle_id'])[:16]}...; heads.pt, config.json or "
+            "meta.json was modified after saving (or replaced while being read). Re-export the "
+            "bundle."
+        )
+    return state
+
+
+def pin_bundle(uri: str, pinned_root: str) -> BundleMeta:
+    """Copy the bundle at ``uri`` to the immutable ``<pinned_root>/<bundle id>/``, verified.
+
+    The three files are read once, the content hash is checked on those bytes and the same
+    bytes are written (``meta.json`` last), so the copy is exactly the bundle that was checked
+    even if ``uri`` (a mutable ``.../current``) is replaced meanwhile. A copy that exists
+    already is kept as it is. The returned meta's ``uri`` is the pinned location.
+
+    Raises:
+        BundleError: missing or malformed files, or a failed integrity check.
+    """
+    meta_bytes = _read_file(uri, META_FILE)
+    config_bytes = _read_file(uri, CONFIG_FILE)
+    heads = _read_file(uri, HEADS_FILE)
+    meta, config_dict = _parse_json_files(uri, meta_bytes, config_bytes)
+    _verified_state(uri, meta, config_dict, heads)
+    bundle_id = str(meta["bundle_id"])
+    dest = storage.join(pinned_root, bundle_id)
+    try:
+        existing = read_meta(dest)
+    except BundleError:
+        existing = None
+    if existing is None or existing.bundle_id != bundle_id:
+        storage.write_bytes(storage.join(dest, HEADS_FILE), heads)
+        storage.write_bytes(storage.join(dest, CONFIG_FILE), config_bytes)
+        storage.write_bytes(storage.join(dest, META_FILE), meta_bytes)
+    return BundleMeta(
+        uri=dest,
+        bundle_id=bundle_id,
+        bits=codes.check_bits(int(meta["bits"])),
+        image_dim=int(meta["image_dim"]),
+        text_dim=int(meta["text_dim"]),
+        config=_parse_config(uri, config_dict),
+        backbones=_covered_backbones(meta),
     )
 
 
@@ -335,25 +490,7 @@ class Bundle:
                 (the bundle was modified after saving).
         """
         meta, config_dict = _read_json_files(uri)
-        try:
-            state = torch.load(
-                io.BytesIO(_read_file(uri, HEADS_FILE)), map_location="cpu", weights_only=True
-            )
-        except BundleError:
-            raise
-        except Exception as e:
-            raise BundleError(
-                f"bundle {uri}: {HEADS_FILE} is unreadable: {type(e).__name__}: {e}"
-            ) from e
-        if not isinstance(state, dict):
-            raise BundleError(f"bundle {uri}: {HEADS_FILE} does not hold a state dict")
-        actual = content_hash(state, config_dict, meta)
-        if actual != meta["bundle_id"]:
-            raise BundleError(
-                f"bundle {uri} failed its integrity check: content hash {actual[:16]}... differs "
-                f"from bundle_id {str(meta['bundle_id'])[:16]}...; heads.pt, config.json or "
-                "meta.json was modified after saving. Re-export the bundle."
-            )
+        state = _verified_state(uri, meta, config_dict, _read_file(uri, HEADS_FILE))
         config = _parse_config(uri, config_dict)
         bits = codes.check_bits(int(meta["bits"]))
         model = DUCH(int(meta["image_dim"]), int(meta["text_dim"]), bits, int(meta["hidden_dim"]))
@@ -399,6 +536,7 @@ class HashEncoder:
 
                 tower = load_image_tower(self.bundle.config.image_backbone)
                 self._check_dim("image", tower.dim)
+                self._check_weights("image", tower)
                 self._image_tower = tower.to(self.bundle.device).eval()
         return self._image_tower
 
@@ -412,6 +550,7 @@ class HashEncoder:
                 cfg = self.bundle.config
                 tower = load_text_tower(cfg.text_backbone, paper_compat=cfg.paper_compat)
                 self._check_dim("text", tower.dim)
+                self._check_weights("text", tower)
                 self._text_tower = tower.to(self.bundle.device).eval()
         return self._text_tower
 
@@ -421,6 +560,21 @@ class HashEncoder:
             raise BundleError(
                 f"bundle {self.bundle.uri}: its {modality} backbone gives {dim}-d features but the "
                 f"heads expect {want}-d; the backbone source changed since the bundle was made"
+            )
+
+    def _check_weights(self, modality: str, tower: Any) -> None:
+        recorded = _covered_backbones(self.bundle.meta)
+        if recorded is None:  # a bundle from before backbone digests: nothing to compare
+            return
+        want = str(recorded.get(modality, {}).get("sha256", ""))
+        got = tower_digest(tower)
+        if got != want:
+            raise BundleError(
+                f"bundle {self.bundle.uri}: its {modality} backbone "
+                f"{recorded.get(modality, {}).get('source', '?')!r} now loads weights "
+                f"{got[:16]}..., the bundle was made with {want[:16]}...; the backbone changed "
+                "since (a hub model updated, a checkpoint overwritten). Restore those weights or "
+                "train and export a new bundle."
             )
 
     def _codes(self, feats: Any, modality: str) -> torch.Tensor:
