@@ -322,11 +322,14 @@ def _parse_instant(text: str, end: bool) -> int:
     (or, for an end, its last microsecond)."""
     t = text.strip()
     try:
-        if len(t) == 10:  # YYYY-MM-DD
-            d = date.fromisoformat(t)
-            start = DateTime(d.year, d.month, d.day, tzinfo=UTC)
-            us = (start - _EPOCH) // timedelta(microseconds=1)
-            return us + (86_400_000_000 - 1 if end else 0)
+        d = date.fromisoformat(t)  # a date alone (2024-06-30, 20240630)
+    except ValueError:
+        pass
+    else:
+        start = DateTime(d.year, d.month, d.day, tzinfo=UTC)
+        us = (start - _EPOCH) // timedelta(microseconds=1)
+        return us + (86_400_000_000 - 1 if end else 0)
+    try:
         dt = DateTime.fromisoformat(t)
     except ValueError:
         raise FilterError("datetime", f"{text!r} is not an ISO 8601 date or date-time") from None

@@ -189,9 +189,12 @@ def _pool(n: int) -> ThreadPoolExecutor:
 
 
 def _kernel() -> Any:
-    from duch_core import _search_kernel
+    kern = _STATE.get("kernel")
+    if kern is None:
+        from duch_core import _search_kernel as kern
 
-    return _search_kernel
+        _STATE["kernel"] = kern
+    return kern
 
 
 def warmup(bits: int) -> None:
@@ -257,7 +260,7 @@ def _search_positions(
     total = n if cand is None else cand.shape[0]
     min_chunk = _MIN_CHUNK if cand is None else _MIN_GATHER_CHUNK
     nchunks = int(max(1, min(nthreads, total // min_chunk)))
-    bounds = np.linspace(0, total, nchunks + 1).astype(np.int64)
+    bounds = [total * c // nchunks for c in range(nchunks + 1)]
     row_bytes = max(1, w * db.itemsize)
     block = max(64, _BLOCK_BYTES // row_bytes)
     sub = max(16, _SUB_BYTES // row_bytes)
@@ -389,9 +392,11 @@ def _mask_fraction(mask: np.ndarray) -> float:
     n = mask.shape[0]
     if n <= 4 * _MASK_SAMPLES * _MASK_RUN:
         return np.count_nonzero(mask) / max(n, 1)
-    runs = mask[: n - n % _MASK_RUN].reshape(-1, _MASK_RUN)
-    picked = runs[np.linspace(0, runs.shape[0] - 1, _MASK_SAMPLES).astype(np.int64)]
-    return np.count_nonzero(picked) / picked.size
+    step = (n - _MASK_RUN) // (_MASK_SAMPLES - 1)
+    runs = np.lib.stride_tricks.as_strided(
+        mask, shape=(_MASK_SAMPLES, _MASK_RUN), strides=(step, 1), writeable=False
+    )  # a view: run i starts at row i * step
+    return np.count_nonzero(runs) / runs.size
 
 
 def _read_id_file(path: Path) -> tuple[np.dtype, tuple[int, ...], bool, bool, int]:

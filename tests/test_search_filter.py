@@ -355,6 +355,7 @@ def test_datetime_bounds() -> None:
     assert pos("2024-01-01T00:00:00+01:00/2024-01-01") == [3, 5]  # offsets are honoured
     assert pos("2023-12-31T23:00:00/2023-12-31T23:00:00") == [5]
     assert pos(" 2024-01-01 / 2024-06-30T00:00:00 ") == [0, 3]
+    assert pos("20240630") == [0, 1]  # the basic format is a date too
     as_int = ItemMetadata.from_columns(datetime=t.view(np.int64))
     assert F.candidate_positions(as_int, {"datetime": "../2024-06-30"}).tolist() == [0, 1, 3, 5]
     assert F.parse_datetime_range("2024-01-01/..") == (_us("2024-01-01T00:00:00"), None)
