@@ -462,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from deploy.app import AppArgs, compose
+    from deploy.app import CONTROLLER_OPTIONS, AppArgs, compose
     from deploy.endpoints import DIRECT_INGRESS_ENV, ingress_urls
     from duch_core import index_store
 
@@ -544,7 +544,10 @@ def main(argv: list[str] | None = None) -> int:
     floors: dict[str, dict[str, Any]] = {}
     inproc = InProcess(work, a.k, a.torch_threads, a.image_size)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.start(
+            http_options={"host": "127.0.0.1", "port": port},
+            controller_options=CONTROLLER_OPTIONS,
+        )
         args = AppArgs(
             index_root=str(work / "index"),
             bundle_uri=bundle_uri,
@@ -552,6 +555,7 @@ def main(argv: list[str] | None = None) -> int:
             k_cap=max(100, a.k),
             poll_interval_s=0,
             auth_token_env=None,
+            allow_anonymous=True,  # loopback benchmark
             torch_threads=a.torch_threads,
             batch_wait_s=a.batch_wait_s,
             handle_transport=a.handle_transport,

@@ -17,6 +17,7 @@ an archive image read for a thumbnail.
 import asyncio
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -330,6 +331,7 @@ class Ingress:
             body_budget_bytes=self.bodies.capacity,
             body_bytes_held=self.bodies.used,
             memory=ReplicaMemory(rss_bytes=rss, peak_rss_bytes=peak),
+            pid=os.getpid(),
         )
 
     def __del__(self) -> None:

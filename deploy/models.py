@@ -135,6 +135,7 @@ class Status(BaseModel):
     body_budget_bytes: int = Field(description="Request body bytes this replica may hold.")
     body_bytes_held: int
     memory: ReplicaMemory
+    pid: int = Field(description="Process id of the answering replica.")
 
 
 class ErrorResponse(BaseModel):

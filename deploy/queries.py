@@ -511,17 +511,13 @@ def form_body_schema(limits: Limits) -> dict[str, Any]:
         "type": "object",
         "additionalProperties": False,
         "properties": {
-            "image": {"type": "string", "format": "binary"},
+            "image": {"type": "string", "format": "binary", "minLength": 1},
             "text": {"type": "string", "maxLength": limits.max_text_chars},
             "k": _k_schema(limits),
             "target": TARGET_SCHEMA,
         },
         "oneOf": [
             {"required": ["image"], "properties": {"text": {"maxLength": 0}}},
-            {
-                "required": ["text"],
-                "properties": {"text": _text_schema(limits)},
-                "not": {"required": ["image"]},
-            },
+            {"required": ["text"], "properties": {"text": _text_schema(limits), "image": False}},
         ],
     }

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -100,6 +101,27 @@ def _check_args(app: dict[str, Any]) -> None:
         raise ServeConfigError(f"application {app.get('name')!r}: {where}") from e
 
 
+def attach_tokens(data: dict[str, Any], environ: dict[str, str] | None = None) -> list[str]:
+    """Copy the token variables each ``deploy.app:build_app`` application names from this
+    shell into its ``runtime_env.env_vars``: ``serve deploy`` builds the app on the cluster,
+    which does not see this shell. Returns the names copied."""
+    from deploy.app import AppArgs
+
+    env = os.environ if environ is None else environ
+    copied = []
+    for app in data.get("applications") or []:
+        if app.get("import_path") != "deploy.app:build_app":
+            continue
+        args = AppArgs.model_validate(app.get("args") or {})
+        for name in (args.auth_token_env, args.admin_token_env):
+            if name and env.get(name, "").strip():
+                runtime_env = app.setdefault("runtime_env", {}) or {}
+                app["runtime_env"] = runtime_env
+                runtime_env.setdefault("env_vars", {})[name] = env[name].strip()
+                copied.append(name)
+    return copied
+
+
 def serve_command(config_file: str, deploy: bool, address: str | None) -> list[str]:
     """The ``serve run`` / ``serve deploy`` command line for a resolved config file."""
     serve_bin = shutil.which("serve", path=str(Path(sys.executable).parent)) or "serve"
@@ -121,6 +143,14 @@ def main(argv: list[str] | None = None, prog: str = "serve") -> int:
     if args.print_config:
         sys.stdout.write(text)
         return _common.EXIT_OK
+    if args.deploy and attach_tokens(data):
+        # the config now holds the tokens: hand it to `serve deploy` and remove it (mode 0600)
+        with tempfile.NamedTemporaryFile("w", prefix="duch-serve-", suffix=".yaml") as f:
+            f.write(yaml.safe_dump(data, sort_keys=False))
+            f.flush()
+            cmd = serve_command(f.name, True, args.address)
+            print(f"serve: serve deploy  (from {args.config}, tokens from this shell)", flush=True)
+            return subprocess.run(cmd, check=False).returncode
     with tempfile.NamedTemporaryFile("w", prefix="duch-serve-", suffix=".yaml", delete=False) as f:
         f.write(text)
     cmd = serve_command(f.name, args.deploy, args.address)

@@ -860,3 +860,62 @@ def test_query_images_are_reduced_toward_the_model_input_before_conversion() -> 
     full = preprocess(decode_image(data), cfg)
     diff = np.abs(preprocess(img, cfg) - full)  # normalised units: 1 is about 57/255
     assert diff.mean() < 0.03 and diff.max() < 0.2, (diff.mean(), diff.max())
+
+
+def test_duch_serve_deploy_carries_the_tokens_from_the_shell_to_the_cluster() -> None:
+    from jobs.serve import attach_tokens
+
+    data = {
+        "applications": [
+            {"import_path": "deploy.app:build_app", "args": {"index_root": "x"}},
+            {"import_path": "other:app", "args": {}},
+        ]
+    }
+    env = {"DUCH_API_TOKEN": " t1 ", "DUCH_ADMIN_TOKEN": "t2", "OTHER": "no"}
+    assert attach_tokens(data, env) == ["DUCH_API_TOKEN", "DUCH_ADMIN_TOKEN"]
+    assert data["applications"][0]["runtime_env"] == {
+        "env_vars": {"DUCH_API_TOKEN": "t1", "DUCH_ADMIN_TOKEN": "t2"}
+    }
+    assert "runtime_env" not in data["applications"][1]
+    assert (
+        attach_tokens(
+            {
+                "applications": [
+                    {"import_path": "deploy.app:build_app", "args": {"index_root": "x"}}
+                ]
+            },
+            {},
+        )
+        == []
+    )
+
+
+def test_an_answer_from_another_bundle_than_the_index_is_refused_with_503() -> None:
+    """Encoder and ingress both check the bundle on every answer: a query is never answered
+    with codes of one model searched among codes of another."""
+    from deploy.artifacts import LoadedEncoder
+    from deploy.encoder import EncoderClient, QueryEncoder
+    from deploy.ingress import Ingress, IngressSettings
+    from deploy.queries import Query
+    from deploy.telemetry import Telemetry
+
+    encoder = object.__new__(QueryEncoder.func_or_class)
+    encoder.loaded = LoadedEncoder(encoder=None, bits=32, bundle_id="new")
+    code, err, got = asyncio.run(encoder.encode_text("river", "old"))
+    assert code is None and got == "new" and "not old" in (err or "")
+
+    async def answer(_: Any, bundle_id: str) -> Any:
+        return np.zeros(4, np.uint8), None, "new"
+
+    # the class under Serve's ASGI wrapper (whose async __del__ would warn, never awaited)
+    plain = next(c for c in Ingress.func_or_class.__mro__ if "__serve_build_asgi_app__" in vars(c))
+    svc = object.__new__(plain)
+    svc.encoder = EncoderClient(answer, answer, 32, "new")
+    svc.telemetry = Telemetry(export=False)
+    svc.settings = IngressSettings(index_root="x")
+    with pytest.raises(RequestError) as e:
+        asyncio.run(svc.encode(Query("text", 3, "images", text="river"), "old"))
+    assert e.value.status == 503 and e.value.reason == "bundle_mismatch"
+    assert e.value.headers["Retry-After"] == "1"
+    code, _ = asyncio.run(svc.encode(Query("text", 3, "images", text="river"), "new"))
+    assert code.shape == (1, 4)
