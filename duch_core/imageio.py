@@ -255,7 +255,7 @@ def _stretch_sample(arr: np.ndarray) -> np.ndarray:
     return arr[idx]
 
 
-def to_uint8(arr: np.ndarray, depth: str = "stretch") -> np.ndarray:
+def to_uint8(arr: np.ndarray, depth: str = "stretch", crop: int = 0) -> np.ndarray:
     """Map any numeric ``(H, W, C)`` array to uint8 by the bit-depth rule (module docstring).
 
     The arithmetic is float64, as the rule is stated, but done over blocks of about a million
@@ -264,39 +264,61 @@ def to_uint8(arr: np.ndarray, depth: str = "stretch") -> np.ndarray:
     Args:
         arr: pixel values; uint8 passes through unchanged.
         depth: ``"stretch"`` (per-image 2-98 percentile stretch) or ``"scale"`` (type maximum).
+        crop: when positive, only the central ``crop x crop`` window (:func:`center_crop`) is
+            converted, with the stretch still taken over the whole image: equal to
+            ``center_crop(to_uint8(arr, depth), crop)`` without converting the rest.
     """
+    if crop > 0:
+        window = center_crop(arr, crop)
+        if window.shape != arr.shape and arr.dtype not in (np.uint8, np.bool_):
+            return _convert(window, *_bounds(arr, depth))
+        return np.ascontiguousarray(center_crop(to_uint8(arr, depth), crop))
+    if arr.dtype == np.uint8 and depth in ("stretch", "scale"):
+        return arr
+    return _convert(arr, *_bounds(arr, depth))
+
+
+def _bounds(arr: np.ndarray, depth: str) -> tuple[float, float] | tuple[None, None]:
+    """``(lo, span)`` of the bit-depth rule for ``arr``; ``(None, None)`` maps all to 0."""
     if depth not in ("stretch", "scale"):
         raise ImageDecodeError(f"unknown bit-depth rule {depth!r}; use 'stretch' or 'scale'")
+    if arr.dtype in (np.uint8, np.bool_):
+        return 0.0, 1.0  # not used: passed through or mapped to 0/255 in _convert
+    if arr.dtype.kind not in "uif":
+        raise ImageDecodeError(f"unsupported pixel type {arr.dtype}")
+    if depth == "scale":
+        if arr.dtype.kind in "ui":
+            info = np.iinfo(arr.dtype)
+            return float(min(info.min, 0)), float(info.max - min(info.min, 0))
+        return 0.0, 1.0
+    sample = _stretch_sample(arr).astype(np.float64)
+    sample = sample[np.isfinite(sample)]
+    if sample.size == 0:
+        return None, None
+    lo, hi = np.percentile(sample, STRETCH_PERCENTILES)
+    if hi <= lo:
+        lo, hi = float(sample.min()), float(sample.max())
+    if hi <= lo:
+        return None, None
+    return float(lo), float(hi - lo)
+
+
+def _convert(arr: np.ndarray, lo: float | None, span: float | None) -> np.ndarray:
+    """``arr`` mapped to uint8 by ``(x - lo) / span`` clipped to [0, 1] (floats: as they are
+    under ``depth="scale"``, which passes ``lo=0, span=1``), block by block."""
     if arr.dtype == np.uint8:
         return arr
     if arr.dtype == np.bool_:
         return arr.astype(np.uint8) * 255
-    if arr.dtype.kind not in "uif":
-        raise ImageDecodeError(f"unsupported pixel type {arr.dtype}")
+    if lo is None or span is None:
+        return np.zeros(arr.shape, np.uint8)
     floating = arr.dtype.kind == "f"
-    if depth == "scale":
-        if not floating:
-            info = np.iinfo(arr.dtype)
-            lo, span = float(min(info.min, 0)), float(info.max - min(info.min, 0))
-        else:
-            lo, span = 0.0, 1.0
-    else:
-        sample = _stretch_sample(arr).astype(np.float64)
-        sample = sample[np.isfinite(sample)]
-        if sample.size == 0:
-            return np.zeros(arr.shape, np.uint8)
-        lo, hi = np.percentile(sample, STRETCH_PERCENTILES)
-        if hi <= lo:
-            lo, hi = float(sample.min()), float(sample.max())
-        if hi <= lo:
-            return np.zeros(arr.shape, np.uint8)
-        span = hi - lo
     out = np.empty(arr.shape, np.uint8)
     rows = max(1, _CHUNK_SAMPLES // max(1, arr.size // max(1, arr.shape[0])))
     for r in range(0, arr.shape[0], rows):
         x = arr[r : r + rows].astype(np.float64)
         bad = ~np.isfinite(x) if floating else None
-        if depth == "stretch" or not floating:
+        if (lo, span) != (0.0, 1.0):  # x - 0 and x / 1 are exact: skipped
             x -= lo
             x /= span
         if bad is not None:
@@ -314,6 +336,7 @@ def decode_image(
     bands: Sequence[int] | None = None,
     depth: str = "stretch",
     reduce: int = 1,
+    crop: int = 0,
 ) -> np.ndarray:
     """Decode image bytes into an RGB picture.
 
@@ -325,6 +348,10 @@ def decode_image(
         reduce: shrink by this integer factor before any conversion (box average of
             ``reduce x reduce`` blocks; JPEG partly through DCT scaling, so its result is a
             little larger); 1 decodes every pixel.
+        crop: when positive, return only the central ``crop x crop`` window (in pixels of the
+            file; scaled by the reduction achieved), converted to 8 bits with the stretch of
+            the whole picture: :func:`center_crop` of the whole result, without converting the
+            rest.
 
     Returns:
         ``(H, W, 3)`` uint8, C-contiguous.
@@ -361,7 +388,11 @@ def decode_image(
         raise ImageDecodeError(f"corrupt or truncated {name} image: {type(e).__name__}: {e}") from e
     if arr.ndim != 3:
         raise ImageDecodeError(f"decoded image has shape {arr.shape}; expected (H, W[, bands])")
-    return np.ascontiguousarray(to_uint8(_band_view(arr, bands), depth))
+    if crop > 0 and reduce > 1:
+        w, h = image_size(data)
+        if w and h:
+            crop = max(1, round(crop * min(arr.shape[:2]) / min(w, h)))
+    return np.ascontiguousarray(to_uint8(_band_view(arr, bands), depth, crop))
 
 
 def image_size(data: bytes) -> tuple[int, int]:
@@ -399,31 +430,26 @@ def reduction_for(side: int, target: int) -> int:
 def decode_for_model(
     data: bytes, cfg: ImageBackboneConfig, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> np.ndarray:
-    """Decode an image for one backbone, reduced toward its input size before any conversion.
+    """Decode an image for one backbone, converting no more pixels than it uses.
 
-    ``preprocess(decode_for_model(data, cfg), cfg)`` equals ``preprocess(decode_image(data,
-    **decode_options(cfg)), cfg)`` for images whose crop window is less than four times
-    ``cfg.image_size`` (no reduction); larger ones are box-reduced by an integer factor that
-    keeps the window at least twice the input size, and the centre crop is applied here at
-    the reduced scale, so the result differs from the full decode by resampling only. A 40 MP
-    16-bit query then never exists as floats.
+    With a centre crop smaller than the image, only that window is converted to 8 bits (the
+    stretch still taken over the whole image), so ``preprocess(decode_for_model(data, cfg),
+    cfg)`` equals ``preprocess(decode_image(data, **decode_options(cfg)), cfg)``. When the
+    window is four or more times ``cfg.image_size``, the image is first box-reduced by an
+    integer factor that keeps it at least twice the input size, and the result then differs
+    from the full decode by resampling only. Either way a 40 MP 16-bit query never exists as
+    floats, nor as a full-size 8-bit copy unless the model uses all of it.
 
     Returns:
         ``(H', W', 3)`` uint8.
     """
     w, h = image_size(data)
     window = min(h, w)
-    if cfg.center_crop > 0:
-        window = min(window, cfg.center_crop)
-    f = reduction_for(window, cfg.image_size)
-    if f == 1 or w == 0:
-        return decode_image(data, max_pixels=max_pixels, **decode_options(cfg))
-    img = decode_image(data, max_pixels=max_pixels, reduce=f, **decode_options(cfg))
-    if cfg.center_crop > 0:
-        # JPEG's DCT scaling may leave a factor a little off f; EXIF may have turned the image
-        scaled = min(img.shape[:2]) / min(h, w)
-        img = np.ascontiguousarray(center_crop(img, max(1, round(cfg.center_crop * scaled))))
-    return img
+    crop = cfg.center_crop if 0 < cfg.center_crop < max(h, w) else 0
+    if crop:
+        window = min(window, crop)
+    f = reduction_for(window, cfg.image_size) if w else 1
+    return decode_image(data, max_pixels=max_pixels, reduce=f, crop=crop, **decode_options(cfg))
 
 
 def decode_options(cfg: ImageBackboneConfig) -> dict[str, Any]:

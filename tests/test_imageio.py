@@ -399,3 +399,29 @@ def test_a_large_16_bit_png_decodes_for_a_model_without_float_copies() -> None:
         tracemalloc.stop()
     assert img.shape == (4000 // 8, 6000 // 8, 3) and img.dtype == np.uint8
     assert peak < 2 * 144_000_000, peak
+
+
+@pytest.mark.parametrize("kind", ["PNG", "TIFF16", "JPEG"])
+def test_decoding_for_a_model_with_a_centre_crop_converts_only_the_window(kind: str) -> None:
+    """With a crop window under four times the input size, the model's input is exactly what
+    the full decode gives; a larger window is reduced first and stays close."""
+    from duch_core.imageio import decode_for_model
+
+    rng = np.random.default_rng(3)
+    y, x = np.mgrid[0:700, 0:900].astype(np.float64)
+    smooth = np.stack([x / 900, y / 700, 0.5 + 0.5 * np.sin(x / 60 + y / 90)], axis=-1)
+    if kind == "TIFF16":
+        data = _tiff_bytes((2000 + 30000 * smooth).astype(np.uint16), photometric="rgb")
+    else:
+        pic = (255 * smooth).astype(np.uint8) ^ rng.integers(0, 8, smooth.shape, dtype=np.uint8)
+        data = _pil_bytes(pic, kind, **({"quality": 95} if kind == "JPEG" else {}))
+    exact = ImageBackboneConfig(image_size=64, center_crop=200)
+    img = decode_for_model(data, exact)
+    assert img.shape == (200, 200, 3)
+    full = decode_image(data, **decode_options(exact))
+    np.testing.assert_array_equal(preprocess(img, exact), preprocess(full, exact))
+    reduced = ImageBackboneConfig(image_size=32, center_crop=600)  # window 600 >= 4 x 32
+    img = decode_for_model(data, reduced)
+    assert max(img.shape[:2]) < 600
+    diff = np.abs(preprocess(img, reduced) - preprocess(full, reduced))
+    assert diff.mean() < 0.05, diff.mean()
