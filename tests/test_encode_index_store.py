@@ -1,4 +1,5 @@
-"""Index format: shards, manifest, LATEST, checksums, refusal of mismatched models, retention."""
+"""Index format: shards, manifest, LATEST (compare-and-swap), the encode lock, catalog snapshots,
+checksums, refusal of mismatched models, retention, the shrink guard, manifest rows."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from duch_core import index_store as ix
 from duch_core import storage
 from duch_core.archive import ArchiveError
 from duch_core.codes import CodeLengthError
-from duch_core.encoding import parse_manifest_lines, source_fingerprint
+from duch_core.encoding import normalize_rows, parse_manifest_bytes, source_fingerprint
 
 BITS = 32
 
@@ -170,20 +171,246 @@ def test_shard_table_rejects_bad_codes_and_modalities():
         ix.shard_table(["a"], ["video"], [-1], np.zeros((1, 4), np.uint8), ["f"], "b", BITS)
 
 
-def test_retention_keeps_newest_and_latest_and_removes_dead_runs(tmp_path):
+def test_retention_counts_published_versions_and_spares_latest_its_predecessor_and_young_runs(
+    tmp_path,
+):
+    from datetime import UTC, datetime, timedelta
+
     root = str(tmp_path)
     rng = np.random.default_rng(5)
     published = [_publish(root, [_rows(rng, 2)]).version for _ in range(4)]
-    # a run that died before writing its manifest, older than the newest published version
-    dead = published[-1][:-8] + "00000000"
-    storage.write_bytes(ix.version_uri(root, dead) + "/shards/part-x.parquet", b"partial")
-    # LATEST moved back to an old version (e.g. a rollback): it must survive retention
-    storage.publish_pointer(ix.latest_uri(root), published[0])
-    deleted = ix.apply_retention(root, keep=2)
-    assert sorted(deleted) == sorted([published[1], dead])
-    assert sorted(ix.list_versions(root)) == sorted([published[0], published[2], published[3]])
-    assert ix.read_latest(root).version == published[0]
+    now = datetime.now(UTC)
+    # never published: a run that died days ago, one still writing, one refused (manifest, no
+    # LATEST) an hour ago; none of them counts among the kept versions
+    dead = storage.new_version_id(now - timedelta(days=3))
+    young = storage.new_version_id(now - timedelta(minutes=5))
+    refused = storage.new_version_id(now - timedelta(hours=1))
+    for v in (dead, young):
+        storage.write_bytes(ix.version_uri(root, v) + "/shards/part-x.parquet", b"partial")
+    ix.finish_version(
+        root,
+        refused,
+        [ix.write_shard(ix.version_uri(root, refused), _rows(rng, 1))],
+        "bundle-a",
+        BITS,
+        publish_latest=False,
+    )
+    states = ix.version_states(root)
+    assert [v for v, st in states.items() if st.published] == published
+    assert states[refused] == ix.VersionState(manifest=True, published=False)
+
+    deleted = ix.apply_retention(root, keep=1, grace_s=24 * 3600)
+    # kept: LATEST, the version before it, the young runs; gone: older published, the dead run
+    assert sorted(deleted) == sorted([published[0], published[1], dead])
+    assert sorted(ix.list_versions(root)) == sorted([published[2], published[3], young, refused])
+    # the grace age passes for the refused and the young runs
+    later = now + timedelta(days=3)
+    assert sorted(ix.apply_retention(root, keep=1, now=later)) == sorted([young, refused])
+
+    # LATEST rolled back to an older version: it and its predecessor survive keep=1
+    more = [_publish(root, [_rows(rng, 2)]).version for _ in range(2)]
+    storage.publish_pointer(ix.latest_uri(root), published[3])
+    assert ix.apply_retention(root, keep=1) == [more[0]]  # more[1]: the newest published
+    assert sorted(ix.list_versions(root)) == sorted([published[2], published[3], more[1]])
+    assert ix.read_latest(root).version == published[3]
     assert ix.apply_retention(root, keep=0) == []
+
+
+def test_retention_follows_previous_version_of_latest(tmp_path):
+    root = str(tmp_path)
+    rng = np.random.default_rng(6)
+    v = [_publish(root, [_rows(rng, 1)]).version for _ in range(3)]
+    # the newest version was planned against the oldest (the one before it in publish order)
+    m = ix.read_manifest(ix.manifest_uri(root, v[2]))
+    ix.write_manifest(
+        m.base_uri, ix.IndexManifest.from_dict({**m.to_dict(), "previous_version": v[0]})
+    )
+    assert ix.apply_retention(root, keep=1) == [v[1]]
+
+
+def test_legacy_versions_count_as_published_by_their_summary(tmp_path):
+    root = str(tmp_path)
+    rng = np.random.default_rng(7)
+    m = _publish(root, [_rows(rng, 1)])
+    storage.delete(storage.join(m.base_uri, ix.PUBLISHED_NAME))
+    assert not ix.version_states(root)[m.version].published
+    storage.write_json(storage.join(m.base_uri, ix.SUMMARY_NAME), {"published": True})
+    assert ix.version_states(root)[m.version].published
+
+
+# --------------------------------------------------------------------------------------------
+# publishing: compare-and-swap and the encode lock
+
+
+def test_publish_if_moves_latest_only_from_the_expected_version(root):
+    rng = np.random.default_rng(8)
+    a, b, c = (_publish_unpublished(root, rng) for _ in range(3))
+    nothing = ix.read_latest_state(root)
+    assert nothing == ix.LatestState(None, None)
+    ix.publish_if(root, a, nothing)
+    with pytest.raises(ix.PublishConflictError, match=a):
+        ix.publish_if(root, b, nothing)  # planned when nothing was published: too late
+    seen = ix.read_latest_state(root)
+    assert seen.version == a and seen.etag
+    ix.publish_if(root, b, seen)
+    with pytest.raises(ix.PublishConflictError):
+        ix.publish_if(root, c, seen)  # a second run that compared with a
+    assert ix.read_latest_version(root) == b
+    with pytest.raises(ValueError):
+        ix.publish_if(root, "two\nlines", ix.read_latest_state(root))
+
+
+def _publish_unpublished(root: str, rng: np.random.Generator) -> str:
+    version = ix.new_version_id()
+    vdir = ix.version_uri(root, version)
+    ix.finish_version(
+        root, version, [ix.write_shard(vdir, _rows(rng, 1))], "b", BITS, publish_latest=False
+    )
+    return version
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.t = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_encode_lock_one_holder_expiry_takeover_and_release(root):
+    clock = _Clock()
+    a = ix.EncodeLock(root, ttl_s=60, clock=clock)
+    b = ix.EncodeLock(root, ttl_s=60, clock=clock)
+    a.acquire()
+    a.refresh("20990101T000000000000Z-aaaaaaaa")
+    with pytest.raises(ix.LockHeldError, match="writing version 20990101T000000000000Z-aaaaaaaa"):
+        b.acquire()
+    clock.t += 59
+    with pytest.raises(ix.LockHeldError):
+        b.acquire(wait_s=0)
+    a.refresh()  # a refresh moves the expiry: still held a minute later
+    clock.t += 59
+    with pytest.raises(ix.LockHeldError):
+        b.acquire()
+    clock.t += 2  # a stopped refreshing (a killed run): the lease expires and b takes over
+    b.acquire()
+    assert b.took_over is not None and b.took_over.owner == a.info.owner
+    with pytest.raises(ix.LockLostError):
+        a.refresh()
+    a.release()  # a no longer holds it: b's lock stays
+    assert ix.LockInfo.parse(storage.read_bytes(b.uri)).owner == b.info.owner
+    b.release()
+    assert not storage.exists(b.uri)
+    c = ix.EncodeLock(root, ttl_s=60, clock=clock)
+    c.acquire()  # free again
+    c.release()
+
+
+def test_encode_lock_waits_for_a_lease_to_end_and_beats_while_held(tmp_path):
+    root = str(tmp_path)
+    a = ix.EncodeLock(root, ttl_s=1.5)
+    a.acquire()
+    a.start_heartbeat()
+    import time
+
+    time.sleep(2.0)  # longer than the ttl: the heartbeat keeps it
+    with pytest.raises(ix.LockHeldError):
+        ix.EncodeLock(root, ttl_s=1.5).acquire()
+    a.release()
+    b = ix.EncodeLock(root, ttl_s=1.5)
+    stale = ix.EncodeLock(root, ttl_s=0.5)
+    stale.acquire()  # dies without releasing
+    t0 = time.monotonic()
+    b.acquire(wait_s=5, poll_s=0.1)
+    assert time.monotonic() - t0 < 3
+    b.release()
+
+
+def test_two_lock_holders_race_to_one(s3_prefix):
+    from concurrent.futures import ThreadPoolExecutor
+
+    root = s3_prefix + "race"
+
+    def take(_: int) -> bool:
+        try:
+            ix.EncodeLock(root, ttl_s=60).acquire()
+            return True
+        except ix.LockHeldError:
+            return False
+
+    with ThreadPoolExecutor(6) as pool:
+        assert sum(pool.map(take, range(6))) == 1
+
+
+# --------------------------------------------------------------------------------------------
+# catalog snapshots
+
+
+def test_catalog_parts_round_trip_and_checksums(root):
+    rng = np.random.default_rng(9)
+    version = ix.new_version_id()
+    vdir = ix.version_uri(root, version)
+    a = pa.table(
+        {
+            "item_id": ["b", "a"],
+            "image_uri": ["s3://x/b.png", "s3://x/a.png"],
+            "captions": [["two"], []],
+            "label": ["river", None],
+            "split": ["train", None],
+            "bbox": [[0.0, 1.0, 2.0, 3.0], None],
+            "datetime": ["2024-05-01T10:00:00Z", None],
+        }
+    )
+    b = pa.table(
+        {
+            "item_id": ["c"],
+            "image_uri": ["s3://x/c.png"],
+            "captions": [["three"]],
+            "label": [None],
+            "split": [None],
+            "sensor": ["S2A"],
+        }
+    )
+    parts = [ix.write_catalog_part(vdir, t) for t in (a, b)]
+    assert ix.write_catalog_part(vdir, a) == parts[0]  # content-addressed
+    m = ix.finish_version(
+        root,
+        version,
+        [ix.write_shard(vdir, _rows(rng, 1))],
+        "b",
+        BITS,
+        catalog=ix.catalog_info(parts),
+    )
+    m = ix.read_latest(root)
+    assert m.catalog is not None and m.catalog.rows == 3
+    cat = ix.read_catalog(m)
+    assert cat.column("item_id").to_pylist() == ["a", "b", "c"]
+    assert cat.column("bbox").to_pylist() == [None, [0.0, 1.0, 2.0, 3.0], None]
+    assert cat.column("sensor").to_pylist() == [None, None, "S2A"]
+    # a part altered after publishing, and a part list edited in index.json, are refused
+    storage.write_bytes(m.resolve(parts[1].path), ix.table_bytes(a))
+    with pytest.raises(ix.IndexCorruptError, match="checksum"):
+        ix.read_catalog(m)
+    info = m.catalog
+    edited = ix.CatalogInfo(info.parts[:1], info.rows, info.sha256)
+    with pytest.raises(ix.IndexCorruptError, match="part list"):
+        ix.read_catalog(
+            ix.IndexManifest.from_dict({**m.to_dict(), "catalog": edited.to_dict()}, uri=m.uri)
+        )
+    old = ix.IndexManifest.from_dict({**m.to_dict(), "catalog": None}, uri=m.uri)
+    with pytest.raises(ix.CatalogMissingError):
+        ix.read_catalog(old)
+
+
+def test_catalog_with_mixed_metadata_types_reads_as_text(tmp_path):
+    vdir = str(tmp_path / "v")
+    base = {"image_uri": ["u"], "captions": [[]], "label": [None], "split": [None]}
+    parts = [
+        ix.write_catalog_part(vdir, pa.table({"item_id": ["a"], **base, "bands": [3]})),
+        ix.write_catalog_part(vdir, pa.table({"item_id": ["b"], **base, "bands": [["B2", "B3"]]})),
+    ]
+    m = ix.IndexManifest("v", "b", BITS, catalog=ix.catalog_info(parts), uri=vdir + "/index.json")
+    assert ix.read_catalog(m).column("bands").to_pylist() == ["3", '["B2", "B3"]']
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,8 +441,7 @@ def test_compute_diff_new_changed_deleted_failed_and_bundle(tmp_path):
     m = _publish(root, [t])
     errs = pa.table(
         {"item_id": ["d"], "stage": ["caption"], "reason": ["empty"], "caption_index": [0]},
-        schema=ix.ERRORS_SCHEMA,
-    )
+    )  # an errors table from before the transient column: read as not transient
     storage.write_parquet(m.resolve(ix.ERRORS_NAME), errs)
     m = ix.write_manifest(
         m.base_uri, ix.IndexManifest.from_dict({**m.to_dict(), "errors": ix.ERRORS_NAME})
@@ -229,30 +455,118 @@ def test_compute_diff_new_changed_deleted_failed_and_bundle(tmp_path):
     assert full.full_reencode and full.unchanged == 0 and len(full.encode_ids) == 4
     first = ix.compute_diff(cur, None, "bundle-a", BITS)
     assert first.new == 4 and len(first.carry_ids) == 0
+    assert ix.read_errors(m).column("transient").to_pylist() == [False]
     with pytest.raises(ArchiveError, match="not unique"):
         ix.compute_diff(pa.table({"item_id": ["a", "a"], "fingerprint": ["f", "f"]}), m, "x", BITS)
 
 
-def test_parse_manifest_lines_normalises_rows_and_rejects_bad_lines():
-    lines = [
-        '{"item_id": "a", "image_uri": "x.png", "captions": ["a river."], "split": "train"}',
-        "   ",
-        '{"item_id": "b", "image_uri": "s3://b/y.tif"}',
-    ]
-    t = parse_manifest_lines(pa.table({"text": lines}))
-    assert t.column_names == ["item_id", "image_uri", "captions"]
-    assert t.to_pylist() == [
-        {"item_id": "a", "image_uri": "x.png", "captions": ["a river."]},
-        {"item_id": "b", "image_uri": "s3://b/y.tif", "captions": []},
-    ]
-    for bad, match in (
-        ('["a", "x.png"]', "JSON object"),
-        ('{"item_id": "a", "image_uri": "x.png"', "not valid JSON"),
-        ('{"item_id": "a", "image_uri": "x.png", "captions": [1]}', "wrong types"),
-        ('{"item_id": "", "image_uri": "x.png"}', "item_id"),
+def test_compute_diff_keeps_items_whose_lookup_failed_and_the_shrink_guard(tmp_path):
+    root = str(tmp_path)
+    ids = [f"i{k}" for k in range(40)]
+    t = ix.shard_table(
+        ids, ["image"] * 40, [-1] * 40, np.zeros((40, 4), np.uint8), ["f"] * 40, "bundle-a", BITS
+    )
+    m = _publish(root, [t])
+    # the store failed the look-ups of i0 (known: its rows are kept) and of new1 (unknown)
+    cur = pa.table(
+        {
+            "item_id": [*ids, "new1"],
+            "fingerprint": ["unknown-c1"] + ["f"] * 39 + ["unknown-c2"],
+        }
+    )
+    d = ix.compute_diff(cur, m, "bundle-a", BITS)
+    assert d.stale_ids.to_pylist() == ["i0"]
+    assert "i0" in d.carry_ids.to_pylist() and len(d.carry_ids) == 40
+    assert d.encode_ids.to_pylist() == ["new1"]
+    assert (d.new, d.changed, d.unchanged, d.deleted) == (1, 0, 39, 0)
+    assert d.prev_items == 40 and len(d.prev_row_ids) == 40
+    ix.check_shrink(d, 0.05)
+    # 2 of 40 gone (5 %) passes; 3 (7.5 %) is refused; an empty archive is always refused
+    for gone, ok in ((2, True), (3, False)):
+        shrunk = ix.compute_diff(cur.slice(gone), m, "bundle-a", BITS)
+        assert shrunk.deleted == gone
+        if ok:
+            ix.check_shrink(shrunk, 0.05)
+        else:
+            with pytest.raises(ix.ShrinkError, match="3 of the 40 items"):
+                ix.check_shrink(shrunk, 0.05)
+    empty = ix.compute_diff(cur.slice(0, 0), m, "bundle-a", BITS)
+    with pytest.raises(ix.ShrinkError, match="no valid items"):
+        ix.check_shrink(empty, 1.0)
+    with pytest.raises(ix.ShrinkError):
+        ix.check_shrink(ix.compute_diff(cur.slice(0, 0), None, "b", BITS), 1.0)
+    # a new bundle cannot keep old codes: nothing is stale then
+    other = ix.compute_diff(cur, m, "bundle-b", BITS)
+    assert len(other.stale_ids) == 0 and other.full_reencode and other.deleted == 0
+
+
+def test_manifest_lines_become_rows_or_errors_of_their_own():
+    data = b"\n".join(
+        [
+            b'{"item_id": "a", "image_uri": "x.png", "captions": ["a river."], "split": "train",'
+            b' "bbox": [0, 1, 2, 3], "sensor": "S2A"}',
+            b"   ",
+            b'{"item_id": "b", "image_uri": "s3://b/y.tif", "crs": "EPSG:32633"}',
+            b'["a", "x.png"]',
+            b'{"item_id": "c", "image_uri": "x.png"',
+            b'{"item_id": "d", "image_uri": "x.png", "captions": [1]}',
+            b'{"item_id": "", "image_uri": "x.png"}',
+            b'{"item_id": "e", "image_uri": "x.png", "split": "val"}',
+            b'{"item_id": "f", "image_uri": null}',
+            b"\xff\xfe not utf-8",
+            b'{"item_id": 7, "image_uri": "z.png", "label": 3}\r',
+        ]
+    )
+    t = parse_manifest_bytes(data)
+    errors = dict(zip(range(t.num_rows), t.column("manifest_error").to_pylist(), strict=True))
+    ok = [r for r in t.to_pylist() if not r["manifest_error"]]
+    assert [r["item_id"] for r in ok] == ["a", "b", "7"]
+    assert ok[0]["captions"] == ["a river."] and ok[1]["captions"] == []
+    assert ok[0]["bbox"] == [0, 1, 2, 3] and ok[1]["crs"] == "EPSG:32633"
+    assert ok[2]["label"] == "3"
+    bad = [e for e in errors.values() if e]
+    assert len(bad) == 7
+    for fragment in (
+        "line 4: must be a JSON object",
+        "line 5: not valid JSON",
+        "line 6: captions",
+        "line 7: item_id",
+        "line 8: unknown split",
+        "line 9: image_uri",
+        "line 10: not UTF-8",
     ):
-        with pytest.raises(ArchiveError, match=match):
-            parse_manifest_lines(pa.table({"text": [bad]}))
+        assert any(fragment in e for e in bad), fragment
+    # an id known on a bad line names the error row
+    assert {r["item_id"] for r in t.to_pylist() if r["manifest_error"]} == {"", "d", "e", "f"}
+
+
+def test_normalize_rows_marks_bad_parquet_rows():
+    t = pa.table(
+        {
+            "item_id": ["a", None, "b", "b", "c", "d", "e"],
+            "image_uri": ["x", "x", "x", "x", "", "x", "x"],
+            "captions": [["ok"], [], [], [], [], None, ["a", None]],
+            "split": ["train", None, None, None, None, None, "nope"],
+            "crs": ["EPSG:4326"] * 7,
+        }
+    )
+    out = normalize_rows(t)
+    assert out.column_names == [
+        "item_id",
+        "image_uri",
+        "captions",
+        "label",
+        "split",
+        "crs",
+        "manifest_error",
+    ]
+    errs = out.column("manifest_error").to_pylist()
+    assert errs[0] == ""
+    assert "empty or null item_id" in errs[1]
+    assert "repeated" in errs[2] and "repeated" in errs[3]
+    assert "image_uri" in errs[4] and "captions is null" in errs[5]
+    assert "null caption" in errs[6]
+    assert out.column("crs").to_pylist() == ["EPSG:4326"] * 7
 
 
 def _tiny_bundle(uri: str, seed: int = 0) -> str:
@@ -351,6 +665,7 @@ def test_encode_batch_functions_end_to_end_without_ray(tmp_path):
     written = encoding.merge_written(vdir, results)
     assert written.encoded_images == 3 and written.encoded_texts == 4
     assert written.errors.column("item_id").to_pylist() == ["b", "bad", "gone"]
+    assert written.errors.column("transient").to_pylist() == [False] * 3
     assert encoding.errors_by_stage(written.errors) == {"caption": 1, "decode": 1, "fetch": 1}
     assert storage.list_prefix(storage.join(vdir, encoding.ERROR_PARTS_DIR)) == []
     m = ix.finish_version(
@@ -376,3 +691,59 @@ def test_encode_batch_functions_end_to_end_without_ray(tmp_path):
         .select(["item_id", "caption_index", "code"])
         .equals(before.sort_by(key).select(["item_id", "caption_index", "code"]))
     )
+
+
+def test_store_failures_are_transient_and_leave_the_item_out_whole(tmp_path, monkeypatch):
+    """A look-up or read the store fails: no fetch error that would drop the item, no captions."""
+    from duch_core import encoding
+    from duch_core.bundle import read_meta
+
+    meta = read_meta(_tiny_bundle(str(tmp_path / "bundle")))
+    rng = np.random.default_rng(1)
+    base = str(tmp_path / "archive")
+    for name in ("a.png", "b.png", "c.png"):
+        storage.write_bytes(storage.join(base, name), _png(rng))
+    archive = pa.table(
+        {
+            "item_id": ["a", "b", "c", "gone"],
+            "image_uri": ["a.png", "b.png", "c.png", "gone.png"],
+            "captions": [["a river."], ["a road."], ["a lake."], ["a field."]],
+        }
+    )
+    real_info, real_read = storage.info, storage.read_bytes
+
+    def info(uri: str) -> storage.ObjectInfo:
+        if uri.endswith("b.png"):
+            raise storage.TransientStorageError(f"{uri}: SlowDown (after 5 tries)")
+        return real_info(uri)
+
+    def read_bytes(uri: str) -> bytes:
+        if uri.endswith("c.png"):
+            raise storage.TransientStorageError(f"{uri}: HTTP status 503")
+        return real_read(uri)
+
+    monkeypatch.setattr(storage, "info", info)
+    monkeypatch.setattr(storage, "read_bytes", read_bytes)
+    items = encoding.fingerprint_batch(archive, base, io_threads=2)
+    assert items.column("lookup_transient").to_pylist() == [False, True, False, False]
+    fps = items.column("fingerprint").to_pylist()
+    assert fps[1].startswith(ix.UNKNOWN_PREFIX) and fps[3].startswith(ix.MISSING_PREFIX)
+    decoded = encoding.decode_batch(items, meta.image_backbone, 10**8, io_threads=2)
+    assert decoded["img_ok"].tolist() == [True, False, False, False]
+    assert decoded["img_transient"].tolist() == [False, True, True, False]
+    rows = encoding.BundleEncoder(meta.uri, meta.bundle_id)(decoded)
+    got = {
+        (r["item_id"], r["caption_index"]): (r["stage"], r["transient"]) for r in rows.to_pylist()
+    }
+    assert got == {
+        ("a", -1): ("", False),
+        ("a", 0): ("", False),
+        ("b", -1): ("fetch", True),  # no caption rows: the job keeps b's previous rows whole
+        ("c", -1): ("fetch", True),
+        ("gone", -1): ("fetch", False),  # permanent: the object does not exist
+        ("gone", 0): ("", False),
+    }
+    # a read shorter than the object is repeated, then transient, never a decode error
+    monkeypatch.setattr(storage, "read_bytes", lambda uri: real_read(uri)[:10])
+    data, reason, transient = encoding.fetch_image(storage.join(base, "a.png"), 999)
+    assert data is None and transient and "10 bytes" in reason
