@@ -15,8 +15,18 @@ Locations are URIs (local paths or ``s3://``). Empty ones default to folders und
     <work_dir>/ray_results/        Ray Train storage (run.storage_path)
     <work_dir>/bundles/<run.name>  the exported model bundle (output)
 
-On a multi-node cluster ``run.storage_path``, ``features.cache_root`` and ``output`` must be
-reachable from every node: use ``s3://`` there.
+On a Ray cluster of more than one node every location a job uses must be reachable from every
+node, so each must be an ``s3://`` URI: ``work_dir``, ``run.storage_path``,
+``features.cache_root``, ``output``, ``duch.data.archive`` (the demo archive, written under
+``work_dir``, too) and the archive's image URIs. The jobs check this as soon as they have joined
+the cluster (:func:`shared_locations`, :func:`jobs._common.check_shared_locations`) and exit 2
+naming the keys; setting ``work_dir`` to an ``s3://`` prefix and leaving the others empty is
+enough.
+
+Placement: ``scaling.placement_strategy`` is the Ray Train workers' placement group strategy
+(``PACK``, ``SPREAD`` or ``STRICT_SPREAD``), ``features.placement_strategy`` the backbone actor
+pool's (``PACK`` or ``SPREAD``); empty means ``SPREAD`` when there is more than one worker (or
+actor), else ``PACK``. The resolved value is saved with the config.
 """
 
 from __future__ import annotations
@@ -37,6 +47,11 @@ from duch_core.splits import SPLIT_SOURCES, resolve_split
 
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 TEXT_METHODS = ("rule", "backtranslate", "none")
+# Ray's placement group strategies, for ScalingConfig(placement_strategy=...)
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD")
+# the backbone actor pool is not a placement group: it can be packed or spread, not strictly
+FEATURE_PLACEMENTS = ("PACK", "SPREAD")
+PLACEHOLDER = "YOUR-BUCKET"  # the bucket name in the shipped cluster configs, to be replaced
 
 log = logging.getLogger("duch.train")
 
@@ -58,6 +73,12 @@ class FeatureStageConfig:
     shard_rows: int = 4096  # feature rows per parquet shard (at least)
     max_image_pixels: int = 1 << 26  # larger images are rejected as bad input
     max_error_rate: float = 0.05  # fail the stage above this share of failed items
+    # Where the backbone actors go: SPREAD asks Ray to put them on different nodes where it
+    # can (Ray Data's own default), PACK uses Ray's default scheduling, which keeps filling the
+    # nodes already in use (up to about half their CPUs) before it starts on others; "" =
+    # SPREAD when actors > 1, else PACK. STRICT_SPREAD is refused: an actor pool is not a
+    # placement group, so one actor per node cannot be guaranteed. Decode tasks always spread.
+    placement_strategy: str = ""
 
 
 @dataclass(frozen=True)
@@ -67,6 +88,10 @@ class ScalingSection:
     num_workers: int = 2
     use_gpu: bool = False  # True: one GPU per worker and NCCL; False: CPU and gloo
     cpus_per_worker: float = 0.5  # fractional so Ray Data tasks still get CPUs
+    # Ray's placement group strategy for the workers: PACK (as few nodes as possible), SPREAD
+    # (different nodes where they can), STRICT_SPREAD (one node each, else the run waits for
+    # nodes); "" = SPREAD when num_workers > 1, else PACK.
+    placement_strategy: str = ""
 
 
 @dataclass(frozen=True)
@@ -112,6 +137,13 @@ class TrainJobConfig:
     split_source: str = "auto"
 
 
+def placement(strategy: str, n: int) -> str:
+    """The placement strategy ``strategy`` means for ``n`` workers or actors: upper-cased, and
+    ``""`` resolved to ``SPREAD`` when ``n > 1``, else ``PACK``."""
+    s = strategy.strip().upper()
+    return s or ("SPREAD" if n > 1 else "PACK")
+
+
 def _absolute(uri: str) -> str:
     """Local relative paths become absolute (Ray Train needs absolute storage paths)."""
     if storage.is_s3(uri) or "://" in uri:
@@ -132,6 +164,24 @@ def resolve_locations(cfg: TrainJobConfig) -> TrainJobConfig:
         run=replace(cfg.run, storage_path=_absolute(store)),
         output=_absolute(out),
     )
+
+
+def shared_locations(cfg: TrainJobConfig, *, training: bool = True) -> dict[str, str]:
+    """The locations of a resolved config that workers on any node read or write, by key.
+
+    The archive is ``duch.data.archive`` or, when that is empty, the demo archive under
+    ``work_dir``. ``training=False`` leaves out what only training uses (``run.storage_path``,
+    ``output``): the extract and evaluate jobs add their own.
+    """
+    archive = cfg.duch.data.archive or demo_archive_uri(cfg)
+    out = {
+        "work_dir": cfg.work_dir,
+        "features.cache_root": cfg.features.cache_root,
+        "duch.data.archive": archive,
+    }
+    if training:
+        out |= {"run.storage_path": cfg.run.storage_path, "output": cfg.output}
+    return out
 
 
 def _check(ok: bool, key: str, msg: str) -> None:
@@ -229,6 +279,18 @@ def validate_features(f: FeatureStageConfig) -> None:
     _check(f.torch_threads >= 0, "features.torch_threads", "must be >= 0")
     _check(f.max_image_pixels >= 1, "features.max_image_pixels", "must be >= 1")
     _check(0 <= f.max_error_rate <= 1, "features.max_error_rate", "must be in [0, 1]")
+    p = placement(f.placement_strategy, f.actors)
+    _check(
+        p in FEATURE_PLACEMENTS,
+        "features.placement_strategy",
+        f"must be one of {FEATURE_PLACEMENTS} or empty, got {f.placement_strategy!r}"
+        + (
+            " (an actor pool cannot be strictly spread; SPREAD places the actors on different "
+            "nodes where it can)"
+            if p == "STRICT_SPREAD"
+            else ""
+        ),
+    )
 
 
 def validate(cfg: TrainJobConfig) -> TrainJobConfig:
@@ -243,6 +305,11 @@ def validate(cfg: TrainJobConfig) -> TrainJobConfig:
     _check(s.num_workers >= 1, "scaling.num_workers", f"must be >= 1, got {s.num_workers}")
     _check(
         s.cpus_per_worker > 0, "scaling.cpus_per_worker", f"must be > 0, got {s.cpus_per_worker}"
+    )
+    _check(
+        placement(s.placement_strategy, s.num_workers) in PLACEMENT_STRATEGIES,
+        "scaling.placement_strategy",
+        f"must be one of {PLACEMENT_STRATEGIES} or empty, got {s.placement_strategy!r}",
     )
     b = cfg.duch.optim.batch_size
     _check(
@@ -270,6 +337,14 @@ def validate(cfg: TrainJobConfig) -> TrainJobConfig:
     _check(cfg.demo.image_size >= 32, "demo.image_size", "must be >= 32")
     _check(bool(cfg.work_dir), "work_dir", "must not be empty")
     resolved = resolve_locations(cfg)
+    resolved = replace(
+        resolved,
+        scaling=replace(s, placement_strategy=placement(s.placement_strategy, s.num_workers)),
+        features=replace(
+            resolved.features,
+            placement_strategy=placement(cfg.features.placement_strategy, cfg.features.actors),
+        ),
+    )
     for key, uri in (
         ("work_dir", resolved.work_dir),
         ("features.cache_root", resolved.features.cache_root),
@@ -279,6 +354,12 @@ def validate(cfg: TrainJobConfig) -> TrainJobConfig:
     ):
         if not uri:
             continue
+        _check(
+            PLACEHOLDER not in uri,
+            key,
+            f"{uri} is a placeholder: replace {PLACEHOLDER} with your bucket "
+            f"(--set {key}=s3://...), or give a local path when running on a single machine",
+        )
         try:
             storage.join(uri, "x")
         except (storage.BadURIError, ValueError) as e:
