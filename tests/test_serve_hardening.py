@@ -240,6 +240,18 @@ def test_hand_made_hostile_requests_get_4xx(hard: Hard) -> None:
     assert r.status_code == 200 and r.json()["query_modality"] == "image", r.text
     assert _search(hard, b'{"text": "a river", "k": 3}').status_code == 200
 
+    def chunks():  # a body without Content-Length, past the cap: refused while it streams in
+        for _ in range(80):
+            yield b" " * (128 * 1024)
+
+    r = requests.post(
+        f"{hard.url}/v1/search",
+        data=chunks(),
+        headers={**API, "Content-Type": "application/json"},
+        timeout=60,
+    )
+    assert r.status_code == 413 and "larger than" in r.json()["detail"], r.text
+
 
 def test_item_ids_with_any_characters_round_trip(hard: Hard) -> None:
     from PIL import Image
