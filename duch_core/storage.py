@@ -1309,6 +1309,12 @@ def delete_conditional(uri: str, if_match: str) -> None:
             _boto_call(uri, "delete", rm)
         except NotFoundError:
             return
+        except PreconditionFailedError:
+            try:  # some stores answer 412 for a missing object: that is nothing to delete
+                _boto_call(uri, "read", lambda c, b, k: c.head_object(Bucket=b, Key=k))
+            except NotFoundError:
+                return
+            raise
 
     retrying(attempt, uri, "delete")
 

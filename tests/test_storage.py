@@ -291,14 +291,167 @@ def test_failed_stream_write_publishes_nothing(root):
             raise RuntimeError("boom")
     assert not storage.exists(uri)
     assert storage.list_prefix(root) == []
-    if not storage.is_s3(uri):  # locally the old object survives an aborted rewrite
-        storage.write_bytes(uri, b"old")
-        with pytest.raises(RuntimeError):
-            with storage.open_output(uri) as f:
-                f.write(b"new")
-                raise RuntimeError("boom")
-        assert storage.read_bytes(uri) == b"old"
-        assert storage.list_prefix(root) == [uri]
+    # the old object survives an aborted rewrite, locally and on S3
+    storage.write_bytes(uri, b"old")
+    with pytest.raises(RuntimeError):
+        with storage.open_output(uri) as f:
+            f.write(b"new")
+            raise RuntimeError("boom")
+    assert storage.read_bytes(uri) == b"old"
+    assert storage.list_prefix(root) == [uri]
+
+
+def _fast_retries(monkeypatch, attempts: int = 3) -> None:
+    monkeypatch.setenv("DUCH_S3_ATTEMPTS", str(attempts))
+    monkeypatch.setenv("DUCH_S3_BACKOFF_S", "0.01")
+    monkeypatch.setenv("DUCH_S3_BACKOFF_MAX_S", "0.02")
+
+
+def test_failed_s3_writes_never_delete_the_object_or_the_pointer(s3_prefix, monkeypatch):
+    """A PUT that keeps failing (the store down): the old object and pointer stay as they were."""
+    uri, ptr = storage.join(s3_prefix, "obj.bin"), storage.join(s3_prefix, "LATEST")
+    storage.write_bytes(uri, b"old")
+    storage.publish_pointer(ptr, "v1")
+    _fast_retries(monkeypatch)
+    calls = []
+    real = storage._boto_call
+
+    def failing(u: str, action: str, call):  # noqa: ANN001, ANN202
+        if action == "write":
+            calls.append(u)
+            raise storage.TransientStorageError(f"{u}: SlowDown (HTTP 503)")
+        return real(u, action, call)
+
+    monkeypatch.setattr(storage, "_boto_call", failing)
+    with pytest.raises(storage.TransientStorageError, match="after 3 tries"):
+        storage.write_bytes(uri, b"new")
+    with pytest.raises(storage.TransientStorageError):
+        with storage.open_output(uri) as f:
+            f.write(b"new, streamed")
+    with pytest.raises(storage.TransientStorageError):
+        storage.publish_pointer(ptr, "v2")
+    assert len(calls) == 9  # three tries each
+    monkeypatch.setattr(storage, "_boto_call", real)
+    assert storage.read_bytes(uri) == b"old"
+    assert storage.read_pointer(ptr) == "v1"
+
+
+def test_transient_failures_are_retried_others_are_not(monkeypatch):
+    _fast_retries(monkeypatch, attempts=4)
+    storage._breaker["exhausted"] = 0
+    calls = {"n": 0}
+
+    def flaky() -> str:
+        calls["n"] += 1
+        if calls["n"] < 3:
+            raise OSError("AWS Error SLOW_DOWN during GetObject operation: injected")
+        return "ok"
+
+    assert storage.retrying(flaky, "s3://b/k", "read") == "ok" and calls["n"] == 3
+
+    def missing() -> None:
+        calls["n"] += 1
+        raise storage.NotFoundError("s3://b/k: no such object")
+
+    calls["n"] = 0
+    with pytest.raises(storage.NotFoundError):
+        storage.retrying(missing, "s3://b/k", "read")
+    assert calls["n"] == 1
+
+    def down() -> None:
+        calls["n"] += 1
+        raise OSError("AWS Error NETWORK_CONNECTION: curlCode: 7, Couldn't connect to server")
+
+    calls["n"] = 0
+    with pytest.raises(storage.TransientStorageError, match="after 4 tries"):
+        storage.retrying(down, "s3://b/k", "read")
+    assert calls["n"] == 4
+    # a long outage: after BREAKER_THRESHOLD exhausted operations the next ones try once
+    try:
+        for _ in range(storage.BREAKER_THRESHOLD):
+            with pytest.raises(storage.TransientStorageError):
+                storage.retrying(down, "s3://b/k", "read")
+        calls["n"] = 0
+        with pytest.raises(storage.TransientStorageError):
+            storage.retrying(down, "s3://b/k", "read")
+        assert calls["n"] == 1
+        calls["n"] = 2
+        assert storage.retrying(flaky, "s3://b/k", "read") == "ok"  # a success closes it
+        calls["n"] = 0
+        with pytest.raises(storage.TransientStorageError):
+            storage.retrying(down, "s3://b/k", "read")
+        assert calls["n"] == 4
+    finally:
+        storage._breaker["exhausted"] = 0
+
+
+@pytest.mark.parametrize(
+    ("message", "transient"),
+    [
+        (
+            "AWS Error UNKNOWN (HTTP status 503) during HeadObject operation: No response body.",
+            True,
+        ),
+        ("AWS Error UNKNOWN (HTTP status 500) during HeadObject operation", True),
+        ("AWS Error SLOW_DOWN during PutObject operation: injected", True),
+        ("AWS Error INTERNAL_FAILURE during ListObjectsV2 operation", True),
+        ("AWS Error NETWORK_CONNECTION during HeadObject operation: curlCode: 56, reset", True),
+        ("curlCode: 28, Timeout was reached", True),
+        ("AWS Error ACCESS_DENIED during HeadObject operation: HTTP response code: 403", False),
+        ("Path does not exist 'test/x'", False),
+        ("Parquet magic bytes not found in footer", False),
+    ],
+)
+def test_transient_classification(message, transient):
+    assert storage.is_transient(OSError(message)) is transient
+    assert storage.is_transient(ConnectionResetError("reset by peer"))
+    assert not storage.is_transient(storage.NotFoundError("x"))
+
+
+def test_conditional_requests(root):
+    uri = storage.join(root, "lock")
+    with pytest.raises(storage.NotFoundError):
+        storage.read_versioned(uri)
+    e1 = storage.put_conditional(uri, b"one", if_none_match=True)
+    with pytest.raises(storage.PreconditionFailedError):
+        storage.put_conditional(uri, b"two", if_none_match=True)
+    got = storage.read_versioned(uri)
+    assert got == storage.Versioned(b"one", e1)
+    e2 = storage.put_conditional(uri, b"two", if_match=e1)
+    assert e2 != e1
+    with pytest.raises(storage.PreconditionFailedError):
+        storage.put_conditional(uri, b"three", if_match=e1)  # stale
+    with pytest.raises(storage.PreconditionFailedError):
+        storage.delete_conditional(uri, e1)
+    assert storage.read_bytes(uri) == b"two"
+    storage.delete_conditional(uri, e2)
+    assert not storage.exists(uri)
+    storage.delete_conditional(uri, e2)  # missing: nothing to do
+    with pytest.raises(ValueError):
+        storage.put_conditional(uri, b"x", if_match=e1, if_none_match=True)
+
+
+def test_conditional_put_that_landed_before_a_lost_answer_succeeds(s3_prefix, monkeypatch):
+    """The answer of a conditional PUT is lost after the write landed: the retry's 412 is
+    recognised as this write (the content is there), not as another writer's."""
+    _fast_retries(monkeypatch)
+    uri = storage.join(s3_prefix, "ptr")
+    first = storage.put_conditional(uri, b"v1")
+    real = storage._boto_call
+    lost = {"n": 0}
+
+    def lose_first_answer(u: str, action: str, call):  # noqa: ANN001, ANN202
+        out = real(u, action, call)
+        if action == "write" and lost["n"] == 0:
+            lost["n"] += 1
+            raise storage.TransientStorageError(f"{u}: connection reset")
+        return out
+
+    monkeypatch.setattr(storage, "_boto_call", lose_first_answer)
+    etag = storage.put_conditional(uri, b"v2", if_match=first)
+    assert storage.read_versioned(uri) == storage.Versioned(b"v2", etag)
+    with pytest.raises(storage.PreconditionFailedError):  # a real conflict stays one
+        storage.put_conditional(uri, b"v3", if_match=first)
 
 
 def test_concurrent_writers(root):
@@ -474,10 +627,13 @@ def test_endpoint_from_environment(s3_prefix, monkeypatch):
     # an endpoint given without a trailing slash or with one is the same store
     monkeypatch.setenv("AWS_ENDPOINT_URL", os.environ["AWS_ENDPOINT_URL"] + "/")
     assert storage.read_text(uri) == "via env"
-    # a store that is not there: a clear StorageError, not a hang
+    # a store that is not there: a clear, transient StorageError after the retries, not a hang
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
-    with pytest.raises(storage.StorageError):
+    _fast_retries(monkeypatch, attempts=2)
+    with pytest.raises(storage.TransientStorageError):
         storage.read_text(uri)
+    with pytest.raises(storage.TransientStorageError):
+        storage.write_text(uri, "x")
     monkeypatch.setenv("AWS_ENDPOINT_URL", "ftp://127.0.0.1:9/x")
     with pytest.raises(storage.BadURIError):
         storage.read_text(uri)
