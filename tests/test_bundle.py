@@ -311,3 +311,83 @@ def test_untrained_bundle_is_seeded_and_loads(tmp_path) -> None:  # noqa: ANN001
     assert save_untrained_bundle(str(tmp_path / "c"), cfg, seed=4) != a
     bundle = Bundle.load(str(tmp_path / "a"))
     assert bundle.meta["bundle_id"] == a and bundle.model.bits == BITS
+
+
+def test_bundle_id_covers_the_backbone_weights(saved, tmp_path, monkeypatch) -> None:
+    uri, bid, cfg, model = saved
+    meta = read_meta(uri)
+    assert meta.backbones is not None
+    assert set(meta.backbones) == {"image", "text"}
+    assert meta.backbones["image"]["source"] == "tiny:resnet"
+    assert "backbones" in json.loads(open(os.path.join(uri, "meta.json")).read())["hash_covers"]
+    # the same heads and config over other backbone weights: another bundle id
+    other = {k: {**v, "sha256": "0" * 64} for k, v in meta.backbones.items()}
+    assert save_bundle(str(tmp_path / "o"), model, cfg, STATS, {}, backbones=other) != bid
+
+    # the backbone changed under the same name (a hub model updated, a directory overwritten):
+    # the encoder refuses it instead of computing codes that do not match the index
+    import duch_core.backbones as backbones
+
+    real = backbones.load_image_tower
+
+    def drifted(c):  # noqa: ANN001, ANN202
+        tower = real(c)
+        with torch.no_grad():
+            next(tower.model.parameters()).add_(1e-3)
+        return tower
+
+    monkeypatch.setattr(backbones, "load_image_tower", drifted)
+    with pytest.raises(BundleError, match="image backbone 'tiny:resnet' now loads weights"):
+        HashEncoder(Bundle.load(uri)).encode_images(_images(1))
+    monkeypatch.undo()
+    HashEncoder(Bundle.load(uri)).encode_images(_images(1))
+
+
+def test_bundles_from_before_backbone_digests_still_load(saved) -> None:
+    from duch_core.bundle import LEGACY_HASH_COVERS
+
+    uri, _, _, _ = saved
+    path = os.path.join(uri, "meta.json")
+    meta = json.loads(open(path).read())
+    del meta["backbones"]
+    meta["hash_covers"] = list(LEGACY_HASH_COVERS)
+    state = torch.load(os.path.join(uri, "heads.pt"), weights_only=True)
+    config = json.loads(open(os.path.join(uri, "config.json")).read())
+    meta["bundle_id"] = content_hash(state, config, meta, LEGACY_HASH_COVERS)
+    with open(path, "w") as f:
+        json.dump(meta, f)
+    assert read_meta(uri).backbones is None
+    bundle = Bundle.load(uri)
+    assert bundle.bundle_id == meta["bundle_id"]
+    assert HashEncoder(bundle).encode_texts(CAPTIONS).shape == (3, BITS // 8)
+
+
+def test_pin_bundle_copies_to_an_immutable_path_by_id(saved, tmp_path) -> None:
+    from duch_core.bundle import pin_bundle
+
+    uri, bid, cfg, model = saved
+    root = str(tmp_path / "index" / "bundles")
+    pinned = pin_bundle(uri, root)
+    assert pinned.uri == os.path.join(root, bid) and pinned.bundle_id == bid
+    for name in ("heads.pt", "config.json", "meta.json"):
+        assert (
+            open(os.path.join(pinned.uri, name), "rb").read()
+            == open(os.path.join(uri, name), "rb").read()
+        )
+    assert Bundle.load(pinned.uri).bundle_id == bid
+    stamp = os.stat(os.path.join(pinned.uri, "heads.pt")).st_mtime_ns
+    assert pin_bundle(uri, root).uri == pinned.uri  # pinned once: not written again
+    assert os.stat(os.path.join(pinned.uri, "heads.pt")).st_mtime_ns == stamp
+    # the mutable URI now holds another bundle: another pinned copy, the first one unchanged
+    bid2 = save_bundle(uri, _model(cfg, seed=1), cfg, STATS, {})
+    assert pin_bundle(uri, root).uri == os.path.join(root, bid2)
+    assert Bundle.load(pinned.uri).bundle_id == bid
+    # a bundle changed after saving is never pinned
+    with open(os.path.join(uri, "config.json"), "a") as f:
+        f.write(" ")
+    config = json.loads(open(os.path.join(uri, "config.json")).read())
+    config["model"]["hidden_dim"] = 65
+    with open(os.path.join(uri, "config.json"), "w") as f:
+        json.dump(config, f)
+    with pytest.raises(BundleError, match="integrity"):
+        pin_bundle(uri, root)
