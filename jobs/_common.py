@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -169,7 +169,7 @@ def alive_nodes() -> int:
     return sum(1 for n in ray.nodes() if n.get("Alive"))
 
 
-def check_shared_locations(locations: dict[str, str | None], nodes: int | None = None) -> None:
+def check_shared_locations(locations: Mapping[str, str | None], nodes: int | None = None) -> None:
     """Refuse node-local locations when the cluster has more than one alive node.
 
     On such a cluster a worker on another node would write to (or read from) its own disk, and
@@ -193,6 +193,33 @@ def check_shared_locations(locations: dict[str, str | None], nodes: int | None =
             f"an s3:// URI, but these are node-local: {', '.join(local)}. Put them on S3 "
             "(e.g. --set KEY=s3://bucket/prefix) or run on a single node."
         )
+
+
+def check_cluster_locations(locations: Mapping[str, str | None]) -> None:
+    """:func:`check_shared_locations` for a job about to start its work.
+
+    Joins the cluster named by ``RAY_ADDRESS`` (or uses the Ray already running in this
+    process) to count its alive nodes. Without either, Ray would start on this machine alone,
+    where every location is shared: nothing is checked and Ray is not started for it.
+
+    Raises:
+        LocationError: see :func:`check_shared_locations`.
+    """
+    import ray
+
+    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+        return
+    ensure_ray()
+    check_shared_locations(locations)
+
+
+def node_local_image(archive: pa.Table) -> str | None:
+    """The first ``image_uri`` of ``archive`` that is not an ``s3://`` URI, or ``None``."""
+    import pyarrow.compute as pc
+
+    uris = archive.column("image_uri")
+    local = uris.filter(pc.invert(pc.starts_with(uris, "s3://")))
+    return str(local[0]) if len(local) else None
 
 
 def run_feature_stage(
@@ -226,6 +253,7 @@ def run_feature_stage(
     from duch_core import features, storage
     from duch_core.archive import ArchiveError
     from duch_core.extraction import FeatureEncoder, decode_batch
+    from jobs import train_config
 
     if archive.num_rows == 0:
         raise ArchiveError("the archive has no items")
@@ -236,7 +264,13 @@ def run_feature_stage(
         log.info("features: reusing %s (%d items)", root, found.items)
         return found
     ensure_ray()
-    check_shared_locations({"features.cache_root": cache_root})
+    # the decode tasks read the images and the actors write the cache, on any node
+    check_shared_locations(
+        {
+            "features.cache_root": cache_root,
+            "duch.data.archive image_uri": node_local_image(archive),
+        }
+    )
     import ray
 
     t0 = time.perf_counter()
@@ -265,21 +299,28 @@ def run_feature_stage(
     resources: dict[str, Any] = (
         {"num_gpus": stage.num_gpus} if stage.num_gpus > 0 else {"num_cpus": stage.actor_cpus}
     )
-    ds = ds.map_batches(
-        FeatureEncoder,
-        batch_format="pyarrow",
-        batch_size=stage.batch_size,
-        fn_constructor_kwargs={
-            "image_cfg": cfg.image_backbone,
-            "text_cfg": cfg.text_backbone,
-            "augment_cfg": cfg.augment,
-            "paper_compat": cfg.paper_compat,
-            "batch_size": stage.batch_size,
-            "torch_threads": stage.torch_threads,
-        },
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=stage.actors),
-        **resources,
-    )
+    # features.placement_strategy: SPREAD is also Ray Data's default for actors; PACK is Ray's
+    # default scheduling ("DEFAULT"), which fills the nodes in use before others
+    placement = train_config.placement(stage.placement_strategy, stage.actors)
+    resources["scheduling_strategy"] = "SPREAD" if placement == "SPREAD" else "DEFAULT"
+    with warnings.catch_warnings():
+        # scheduling_strategy has no named parameter either (see the decode stage)
+        warnings.filterwarnings("ignore", message=".*ray_remote_args. is deprecated")
+        ds = ds.map_batches(
+            FeatureEncoder,
+            batch_format="pyarrow",
+            batch_size=stage.batch_size,
+            fn_constructor_kwargs={
+                "image_cfg": cfg.image_backbone,
+                "text_cfg": cfg.text_backbone,
+                "augment_cfg": cfg.augment,
+                "paper_compat": cfg.paper_compat,
+                "batch_size": stage.batch_size,
+                "torch_threads": stage.torch_threads,
+            },
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=stage.actors),
+            **resources,
+        )
     fs, path = storage.resolve(storage.join(root, version, features.SHARDS_DIR))
     ds.write_parquet(path, filesystem=fs, min_rows_per_file=stage.shard_rows)
     done = features.complete_feature_set(

@@ -24,7 +24,13 @@ from duch_core.bundle import Bundle, BundleError
 from duch_core.config import ConfigError, load
 from duch_core.features import FeatureStageError, read_items
 from jobs import _common
-from jobs.train_config import TrainJobConfig, effective_split, prepare_archive, validate
+from jobs.train_config import (
+    TrainJobConfig,
+    effective_split,
+    prepare_archive,
+    shared_locations,
+    validate,
+)
 
 EXPECTED_ERRORS = (
     ConfigError,
@@ -73,6 +79,14 @@ def main(argv: list[str] | None = None, prog: str = "evaluate") -> int:
     def body() -> int:
         t0 = time.perf_counter()
         bundle_uri = args.bundle or cfg.output
+        # on a cluster: every location shared, before anything is read or written
+        _common.check_cluster_locations(
+            {
+                **shared_locations(cfg, training=False),
+                "--bundle" if args.bundle else "output": bundle_uri,
+                "--out": args.out,
+            }
+        )
         bundle = Bundle.load(bundle_uri)
         # the bundle's method config (backbones, split settings) with this config's archive
         d = replace(bundle.config.data, archive=cfg.duch.data.archive)

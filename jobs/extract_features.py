@@ -18,7 +18,7 @@ from duch_core.archive import ArchiveError
 from duch_core.config import ConfigError, load
 from duch_core.features import FeatureSet, FeatureStageError
 from jobs import _common
-from jobs.train_config import TrainJobConfig, prepare_archive, validate
+from jobs.train_config import TrainJobConfig, prepare_archive, shared_locations, validate
 
 
 def build_parser(prog: str = "extract_features") -> argparse.ArgumentParser:
@@ -55,7 +55,12 @@ def main(argv: list[str] | None = None, prog: str = "extract_features") -> int:
         return _common.EXIT_OK
 
     def body() -> int:
-        archive = prepare_archive(cfg)
+        # a given archive is read first, so a bad one is reported before Ray starts; the demo
+        # archive is written only after the locations have been checked
+        archive = prepare_archive(cfg) if cfg.duch.data.archive else None
+        _common.check_cluster_locations(shared_locations(cfg, training=False))
+        if archive is None:
+            archive = prepare_archive(cfg)
         try:
             fs_ = _common.run_feature_stage(
                 cfg.duch, archive, cfg.features, cfg.features.cache_root, force=args.force

@@ -32,7 +32,14 @@ from duch_core.archive import ArchiveError
 from duch_core.config import ConfigError, DUCHConfig, from_dict, load, to_dict
 from duch_core.features import FeatureSet, FeatureStageError
 from jobs import _common
-from jobs.train_config import TrainJobConfig, effective_split, prepare_archive, validate
+from jobs.train_config import (
+    TrainJobConfig,
+    effective_split,
+    placement,
+    prepare_archive,
+    shared_locations,
+    validate,
+)
 
 log = logging.getLogger("duch.train")
 
@@ -171,6 +178,9 @@ def train_func(config: dict[str, Any]) -> None:
         torch.manual_seed(cfg.optim.seed)
     if collective is not None:
         broadcast_parameters(model, collective)
+    # where each rank runs (reported with worker 0's metrics, kept in training.json)
+    node = ray.get_runtime_context().get_node_id()
+    nodes = collective.all_gather_object(node) if collective is not None else [node]
 
     eval_every, val = int(config.get("eval_every", 0)), None
     if rank == 0 and eval_every > 0 and config.get("val") is not None:
@@ -217,7 +227,9 @@ def train_func(config: dict[str, Any]) -> None:
                     int(config["text_dim"]),
                 )
                 ckpt.save_state(tmp, state, config["job_config"])
-                ray.train.report(merged, checkpoint=Checkpoint.from_directory(tmp))
+                ray.train.report(
+                    {**merged, "worker_nodes": nodes}, checkpoint=Checkpoint.from_directory(tmp)
+                )
             if progress is not None:
                 try:
                     progress.put(merged)
@@ -362,6 +374,7 @@ def make_trainer(
             num_workers=w,
             use_gpu=use_gpu,
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+            placement_strategy=placement(cfg.scaling.placement_strategy, w),
         ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
@@ -390,13 +403,35 @@ def _validation_ref(query: features.EvalItems, database: features.EvalItems) -> 
     )
 
 
-def run(cfg: TrainJobConfig, archive: pa.Table) -> dict[str, Any]:
+def _check_placement(cfg: TrainJobConfig) -> None:
+    """Warn when STRICT_SPREAD asks for more nodes than are alive (the run waits for them)."""
+    w = cfg.scaling.num_workers
+    if placement(cfg.scaling.placement_strategy, w) == "STRICT_SPREAD":
+        nodes = _common.alive_nodes()
+        if nodes < w:
+            log.warning(
+                "scaling.placement_strategy STRICT_SPREAD needs %d nodes for %d workers, the "
+                "cluster has %d alive: training waits until the autoscaler adds nodes",
+                w,
+                w,
+                nodes,
+            )
+
+
+def run(cfg: TrainJobConfig, archive: pa.Table | None = None) -> dict[str, Any]:
     """Train, evaluate and export for a validated config and its archive.
+
+    Joins or starts Ray and checks the config's locations first (:func:`~jobs.train_config.
+    shared_locations`); ``archive`` ``None`` prepares the config's archive after that check.
 
     Returns:
         The summary also written to ``<output>/training.json``: ``bundle``, ``bundle_id``,
         ``metrics``, ``report`` (file URIs), ``epochs``, ``history``, ``checkpoint``,
-        ``features``, ``features_reused``, ``feature_errors``, ``split``, ``seconds``.
+        ``features``, ``features_reused``, ``feature_errors``, ``split``, ``workers`` (the
+        node id of each worker rank), ``seconds``.
+
+    Raises:
+        LocationError: a node-local location on a cluster of more than one node.
     """
     from duch_core import checkpoint as ckpt
     from duch_core.bundle import save_bundle
@@ -404,13 +439,10 @@ def run(cfg: TrainJobConfig, archive: pa.Table) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     _common.ensure_ray()
-    _common.check_shared_locations(
-        {
-            "run.storage_path": cfg.run.storage_path,
-            "features.cache_root": cfg.features.cache_root,
-            "output": cfg.output,
-        }
-    )
+    _common.check_shared_locations(shared_locations(cfg))
+    _check_placement(cfg)
+    if archive is None:
+        archive = prepare_archive(cfg)
     split = effective_split(
         archive.column("item_id").to_pylist(), archive.column("split").to_pylist(), cfg
     )
@@ -476,6 +508,7 @@ def run(cfg: TrainJobConfig, archive: pa.Table) -> dict[str, Any]:
         rep.update(bundle=cfg.output, bundle_id=bundle_id)
         files = report.write_report(rep, cfg.output)
     files["loss_curve"] = report.write_loss_curve(state["history"], cfg.output)
+    nodes = (result.metrics or {}).get("worker_nodes") or []
     checkpoint_uri = result.checkpoint.path
     if storage.is_s3(cfg.run.storage_path) and not checkpoint_uri.startswith("s3://"):
         checkpoint_uri = "s3://" + checkpoint_uri.lstrip("/")
@@ -491,6 +524,7 @@ def run(cfg: TrainJobConfig, archive: pa.Table) -> dict[str, Any]:
         "features_reused": fs_.reused,
         "feature_errors": fs_.errors,
         "split": {k: len(v) for k, v in split.items()},
+        "workers": [{"rank": r, "node_id": n} for r, n in enumerate(nodes)],
         "seconds": round(time.perf_counter() - t0, 3),
     }
     storage.write_json(storage.join(cfg.output, "training.json"), {**summary, "config": job_config})
@@ -500,9 +534,11 @@ def run(cfg: TrainJobConfig, archive: pa.Table) -> dict[str, Any]:
 def summary_lines(summary: dict[str, Any], cfg: TrainJobConfig) -> list[str]:
     """The short human summary of :func:`run`'s result."""
     n = summary["split"]
+    nodes = len({w["node_id"] for w in summary.get("workers", [])})
+    on = f" on {nodes} node(s)" if nodes else ""
     lines = [
         f"trained run {cfg.run.name}: {summary['epochs']} epochs, {n['train']} training items, "
-        f"{cfg.scaling.num_workers} worker(s), {summary['seconds']:.0f} s "
+        f"{cfg.scaling.num_workers} worker(s){on}, {summary['seconds']:.0f} s "
         f"(features {'reused' if summary['features_reused'] else 'computed'})"
     ]
     m = summary["metrics"]
@@ -541,7 +577,9 @@ def main(argv: list[str] | None = None, prog: str = "train") -> int:
         return _common.EXIT_OK
 
     def body() -> int:
-        archive = prepare_archive(cfg)  # a bad archive fails here, before Ray starts
+        # a given archive is read first, so a bad one is reported before Ray starts; the demo
+        # archive is written by run() once the locations have been checked
+        archive = prepare_archive(cfg) if cfg.duch.data.archive else None
         try:
             summary = run(cfg, archive)
         except FeatureStageError as e:

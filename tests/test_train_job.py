@@ -106,6 +106,10 @@ def test_two_workers_on_s3_bundle_reproduces_the_model(s3_demo: str, s3_run: dic
     assert [int(h["epoch"]) for h in summary["history"]] == [0, 1]
     assert all(h["samples"] == summary["split"]["train"] for h in summary["history"])
     assert summary["epochs"] == 2 and summary["features_reused"] is False
+    # one local node: both workers (SPREAD by default for 2) on it, recorded by rank
+    assert cfg.scaling.placement_strategy == "SPREAD"
+    assert [w["rank"] for w in summary["workers"]] == [0, 1]
+    assert len({w["node_id"] for w in summary["workers"]}) == 1
 
     # the exported bundle gives exactly the codes of the in-memory (checkpointed) model
     state = read_state(summary["checkpoint"])
