@@ -8,7 +8,8 @@ The config is the training config: its archive, feature cache and split (``split
 the bundle's split settings) give the query and database items; the bundle's own method config
 decides the backbones, so the feature set cached by training is reused. Writes
 ``evaluation.json``, ``evaluation.md``, ``pr_curve.png`` and ``precision_at_k.png`` to ``--out``
-(default: the bundle directory).
+(default: the bundle directory). On a Ray cluster of more than one node (``RAY_ADDRESS``) the
+config's locations, ``--bundle`` and ``--out`` must be ``s3://`` URIs (exit 2 otherwise).
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ shards under ``features.cache_root/<fingerprint>/`` (:mod:`duch_core.features`).
 the same backbones, augmentation and manifest reuses the set; ``--force`` writes a new version.
 Bad items are recorded in ``errors.parquet``; the stage fails only above
 ``features.max_error_rate``. The training and evaluation jobs run the same stage themselves.
+``features.placement_strategy`` spreads the actor pool over nodes (SPREAD) or packs it (PACK);
+on a Ray cluster of more than one node ``work_dir``, the cache, the archive and its images must
+be ``s3://`` URIs (exit 2 otherwise).
 """
 
 from __future__ import annotations

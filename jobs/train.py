@@ -9,6 +9,10 @@ Archive -> cached features (the extract stage) -> split and z-score statistics (
 negatives span the global batch); worker 0 checkpoints every epoch, and a restarted worker group
 or a rerun with the same ``run.name`` continues from the last checkpoint -> protocol evaluation,
 loss curve and bundle at ``output``. One line per epoch is logged on the driver.
+
+On a Ray cluster of more than one node the job first checks that every location is on S3
+(exit 2 naming the keys otherwise); ``scaling.placement_strategy`` places the workers (SPREAD
+by default for several), and ``training.json`` records the node id of each worker rank.
 """
 
 from __future__ import annotations
