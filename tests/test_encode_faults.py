@@ -596,7 +596,10 @@ def test_worker_node_removed_mid_encode_loses_nothing(two_node_cluster, world):
     assert _encode(world["bundle"], manifest, clean) == 0
     out = f"{base}/index"
     env = dict(two_node_cluster.env, RAY_ADDRESS=two_node_cluster.gcs_address)
-    argv = _argv(world["bundle"], manifest, out, "actors=2", "min_actors=2", "batch_size=8")
+    # small blocks and two encoder actors, so both nodes hold blocks and run work (Ray Data
+    # spreads tasks and actors over the nodes)
+    sets = ("actors=2", "min_actors=2", "batch_size=8", "decode_batch=8", "manifest_block_rows=8")
+    argv = _argv(world["bundle"], manifest, out, *sets, "shard_rows=64")
     proc = subprocess.Popen(
         [sys.executable, str(REPO / "jobs" / "encode.py"), *argv],
         cwd=REPO,

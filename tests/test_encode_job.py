@@ -272,8 +272,23 @@ def test_full_encode_matches_in_memory_encoder(full_run, archive, reference, bun
     assert "not found" in reasons["bad_missing"]
     assert all(reasons[i] for i in archive.bad_images)
 
+    # the catalog snapshot: every valid archive row, image URIs resolved, checksummed
+    cat = ix.read_catalog(m)
+    base = archive.manifest.rpartition("/")[0]
+    assert cat.column("item_id").to_pylist() == sorted(r["item_id"] for r in archive.rows)
+    first = cat.slice(0, 1).to_pylist()[0]
+    row = next(r for r in archive.rows if r["item_id"] == first["item_id"])
+    assert first["image_uri"] == storage.join(base, row["image_uri"])
+    assert first["captions"] == row["captions"]
+    # the index names the immutable pinned copy of the bundle it was encoded with
+    assert m.bundle_uri == storage.join(out, "bundles", meta["bundle_id"])
+    assert m.bundle_source == bundle and m.previous_version is None
+    assert storage.read_json(storage.join(m.bundle_uri, "meta.json")) == meta
+    assert not storage.exists(storage.join(out, ix.LOCK_NAME))  # released
+
     s = _summary(out)
     assert s["encoded_items"] == len(archive.rows) and s["carried_over_items"] == 0
+    assert s["stale_items"] == 0 and s["unavailable_items"] == 0
     assert s["encoded_images"] == n_img
     assert s["failed_items"] == len(archive.bad_images) + len(archive.bad_captions)
     assert s["shards"] == len(m.shards) > 1
@@ -366,8 +381,11 @@ def test_crash_then_rerun_publishes_the_same_index(full_run, ray_session, bundle
     e2 = ix.read_errors(ix.read_latest(full_out))
     assert e1.drop_columns(["reason"]).equals(e2.drop_columns(["reason"]))
     assert ix.read_latest(out).counts == ix.read_latest(full_out).counts
-    # the dead attempt's directory is gone, only the published version remains
-    assert list(ix.list_versions(out)) == [ix.read_latest_version(out)]
+    # the dead attempt's directory stays while it is younger than the grace age (it could be
+    # a run still writing), then retention removes it
+    assert set(ix.list_versions(out)) == {*dead, ix.read_latest_version(out)}
+    assert encode.main(_argv(bundle, archive.manifest, out, "orphan_grace_s=0")) == 0
+    assert not set(dead) & set(ix.list_versions(out))
 
 
 def test_incremental_run_encodes_only_new_and_changed(
