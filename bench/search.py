@@ -7,7 +7,7 @@ unfiltered, and filtered by item metadata (``--filtered``) vs faiss and Milvus L
         [--filter-bits 64] [--filter-k 20] [--filter-batches 1,32]
 
 All engines run on the same codes and queries, with the same thread count
-(``duch_core.search.set_num_threads`` and faiss's OpenMP both set to ``--threads``):
+(``duch_core.hamming_topk.set_num_threads`` and faiss's OpenMP both set to ``--threads``):
 
 * **duch**: ``HammingIndex.search`` (numba kernel, all threads for every batch size);
 * **duch+mih**: the same index with multi-index hashing enabled (``HammingIndex.enable_mih``;
@@ -172,10 +172,10 @@ def _time_batch(fn: Any, q: np.ndarray, batch: int, repeats: int, single: int) -
 def run(args: argparse.Namespace) -> tuple[list[Row], list[MemRow]]:
     import faiss
 
-    from duch_core import search
+    from duch_core import hamming_topk, search
 
     faiss.omp_set_num_threads(args.threads)
-    search.set_num_threads(args.threads)
+    hamming_topk.set_num_threads(args.threads)
     HammingIndex = search.HammingIndex
     rows: list[Row] = []
     mem: list[MemRow] = []
@@ -534,11 +534,11 @@ def run_filtered(args: argparse.Namespace, n: int, milvus: bool) -> tuple[list[F
     """Filtered search rows at ``n`` codes of ``args.filter_bits`` bits (see the docstring)."""
     import faiss
 
-    from duch_core import search
+    from duch_core import hamming_topk, search
     from duch_core.filters import ItemMetadata, build_candidates, filter_mask
 
     faiss.omp_set_num_threads(args.threads)
-    search.set_num_threads(args.threads)
+    hamming_topk.set_num_threads(args.threads)
     bits, k = args.filter_bits, args.filter_k
     rng = np.random.default_rng([n, bits, 7])
     codes = make_codes("random", n, bits, rng)

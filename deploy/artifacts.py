@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from duch_core import index_store, search
+from duch_core import hamming_topk, index_store
 from duch_core.index_store import IndexManifest
 from duch_core.search import HammingIndex
 
@@ -95,8 +95,8 @@ TopK = tuple[np.ndarray, np.ndarray]
 
 
 def merge_topk(parts: list[TopK], k: int) -> TopK:
-    """Exact merge of per-shard ``(dist, ids)`` top-k lists (``duch_core.search.merge_topk``)."""
-    return search.merge_topk(parts, k)
+    """Exact merge of per-shard ``(dist, ids)`` top-k lists (``duch_core.hamming_topk.merge_topk``)."""
+    return hamming_topk.merge_topk(parts, k)
 
 
 class ObjectTooLargeError(ValueError):

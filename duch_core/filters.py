@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from duch_core.search import DENSE_FRACTION
+from duch_core.hamming_topk import DENSE_FRACTION
 
 __all__ = [
     "FILTER_KEYS",

@@ -9,10 +9,12 @@ from typing import Any
 import numpy as np
 import pytest
 
+from duch_core import hamming_topk as H
 from duch_core import index_store as ix
 from duch_core import search as S
 from duch_core.codes import hamming
-from duch_core.search import HammingIndex, SearchError, merge_topk, search_reference
+from duch_core.hamming_topk import SearchError, merge_topk, search_reference
+from duch_core.search import HammingIndex
 
 ALL_BITS = (16, 32, 64, 128, 256)
 
@@ -20,13 +22,13 @@ ALL_BITS = (16, 32, 64, 128, 256)
 @pytest.fixture
 def small_blocks(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Tiny blocks, chunks and query batches, so small inputs cross every boundary."""
-    monkeypatch.setattr(S, "_BLOCK_BYTES", 256)
-    monkeypatch.setattr(S, "_SUB_BYTES", 64)
-    monkeypatch.setattr(S, "_MIN_CHUNK", 100)
-    monkeypatch.setattr(S, "_STATE_BYTES", 20_000)
-    S.set_num_threads(3)
+    monkeypatch.setattr(H, "_BLOCK_BYTES", 256)
+    monkeypatch.setattr(H, "_SUB_BYTES", 64)
+    monkeypatch.setattr(H, "_MIN_CHUNK", 100)
+    monkeypatch.setattr(H, "_STATE_BYTES", 20_000)
+    H.set_num_threads(3)
     yield
-    S.set_num_threads(None)
+    H.set_num_threads(None)
 
 
 def _codes(rng: np.random.Generator, n: int, bits: int) -> np.ndarray:
@@ -93,15 +95,15 @@ def test_default_blocks_and_threads_large() -> None:
     """Default sizes, several chunks (N above the per-thread minimum), unsorted ids."""
     rng = np.random.default_rng(0)
     bits = 64
-    n = 2 * S._MIN_CHUNK + 1234
+    n = 2 * H._MIN_CHUNK + 1234
     codes = _clustered(rng, n, bits, centres=50)
     ids = rng.permutation(n).astype(np.int64)
     q = _clustered(rng, 5, bits, centres=50)
-    S.set_num_threads(2)
+    H.set_num_threads(2)
     try:
         d, got = HammingIndex.from_arrays(codes, ids, bits).search(q, 100)
     finally:
-        S.set_num_threads(None)
+        H.set_num_threads(None)
     rd, rids = search_reference(codes, ids, q, 100)
     np.testing.assert_array_equal(d, rd)
     np.testing.assert_array_equal(got, rids)
@@ -404,7 +406,7 @@ def test_bad_input_raises_search_error() -> None:
     with pytest.raises(SearchError, match="multiple of 8"):
         HammingIndex(12)
     with pytest.raises(SearchError, match="thread count"):
-        S.set_num_threads(0)
+        H.set_num_threads(0)
     assert issubclass(SearchError, ValueError)
 
 
@@ -451,11 +453,11 @@ def mih_only(monkeypatch: pytest.MonkeyPatch) -> None:
     ("bits", "n"), [(b, 3000) for b in ALL_BITS] + [(64, 70000), (24 * 8, 500)]
 )
 def test_mih_layout_covers_the_code(bits: int, n: int) -> None:
-    starts, lens = S.mih_layout(bits, n)
+    starts, lens = H.mih_layout(bits, n)
     assert starts[0] == 0 and int(lens.sum()) == bits
     np.testing.assert_array_equal(starts[1:], np.cumsum(lens)[:-1])
-    assert lens.max() - lens.min() <= 1 and lens.max() <= S._MIH_MAX_BITS
-    target = int(np.clip(round(np.log2(n)), S._MIH_MIN_BITS, S._MIH_MAX_BITS))
+    assert lens.max() - lens.min() <= 1 and lens.max() <= H._MIH_MAX_BITS
+    target = int(np.clip(round(np.log2(n)), H._MIH_MIN_BITS, H._MIH_MAX_BITS))
     assert lens.max() <= target
 
 
@@ -482,16 +484,16 @@ def test_mih_equals_reference(bits: int, kind: str, mih_only: None) -> None:
         np.testing.assert_array_equal(i, ri)
     assert idx.mih_stats["scanned"] == 0
     assert idx.mih_stats["mih_finished"] == idx.mih_stats["queries"] == 4 * q.shape[0]
-    _, lens = S.mih_layout(bits, n)
+    _, lens = H.mih_layout(bits, n)
     assert idx.mih_nbytes == len(lens) * (n * 4 + ((1 << int(lens.max())) + 1) * 4)
 
 
 def test_choose_mih_prefers_the_faster_and_explores() -> None:
-    assert S.choose_mih(None, None, 1) is True  # MIH unmeasured: try it
-    assert S.choose_mih(1e-3, None, 2) is False  # then the scan
-    assert S.choose_mih(1e-4, 1e-3, 3) is True and S.choose_mih(1e-3, 1e-4, 3) is False
-    r = S._MIH_RETRY
-    assert S.choose_mih(1e-4, 1e-3, r) is False and S.choose_mih(1e-3, 1e-4, 2 * r) is True
+    assert H.choose_mih(None, None, 1) is True  # MIH unmeasured: try it
+    assert H.choose_mih(1e-3, None, 2) is False  # then the scan
+    assert H.choose_mih(1e-4, 1e-3, 3) is True and H.choose_mih(1e-3, 1e-4, 3) is False
+    r = H._MIH_RETRY
+    assert H.choose_mih(1e-4, 1e-3, r) is False and H.choose_mih(1e-3, 1e-4, 2 * r) is True
 
 
 def test_mih_gives_up_to_the_scan_and_stays_exact(monkeypatch: pytest.MonkeyPatch) -> None:

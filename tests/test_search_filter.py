@@ -17,9 +17,10 @@ import pytest
 
 from duch_core import _search_kernel
 from duch_core import filters as F
-from duch_core import search as S
+from duch_core import hamming_topk as H
 from duch_core.filters import FilterError, ItemMetadata
-from duch_core.search import HammingIndex, SearchError, search_reference
+from duch_core.hamming_topk import SearchError, search_reference
+from duch_core.search import HammingIndex
 
 N = 3001  # not a multiple of any block, piece or chunk size
 LABELS = ["forest", "river", "beach", "harbor", "desert", "airport"]
@@ -29,14 +30,14 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 @pytest.fixture
 def small_blocks(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Tiny blocks, chunks and query batches, so small inputs cross every boundary."""
-    monkeypatch.setattr(S, "_BLOCK_BYTES", 256)
-    monkeypatch.setattr(S, "_SUB_BYTES", 64)
-    monkeypatch.setattr(S, "_MIN_CHUNK", 100)
-    monkeypatch.setattr(S, "_MIN_GATHER_CHUNK", 40)
-    monkeypatch.setattr(S, "_STATE_BYTES", 20_000)
-    S.set_num_threads(3)
+    monkeypatch.setattr(H, "_BLOCK_BYTES", 256)
+    monkeypatch.setattr(H, "_SUB_BYTES", 64)
+    monkeypatch.setattr(H, "_MIN_CHUNK", 100)
+    monkeypatch.setattr(H, "_MIN_GATHER_CHUNK", 40)
+    monkeypatch.setattr(H, "_STATE_BYTES", 20_000)
+    H.set_num_threads(3)
     yield
-    S.set_num_threads(None)
+    H.set_num_threads(None)
 
 
 @pytest.fixture
@@ -57,7 +58,7 @@ def kernels_used(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
         gather_chunk=gather_chunk,
         merge_chunks=_search_kernel.merge_chunks,
     )
-    monkeypatch.setattr(S, "_kernel", lambda: spy)
+    monkeypatch.setattr(H, "_kernel", lambda: spy)
     return calls
 
 
@@ -228,7 +229,7 @@ def test_both_kernels_at_every_candidate_count(
         for nq in (1, 4, 40):
             q = queries[:nq]
             want = _brute_force(codes, np.arange(N), rows, q, k)
-            mask_kernel = "gather" if S._mask_gathers(keep / N, nq) else "masked"
+            mask_kernel = "gather" if H._mask_gathers(keep / N, nq) else "masked"
             for cand, kernel in ((rows, "gather"), (mask, mask_kernel)):
                 before = dict(kernels_used)
                 d, i = idx.search(q, k, candidates=cand)
@@ -243,15 +244,15 @@ def test_both_kernels_at_every_candidate_count(
 
 
 def test_mask_conversion_rule() -> None:
-    assert S._mask_gathers(0.01, 1) and S._mask_gathers(0.01, 1000)  # sparse: always
-    assert not S._mask_gathers(0.5, 1) and S._mask_gathers(0.5, 32)  # broad: big batches
-    assert not S._mask_gathers(1.0, 10_000)  # every row passes: nothing to save
+    assert H._mask_gathers(0.01, 1) and H._mask_gathers(0.01, 1000)  # sparse: always
+    assert not H._mask_gathers(0.5, 1) and H._mask_gathers(0.5, 32)  # broad: big batches
+    assert not H._mask_gathers(1.0, 10_000)  # every row passes: nothing to save
     # large masks: the fraction is estimated from spread runs
     rng = np.random.default_rng(0)
     for f in (0.0, 0.01, 0.3, 1.0):
         mask = rng.random(1_000_003) < f
-        assert abs(S._mask_fraction(mask) - f) < 0.01
-    assert S._mask_fraction(np.ones(10, np.bool_)) == 1.0
+        assert abs(H._mask_fraction(mask) - f) < 0.01
+    assert H._mask_fraction(np.ones(10, np.bool_)) == 1.0
 
 
 def test_filtered_search_with_ids_mapped_files_and_mih(tmp_path, small_blocks: None) -> None:
