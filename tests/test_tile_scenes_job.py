@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from duch_core import chip_io as cio
 from duch_core import scenes as sc
 from duch_core import storage
 from duch_core.archive import read_archive
@@ -127,8 +128,8 @@ def test_the_job_tiles_real_scenes_from_s3_and_reports_every_bad_input(
     assert len(parts) == 2 + 4 + 2
 
     # a chip decodes from its manifest row alone, from S3
-    chip = sc.read_window(rows["S2A_18SUJ/r256_c512"])
-    np.testing.assert_array_equal(chip, sc.read_window(local["S2A_18SUJ/r256_c512"]))
+    chip = cio.read_window(rows["S2A_18SUJ/r256_c512"])
+    np.testing.assert_array_equal(chip, cio.read_window(local["S2A_18SUJ/r256_c512"]))
     assert chip.shape == (256, 256, 4)
 
 
