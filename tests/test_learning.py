@@ -27,9 +27,9 @@ from duch_core.config import (
     OptimConfig,
     TextBackboneConfig,
 )
-from duch_core.synthetic_archive import make_demo_archive
 from duch_core.imageio import decode_image, preprocess
 from duch_core.splits import choose_captions
+from duch_core.synthetic_archive import make_demo_archive
 from duch_core.train_loop import (
     FeatureStats,
     RetrievalSet,
