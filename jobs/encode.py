@@ -68,6 +68,7 @@ EXPECTED_ERRORS = (
     bundle_mod.BundleError,
     index_store.IndexFormatError,
     index_store.ShrinkError,
+    _common.LocationError,
 )
 
 KILL_STEPS = ("locked", "shards", "manifest", "published", "marked", "retention")
@@ -436,6 +437,8 @@ def run(cfg: EncodeConfig, dry_run: bool = False) -> dict[str, Any]:
         ShrinkError: the shrink guard refused the archive.
     """
     _common.ensure_ray()
+    # on a multi-node cluster every worker reads the bundle and archive and writes the index
+    _common.check_shared_locations({"bundle": cfg.bundle, "archive": cfg.archive, "out": cfg.out})
     if dry_run:
         return _dry_run(cfg)
     lock = index_store.EncodeLock(cfg.out, cfg.lock_ttl_s)

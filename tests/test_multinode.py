@@ -177,6 +177,20 @@ def test_extract_and_evaluate_jobs_refuse_local_locations(cluster, tmp_path, s3_
     assert not work.exists()
 
 
+def test_encode_job_refuses_local_locations(cluster, tmp_path, s3_server):
+    s3 = f"s3://{s3_server.bucket}/{uuid.uuid4().hex}"
+    code = (
+        "from jobs import encode\n"
+        f"rc = encode.main(['--bundle', '{s3}/bundle', '--archive', '{s3}/archive.jsonl',\n"
+        f"                  '--out', '{tmp_path}/index'])\n"
+        "print('RC', rc)\n"
+    )
+    out = _driver(cluster, code, timeout=180)
+    assert "RC 2" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
+    assert f"node-local: out={tmp_path}/index. Put them" in out.stderr, out.stderr[-3000:]
+    assert not (tmp_path / "index").exists()
+
+
 # --------------------------------------------------------------------------------------------
 # training: SPREAD puts the workers on both nodes and changes nothing in the result
 
