@@ -118,7 +118,7 @@ def learning_run(root: Path, demo_seed: int = 0, train_seed: int = 42) -> dict[s
     }
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(600)
 def test_training_on_the_demo_archive_learns(tmp_path: Path) -> None:
     res = learning_run(tmp_path)
     before, after = res["before"], res["after"]
