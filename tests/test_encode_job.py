@@ -516,7 +516,8 @@ def test_killed_driver_process_then_rerun(ray_session, s3_prefix, bundle):
     out = s3_prefix + "index"
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     argv = _argv(bundle, arch.manifest, out, "shard_rows=64", "batch_size=16")
-    proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "encode.py"), *argv], env=env)
+    killed = [*argv, "--set", "lock_ttl_s=3"]  # its lease outlives it by 3 s at most
+    proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "encode.py"), *killed], env=env)
     try:
         deadline = time.time() + 240
         while time.time() < deadline and proc.poll() is None:
@@ -532,7 +533,7 @@ def test_killed_driver_process_then_rerun(ray_session, s3_prefix, bundle):
     assert ix.read_latest_version(out) is None, "the driver finished before it could be killed"
     from jobs import encode
 
-    assert encode.main(argv) == 0
+    assert encode.main([*argv, "--set", "lock_wait_s=30"]) == 0
     ref_out = s3_prefix + "ref"
     assert encode.main(_argv(bundle, arch.manifest, ref_out)) == 0
     assert _index_rows(out).equals(_index_rows(ref_out))
