@@ -6,10 +6,41 @@ discriminator:   Linear(K -> 2K) -> BatchNorm1d -> ReLU -> Linear(2K -> 1)   (a 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from duch_core.codes import check_bits
+
+
+class _KnownLinear(torch.autograd.Function):
+    """``F.linear(x, weight, bias)`` whose value ``out`` is already known.
+
+    Forward returns a copy of ``out``; backward gives ``weight`` and ``bias`` the gradients that
+    autograd gives them through ``F.linear`` of a 2-D ``x`` (``addmm(bias, x, weight.t())``):
+    ``grad.t() @ x`` and the sum of ``grad`` over rows, the same kernels on the same operands,
+    so the result is bitwise the same as a second ``F.linear`` call.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out: torch.Tensor
+    ) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return out.clone()
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (grad,) = grads
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b, _ = ctx.needs_input_grad
+        return (
+            grad.mm(weight) if need_x else None,
+            grad.t().mm(x) if need_w else None,
+            grad.sum(0, keepdim=True).view(-1) if need_b else None,
+            None,
+        )
 
 
 class HashHead(nn.Module):
@@ -37,6 +68,37 @@ class HashHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, D)`` float -> ``(N, K)`` float in ``(-1, 1)``."""
         return self.net(x)
+
+    def forward_twice(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(self(x), self(x))`` with the first layer computed once.
+
+        For the published code's caption views, which are the same features
+        (``paper_compat``). In training mode the two passes are still two passes for
+        everything but the ``D -> hidden`` product: BatchNorm updates its running statistics
+        twice and the gradients of the two codes flow back separately, so codes, buffers and
+        parameter gradients are bitwise those of two calls (tested); only the largest matrix
+        product is not repeated.
+
+        Args:
+            x: ``(N, D)`` float features.
+
+        Returns:
+            Two ``(N, K)`` code tensors with equal values.
+        """
+        first_layer = self.net[0]
+        if not (
+            self.training
+            and x.dim() == 2
+            and isinstance(first_layer, nn.Linear)
+            and first_layer.bias is not None
+            and first_layer.weight.is_contiguous()
+        ):
+            return self(x), self(x)
+        rest = self.net[1:]
+        z = first_layer(x)
+        first = rest(z)
+        again = _KnownLinear.apply(x, first_layer.weight, first_layer.bias, z.detach())
+        return first, rest(again)
 
 
 class Discriminator(nn.Module):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import re
 
 import numpy as np
@@ -14,7 +15,9 @@ from duch_core import codes
 from duch_core.bundle import normalize_feature_stats
 from duch_core.code_table import CodeTable, UnknownItemError
 from duch_core.config import DUCHConfig, LossConfig, ModelConfig, OptimConfig
+from duch_core.model import HashHead
 from duch_core.train_loop import (
+    BlockedAdam,
     FeatureBatch,
     FeatureStats,
     RetrievalSet,
@@ -31,6 +34,17 @@ from duch_core.train_loop import (
     step_lr,
     train_epoch,
 )
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():  # noqa: ANN202
+    # These tests are small. On a busy 2-core machine a second OpenMP thread that waits for a
+    # core makes every op many times slower; the tests that are about threads ask for them.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 # --------------------------------------------------------------------------------------------
 # code table
@@ -289,7 +303,9 @@ def test_optimizers_have_the_paper_settings() -> None:
     cfg = DUCHConfig(model=ModelConfig(bits=16, hidden_dim=32))
     model = make_model(6, 5, cfg)
     opt_hash, opt_disc = make_optimizers(model, cfg.optim)
-    assert isinstance(opt_hash, torch.optim.Adam) and isinstance(opt_disc, torch.optim.Adam)
+    assert isinstance(opt_hash, BlockedAdam) and type(opt_disc) is torch.optim.Adam
+    ref_hash, _ = make_optimizers(model, cfg.optim, reference=True)
+    assert type(ref_hash) is torch.optim.Adam
     assert len(opt_hash.param_groups) == 2
     for group in opt_hash.param_groups:
         assert group["lr"] == 1e-4 and group["weight_decay"] == 5e-4
@@ -321,6 +337,124 @@ def test_lr_schedule_floor() -> None:
     opt, _ = make_optimizers(model, cfg)
     assert step_lr(opt, 0, cfg) == pytest.approx(1e-6)
     assert step_lr(opt, 1, cfg) == pytest.approx(1e-6)
+
+
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def threads(request: pytest.FixtureRequest):  # noqa: ANN201
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def _adam_pair(
+    shapes: list[tuple[int, ...]], block: int, **kw: object
+) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.optim.Adam, BlockedAdam]:
+    g = torch.Generator().manual_seed(3)
+    ref = [torch.nn.Parameter(0.05 * torch.randn(s, generator=g)) for s in shapes]
+    new = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+    half = len(shapes) // 2
+    groups = lambda ps: [{"params": ps[:half]}, {"params": ps[half:]}]  # noqa: E731
+    opt_ref = torch.optim.Adam(groups(ref), lr=1e-3, **kw)  # type: ignore[arg-type]
+    opt_new = BlockedAdam(groups(new), lr=1e-3, **kw)  # type: ignore[arg-type]
+    opt_new.block = block
+    return ref, new, opt_ref, opt_new
+
+
+def _assert_same_adam(
+    ref: list[torch.Tensor],
+    new: list[torch.Tensor],
+    o_ref: torch.optim.Adam,
+    o_new: torch.optim.Adam,
+) -> None:
+    for a, b in zip(ref, new, strict=True):
+        assert torch.equal(a, b)
+        sa, sb = o_ref.state.get(a, {}), o_new.state.get(b, {})
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            assert torch.equal(sa[key], sb[key]), key
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 5e-4])
+def test_blocked_adam_is_bitwise_torch_adam(threads: int, weight_decay: float) -> None:
+    # several blocks per tensor, odd sizes (scalar tails), a parameter without a gradient in
+    # some steps, a learning-rate change between steps (step_lr), and the heads' real widths
+    shapes = [(4096, 48), (4096,), (1, 2503), (3,), (64, 4096), (7, 5)]
+    ref, new, o_ref, o_new = _adam_pair(shapes, block=10_000, weight_decay=weight_decay)
+    g = torch.Generator().manual_seed(4)
+    for step in range(6):
+        for i, (a, b) in enumerate(zip(ref, new, strict=True)):
+            if step % 3 == 2 and i == 3:
+                a.grad = b.grad = None
+                continue
+            grad = 1e-3 * torch.randn(a.shape, generator=g)
+            a.grad, b.grad = grad.clone(), grad.clone()
+        if step == 4:
+            for opt in (o_ref, o_new):
+                for group in opt.param_groups:
+                    group["lr"] *= 0.8
+        o_ref.step()
+        o_new.step()
+        _assert_same_adam(ref, new, o_ref, o_new)
+    # the state is torch's own: a plain Adam loads it and takes the same next step
+    again = torch.optim.Adam([{"params": new[:3]}, {"params": new[3:]}])
+    again.load_state_dict(o_new.state_dict())
+    for a, b in zip(ref, new, strict=True):
+        a.grad = b.grad = torch.ones_like(a)
+    o_ref.step()
+    again.step()
+    _assert_same_adam(ref, new, o_ref, again)
+
+
+def test_blocked_adam_defers_to_torch_for_other_options_and_runs_hooks_once() -> None:
+    ref, new, o_ref, o_new = _adam_pair([(50, 3), (5,)], block=16, amsgrad=True, maximize=True)
+    calls: list[str] = []
+    o_new.register_step_pre_hook(lambda *_: calls.append("pre"))
+    o_new.register_step_post_hook(lambda *_: calls.append("post"))
+    g = torch.Generator().manual_seed(5)
+    for _ in range(3):
+        for a, b in zip(ref, new, strict=True):
+            grad = torch.randn(a.shape, generator=g)
+            a.grad, b.grad = grad.clone(), grad.clone()
+        o_ref.step()
+        o_new.step()
+    _assert_same_adam(ref, new, o_ref, o_new)
+    assert calls == ["pre", "post"] * 3
+
+
+def _two_calls(head: HashHead, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return head(x), head(x)
+
+
+@pytest.mark.parametrize("shape", [(7, 5, 32, 16), (84, 24, 512, 64)])
+def test_forward_twice_is_bitwise_two_calls(threads: int, shape: tuple[int, ...]) -> None:
+    n, d, hidden, bits = shape
+    torch.manual_seed(0)
+    fast = HashHead(d, bits, hidden)
+    slow = HashHead(d, bits, hidden)
+    slow.load_state_dict(fast.state_dict())
+    x = torch.randn(n, d)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):  # parameters move between steps, BatchNorm statistics accumulate
+        up1, up2 = torch.randn(n, bits, generator=g), torch.randn(n, bits, generator=g)
+        for head, run in ((fast, HashHead.forward_twice), (slow, _two_calls)):
+            h1, h2 = run(head, x)
+            # the two codes get different gradients, and one term mixes them
+            ((h1 * up1).sum() + (h2 * up2).sum() + (h1 * h2).sum()).backward()
+        assert torch.equal(h1, h2)
+        for (name, a), b in zip(fast.named_parameters(), slow.parameters(), strict=True):
+            assert a.grad is not None and b.grad is not None
+            assert torch.equal(a.grad, b.grad), name
+        for a, b in zip(fast.buffers(), slow.buffers(), strict=True):
+            assert torch.equal(a, b)
+        with torch.no_grad():
+            for head in (fast, slow):
+                for p in head.parameters():
+                    p -= 0.01 * p.grad  # type: ignore[operator]
+                    p.grad = None
+    fast.eval()
+    e1, e2 = fast.forward_twice(x)
+    assert torch.equal(e1, e2) and torch.equal(e1, fast(x))
 
 
 # --------------------------------------------------------------------------------------------
@@ -382,12 +516,55 @@ def test_train_epoch_is_deterministic() -> None:
     assert r1["total"] == r2["total"]
 
 
+@pytest.mark.parametrize("paper_compat", [False, True], ids=["duch", "paper_compat"])
+def test_fast_path_trains_bitwise_like_the_reference(
+    threads: int, paper_compat: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the fast path (BlockedAdam, forward_twice under paper_compat) against plain torch Adam
+    # and two text-head calls: every weight, buffer, loss term, code and mAP bit for bit
+    monkeypatch.setattr(BlockedAdam, "block", 1000)  # several blocks per weight matrix
+    ids, lab, img, img_aug, txt, txt_aug = _synthetic(n=120)
+    cfg = DUCHConfig(
+        model=ModelConfig(bits=16, hidden_dim=96),
+        optim=OptimConfig(epochs=3, batch_size=32),
+        paper_compat=paper_compat,
+    )
+    query, database = RetrievalSet(img[:20], txt[:20], lab[:20]), RetrievalSet(img, txt, lab)
+
+    def run(reference: bool) -> tuple[torch.nn.Module, list[dict[str, float]]]:
+        model = make_model(64, 48, cfg)
+        hist = fit(
+            model,
+            lambda e: make_batches(ids, img, img_aug, txt, txt_aug, 32, 0, e),
+            cfg,
+            ids,
+            query,
+            database,
+            reference=reference,
+        )
+        return model, [{k: v for k, v in r.items() if k != "seconds"} for r in hist]
+
+    (m_ref, h_ref), (m_new, h_new) = run(True), run(False)
+    assert h_new == h_ref  # every loss term, table update count, bit imbalance and mAP
+    assert "map_mean" in h_new[-1]
+    ref_state, new_state = m_ref.state_dict(), m_new.state_dict()
+    assert ref_state.keys() == new_state.keys()
+    for key in ref_state:
+        assert torch.equal(ref_state[key], new_state[key]), key
+    for mod, x in (("image", img), ("text", txt)):
+        assert np.array_equal(
+            codes.pack(encode_features(m_ref, x, mod)),  # type: ignore[arg-type]
+            codes.pack(encode_features(m_new, x, mod)),  # type: ignore[arg-type]
+        )
+
+
 def _text_inputs(cfg: DUCHConfig) -> tuple[list[torch.Tensor], FeatureBatch]:
+    """The inputs of the text head's first layer in one step."""
     ids, mats = _feats(6)
     batch = FeatureBatch(ids, *mats)
     model = make_model(6, 5, cfg)
     seen: list[torch.Tensor] = []
-    model.text_head.register_forward_hook(lambda _m, inp, _o: seen.append(inp[0].detach()))
+    model.text_head.net[0].register_forward_hook(lambda _m, inp, _o: seen.append(inp[0].detach()))
     opt_hash, opt_disc = make_optimizers(model, cfg.optim)
     train_epoch(model, [batch], opt_hash, opt_disc, CodeTable(ids, 16), cfg, epoch=0)
     return seen, batch
@@ -395,12 +572,22 @@ def _text_inputs(cfg: DUCHConfig) -> tuple[list[torch.Tensor], FeatureBatch]:
 
 def test_paper_compat_uses_the_caption_twice() -> None:
     seen, batch = _text_inputs(_small_cfg(paper_compat=True))
-    assert len(seen) == 2
-    assert torch.equal(seen[0], batch.txt) and torch.equal(seen[1], batch.txt)
+    assert len(seen) == 1 and torch.equal(seen[0], batch.txt)  # one product serves both
+    # the augmented caption is never read: garbage there changes nothing
+    ids, mats = _feats(16)
+    cfg = _small_cfg(paper_compat=True)
+    clean = make_batches(ids, *mats, 8, seed=0, epoch=0)
+    nan = [dataclasses.replace(b, txt_aug=torch.full_like(b.txt_aug, math.nan)) for b in clean]
+    (m1, t1, r1), (m2, t2, r2) = _epoch(cfg, clean, ids), _epoch(cfg, nan, ids)
+    assert r1["total"] == r2["total"] and math.isfinite(r2["total"])
+    assert torch.equal(t1.b, t2.b)
+    for a, b in zip(m1.state_dict().values(), m2.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_default_uses_the_augmented_caption() -> None:
     seen, batch = _text_inputs(_small_cfg())
+    assert len(seen) == 2
     assert torch.equal(seen[0], batch.txt) and torch.equal(seen[1], batch.txt_aug)
 
 
