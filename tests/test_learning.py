@@ -132,4 +132,3 @@ def test_training_on_the_demo_archive_learns(tmp_path: Path) -> None:
     assert after["i2t"] >= 0.9 and after["t2i"] >= 0.9
     assert after["i2i"] > before["i2i"] and after["t2t"] > before["t2t"]
     assert res["history"][-1]["map_i2t"] == after["i2t"]
-    assert res["total_s"] < 60
