@@ -6,6 +6,7 @@ pickles them by reference; they import the heavier ``duch_core`` modules (torch 
 bundle, the archive reader) only when called. Index manifests are ``duch_core.index_store.IndexManifest``.
 """
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,8 @@ from duch_core.search import HammingIndex
 MODALITIES = ("image", "text")
 #: API target name -> index modality.
 TARGET_MODALITY = {"images": "image", "captions": "text"}
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -78,11 +81,23 @@ def load_codes(manifest: IndexManifest, modality: str, shards: Sequence[int] | N
 
 
 def read_items(manifest: IndexManifest) -> pa.Table:
-    """The archive rows of the items the manifest indexes."""
+    """The archive rows of the items the manifest indexes.
+
+    A version's own catalog snapshot (written at encode time, checksummed) when it has one, so
+    daytime edits of the live archive manifest never change what an index built last night
+    shows; versions older than snapshots fall back to the archive manifest they name.
+    """
+    if manifest.catalog is not None:
+        return index_store.read_catalog(manifest)
     from duch_core.archive import read_archive
 
     if not manifest.archive:
-        raise ValueError(f"index version {manifest.version} names no archive manifest")
+        raise ValueError(f"index version {manifest.version} names no catalog and no archive")
+    log.warning(
+        "index version %s has no catalog snapshot: showing the live archive manifest %s",
+        manifest.version,
+        manifest.archive,
+    )
     return read_archive(manifest.archive)
 
 

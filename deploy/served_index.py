@@ -197,7 +197,7 @@ class ServedIndex:
     async def _prepare(self, manifest: IndexManifest) -> ServingState:
         await asyncio.to_thread(self.loaders.validate, manifest, self.bits, self.bundle_id)
         table = None
-        if manifest.archive:
+        if manifest.catalog is not None or manifest.archive:
             table = await asyncio.to_thread(self.loaders.read_items, manifest)
         catalog = await asyncio.to_thread(Catalog, table)
         loaded = await asyncio.gather(*(g.prepare(manifest) for g in self.groups))

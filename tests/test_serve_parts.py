@@ -919,3 +919,58 @@ def test_an_answer_from_another_bundle_than_the_index_is_refused_with_503() -> N
     assert e.value.headers["Retry-After"] == "1"
     code, _ = asyncio.run(svc.encode(Query("text", 3, "images", text="river"), "new"))
     assert code.shape == (1, 4)
+
+
+def test_the_service_shows_the_versions_catalog_snapshot_not_the_live_archive(
+    tmp_path: Path,
+) -> None:
+    """Daytime edits of the archive manifest do not change what last night's index shows."""
+    from deploy.artifacts import read_items
+    from duch_core import index_store as ix
+    from duch_core import storage
+    from duch_core.archive import write_archive
+
+    archive = str(tmp_path / "archive" / "manifest.jsonl")
+    rows = [
+        {"item_id": "a", "image_uri": "a.png", "captions": ["a field"], "label": "f"},
+        {"item_id": "b", "image_uri": "b.png", "captions": ["a river"], "label": "r"},
+    ]
+    write_archive(rows, archive)
+    root = str(tmp_path / "index")
+    version = ix.new_version_id()
+    vdir = ix.version_uri(root, version)
+    snapshot = pa.table(
+        {
+            "item_id": ["a", "b"],
+            "image_uri": [str(tmp_path / "archive" / u) for u in ("a.png", "b.png")],
+            "captions": [["a field"], ["a river"]],
+            "label": ["f", "r"],
+            "split": [None, None],
+        }
+    )
+    part = ix.write_catalog_part(vdir, snapshot)
+    shard = ix.shard_table(["a"], ["image"], [-1], np.zeros((1, 8), np.uint8), ["fp"], "b1", 64)
+    ix.finish_version(
+        root,
+        version,
+        [ix.write_shard(vdir, shard)],
+        "b1",
+        64,
+        archive=archive,
+        catalog=ix.catalog_info([part]),
+    )
+    m = ix.read_latest(root)
+    # the archive changes after the encode: a caption edited, an item added
+    edited = [{**rows[0], "captions": ["edited"]}, rows[1], {**rows[1], "item_id": "c"}]
+    write_archive(edited, archive)
+    table = read_items(m)
+    assert table.column("item_id").to_pylist() == ["a", "b"]
+    assert table.column("captions").to_pylist() == [["a field"], ["a river"]]
+    assert Catalog(table).lookup(["a"])[0]["captions"] == ["a field"]
+    # a version written before snapshots falls back to the archive it names
+    old = IndexManifest.from_dict({**m.to_dict(), "catalog": None}, uri=m.uri)
+    assert read_items(old).column("captions").to_pylist()[0] == ["edited"]
+    # a snapshot altered after publishing is refused, never shown
+    storage.write_bytes(m.resolve(part.path), ix.table_bytes(snapshot.slice(0, 1)))
+    with pytest.raises(ix.IndexCorruptError):
+        read_items(m)
