@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from duch_core import hamming_topk, index_store
+from duch_core import catalog_snapshot, hamming_topk, index_store
 from duch_core.index_store import IndexManifest
 from duch_core.search import HammingIndex
 
@@ -88,7 +88,7 @@ def read_items(manifest: IndexManifest) -> pa.Table:
     shows; versions older than snapshots fall back to the archive manifest they name.
     """
     if manifest.catalog is not None:
-        return index_store.read_catalog(manifest)
+        return catalog_snapshot.read_catalog(manifest)
     from duch_core.archive import read_archive
 
     if not manifest.archive:

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from duch_core import storage
+from duch_core.uris import local_path, s3_settings, split_s3
 
 __all__ = [
     "RASTER_EXTENSIONS",
@@ -179,7 +180,7 @@ def gdal_options() -> dict[str, str]:
     Without keys GDAL uses its own AWS credential chain.
     """
     # the one reader of the S3 settings, so GDAL and pyarrow always talk to the same store
-    s = storage._s3_settings()
+    s = s3_settings()
     opts = {
         "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
         "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ",".join(RASTER_EXTENSIONS),
@@ -207,10 +208,10 @@ def _absolute(uri: str) -> str:
 
 def _gdal_path(uri: str) -> str:
     if storage.is_s3(uri):
-        bucket, key = storage._split_s3(uri)
+        bucket, key = split_s3(uri)
         return f"/vsis3/{bucket}/{key}"
     if uri.startswith("file://"):
-        return storage._local_path(uri)
+        return local_path(uri)
     if re.match(r"^[A-Za-z][A-Za-z0-9+.\-]*://", uri):
         raise SceneError("open", f"unsupported URI scheme in {uri!r}: use a local path or s3://")
     return os.path.abspath(os.path.expanduser(uri))

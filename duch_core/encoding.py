@@ -20,10 +20,10 @@ holds a code, else why it failed), ``transient`` and ``origin`` (``encoded`` or 
 Failures are rows, never exceptions: one bad row, image or caption does not stop a batch.
 
 Transient and permanent failures: the store is asked again, with backoff, while it fails in a way
-that may pass (:func:`duch_core.storage.retrying`). An image that still cannot be read then is a
-*transient* failure: the item is left out of this batch whole (no caption rows either) and the job
-carries its previous rows over (it is *stale*), or, for an item without previous rows, reports it
-as unavailable. Only a missing object or bytes that do not decode are *permanent* failures that
+that may pass (:func:`duch_core.storage_retry.retrying`). An image that still cannot be read then
+is a *transient* failure: the item is left out of this batch whole (no caption rows either) and the
+job carries its previous rows over (it is *stale*), or, for an item without previous rows, reports
+it as unavailable. Only a missing object or bytes that do not decode are *permanent* failures that
 remove an item from the index.
 """
 
@@ -40,7 +40,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from duch_core import index_store, storage
+from duch_core import catalog_snapshot, index_store, storage
 from duch_core.config import ImageBackboneConfig
 
 ERROR_PARTS_DIR = "errors"  # per-batch errors parts, merged into errors.parquet at the end
@@ -440,7 +440,7 @@ def prepare_batch(
     bad = rows.filter(pc.invert(ok))
     part_path, part_json = "", ""
     if version_dir is not None and good.num_rows:
-        part = index_store.write_catalog_part(version_dir, catalog_table(good, base_dir))
+        part = catalog_snapshot.write_catalog_part(version_dir, catalog_table(good, base_dir))
         part_path, part_json = part.path, json.dumps(part.to_dict())
     fp = fingerprint_batch(good, base_dir, io_threads)
     n_good, n_bad = good.num_rows, bad.num_rows

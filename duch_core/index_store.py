@@ -1,9 +1,9 @@
-"""Code shards, index manifests, the ``LATEST`` pointer and the encode lock: the output of encoding.
+"""Code shards, index manifests and the ``LATEST`` pointer: the output of encoding.
 
 Layout of an index root (a local directory or an ``s3://`` prefix)::
 
     <root>/LATEST                                   the published version id (one line)
-    <root>/LOCK                                     the encode lease (:class:`EncodeLock`), if held
+    <root>/LOCK                                     the encode lease (:mod:`duch_core.encode_lock`)
     <root>/bundles/<bundle id>/                     the model bundles the versions were encoded with
     <root>/versions/<version>/index.json            the index manifest (:class:`IndexManifest`)
     <root>/versions/<version>/shards/part-<key>.parquet   code shards (:data:`SHARD_SCHEMA`)
@@ -12,7 +12,7 @@ Layout of an index root (a local directory or an ``s3://`` prefix)::
     <root>/versions/<version>/summary.json          what the run did (counts, bytes, speed)
     <root>/versions/<version>/published.json        written once ``LATEST`` has named the version
 
-A version id is ``<UTC timestamp>-<random suffix>`` (:func:`duch_core.storage.new_version_id`,
+A version id is ``<UTC timestamp>-<random suffix>`` (:func:`duch_core.pointers.new_version_id`,
 re-exported here), so ids sort by creation time. Every run writes a fresh version directory: shards
 and catalog first, then ``index.json``, then ``LATEST`` is replaced atomically, and only if it
 still names the version the run compared with (:func:`publish_if`, a compare-and-swap). A reader
@@ -27,17 +27,13 @@ source the code was computed from (:func:`duch_core.encoding.source_fingerprint`
 id it decides whether a later run can copy the row instead of encoding it again
 (:func:`compute_diff`).
 
-The catalog (:func:`read_catalog`) is the archive as the version saw it: ``item_id``,
-``image_uri`` (resolved), ``captions``, ``label``, ``split`` and every metadata column of the
-archive manifest (``crs``, ``bbox``, ``datetime``, ``sensor``, ...). A service shows hits from the
-catalog of the version it searches, never from the live archive manifest, which may have changed.
+The catalog (:mod:`duch_core.catalog_snapshot`) is the archive as the version saw it.
 
 Search ids (``row_ids``) are global row positions in the version: shards in manifest order, rows
 in file order, both modalities counted. They do not depend on which shards a reader loads.
 
-Retention (:func:`apply_retention`) deletes whole versions: it keeps the newest published versions,
-never the one ``LATEST`` names nor the one published before it, and deletes directories that were
-never published (runs that died or were refused) only once they are older than a grace age.
+Retention (:mod:`duch_core.retention`) deletes whole versions; the encode lock
+(:mod:`duch_core.encode_lock`) keeps two runs from publishing at once.
 """
 
 from __future__ import annotations
@@ -45,14 +41,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import io
-import json
-import logging
-import os
-import socket
-import threading
-import time
-import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,9 +50,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from duch_core import storage
+from duch_core import pointers, storage
 from duch_core.codes import BITORDER, check_bits
-from duch_core.storage import new_version_id as new_version_id  # re-exported
+from duch_core.pointers import new_version_id as new_version_id  # re-exported
 
 FORMAT_VERSION = 1
 MODALITIES: tuple[str, ...] = ("image", "text")
@@ -77,10 +66,6 @@ BUNDLES_DIR = "bundles"
 ERRORS_NAME = "errors.parquet"
 SUMMARY_NAME = "summary.json"
 PUBLISHED_NAME = "published.json"
-DEFAULT_GRACE_S = 2 * 24 * 3600.0
-"""Unpublished version directories younger than this are never deleted (runs in progress)."""
-
-log = logging.getLogger("duch.index")
 
 ERRORS_SCHEMA = pa.schema(
     [
@@ -112,24 +97,12 @@ class IndexNotFoundError(IndexFormatError, FileNotFoundError):
     """No published index at the given root (no ``LATEST`` pointer)."""
 
 
-class CatalogMissingError(IndexFormatError):
-    """The version has no catalog snapshot (it was written before versions had one)."""
-
-
 class ShrinkError(ValueError):
     """The archive lost more of the published items than allowed, or has none: not published."""
 
 
 class EncodeConflictError(RuntimeError):
     """Another encode run holds the index root or published first; this run publishes nothing."""
-
-
-class LockHeldError(EncodeConflictError):
-    """Another run holds the encode lock of the index root."""
-
-
-class LockLostError(EncodeConflictError):
-    """This run's lease expired and another run took the lock."""
 
 
 class PublishConflictError(EncodeConflictError):
@@ -258,7 +231,7 @@ class IndexManifest:
         previous_version: the version ``LATEST`` named when this one was planned (its carried
             rows come from there), or ``None``.
         bundle_source: the bundle URI the run was given (e.g. a mutable ``.../current``).
-        catalog: the catalog snapshot (:func:`read_catalog`), or ``None`` for versions written
+        catalog: the catalog snapshot (:func:`duch_core.catalog_snapshot.read_catalog`), or ``None`` for versions written
             before snapshots existed.
         uri: where the manifest was read from (set by readers, not stored).
     """
@@ -457,18 +430,6 @@ def write_shard(version_dir: str, table: pa.Table) -> ShardInfo:
     return ShardInfo(path=rel, rows=table.num_rows, sha256=digest, counts=counts, bytes=len(data))
 
 
-def write_catalog_part(version_dir: str, table: pa.Table) -> CatalogPart:
-    """Write some archive rows as one catalog part under ``<version_dir>/catalog/``.
-
-    Content-addressed like shards, so a retried task rewrites the same file.
-    """
-    data = table_bytes(table)
-    digest = hashlib.sha256(data).hexdigest()
-    rel = f"{CATALOG_DIR}/part-{digest[:24]}.parquet"
-    storage.write_bytes(storage.join(version_dir, rel), data)
-    return CatalogPart(path=rel, rows=table.num_rows, sha256=digest, bytes=len(data))
-
-
 def write_manifest(version_dir: str, manifest: IndexManifest) -> IndexManifest:
     """Write ``index.json`` into the version directory (after every shard is written)."""
     uri = storage.join(version_dir, MANIFEST_NAME)
@@ -519,7 +480,7 @@ def publish(root: str, manifest: IndexManifest) -> None:
 
     For tools and rollbacks by hand; the encode job publishes with :func:`publish_if`.
     """
-    storage.publish_pointer(latest_uri(root), manifest.version)
+    pointers.publish_pointer(latest_uri(root), manifest.version)
     mark_published(root, manifest.version, None)
 
 
@@ -540,10 +501,10 @@ def read_latest_state(root: str) -> LatestState:
     """
     uri = latest_uri(root)
     try:
-        got = storage.read_versioned(uri)
+        got = pointers.read_versioned(uri)
     except FileNotFoundError:
         return LatestState(None, None)
-    return LatestState(storage.decode_pointer(got.data, uri), got.etag)
+    return LatestState(pointers.decode_pointer(got.data, uri), got.etag)
 
 
 def publish_if(root: str, version: str, expected: LatestState) -> None:
@@ -564,9 +525,9 @@ def publish_if(root: str, version: str, expected: LatestState) -> None:
         raise ValueError(f"not a valid version id: {version!r}")
     try:
         if expected.etag is None:
-            storage.put_conditional(uri, data, if_none_match=True)
+            pointers.put_conditional(uri, data, if_none_match=True)
         else:
-            storage.put_conditional(uri, data, if_match=expected.etag)
+            pointers.put_conditional(uri, data, if_match=expected.etag)
     except storage.PreconditionFailedError:
         now = read_latest_state(root)
         raise PublishConflictError(
@@ -611,7 +572,7 @@ def read_manifest(uri: str) -> IndexManifest:
 def read_latest_version(root: str) -> str | None:
     """The version id ``LATEST`` names, or ``None`` when nothing is published yet."""
     try:
-        value = storage.read_pointer(latest_uri(root)).strip()
+        value = pointers.read_pointer(latest_uri(root)).strip()
     except FileNotFoundError:
         return None
     return value or None
@@ -795,405 +756,6 @@ def read_errors(manifest: IndexManifest) -> pa.Table:
     if "transient" not in table.column_names:
         table = table.append_column("transient", pa.array([False] * table.num_rows, pa.bool_()))
     return table.select(ERRORS_SCHEMA.names).cast(ERRORS_SCHEMA)
-
-
-def read_catalog(manifest: IndexManifest, verify: bool = True) -> pa.Table:
-    """The archive rows the version was encoded from, sorted by ``item_id``.
-
-    Columns: ``item_id``, ``image_uri`` (resolved: a full path or URI), ``captions``
-    (list<string>), ``label``, ``split``, then the archive's metadata columns as they were.
-    Every part's size, row count and SHA-256 are checked against ``index.json``.
-
-    Raises:
-        CatalogMissingError: the version has no catalog (older than catalog snapshots).
-        IndexCorruptError: a part is missing, altered or unreadable, or the part list does not
-            match its recorded checksum.
-    """
-    info = manifest.catalog
-    if info is None:
-        raise CatalogMissingError(
-            f"index version {manifest.version} has no catalog snapshot (written before versions "
-            "had one): read its archive manifest, or re-encode to get one"
-        )
-    if verify and catalog_info(info.parts).sha256 != info.sha256:
-        raise IndexCorruptError(
-            f"catalog of index version {manifest.version}: the part list does not match its "
-            "checksum in index.json"
-        )
-    tables = []
-    for part in info.parts:
-        uri = manifest.resolve(part.path)
-        try:
-            data = storage.read_bytes(uri)
-        except FileNotFoundError as e:
-            raise IndexCorruptError(
-                f"catalog part {part.path} of index version {manifest.version} is missing ({uri})"
-            ) from e
-        if verify and hashlib.sha256(data).hexdigest() != part.sha256:
-            raise IndexCorruptError(
-                f"catalog part {uri} fails its checksum ({len(data)} bytes, expected "
-                f"{part.bytes or '?'}): the file is incomplete or was changed after publishing"
-            )
-        try:
-            table = pq.read_table(pa.BufferReader(data))
-        except (pa.ArrowException, OSError) as e:
-            raise IndexCorruptError(f"catalog part {uri} is not readable Parquet ({e})") from e
-        if table.num_rows != part.rows:
-            raise IndexCorruptError(
-                f"catalog part {uri} holds {table.num_rows} rows, index.json lists {part.rows}"
-            )
-        tables.append(table)
-    if not tables:
-        from duch_core.archive import ARCHIVE_SCHEMA
-
-        return ARCHIVE_SCHEMA.empty_table()
-    try:
-        table = pa.concat_tables(tables, promote_options="permissive")
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
-        # a metadata column typed differently in two parts (JSON-lines manifests): as text
-        table = pa.concat_tables([_metadata_as_text(t) for t in tables])
-    return table.sort_by([("item_id", "ascending")])
-
-
-_FIXED_CATALOG_COLUMNS = ("item_id", "image_uri", "captions", "label", "split")
-
-
-def _metadata_as_text(table: pa.Table) -> pa.Table:
-    """The metadata columns of a catalog part as text (strings kept, other values as JSON)."""
-    for pos, name in enumerate(table.column_names):
-        if name in _FIXED_CATALOG_COLUMNS:
-            continue
-        col = table.column(name)
-        if pa.types.is_string(col.type):
-            continue
-        values = [None if v is None else json.dumps(v, default=str) for v in col.to_pylist()]
-        table = table.set_column(pos, name, pa.array(values, pa.string()))
-    return table
-
-
-# --------------------------------------------------------------------------------------------
-# the encode lock
-
-
-@dataclass(frozen=True)
-class LockInfo:
-    """What a lock object says about its holder.
-
-    Attributes:
-        owner: the holder's random token.
-        host, pid: where the holder runs.
-        started: when it took the lock (UTC ISO time).
-        expires: when the lease ends unless refreshed (seconds since the epoch).
-        version: the index version the holder is writing, if it has one yet.
-    """
-
-    owner: str
-    host: str = ""
-    pid: int = 0
-    started: str = ""
-    expires: float = 0.0
-    version: str | None = None
-
-    def to_json(self) -> bytes:
-        return json.dumps(
-            {
-                "owner": self.owner,
-                "host": self.host,
-                "pid": self.pid,
-                "started": self.started,
-                "expires": self.expires,
-                "expires_utc": _dt.datetime.fromtimestamp(self.expires, _dt.UTC).isoformat(
-                    timespec="seconds"
-                ),
-                "version": self.version,
-            },
-            indent=2,
-        ).encode()
-
-    @classmethod
-    def parse(cls, data: bytes) -> LockInfo | None:
-        """The holder, or ``None`` when the object is not a lock (it then counts as expired)."""
-        try:
-            d = json.loads(data)
-            return cls(
-                owner=str(d["owner"]),
-                host=str(d.get("host", "")),
-                pid=int(d.get("pid", 0)),
-                started=str(d.get("started", "")),
-                expires=float(d["expires"]),
-                version=str(d["version"]) if d.get("version") else None,
-            )
-        except (ValueError, KeyError, TypeError):
-            return None
-
-    def describe(self, now: float) -> str:
-        left = self.expires - now
-        when = f"expires in {left:.0f} s" if left >= 0 else f"expired {-left:.0f} s ago"
-        return (
-            f"held by {self.host or '?'} pid {self.pid} since {self.started or '?'} "
-            f"({when}; writing version {self.version or '-'})"
-        )
-
-
-class EncodeLock:
-    """A lease on an index root: only the run that holds it publishes there.
-
-    The lease is the object ``<root>/LOCK``, created with a conditional write (S3
-    ``If-None-Match: *``; locally under an exclusive directory lock), so of two runs only one
-    creates it. It names its holder and expires ``ttl_s`` seconds after the last refresh; a
-    lease past its expiry may be taken over (a conditional write on its ETag, so only one run
-    takes it). :meth:`start_heartbeat` refreshes it every ``ttl_s / 3`` seconds while the run
-    works, and :meth:`refresh` right before publishing proves the lease is still this run's.
-    Expiry compares wall clocks of different machines: keep ``ttl_s`` well above their skew.
-
-    Args:
-        root: the index root.
-        ttl_s: lease length in seconds.
-        clock: seconds since the epoch (tests pass a fake one).
-    """
-
-    def __init__(
-        self, root: str, ttl_s: float = 600.0, clock: Callable[[], float] = time.time
-    ) -> None:
-        if ttl_s <= 0:
-            raise ValueError(f"lock ttl must be positive, got {ttl_s}")
-        self.root = root
-        self.uri = storage.join(root, LOCK_NAME)
-        self.ttl_s = float(ttl_s)
-        self.clock = clock
-        self.info = LockInfo(
-            owner=uuid.uuid4().hex,
-            host=socket.gethostname(),
-            pid=os.getpid(),
-            started=utc_now_iso(),
-        )
-        self.took_over: LockInfo | None = None
-        self._etag: str | None = None
-        self._mutex = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.lost = False
-
-    @property
-    def held(self) -> bool:
-        return self._etag is not None and not self.lost
-
-    def _body(self, version: str | None) -> bytes:
-        self.info = LockInfo(
-            self.info.owner,
-            self.info.host,
-            self.info.pid,
-            self.info.started,
-            self.clock() + self.ttl_s,
-            version if version is not None else self.info.version,
-        )
-        return self.info.to_json()
-
-    def acquire(self, wait_s: float = 0.0, poll_s: float = 2.0) -> None:
-        """Take the lock, waiting up to ``wait_s`` seconds for a held one to go.
-
-        Raises:
-            LockHeldError: another run holds an unexpired lease (the message names it).
-            TransientStorageError, StorageError: the store failed.
-        """
-        deadline = time.monotonic() + max(0.0, wait_s)
-        while True:
-            try:
-                self._etag = storage.put_conditional(self.uri, self._body(None), if_none_match=True)
-                return
-            except storage.PreconditionFailedError:
-                pass
-            try:
-                current = storage.read_versioned(self.uri)
-            except FileNotFoundError:
-                continue  # released meanwhile: try again at once
-            holder = LockInfo.parse(current.data)
-            now = self.clock()
-            if holder is None or holder.expires < now:
-                try:
-                    self._etag = storage.put_conditional(
-                        self.uri, self._body(None), if_match=current.etag
-                    )
-                except storage.PreconditionFailedError:
-                    continue  # another run took it first, or its holder refreshed it
-                self.took_over = holder
-                log.warning(
-                    "took over the expired encode lock of %s (%s)",
-                    self.root,
-                    holder.describe(now) if holder else "unreadable lock object",
-                )
-                return
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise LockHeldError(
-                    f"another encode run is working on {self.root}: the lock {self.uri} is "
-                    f"{holder.describe(now)}; nothing was written. It is free again when that "
-                    "run ends or its lease expires (lock_ttl_s)."
-                )
-            time.sleep(max(0.05, min(poll_s, left, holder.expires - now + 0.05)))
-
-    def refresh(self, version: str | None = None) -> None:
-        """Extend the lease (and record ``version``); proves the lock is still this run's.
-
-        Raises:
-            LockLostError: the lease expired and another run took the lock.
-            TransientStorageError, StorageError: the store failed (the lease may still hold).
-        """
-        with self._mutex:
-            if self._etag is None:
-                raise LockLostError(f"{self.uri}: this run does not hold the lock")
-            if self.lost:
-                raise LockLostError(f"{self.uri}: this run's lease expired and was taken over")
-            try:
-                self._etag = storage.put_conditional(
-                    self.uri, self._body(version), if_match=self._etag
-                )
-            except storage.PreconditionFailedError:
-                self.lost = True
-                try:
-                    holder = LockInfo.parse(storage.read_versioned(self.uri).data)
-                except (FileNotFoundError, storage.StorageError):
-                    holder = None
-                raise LockLostError(
-                    f"{self.uri}: this run's lease expired and the lock was taken over"
-                    + (f" ({holder.describe(self.clock())})" if holder else "")
-                ) from None
-
-    def _beat(self) -> None:
-        period = self.ttl_s / 3
-        while not self._stop.wait(period):
-            try:
-                self.refresh()
-            except LockLostError as e:
-                log.error("%s", e)
-                return
-            except storage.StorageError as e:
-                log.warning("could not refresh the encode lock (will retry): %s", e)
-
-    def start_heartbeat(self) -> None:
-        """Refresh the lease every ``ttl_s / 3`` seconds in a background thread."""
-        if self._thread is None:
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._beat, name="encode-lock", daemon=True)
-            self._thread.start()
-
-    def release(self) -> None:
-        """Stop refreshing and delete the lock if it is still this run's (never raises)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-        with self._mutex:
-            if self._etag is None or self.lost:
-                return
-            etag, self._etag = self._etag, None
-        try:
-            storage.delete_conditional(self.uri, etag)
-        except storage.PreconditionFailedError:
-            log.warning("the encode lock of %s was taken over before it was released", self.root)
-        except storage.StorageError as e:
-            log.warning("could not release the encode lock %s (it expires): %s", self.uri, e)
-
-
-# --------------------------------------------------------------------------------------------
-# retention
-
-
-@dataclass(frozen=True)
-class VersionState:
-    """A version directory: whether it has an ``index.json`` and whether it was published."""
-
-    manifest: bool
-    published: bool
-
-
-def list_versions(root: str) -> dict[str, bool]:
-    """Every version directory under ``root`` -> whether it holds an ``index.json``."""
-    return {v: st.manifest for v, st in version_states(root).items()}
-
-
-def version_states(root: str) -> dict[str, VersionState]:
-    """Every version directory under ``root`` and its :class:`VersionState`, sorted by id.
-
-    A version counts as published when it has ``published.json``; a version written before those
-    markers existed counts when its ``summary.json`` says so.
-    """
-    base = storage.join(root, VERSIONS_DIR)
-    prefix = base.rstrip("/") + "/"
-    try:
-        listed = storage.list_prefix(base, recursive=True)
-    except FileNotFoundError:
-        listed = []
-    files: dict[str, set[str]] = {}
-    for uri in listed:
-        if not uri.startswith(prefix):
-            continue
-        version, _, tail = uri[len(prefix) :].partition("/")
-        if version:
-            files.setdefault(version, set()).add(tail)
-    out = {}
-    for version, names in sorted(files.items()):
-        has_manifest = MANIFEST_NAME in names
-        published = PUBLISHED_NAME in names
-        if has_manifest and not published and SUMMARY_NAME in names:
-            try:
-                summary = storage.read_json(storage.join(version_uri(root, version), SUMMARY_NAME))
-                published = summary.get("published") is True
-            except (FileNotFoundError, ValueError, AttributeError):
-                published = False
-        out[version] = VersionState(has_manifest, published)
-    return out
-
-
-def apply_retention(
-    root: str,
-    keep: int,
-    current: str | None = None,
-    grace_s: float = DEFAULT_GRACE_S,
-    now: _dt.datetime | None = None,
-) -> list[str]:
-    """Delete old versions, whole.
-
-    Kept: the ``keep`` newest published versions (``keep <= 0`` keeps every published one), the
-    version ``LATEST`` names and the one it was published after (its ``previous_version``, else
-    the newest published version before it), and ``current`` (a run in progress). A directory
-    that was never published (a run that died, or one refused for its error rate or by a
-    conflict) is deleted once its id says it is older than ``grace_s`` seconds, so a run still
-    writing is never touched. Call it while holding the :class:`EncodeLock`.
-
-    Returns:
-        The deleted version ids.
-    """
-    states = version_states(root)
-    latest = read_latest_version(root)
-    published = [v for v, st in states.items() if st.published]
-    protected = {v for v in (latest, current) if v}
-    if latest is not None:
-        before = None
-        try:
-            before = read_manifest(manifest_uri(root, latest)).previous_version
-        except IndexCorruptError:
-            pass
-        if before is None:
-            older = [v for v in published if v < latest]
-            before = older[-1] if older else None
-        if before:
-            protected.add(before)
-    protected.update(published[-keep:] if keep > 0 else published)
-    now = now or _dt.datetime.now(_dt.UTC)
-    doomed = []
-    for v, st in states.items():
-        if v in protected:
-            continue
-        if st.published:
-            doomed.append(v)
-            continue
-        born = storage.version_time(v)
-        if born is not None and (now - born).total_seconds() > grace_s:
-            doomed.append(v)
-    for v in doomed:
-        storage.delete_prefix(version_uri(root, v))
-    return doomed
 
 
 # --------------------------------------------------------------------------------------------

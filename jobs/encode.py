@@ -14,7 +14,7 @@ in an actor pool while unchanged items' rows are copied from the old shards, and
 
 Safe to leave alone:
 
-* one publisher: the run holds ``<out>/LOCK`` (:class:`~duch_core.index_store.EncodeLock`,
+* one publisher: the run holds ``<out>/LOCK`` (:class:`~duch_core.encode_lock.EncodeLock`,
   refreshed while it runs) and moves ``LATEST`` only if it still names the version it compared
   with; otherwise it publishes nothing and exits 3;
 * S3 faults: transient failures are retried with backoff; an image still unreadable keeps its
@@ -52,8 +52,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from duch_core import bundle as bundle_mod
+from duch_core import (
+    catalog_snapshot,
+    encode_lock,
+    encoding,
+    index_store,
+    pointers,
+    retention,
+    storage,
+    storage_retry,
+)
 from duch_core import config as config_mod
-from duch_core import encoding, index_store, storage
 from duch_core.archive import ArchiveError
 from jobs import _common
 
@@ -173,7 +182,7 @@ def _parquet_rows(path: str) -> int:
             return pq.ParquetFile(f).metadata
 
     try:
-        meta = storage.retrying(footer, path, "read the manifest's footer")
+        meta = storage_retry.retrying(footer, path, "read the manifest's footer")
     except FileNotFoundError as e:
         raise ArchiveError(f"{path}: archive manifest not found") from e
     except (pa.ArrowException, ValueError) as e:
@@ -314,7 +323,7 @@ def drop_repeated(
             t = storage.read_parquet(storage.join(version_dir, p.path))
             t = t.filter(pc.invert(pc.is_in(t.column("item_id"), value_set=repeated)))
             if t.num_rows:
-                out.append(index_store.write_catalog_part(version_dir, t))
+                out.append(catalog_snapshot.write_catalog_part(version_dir, t))
     return out
 
 
@@ -441,7 +450,7 @@ def run(cfg: EncodeConfig, dry_run: bool = False) -> dict[str, Any]:
     _common.check_shared_locations({"bundle": cfg.bundle, "archive": cfg.archive, "out": cfg.out})
     if dry_run:
         return _dry_run(cfg)
-    lock = index_store.EncodeLock(cfg.out, cfg.lock_ttl_s)
+    lock = encode_lock.EncodeLock(cfg.out, cfg.lock_ttl_s)
     lock.acquire(wait_s=cfg.lock_wait_s)
     try:
         lock.start_heartbeat()
@@ -481,7 +490,7 @@ def _dry_run(cfg: EncodeConfig) -> dict[str, Any]:
     return summary
 
 
-def _run_locked(cfg: EncodeConfig, lock: index_store.EncodeLock) -> dict[str, Any]:
+def _run_locked(cfg: EncodeConfig, lock: encode_lock.EncodeLock) -> dict[str, Any]:
     t0 = time.perf_counter()
     meta = bundle_mod.pin_bundle(cfg.bundle, storage.join(cfg.out, index_store.BUNDLES_DIR))
     if meta.backbones is None:
@@ -491,7 +500,7 @@ def _run_locked(cfg: EncodeConfig, lock: index_store.EncodeLock) -> dict[str, An
         )
     base = index_store.read_latest_state(cfg.out)
     prev = _previous(cfg, base)
-    version = storage.new_version_id()
+    version = pointers.new_version_id()
     vdir = index_store.version_uri(cfg.out, version)
     lock.refresh(version)
     items = read_items(cfg, vdir)
@@ -616,7 +625,7 @@ def _run_locked(cfg: EncodeConfig, lock: index_store.EncodeLock) -> dict[str, An
     _kill_point(cfg, "marked")
     finish(True, _common.EXIT_OK)
     try:
-        summary["deleted_versions"] = index_store.apply_retention(
+        summary["deleted_versions"] = retention.apply_retention(
             cfg.out, cfg.keep_versions, current=version, grace_s=cfg.orphan_grace_s
         )
     except storage.StorageError as e:  # the next run retries

@@ -58,7 +58,7 @@ from typing import Any
 import pyarrow as pa
 
 from duch_core import config as config_mod
-from duch_core import storage
+from duch_core import pointers, storage
 from duch_core.chip_io import SceneError
 from duch_core.scene_lists import read_scene_list
 from duch_core.scenes import Scene, tile_scene
@@ -239,7 +239,7 @@ def run(cfg: TileConfig) -> dict[str, Any]:
         raise NoScenesError(f"no usable scene in {list(cfg.scenes)}" + (f": {why}" if why else ""))
     _common.ensure_ray()
     _common.check_shared_locations({"out": cfg.out})
-    version = storage.new_version_id()
+    version = pointers.new_version_id()
     vdir = storage.join(cfg.out, "versions", version)
     scenes = [s for s, _ in listed]
     source_of = {s.scene_id: src for s, src in listed}
@@ -306,7 +306,7 @@ def run(cfg: TileConfig) -> dict[str, Any]:
     }
     storage.write_json(storage.join(vdir, "summary.json"), summary)
     if publish:
-        storage.publish_pointer(storage.join(cfg.out, "LATEST"), version)
+        pointers.publish_pointer(storage.join(cfg.out, "LATEST"), version)
     return summary
 
 

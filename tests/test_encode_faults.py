@@ -45,8 +45,8 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
+from duch_core import catalog_snapshot, pointers, retention, storage
 from duch_core import index_store as ix
-from duch_core import storage
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = str(REPO / "configs" / "encode_smoke.yaml")
@@ -479,11 +479,11 @@ def test_failed_pointer_write_leaves_latest_unchanged(world, proxy, monkeypatch)
     for kinds in (("503",), ("reset",), ("500", "reset")):
         proxy.arm(kinds=kinds, match=_is_latest_put)
         with pytest.raises(storage.TransientStorageError):
-            storage.publish_pointer(latest, "20990101T000000000000Z-ffffffff")
+            pointers.publish_pointer(latest, "20990101T000000000000Z-ffffffff")
         with pytest.raises(storage.TransientStorageError):
             ix.publish_if(out, "20990101T000000000000Z-ffffffff", ix.read_latest_state(out))
         proxy.clear()
-        assert storage.read_pointer(latest) == v1  # still there, still the old value
+        assert pointers.read_pointer(latest) == v1  # still there, still the old value
     monkeypatch.undo()
 
     # the job: everything written, the pointer write fails, exit 1; LATEST unchanged
@@ -494,7 +494,7 @@ def test_failed_pointer_write_leaves_latest_unchanged(world, proxy, monkeypatch)
     proxy.clear()
     assert rc == 1, log[-3000:]
     assert ix.read_latest_version(out) == v1
-    unpublished = [v for v, st in ix.version_states(out).items() if not st.published]
+    unpublished = [v for v, st in retention.version_states(out).items() if not st.published]
     assert len(unpublished) == 1  # written whole, never published
     assert (
         "publishing failed"
@@ -518,7 +518,7 @@ def test_two_runs_started_together_one_publishes_the_other_exits_3(world):
     assert "another encode run" in loser_log or "published meanwhile" in loser_log
     m = ix.read_latest(out)
     assert m.previous_version == v1 and m.version != v1
-    states = ix.version_states(out)
+    states = retention.version_states(out)
     assert v1 in states and states[v1].published  # no version lost
     assert states[m.version].published
     assert not _lost(before, out, world["archive"].good_ids)
@@ -551,10 +551,10 @@ def test_driver_killed_at_each_publish_step_then_rerun_equals_clean_run(world):
         assert m.previous_version == after, step
         assert _rows(out).equals(_rows(world["clean"])), step
         assert ix.read_errors(m).num_rows == ix.read_errors(clean).num_rows == 0, step
-        assert ix.read_catalog(m).equals(ix.read_catalog(clean)), step
-        assert ix.version_states(out)[m.version].published, step
+        assert catalog_snapshot.read_catalog(m).equals(catalog_snapshot.read_catalog(clean)), step
+        assert retention.version_states(out)[m.version].published, step
     # every version that LATEST ever named is still there, as published
-    assert all(st.manifest for v, st in ix.version_states(out).items() if st.published)
+    assert all(st.manifest for v, st in retention.version_states(out).items() if st.published)
 
 
 # --------------------------------------------------------------------------------------------
@@ -636,4 +636,4 @@ def test_worker_node_removed_mid_encode_loses_nothing(two_node_cluster, world):
             proc.kill()
     assert rc == 0, log[-4000:]
     assert _rows(out).equals(_rows(clean))  # 0 items lost, the same codes
-    assert ix.read_catalog(ix.read_latest(out)).num_rows == len(arch.rows)
+    assert catalog_snapshot.read_catalog(ix.read_latest(out)).num_rows == len(arch.rows)

@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
+from duch_core import catalog_snapshot, encode_lock, pointers, retention, storage
 from duch_core import index_store as ix
-from duch_core import storage
 from duch_core.archive import ArchiveError
 from duch_core.codes import CodeLengthError
 from duch_core.encoding import normalize_rows, parse_manifest_bytes, source_fingerprint
@@ -153,7 +153,7 @@ def test_missing_or_bad_manifest_and_pointer(tmp_path):
     root = str(tmp_path)
     with pytest.raises(ix.IndexNotFoundError):
         ix.read_latest(root)
-    storage.publish_pointer(ix.latest_uri(root), "20000101T000000000000Z-deadbeef")
+    pointers.publish_pointer(ix.latest_uri(root), "20000101T000000000000Z-deadbeef")
     with pytest.raises(ix.IndexCorruptError, match="not found"):
         ix.read_latest(root)
     bad = str(tmp_path / "bad.json")
@@ -182,9 +182,9 @@ def test_retention_counts_published_versions_and_spares_latest_its_predecessor_a
     now = datetime.now(UTC)
     # never published: a run that died days ago, one still writing, one refused (manifest, no
     # LATEST) an hour ago; none of them counts among the kept versions
-    dead = storage.new_version_id(now - timedelta(days=3))
-    young = storage.new_version_id(now - timedelta(minutes=5))
-    refused = storage.new_version_id(now - timedelta(hours=1))
+    dead = pointers.new_version_id(now - timedelta(days=3))
+    young = pointers.new_version_id(now - timedelta(minutes=5))
+    refused = pointers.new_version_id(now - timedelta(hours=1))
     for v in (dead, young):
         storage.write_bytes(ix.version_uri(root, v) + "/shards/part-x.parquet", b"partial")
     ix.finish_version(
@@ -195,25 +195,27 @@ def test_retention_counts_published_versions_and_spares_latest_its_predecessor_a
         BITS,
         publish_latest=False,
     )
-    states = ix.version_states(root)
+    states = retention.version_states(root)
     assert [v for v, st in states.items() if st.published] == published
-    assert states[refused] == ix.VersionState(manifest=True, published=False)
+    assert states[refused] == retention.VersionState(manifest=True, published=False)
 
-    deleted = ix.apply_retention(root, keep=1, grace_s=24 * 3600)
+    deleted = retention.apply_retention(root, keep=1, grace_s=24 * 3600)
     # kept: LATEST, the version before it, the young runs; gone: older published, the dead run
     assert sorted(deleted) == sorted([published[0], published[1], dead])
-    assert sorted(ix.list_versions(root)) == sorted([published[2], published[3], young, refused])
+    assert sorted(retention.list_versions(root)) == sorted(
+        [published[2], published[3], young, refused]
+    )
     # the grace age passes for the refused and the young runs
     later = now + timedelta(days=3)
-    assert sorted(ix.apply_retention(root, keep=1, now=later)) == sorted([young, refused])
+    assert sorted(retention.apply_retention(root, keep=1, now=later)) == sorted([young, refused])
 
     # LATEST rolled back to an older version: it and its predecessor survive keep=1
     more = [_publish(root, [_rows(rng, 2)]).version for _ in range(2)]
-    storage.publish_pointer(ix.latest_uri(root), published[3])
-    assert ix.apply_retention(root, keep=1) == [more[0]]  # more[1]: the newest published
-    assert sorted(ix.list_versions(root)) == sorted([published[2], published[3], more[1]])
+    pointers.publish_pointer(ix.latest_uri(root), published[3])
+    assert retention.apply_retention(root, keep=1) == [more[0]]  # more[1]: the newest published
+    assert sorted(retention.list_versions(root)) == sorted([published[2], published[3], more[1]])
     assert ix.read_latest(root).version == published[3]
-    assert ix.apply_retention(root, keep=0) == []
+    assert retention.apply_retention(root, keep=0) == []
 
 
 def test_retention_follows_previous_version_of_latest(tmp_path):
@@ -225,7 +227,7 @@ def test_retention_follows_previous_version_of_latest(tmp_path):
     ix.write_manifest(
         m.base_uri, ix.IndexManifest.from_dict({**m.to_dict(), "previous_version": v[0]})
     )
-    assert ix.apply_retention(root, keep=1) == [v[1]]
+    assert retention.apply_retention(root, keep=1) == [v[1]]
 
 
 def test_legacy_versions_count_as_published_by_their_summary(tmp_path):
@@ -233,9 +235,9 @@ def test_legacy_versions_count_as_published_by_their_summary(tmp_path):
     rng = np.random.default_rng(7)
     m = _publish(root, [_rows(rng, 1)])
     storage.delete(storage.join(m.base_uri, ix.PUBLISHED_NAME))
-    assert not ix.version_states(root)[m.version].published
+    assert not retention.version_states(root)[m.version].published
     storage.write_json(storage.join(m.base_uri, ix.SUMMARY_NAME), {"published": True})
-    assert ix.version_states(root)[m.version].published
+    assert retention.version_states(root)[m.version].published
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,46 +281,48 @@ class _Clock:
 
 def test_encode_lock_one_holder_expiry_takeover_and_release(root):
     clock = _Clock()
-    a = ix.EncodeLock(root, ttl_s=60, clock=clock)
-    b = ix.EncodeLock(root, ttl_s=60, clock=clock)
+    a = encode_lock.EncodeLock(root, ttl_s=60, clock=clock)
+    b = encode_lock.EncodeLock(root, ttl_s=60, clock=clock)
     a.acquire()
     a.refresh("20990101T000000000000Z-aaaaaaaa")
-    with pytest.raises(ix.LockHeldError, match="writing version 20990101T000000000000Z-aaaaaaaa"):
+    with pytest.raises(
+        encode_lock.LockHeldError, match="writing version 20990101T000000000000Z-aaaaaaaa"
+    ):
         b.acquire()
     clock.t += 59
-    with pytest.raises(ix.LockHeldError):
+    with pytest.raises(encode_lock.LockHeldError):
         b.acquire(wait_s=0)
     a.refresh()  # a refresh moves the expiry: still held a minute later
     clock.t += 59
-    with pytest.raises(ix.LockHeldError):
+    with pytest.raises(encode_lock.LockHeldError):
         b.acquire()
     clock.t += 2  # a stopped refreshing (a killed run): the lease expires and b takes over
     b.acquire()
     assert b.took_over is not None and b.took_over.owner == a.info.owner
-    with pytest.raises(ix.LockLostError):
+    with pytest.raises(encode_lock.LockLostError):
         a.refresh()
     a.release()  # a no longer holds it: b's lock stays
-    assert ix.LockInfo.parse(storage.read_bytes(b.uri)).owner == b.info.owner
+    assert encode_lock.LockInfo.parse(storage.read_bytes(b.uri)).owner == b.info.owner
     b.release()
     assert not storage.exists(b.uri)
-    c = ix.EncodeLock(root, ttl_s=60, clock=clock)
+    c = encode_lock.EncodeLock(root, ttl_s=60, clock=clock)
     c.acquire()  # free again
     c.release()
 
 
 def test_encode_lock_waits_for_a_lease_to_end_and_beats_while_held(tmp_path):
     root = str(tmp_path)
-    a = ix.EncodeLock(root, ttl_s=1.5)
+    a = encode_lock.EncodeLock(root, ttl_s=1.5)
     a.acquire()
     a.start_heartbeat()
     import time
 
     time.sleep(2.0)  # longer than the ttl: the heartbeat keeps it
-    with pytest.raises(ix.LockHeldError):
-        ix.EncodeLock(root, ttl_s=1.5).acquire()
+    with pytest.raises(encode_lock.LockHeldError):
+        encode_lock.EncodeLock(root, ttl_s=1.5).acquire()
     a.release()
-    b = ix.EncodeLock(root, ttl_s=1.5)
-    stale = ix.EncodeLock(root, ttl_s=0.5)
+    b = encode_lock.EncodeLock(root, ttl_s=1.5)
+    stale = encode_lock.EncodeLock(root, ttl_s=0.5)
     stale.acquire()  # dies without releasing
     t0 = time.monotonic()
     b.acquire(wait_s=5, poll_s=0.1)
@@ -333,9 +337,9 @@ def test_two_lock_holders_race_to_one(s3_prefix):
 
     def take(_: int) -> bool:
         try:
-            ix.EncodeLock(root, ttl_s=60).acquire()
+            encode_lock.EncodeLock(root, ttl_s=60).acquire()
             return True
-        except ix.LockHeldError:
+        except encode_lock.LockHeldError:
             return False
 
     with ThreadPoolExecutor(6) as pool:
@@ -371,8 +375,8 @@ def test_catalog_parts_round_trip_and_checksums(root):
             "sensor": ["S2A"],
         }
     )
-    parts = [ix.write_catalog_part(vdir, t) for t in (a, b)]
-    assert ix.write_catalog_part(vdir, a) == parts[0]  # content-addressed
+    parts = [catalog_snapshot.write_catalog_part(vdir, t) for t in (a, b)]
+    assert catalog_snapshot.write_catalog_part(vdir, a) == parts[0]  # content-addressed
     m = ix.finish_version(
         root,
         version,
@@ -383,34 +387,38 @@ def test_catalog_parts_round_trip_and_checksums(root):
     )
     m = ix.read_latest(root)
     assert m.catalog is not None and m.catalog.rows == 3
-    cat = ix.read_catalog(m)
+    cat = catalog_snapshot.read_catalog(m)
     assert cat.column("item_id").to_pylist() == ["a", "b", "c"]
     assert cat.column("bbox").to_pylist() == [None, [0.0, 1.0, 2.0, 3.0], None]
     assert cat.column("sensor").to_pylist() == [None, None, "S2A"]
     # a part altered after publishing, and a part list edited in index.json, are refused
     storage.write_bytes(m.resolve(parts[1].path), ix.table_bytes(a))
     with pytest.raises(ix.IndexCorruptError, match="checksum"):
-        ix.read_catalog(m)
+        catalog_snapshot.read_catalog(m)
     info = m.catalog
     edited = ix.CatalogInfo(info.parts[:1], info.rows, info.sha256)
     with pytest.raises(ix.IndexCorruptError, match="part list"):
-        ix.read_catalog(
+        catalog_snapshot.read_catalog(
             ix.IndexManifest.from_dict({**m.to_dict(), "catalog": edited.to_dict()}, uri=m.uri)
         )
     old = ix.IndexManifest.from_dict({**m.to_dict(), "catalog": None}, uri=m.uri)
-    with pytest.raises(ix.CatalogMissingError):
-        ix.read_catalog(old)
+    with pytest.raises(catalog_snapshot.CatalogMissingError):
+        catalog_snapshot.read_catalog(old)
 
 
 def test_catalog_with_mixed_metadata_types_reads_as_text(tmp_path):
     vdir = str(tmp_path / "v")
     base = {"image_uri": ["u"], "captions": [[]], "label": [None], "split": [None]}
     parts = [
-        ix.write_catalog_part(vdir, pa.table({"item_id": ["a"], **base, "bands": [3]})),
-        ix.write_catalog_part(vdir, pa.table({"item_id": ["b"], **base, "bands": [["B2", "B3"]]})),
+        catalog_snapshot.write_catalog_part(
+            vdir, pa.table({"item_id": ["a"], **base, "bands": [3]})
+        ),
+        catalog_snapshot.write_catalog_part(
+            vdir, pa.table({"item_id": ["b"], **base, "bands": [["B2", "B3"]]})
+        ),
     ]
     m = ix.IndexManifest("v", "b", BITS, catalog=ix.catalog_info(parts), uri=vdir + "/index.json")
-    assert ix.read_catalog(m).column("bands").to_pylist() == ["3", '["B2", "B3"]']
+    assert catalog_snapshot.read_catalog(m).column("bands").to_pylist() == ["3", '["B2", "B3"]']
 
 
 # --------------------------------------------------------------------------------------------
@@ -654,7 +662,7 @@ def test_encode_batch_functions_end_to_end_without_ray(tmp_path):
 
     # write two batches (content-addressed), merge, publish
     root = str(tmp_path / "index")
-    version = storage.new_version_id()
+    version = pointers.new_version_id()
     vdir = ix.version_uri(root, version)
     results = [
         encoding.write_code_batch(part, vdir, meta.bundle_id, BITS).to_pylist()[0]

@@ -24,8 +24,8 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
+from duch_core import catalog_snapshot, retention, storage
 from duch_core import index_store as ix
-from duch_core import storage
 
 REPO = Path(__file__).resolve().parents[1]
 BITS = 32
@@ -273,7 +273,7 @@ def test_full_encode_matches_in_memory_encoder(full_run, archive, reference, bun
     assert all(reasons[i] for i in archive.bad_images)
 
     # the catalog snapshot: every valid archive row, image URIs resolved, checksummed
-    cat = ix.read_catalog(m)
+    cat = catalog_snapshot.read_catalog(m)
     base = archive.manifest.rpartition("/")[0]
     assert cat.column("item_id").to_pylist() == sorted(r["item_id"] for r in archive.rows)
     first = cat.slice(0, 1).to_pylist()[0]
@@ -371,7 +371,7 @@ def test_crash_then_rerun_publishes_the_same_index(full_run, ray_session, bundle
     rc = encode.main(_argv(bundle, archive.manifest, out, "fail_after_shards=3"))
     assert rc != 0
     assert ix.read_latest_version(out) is None  # nothing published
-    dead = ix.list_versions(out)
+    dead = retention.list_versions(out)
     assert len(dead) == 1 and not any(dead.values())
     assert len(storage.list_prefix(storage.join(ix.version_uri(out, *dead), "shards"))) >= 3
 
@@ -383,9 +383,9 @@ def test_crash_then_rerun_publishes_the_same_index(full_run, ray_session, bundle
     assert ix.read_latest(out).counts == ix.read_latest(full_out).counts
     # the dead attempt's directory stays while it is younger than the grace age (it could be
     # a run still writing), then retention removes it
-    assert set(ix.list_versions(out)) == {*dead, ix.read_latest_version(out)}
+    assert set(retention.list_versions(out)) == {*dead, ix.read_latest_version(out)}
     assert encode.main(_argv(bundle, archive.manifest, out, "orphan_grace_s=0")) == 0
-    assert not set(dead) & set(ix.list_versions(out))
+    assert not set(dead) & set(retention.list_versions(out))
 
 
 def test_incremental_run_encodes_only_new_and_changed(
@@ -469,7 +469,7 @@ def test_new_bundle_reencodes_everything_retention_and_error_threshold(
     ix.validate(m, BITS, meta_b["bundle_id"])
     with pytest.raises(ix.IndexMismatchError):
         ix.validate(m, BITS, storage.read_json(storage.join(bundle, "meta.json"))["bundle_id"])
-    versions = ix.list_versions(out)
+    versions = retention.list_versions(out)
     assert v1 not in versions and len(versions) == 2 and all(versions.values())
 
     # 10 of 54 items have errors: above a 10 % threshold the run fails and LATEST stays

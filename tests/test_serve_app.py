@@ -768,7 +768,7 @@ def corrupt_index(art: Artifacts) -> Any:
 def test_reload_refuses_an_index_that_fails_validation(service: Service, defect: str) -> None:
     """A version made for another model, or one whose shard fails its checksum while the
     searchers load it, is refused (409 on reload, ignored by the poller); the old one stays."""
-    from duch_core import index_store, storage
+    from duch_core import index_store, pointers
 
     art = service.art
     good = str(art.manifest.version)
@@ -796,7 +796,7 @@ def test_reload_refuses_an_index_that_fails_validation(service: Service, defect:
         assert status["status"] == "degraded" and str(bad.version) in status["refused_versions"]
         assert status["reload_failures"] >= 1
     finally:
-        storage.publish_pointer(index_store.latest_uri(art.index_root), good)
+        pointers.publish_pointer(index_store.latest_uri(art.index_root), good)
     r = requests.post(f"{service.url}/v1/reload", headers=ADMIN, timeout=60)
     assert r.status_code == 200 and r.json() == {
         "changed": False,

@@ -376,14 +376,16 @@ def _metrics(port: int) -> str:
 
 
 def test_stage_latencies_refusals_reload_failures_and_age_reach_prometheus(hard: Hard) -> None:
-    from duch_core import index_store, storage
+    from duch_core import index_store, pointers
 
     bad = encode_index(hard.archive, hard.bundle, hard.index_root, bundle_id="other-bundle")
     try:
         r = requests.post(f"{hard.url}/v1/reload", headers=ADMIN, timeout=60)
         assert r.status_code == 409, r.text
     finally:
-        storage.publish_pointer(index_store.latest_uri(hard.index_root), str(hard.manifest.version))
+        pointers.publish_pointer(
+            index_store.latest_uri(hard.index_root), str(hard.manifest.version)
+        )
     assert str(bad.version) in _status(hard)["refused_versions"]
     want = [
         *(f'stage="{s}"' for s in ("decode", "encode", "search", "catalog")),

@@ -926,8 +926,8 @@ def test_the_service_shows_the_versions_catalog_snapshot_not_the_live_archive(
 ) -> None:
     """Daytime edits of the archive manifest do not change what last night's index shows."""
     from deploy.artifacts import read_items
+    from duch_core import catalog_snapshot, storage
     from duch_core import index_store as ix
-    from duch_core import storage
     from duch_core.archive import write_archive
 
     archive = str(tmp_path / "archive" / "manifest.jsonl")
@@ -948,7 +948,7 @@ def test_the_service_shows_the_versions_catalog_snapshot_not_the_live_archive(
             "split": [None, None],
         }
     )
-    part = ix.write_catalog_part(vdir, snapshot)
+    part = catalog_snapshot.write_catalog_part(vdir, snapshot)
     shard = ix.shard_table(["a"], ["image"], [-1], np.zeros((1, 8), np.uint8), ["fp"], "b1", 64)
     ix.finish_version(
         root,

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from duch_core import storage
+from duch_core import pointers, storage, storage_errors, storage_retry
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -233,7 +233,7 @@ def test_missing_objects(root):
         storage.read_parquet,
         storage.open_input,
         storage.info,
-        storage.read_pointer,
+        pointers.read_pointer,
     ):
         with pytest.raises(storage.NotFoundError) as ei:
             fn(storage.join(root, "no", "such.thing"))
@@ -311,10 +311,10 @@ def test_failed_s3_writes_never_delete_the_object_or_the_pointer(s3_prefix, monk
     """A PUT that keeps failing (the store down): the old object and pointer stay as they were."""
     uri, ptr = storage.join(s3_prefix, "obj.bin"), storage.join(s3_prefix, "LATEST")
     storage.write_bytes(uri, b"old")
-    storage.publish_pointer(ptr, "v1")
+    pointers.publish_pointer(ptr, "v1")
     _fast_retries(monkeypatch)
     calls = []
-    real = storage._boto_call
+    real = storage_retry.boto_call
 
     def failing(u: str, action: str, call):  # noqa: ANN001, ANN202
         if action == "write":
@@ -322,23 +322,23 @@ def test_failed_s3_writes_never_delete_the_object_or_the_pointer(s3_prefix, monk
             raise storage.TransientStorageError(f"{u}: SlowDown (HTTP 503)")
         return real(u, action, call)
 
-    monkeypatch.setattr(storage, "_boto_call", failing)
+    monkeypatch.setattr(storage_retry, "boto_call", failing)
     with pytest.raises(storage.TransientStorageError, match="after 3 tries"):
         storage.write_bytes(uri, b"new")
     with pytest.raises(storage.TransientStorageError):
         with storage.open_output(uri) as f:
             f.write(b"new, streamed")
     with pytest.raises(storage.TransientStorageError):
-        storage.publish_pointer(ptr, "v2")
+        pointers.publish_pointer(ptr, "v2")
     assert len(calls) == 9  # three tries each
-    monkeypatch.setattr(storage, "_boto_call", real)
+    monkeypatch.setattr(storage_retry, "boto_call", real)
     assert storage.read_bytes(uri) == b"old"
-    assert storage.read_pointer(ptr) == "v1"
+    assert pointers.read_pointer(ptr) == "v1"
 
 
 def test_transient_failures_are_retried_others_are_not(monkeypatch):
     _fast_retries(monkeypatch, attempts=4)
-    storage._breaker["exhausted"] = 0
+    storage_retry._breaker["exhausted"] = 0
     calls = {"n": 0}
 
     def flaky() -> str:
@@ -347,7 +347,7 @@ def test_transient_failures_are_retried_others_are_not(monkeypatch):
             raise OSError("AWS Error SLOW_DOWN during GetObject operation: injected")
         return "ok"
 
-    assert storage.retrying(flaky, "s3://b/k", "read") == "ok" and calls["n"] == 3
+    assert storage_retry.retrying(flaky, "s3://b/k", "read") == "ok" and calls["n"] == 3
 
     def missing() -> None:
         calls["n"] += 1
@@ -355,7 +355,7 @@ def test_transient_failures_are_retried_others_are_not(monkeypatch):
 
     calls["n"] = 0
     with pytest.raises(storage.NotFoundError):
-        storage.retrying(missing, "s3://b/k", "read")
+        storage_retry.retrying(missing, "s3://b/k", "read")
     assert calls["n"] == 1
 
     def down() -> None:
@@ -364,25 +364,25 @@ def test_transient_failures_are_retried_others_are_not(monkeypatch):
 
     calls["n"] = 0
     with pytest.raises(storage.TransientStorageError, match="after 4 tries"):
-        storage.retrying(down, "s3://b/k", "read")
+        storage_retry.retrying(down, "s3://b/k", "read")
     assert calls["n"] == 4
     # a long outage: after BREAKER_THRESHOLD exhausted operations the next ones try once
     try:
-        for _ in range(storage.BREAKER_THRESHOLD):
+        for _ in range(storage_retry.BREAKER_THRESHOLD):
             with pytest.raises(storage.TransientStorageError):
-                storage.retrying(down, "s3://b/k", "read")
+                storage_retry.retrying(down, "s3://b/k", "read")
         calls["n"] = 0
         with pytest.raises(storage.TransientStorageError):
-            storage.retrying(down, "s3://b/k", "read")
+            storage_retry.retrying(down, "s3://b/k", "read")
         assert calls["n"] == 1
         calls["n"] = 2
-        assert storage.retrying(flaky, "s3://b/k", "read") == "ok"  # a success closes it
+        assert storage_retry.retrying(flaky, "s3://b/k", "read") == "ok"  # a success closes it
         calls["n"] = 0
         with pytest.raises(storage.TransientStorageError):
-            storage.retrying(down, "s3://b/k", "read")
+            storage_retry.retrying(down, "s3://b/k", "read")
         assert calls["n"] == 4
     finally:
-        storage._breaker["exhausted"] = 0
+        storage_retry._breaker["exhausted"] = 0
 
 
 @pytest.mark.parametrize(
@@ -403,32 +403,32 @@ def test_transient_failures_are_retried_others_are_not(monkeypatch):
     ],
 )
 def test_transient_classification(message, transient):
-    assert storage.is_transient(OSError(message)) is transient
-    assert storage.is_transient(ConnectionResetError("reset by peer"))
-    assert not storage.is_transient(storage.NotFoundError("x"))
+    assert storage_errors.is_transient(OSError(message)) is transient
+    assert storage_errors.is_transient(ConnectionResetError("reset by peer"))
+    assert not storage_errors.is_transient(storage.NotFoundError("x"))
 
 
 def test_conditional_requests(root):
     uri = storage.join(root, "lock")
     with pytest.raises(storage.NotFoundError):
-        storage.read_versioned(uri)
-    e1 = storage.put_conditional(uri, b"one", if_none_match=True)
+        pointers.read_versioned(uri)
+    e1 = pointers.put_conditional(uri, b"one", if_none_match=True)
     with pytest.raises(storage.PreconditionFailedError):
-        storage.put_conditional(uri, b"two", if_none_match=True)
-    got = storage.read_versioned(uri)
-    assert got == storage.Versioned(b"one", e1)
-    e2 = storage.put_conditional(uri, b"two", if_match=e1)
+        pointers.put_conditional(uri, b"two", if_none_match=True)
+    got = pointers.read_versioned(uri)
+    assert got == pointers.Versioned(b"one", e1)
+    e2 = pointers.put_conditional(uri, b"two", if_match=e1)
     assert e2 != e1
     with pytest.raises(storage.PreconditionFailedError):
-        storage.put_conditional(uri, b"three", if_match=e1)  # stale
+        pointers.put_conditional(uri, b"three", if_match=e1)  # stale
     with pytest.raises(storage.PreconditionFailedError):
-        storage.delete_conditional(uri, e1)
+        pointers.delete_conditional(uri, e1)
     assert storage.read_bytes(uri) == b"two"
-    storage.delete_conditional(uri, e2)
+    pointers.delete_conditional(uri, e2)
     assert not storage.exists(uri)
-    storage.delete_conditional(uri, e2)  # missing: nothing to do
+    pointers.delete_conditional(uri, e2)  # missing: nothing to do
     with pytest.raises(ValueError):
-        storage.put_conditional(uri, b"x", if_match=e1, if_none_match=True)
+        pointers.put_conditional(uri, b"x", if_match=e1, if_none_match=True)
 
 
 def test_conditional_put_that_landed_before_a_lost_answer_succeeds(s3_prefix, monkeypatch):
@@ -436,8 +436,8 @@ def test_conditional_put_that_landed_before_a_lost_answer_succeeds(s3_prefix, mo
     recognised as this write (the content is there), not as another writer's."""
     _fast_retries(monkeypatch)
     uri = storage.join(s3_prefix, "ptr")
-    first = storage.put_conditional(uri, b"v1")
-    real = storage._boto_call
+    first = pointers.put_conditional(uri, b"v1")
+    real = storage_retry.boto_call
     lost = {"n": 0}
 
     def lose_first_answer(u: str, action: str, call):  # noqa: ANN001, ANN202
@@ -447,11 +447,11 @@ def test_conditional_put_that_landed_before_a_lost_answer_succeeds(s3_prefix, mo
             raise storage.TransientStorageError(f"{u}: connection reset")
         return out
 
-    monkeypatch.setattr(storage, "_boto_call", lose_first_answer)
-    etag = storage.put_conditional(uri, b"v2", if_match=first)
-    assert storage.read_versioned(uri) == storage.Versioned(b"v2", etag)
+    monkeypatch.setattr(storage_retry, "boto_call", lose_first_answer)
+    etag = pointers.put_conditional(uri, b"v2", if_match=first)
+    assert pointers.read_versioned(uri) == pointers.Versioned(b"v2", etag)
     with pytest.raises(storage.PreconditionFailedError):  # a real conflict stays one
-        storage.put_conditional(uri, b"v3", if_match=first)
+        pointers.put_conditional(uri, b"v3", if_match=first)
 
 
 def test_concurrent_writers(root):
@@ -487,11 +487,11 @@ def test_concurrent_writers(root):
 def test_publish_pointer_semantics(root):
     ptr = storage.join(root, "LATEST")
     with pytest.raises(storage.NotFoundError):
-        storage.read_pointer(ptr)
+        pointers.read_pointer(ptr)
     versions = [f"v{i:04d}-" + "x" * (i % 7) * 9 for i in range(30)]
     storage.write_json(storage.join(root, "versions", versions[0], "index.json"), {"v": 0})
-    storage.publish_pointer(ptr, versions[0])
-    assert storage.read_pointer(ptr) == versions[0]
+    pointers.publish_pointer(ptr, versions[0])
+    assert pointers.read_pointer(ptr) == versions[0]
 
     seen: set[str] = set()
     bad: list[object] = []
@@ -500,7 +500,7 @@ def test_publish_pointer_semantics(root):
     def reader() -> None:
         while not stop.is_set():
             try:
-                v = storage.read_pointer(ptr)
+                v = pointers.read_pointer(ptr)
             except BaseException as e:  # noqa: BLE001 - reported below
                 bad.append(e)
                 return
@@ -518,14 +518,14 @@ def test_publish_pointer_semantics(root):
     try:
         for i, v in enumerate(versions[1:], start=1):
             storage.write_json(storage.join(root, "versions", v, "index.json"), {"v": i})
-            storage.publish_pointer(ptr, v)
+            pointers.publish_pointer(ptr, v)
     finally:
         stop.set()
         for th in readers:
             th.join()
     assert not bad, bad[:3]
     assert len(seen) > 1
-    assert storage.read_pointer(ptr) == versions[-1]
+    assert pointers.read_pointer(ptr) == versions[-1]
     assert storage.read_bytes(ptr) == versions[-1].encode()
     # no temporary objects are left behind or listed
     assert storage.list_prefix(root, recursive=False) == [ptr]
@@ -539,14 +539,14 @@ def test_publish_pointer_semantics(root):
 @pytest.mark.parametrize("value", ["", " v1", "v1\n", "a\nb", "x" * 2000])
 def test_publish_pointer_rejects_bad_values(tmp_path, value):
     with pytest.raises(ValueError):
-        storage.publish_pointer(str(tmp_path / "LATEST"), value)
+        pointers.publish_pointer(str(tmp_path / "LATEST"), value)
     assert not (tmp_path / "LATEST").exists()
 
 
 def test_empty_pointer_is_an_error(root):
     storage.write_bytes(storage.join(root, "P"), b"")
     with pytest.raises(storage.StorageError, match="empty"):
-        storage.read_pointer(storage.join(root, "P"))
+        pointers.read_pointer(storage.join(root, "P"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -561,7 +561,7 @@ def test_boto3_sees_the_same_bytes(s3_prefix, boto):
     with storage.open_output(storage.join(s3_prefix, "big.bin")) as f:
         for off in range(0, len(big), 4 * 1024 * 1024):
             f.write(big[off : off + 4 * 1024 * 1024])
-    storage.publish_pointer(storage.join(s3_prefix, "LATEST"), "v1")
+    pointers.publish_pointer(storage.join(s3_prefix, "LATEST"), "v1")
     bucket, key = _split(s3_prefix)
     for name, data in (("s.bin", small), ("big.bin", big), ("LATEST", b"v1")):
         obj = boto.get_object(Bucket=bucket, Key=key + name)
@@ -657,16 +657,16 @@ def test_new_version_ids_sort_by_creation_time_and_are_unique():
     from datetime import UTC, datetime, timedelta, timezone
 
     t = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
-    vid = storage.new_version_id(t)
+    vid = pointers.new_version_id(t)
     assert re.fullmatch(r"20240506T070809123456Z-[0-9a-f]{8}", vid), vid
     # a zone-aware time elsewhere is converted to UTC
     local = t.astimezone(timezone(timedelta(hours=5)))
-    assert storage.new_version_id(local).split("-")[0] == vid.split("-")[0]
+    assert pointers.new_version_id(local).split("-")[0] == vid.split("-")[0]
     # one microsecond later sorts later whatever the random suffixes are
-    later = [storage.new_version_id(t + timedelta(microseconds=1)) for _ in range(20)]
-    same = [storage.new_version_id(t) for _ in range(20)]
+    later = [pointers.new_version_id(t + timedelta(microseconds=1)) for _ in range(20)]
+    same = [pointers.new_version_id(t) for _ in range(20)]
     assert all(a < b for a in same for b in later)
     assert len(set(same)) == len(same)
     # the default is now, and a valid pointer value
-    assert storage.new_version_id() > vid
-    storage._check_pointer_value(storage.new_version_id())
+    assert pointers.new_version_id() > vid
+    pointers._check_pointer_value(pointers.new_version_id())

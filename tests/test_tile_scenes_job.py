@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from duch_core import chip_io as cio
+from duch_core import pointers, storage
 from duch_core import scenes as sc
-from duch_core import storage
 from duch_core.archive import read_archive
 
 pytest.importorskip("rasterio")
@@ -83,7 +83,7 @@ def test_the_job_tiles_real_scenes_from_s3_and_reports_every_bad_input(
     printed = capsys.readouterr().out
     assert "tiled 3 of 11 scenes into 82 chips" in printed
 
-    version = storage.read_pointer(storage.join(out, "LATEST"))
+    version = pointers.read_pointer(storage.join(out, "LATEST"))
     vdir = storage.join(out, "versions", version)
     summary = storage.read_json(storage.join(vdir, "summary.json"))
     assert summary["scenes_tiled"] == 3 and summary["scenes_failed"] == 8
