@@ -290,6 +290,15 @@ def _find_manifest(uri: str) -> tuple[str, str]:
         candidate = storage.join(uri, name)
         if storage.exists(candidate):
             return candidate, str(_format_of(candidate))
+    latest = storage.join(uri, "LATEST")
+    if storage.exists(latest):  # the output root of the tiling job: its published version
+        version = storage.read_bytes(latest).decode("utf-8", "replace").strip()
+        candidate = storage.join(uri, "versions", version, "manifest.parquet")
+        if version and storage.exists(candidate):
+            return candidate, "parquet"
+        raise ArchiveError(
+            f"{uri}: LATEST names version {version!r}, which holds no manifest.parquet"
+        )
     raise ArchiveError(
         f"{uri}: not an archive manifest: expected a file ending in "
         f"{PARQUET_SUFFIXES + JSONL_SUFFIXES} or a directory holding one of {DEFAULT_MANIFEST_NAMES}"
@@ -300,8 +309,9 @@ def read_archive(uri: str, resolve_images: bool = True) -> pa.Table:
     """Read, validate and normalise an archive manifest.
 
     Args:
-        uri: the manifest (Parquet or JSON lines, local or ``s3://``), or a directory/prefix
-            holding ``manifest.parquet`` or ``manifest.jsonl``.
+        uri: the manifest (Parquet or JSON lines, local or ``s3://``; Parquet may be a
+            directory of parts), a directory/prefix holding ``manifest.parquet`` or
+            ``manifest.jsonl``, or the output root of the tiling job (its ``LATEST`` version).
         resolve_images: turn relative ``image_uri`` values into full paths/URIs, relative to the
             manifest's directory.
 
@@ -329,6 +339,13 @@ def read_archive(uri: str, resolve_images: bool = True) -> pa.Table:
         table = table.set_column(
             1, ARCHIVE_SCHEMA.field("image_uri"), pa.array(resolved, pa.string())
         )
+        if "bands" in table.column_names and pa.types.is_list(table.schema.field("bands").type):
+            bands = [  # a chip's band files (duch_core.chip_io), relative like image_uri
+                None if b is None else [resolve_image_uri(base, str(f)) for f in b]
+                for b in table.column("bands").to_pylist()
+            ]
+            pos = table.column_names.index("bands")
+            table = table.set_column(pos, "bands", pa.array(bands, pa.list_(pa.string())))
     return table
 
 

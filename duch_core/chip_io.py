@@ -51,7 +51,9 @@ __all__ = [
     "SceneError",
     "chip_files",
     "chip_uri",
+    "decode_chip",
     "gdal_options",
+    "is_transient",
     "is_chip_uri",
     "parse_chip_uri",
     "read_window",
@@ -420,3 +422,41 @@ def read_window(
     return np.ascontiguousarray(
         np.concatenate([p.astype(dtype, copy=False) for p in parts]).transpose(1, 2, 0)
     )
+
+
+# --------------------------------------------------------------------------------------------
+# chips as the encoders' pictures
+
+_TRANSIENT = re.compile(
+    r"HTTP response code: (?:5\d\d|429)|timed out|[Tt]imeout|Connection (?:reset|refused)|"
+    r"Couldn't connect|Could not connect|SlowDown|Throttl|RequestTimeTooSkewed"
+)
+
+
+def is_transient(error: SceneError) -> bool:
+    """Whether a chip read failed because the store did (5xx, throttling, timeouts, resets)
+    rather than the data: such an item is kept with its previous codes and tried again on the
+    next run. Only ``open`` and ``read`` failures can be transient."""
+    return error.stage in ("open", "read") and bool(_TRANSIENT.search(error.reason))
+
+
+def decode_chip(
+    chip: str | Mapping[str, Any],
+    *,
+    max_pixels: int = 1 << 26,
+    bands: Sequence[int] | None = None,
+    depth: str = "stretch",
+    resampling: str = "bilinear",
+) -> np.ndarray:
+    """One chip as an ``(H, W, 3)`` uint8 picture: :func:`read_window`, then the same band rule
+    and bit-depth rule as :func:`duch_core.imageio.decode_image` applies to image files, so a
+    chip and a file holding the same pixels give the same picture.
+
+    Raises:
+        SceneError: as :func:`read_window`.
+        duch_core.imageio.ImageDecodeError: a bad band selection.
+    """
+    from duch_core.imageio import select_bands, to_uint8
+
+    arr = read_window(chip, resampling=resampling, max_pixels=max_pixels)
+    return np.ascontiguousarray(to_uint8(select_bands(arr, bands), depth))

@@ -40,7 +40,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from duch_core import catalog_snapshot, index_store, storage
+from duch_core import catalog_snapshot, chip_io, index_store, storage
 from duch_core.config import ImageBackboneConfig
 
 ERROR_PARTS_DIR = "errors"  # per-batch errors parts, merged into errors.parquet at the end
@@ -48,6 +48,7 @@ ERROR_PARTS_DIR = "errors"  # per-batch errors parts, merged into errors.parquet
 ITEM_COLUMNS = (
     "item_id",
     "image_uri",
+    "bands_json",
     "captions_json",
     "fingerprint",
     "size",
@@ -378,12 +379,38 @@ def _lookup(uri: str) -> tuple[storage.ObjectInfo | None, str, bool]:
         return None, f"cannot look up {uri}: {type(e).__name__}: {e}", True
 
 
+def chip_fingerprint(
+    infos: Sequence[storage.ObjectInfo], image_uri: str, bands: Sequence[str], captions: list[str]
+) -> str:
+    """``w<bytes>-f<hash of every band file's size, ETag, mtime>-c<hash of URI, bands, captions>``:
+    what a chip's code came from. The chip URI holds the window and footprint, so a moved window
+    or any changed band file of the scene changes it."""
+    files = [[i.size, (i.etag or "").strip(chr(34)), i.mtime_ns] for i in infos]
+    f = hashlib.sha256(json.dumps(files).encode("utf-8")).hexdigest()[:16]
+    h = hashlib.sha256(json.dumps([image_uri, list(bands), list(captions)]).encode()).hexdigest()
+    return f"w{sum(i.size for i in infos)}-f{f}-c{h[:16]}"
+
+
+def _chip_bands(row_bands: Any, image_uri: str, base_dir: str) -> list[str]:
+    """A chip's band files in channel order, resolved against the manifest directory."""
+    from duch_core.archive import resolve_image_uri
+
+    if row_bands:
+        return [resolve_image_uri(base_dir, str(b)) for b in row_bands]
+    return chip_io.chip_files(image_uri)
+
+
 def fingerprint_batch(batch: pa.Table, base_dir: str, io_threads: int) -> pa.Table:
     """Resolve the image URIs of valid archive rows against ``base_dir`` and fingerprint them.
 
+    A chip row (``image_uri`` with a ``#window=`` fragment, see :mod:`duch_core.chip_io`) is
+    looked up through every band file it reads (each file once per batch); it is missing when any
+    band file is, and its look-up failed transiently when any look-up did.
+
     Returns:
-        Columns ``item_id``, ``image_uri`` (resolved), ``captions_json`` (JSON list of strings),
-        ``fingerprint``, ``size`` (bytes of the image object, -1 when unknown),
+        Columns ``item_id``, ``image_uri`` (resolved), ``bands_json`` (a chip's resolved band
+        files as a JSON list; "" for image files), ``captions_json`` (JSON list of strings),
+        ``fingerprint``, ``size`` (bytes of the image object, -1 when unknown or a chip),
         ``lookup_error`` ("" when the object was found) and ``lookup_transient`` (the look-up
         failed because the store did, not because the object is missing).
     """
@@ -391,20 +418,51 @@ def fingerprint_batch(batch: pa.Table, base_dir: str, io_threads: int) -> pa.Tab
 
     uris = [resolve_image_uri(base_dir, u) for u in batch.column("image_uri").to_pylist()]
     caps = [list(c or []) for c in batch.column("captions").to_pylist()]
+    row_bands = (
+        batch.column("bands").to_pylist() if "bands" in batch.column_names else [None] * len(uris)
+    )
+    chip_bands: list[list[str] | None] = []
+    for uri, b in zip(uris, row_bands, strict=True):
+        chip_bands.append(_chip_bands(b, uri, base_dir) if chip_io.is_chip_uri(uri) else None)
+    targets = sorted(
+        {f for b in chip_bands if b for f in b}
+        | {u for u, b in zip(uris, chip_bands, strict=True) if b is None}
+    )
     with ThreadPoolExecutor(max_workers=max(1, io_threads)) as pool:
-        infos = list(pool.map(_lookup, uris))
+        found = dict(zip(targets, pool.map(_lookup, targets), strict=True))
+    infos: list[tuple[storage.ObjectInfo | None, str, bool]] = []
     fps = []
-    for uri, cap, (info, _, transient) in zip(uris, caps, infos, strict=True):
-        if info is not None:
-            fps.append(source_fingerprint(info.size, info.etag, info.mtime_ns, uri, cap))
-        elif transient:
+    for uri, cap, files in zip(uris, caps, chip_bands, strict=True):
+        if files is None:
+            info, err, transient = found[uri]
+            infos.append((info, err, transient))
+            if info is not None:
+                fps.append(source_fingerprint(info.size, info.etag, info.mtime_ns, uri, cap))
+            elif transient:
+                fps.append(unknown_fingerprint(uri, cap))
+            else:
+                fps.append(source_fingerprint(None, None, None, uri, cap))
+            continue
+        looked = [found[f] for f in files]
+        missing = [e for i, e, t in looked if i is None and not t]
+        failed = [e for i, e, t in looked if i is None and t]
+        if missing:
+            infos.append((None, f"chip {uri}: {missing[0]}", False))
+            fps.append(source_fingerprint(None, None, None, uri, cap))
+        elif failed:
+            infos.append((None, f"chip {uri}: {failed[0]}", True))
             fps.append(unknown_fingerprint(uri, cap))
         else:
-            fps.append(source_fingerprint(None, None, None, uri, cap))
+            file_infos = [i for i, _, _ in looked if i is not None]
+            infos.append((None, "", False))
+            fps.append(chip_fingerprint(file_infos, uri, files, cap))
     return pa.table(
         {
             "item_id": batch.column("item_id").cast(pa.string()),
             "image_uri": pa.array(uris, pa.string()),
+            "bands_json": pa.array(
+                ["" if b is None else json.dumps(b) for b in chip_bands], pa.string()
+            ),
             "captions_json": pa.array([json.dumps(c) for c in caps], pa.string()),
             "fingerprint": pa.array(fps, pa.string()),
             "size": pa.array([i.size if i else -1 for i, _, _ in infos], pa.int64()),
@@ -420,7 +478,15 @@ def catalog_table(rows: pa.Table, base_dir: str) -> pa.Table:
 
     uris = [resolve_image_uri(base_dir, u) for u in rows.column("image_uri").to_pylist()]
     out = rows.drop_columns(["manifest_error"]) if "manifest_error" in rows.column_names else rows
-    return out.set_column(1, "image_uri", pa.array(uris, pa.string()))
+    out = out.set_column(1, "image_uri", pa.array(uris, pa.string()))
+    if "bands" in out.column_names and pa.types.is_list(out.schema.field("bands").type):
+        bands = [
+            None if b is None else [resolve_image_uri(base_dir, str(f)) for f in b]
+            for b in out.column("bands").to_pylist()
+        ]
+        pos = out.column_names.index("bands")
+        out = out.set_column(pos, "bands", pa.array(bands, pa.list_(pa.string())))
+    return out
 
 
 def prepare_batch(
@@ -454,6 +520,7 @@ def prepare_batch(
         {
             "item_id": bad.column("item_id"),
             "image_uri": empty,
+            "bands_json": empty,
             "captions_json": pa.array(["[]"] * n_bad, pa.string()),
             "fingerprint": empty,
             "size": pa.array([-1] * n_bad, pa.int64()),
@@ -516,9 +583,23 @@ def decode_batch(
     )
     sizes = batch.column("size").to_pylist() if "size" in batch.column_names else [-1] * n
 
-    def fetch(i: int) -> tuple[bytes | None, str, str, bool]:
+    bands = (
+        batch.column("bands_json").to_pylist() if "bands_json" in batch.column_names else [""] * n
+    )
+
+    def fetch(i: int) -> tuple[bytes | np.ndarray | None, str, str, bool]:
         if lookup[i]:
             return None, "fetch", lookup[i], bool(lookup_transient[i])
+        if chip_io.is_chip_uri(uris[i]):  # a window of a scene: read and decoded here
+            row = {"image_uri": uris[i], "bands": json.loads(bands[i]) if bands[i] else None}
+            try:
+                return chip_io.decode_chip(row, max_pixels=max_pixels, **options), "", "", False
+            except chip_io.SceneError as e:
+                if chip_io.is_transient(e):
+                    return None, "fetch", f"chip {uris[i]}: {e}", True
+                return None, "decode", f"chip {uris[i]}: {e}", False
+            except Exception as e:  # noqa: BLE001 - any other failure is this item's error
+                return None, "decode", f"chip {uris[i]}: {type(e).__name__}: {e}", False
         data, reason, transient = fetch_image(uris[i], int(sizes[i]))
         return data, ("fetch" if data is None else ""), reason, transient
 
@@ -532,11 +613,13 @@ def decode_batch(
     for i, (data, stage, reason, trans) in enumerate(fetched):
         if data is not None:
             try:
-                if not data:
+                if isinstance(data, np.ndarray):  # a chip, already a picture
+                    picture = data
+                elif not data:
                     raise ValueError(f"empty object (0 bytes): {uris[i]}")
-                pixels[i] = preprocess(
-                    decode_image(data, max_pixels=max_pixels, **options), image_cfg
-                )
+                else:
+                    picture = decode_image(data, max_pixels=max_pixels, **options)
+                pixels[i] = preprocess(picture, image_cfg)
                 ok[i] = True
             except Exception as e:  # noqa: BLE001 - any decode failure is a per-item error
                 stage, reason = "decode", f"{type(e).__name__}: {e}"

@@ -21,22 +21,35 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from duch_core import storage
+from duch_core import chip_io, storage
 from duch_core.augment import augment_caption, augment_image, item_rngs
 from duch_core.config import AugmentConfig, ImageBackboneConfig, TextBackboneConfig
 from duch_core.features import aug_columns, fixed_size_list, list_to_numpy, view_count, view_name
 from duch_core.imageio import clean_caption, decode_image, decode_options, preprocess
 
 
-def _fetch(uris: list[str], threads: int) -> list[tuple[bytes | None, str]]:
-    def one(uri: str) -> tuple[bytes | None, str]:
+def _fetch(
+    uris: list[str], bands: list[Any], threads: int, decode: dict[str, Any]
+) -> list[tuple[bytes | np.ndarray | None, str, str]]:
+    """``(data, stage, reason)`` per item: image bytes, or a chip (:mod:`duch_core.chip_io`)
+    already read and decoded to its picture with the ``decode`` options."""
+
+    def one(i: int) -> tuple[bytes | np.ndarray | None, str, str]:
+        uri = uris[i]
+        if chip_io.is_chip_uri(uri):
+            try:
+                return chip_io.decode_chip({"image_uri": uri, "bands": bands[i]}, **decode), "", ""
+            except chip_io.SceneError as e:
+                return None, ("fetch" if chip_io.is_transient(e) else "decode"), str(e)
+            except ValueError as e:
+                return None, "decode", str(e)
         try:
-            return storage.read_bytes(uri), ""
+            return storage.read_bytes(uri), "", ""
         except Exception as e:  # any storage failure is this item's error, not the job's
-            return None, f"{type(e).__name__}: {e}"
+            return None, "fetch", f"{type(e).__name__}: {e}"
 
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(uris)))) as pool:
-        return list(pool.map(one, uris))
+        return list(pool.map(one, range(len(uris))))
 
 
 def pixels(batch: pa.Table, column: str, image_size: int) -> np.ndarray:
@@ -75,9 +88,15 @@ def decode_batch(
     cap_aug: list[list[str]] = [[""] * n for _ in range(views)]
     stage: list[str] = [""] * n
     reason: list[str] = [""] * n
-    fetched = _fetch(batch.column("image_uri").to_pylist(), io_threads)
     opts = decode_options(image_cfg)
-    for i, (item, (data, err)) in enumerate(zip(ids, fetched, strict=True)):
+    bands = batch.column("bands").to_pylist() if "bands" in batch.column_names else [None] * n
+    fetched = _fetch(
+        batch.column("image_uri").to_pylist(),
+        bands,
+        io_threads,
+        {"max_pixels": max_pixels, **opts},
+    )
+    for i, (item, (data, err_stage, err)) in enumerate(zip(ids, fetched, strict=True)):
         rngs = [item_rngs(augment_cfg.seed, item, v) for v in range(views)]
         try:
             if captions[i] is None:
@@ -92,10 +111,13 @@ def decode_batch(
             stage[i], reason[i] = "caption", str(e)
             continue
         if data is None:
-            stage[i], reason[i] = "fetch", err
+            stage[i], reason[i] = err_stage, err
             continue
         try:
-            img = decode_image(data, max_pixels=max_pixels, **opts)
+            if isinstance(data, np.ndarray):
+                img = data
+            else:
+                img = decode_image(data, max_pixels=max_pixels, **opts)
         except ValueError as e:
             stage[i], reason[i] = "decode", str(e)
             continue

@@ -157,6 +157,12 @@ def manifest_rows(table: pa.Table, caption_seed: int) -> pa.Table:
             "caption_index": pa.array(idx.astype(np.int32)),
             "label": table.column("label"),
             "split": table.column("split"),
+            # a chip's band files (duch_core.chip_io), null for image files
+            "bands": (
+                table.column("bands").cast(pa.list_(pa.string()))
+                if "bands" in table.column_names
+                else pa.nulls(table.num_rows, pa.list_(pa.string()))
+            ),
         }
     )
 

@@ -63,7 +63,7 @@ from duch_core import (
     storage_retry,
 )
 from duch_core import config as config_mod
-from duch_core.archive import ArchiveError
+from duch_core.archive import PARQUET_SUFFIXES, ArchiveError
 from jobs import _common
 
 log = logging.getLogger("duch.encode")
@@ -173,22 +173,34 @@ def _kill_point(cfg: EncodeConfig, step: str) -> None:
 # read -> plan -> map -> write
 
 
+def _parquet_files(path: str) -> list[str]:
+    """The Parquet file of a manifest, or the parts of a manifest that is a directory of them
+    (as the tiling job writes ``manifest.parquet/``)."""
+    parts = [p for p in storage.list_prefix(path) if p.lower().endswith(PARQUET_SUFFIXES)]
+    return parts or [path]
+
+
 def _parquet_rows(path: str) -> int:
-    """Rows of a Parquet manifest, its columns checked (a manifest-level error: exit 2)."""
+    """Rows of a Parquet manifest (a file or a directory of parts), its columns checked (a
+    manifest-level error: exit 2)."""
     import pyarrow.parquet as pq
 
-    def footer() -> Any:
-        with storage.open_input(path) as f:
-            return pq.ParquetFile(f).metadata
+    total = 0
+    for part in _parquet_files(path):
 
-    try:
-        meta = storage_retry.retrying(footer, path, "read the manifest's footer")
-    except FileNotFoundError as e:
-        raise ArchiveError(f"{path}: archive manifest not found") from e
-    except (pa.ArrowException, ValueError) as e:
-        raise ArchiveError(f"{path}: not a readable Parquet manifest (truncated?): {e}") from e
-    encoding.check_manifest_schema(meta.schema.to_arrow_schema(), path)
-    return int(meta.num_rows)
+        def footer(part: str = part) -> Any:
+            with storage.open_input(part) as f:
+                return pq.ParquetFile(f).metadata
+
+        try:
+            meta = storage_retry.retrying(footer, part, "read the manifest's footer")
+        except FileNotFoundError as e:
+            raise ArchiveError(f"{part}: archive manifest not found") from e
+        except (pa.ArrowException, ValueError) as e:
+            raise ArchiveError(f"{part}: not a readable Parquet manifest (truncated?): {e}") from e
+        encoding.check_manifest_schema(meta.schema.to_arrow_schema(), part)
+        total += int(meta.num_rows)
+    return total
 
 
 def read_items(cfg: EncodeConfig, version_dir: str | None) -> Any:
