@@ -129,6 +129,15 @@ class AppArgs(BaseModel):
             "are near (trained codes), tables of about 4 bytes per code and table"
         ),
     )
+    search_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=600,
+        description=(
+            "Seconds the ingress waits for a shard searcher's answer, retries included; then "
+            "503 with Retry-After (a searcher's node was lost and its replica is restarting)"
+        ),
+    )
     batch_max_size: int = Field(16, ge=1, le=256, description="Queries per encoder batch.")
     batch_wait_s: float = Field(0.001, ge=0, le=1, description="Wait to fill a batch.")
     torch_threads: int = Field(0, ge=0, description="Encoder torch threads; 0 = Ray's default.")
@@ -174,6 +183,7 @@ class AppArgs(BaseModel):
             batch_wait_s=self.batch_wait_s,
             keep_versions=self.keep_versions,
             mih=self.mih,
+            search_timeout_s=self.search_timeout_s,
         )
 
 

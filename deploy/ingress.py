@@ -91,6 +91,8 @@ class IngressSettings:
     # versions
     keep_versions: int = 2
     mih: bool = False
+    # a shard search not answered in this time (a searcher node lost) is a 503
+    search_timeout_s: float | None = 10.0
 
 
 _DESCRIPTIONS = {
@@ -103,7 +105,8 @@ _DESCRIPTIONS = {
     415: "Unsupported content type, or not a decodable image.",
     422: "Invalid values.",
     502: "The archive image cannot be read or is over the thumbnail cap.",
-    503: "Temporarily unable to answer (no index yet, busy, model mismatch); see Retry-After.",
+    503: "Temporarily unable to answer (no index yet, busy, model mismatch, a part restarting);"
+    " see Retry-After.",
 }
 _HEADERS = {
     401: {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}},
@@ -174,7 +177,13 @@ class Ingress:
         self.telemetry = Telemetry(export=settings.export_metrics)
         self.bodies = BodyBudget(settings.max_buffered_bytes)
         self._decodes = asyncio.Semaphore(max(1, settings.decode_concurrency))
-        groups = shard_groups(searchers, settings.keep_versions, self.loaders, settings.mih)
+        groups = shard_groups(
+            searchers,
+            settings.keep_versions,
+            self.loaders,
+            settings.mih,
+            settings.search_timeout_s,
+        )
         self.thumbnails = ThumbnailCache(
             self.loaders.read_image_bytes,
             settings.thumbnail_size,

@@ -3,13 +3,18 @@
 A replica can die between Serve routing a call to it and answering (a node lost, an OOM kill,
 a scale-down). Serve's router then drops that replica from its set but fails the call; the
 calls made here (encode, search, info) are idempotent, so they are sent again, to another
-replica, a few times with a short backoff before the error reaches the client.
+replica, a few times with a short backoff. When every try finds the replica gone, or no replica
+answers within the caller's deadline (Serve holds a call while a deployment has no running
+replica, e.g. after its node died, until the controller has started another one), the client
+gets a 503 with ``Retry-After``: never a 500, never an answer without that part.
 """
 
 import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any
+
+from deploy.queries import RequestError
 
 log = logging.getLogger("ray.serve")
 
@@ -41,15 +46,41 @@ def is_gone(e: BaseException) -> bool:
     return cause is not None and cause is not e and is_gone(cause)
 
 
-async def retry_unavailable(call: Callable[..., Any], *args: Any) -> Any:
+async def retry_unavailable(
+    call: Callable[..., Any], *args: Any, timeout_s: float | None = None
+) -> Any:
     """``await call(*args)``, again after each of :data:`BACKOFF_S` while the replica that got
-    it turns out to be gone."""
+    it turns out to be gone.
+
+    Args:
+        call: the remote method (``handle.method.remote``).
+        timeout_s: deadline of all tries together; ``None`` = wait as long as it takes.
+
+    Raises:
+        RequestError: 503 when the last try also found the replica gone, or at the deadline.
+    """
+    try:
+        return await asyncio.wait_for(_tries(call, *args), timeout_s)
+    except TimeoutError:
+        log.warning("ingress: no replica answered within %.1f s", timeout_s)
+        raise _unavailable() from None
+
+
+def _unavailable() -> RequestError:
+    return RequestError(
+        503, "a part of the service is restarting; retry shortly", reason="replica_unavailable"
+    )
+
+
+async def _tries(call: Callable[..., Any], *args: Any) -> Any:
     for attempt, pause in enumerate((*BACKOFF_S, None)):
         try:
             return await call(*args)
         except Exception as e:
-            if pause is None or not is_gone(e):
+            if not is_gone(e):
                 raise
+            if pause is None:
+                raise _unavailable() from e
             log.warning(
                 "ingress: replica gone (%s), retry %d/%d",
                 type(e).__name__,

@@ -51,24 +51,34 @@ class ShardGroup:
 
 
 def shard_groups(
-    searchers: Sequence[Any], keep_versions: int, loaders: Loaders, mih: bool
+    searchers: Sequence[Any],
+    keep_versions: int,
+    loaders: Loaders,
+    mih: bool,
+    search_timeout_s: float | None = None,
 ) -> list[ShardGroup]:
     """The searcher deployments' remote calls, or one :class:`ShardStore` in this process for
-    the whole index when there are no searchers (same call shapes, awaited the same way)."""
+    the whole index when there are no searchers (same call shapes, awaited the same way).
+
+    A searcher's ``search`` that has not answered within ``search_timeout_s`` (its retries
+    included) is a 503 for the request (:func:`deploy.retry.retry_unavailable`).
+    """
     if searchers:
-        return [_remote_group(s) for s in searchers]
+        return [_remote_group(s, search_timeout_s) for s in searchers]
     store = ShardStore(0, 1, keep_versions, loaders, mih)
     return [ShardGroup(store.prepare, store.search)]
 
 
-def _remote_group(handle: Any) -> ShardGroup:
+def _remote_group(handle: Any, search_timeout_s: float | None = None) -> ShardGroup:
     """A searcher deployment's calls, retried on another replica when the one called is gone."""
 
     async def prepare(manifest: IndexManifest) -> dict[str, int]:
         return await retry_unavailable(handle.prepare.remote, manifest)  # type: ignore[no-any-return]
 
     async def search(*args: Any) -> ShardResult | None:
-        return await retry_unavailable(handle.search.remote, *args)  # type: ignore[no-any-return]
+        return await retry_unavailable(  # type: ignore[no-any-return]
+            handle.search.remote, *args, timeout_s=search_timeout_s
+        )
 
     return ShardGroup(prepare, search)
 
