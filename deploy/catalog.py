@@ -4,6 +4,7 @@ Each served index version has its own :class:`Catalog`, built from the archive m
 version names, so a hit's image and captions always come from the archive that was encoded.
 """
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,7 +18,7 @@ from deploy.thumbnails import thumbnail_url
 
 
 class Catalog:
-    """Archive items by id: image URI, captions, label and split.
+    """Archive items by id: image URI, captions, label, split and the geo fields.
 
     A lookup reads single values straight from the Arrow columns (``chunk[row].as_py()``),
     which for the few hits of a query is much cheaper than ``Table.take(rows).to_pylist()`` on
@@ -31,7 +32,7 @@ class Catalog:
         ValueError: an item id is listed more than once.
     """
 
-    COLUMNS = ("image_uri", "captions", "label", "split")
+    COLUMNS = ("image_uri", "captions", "label", "split", "bbox", "datetime", "sensor", "crs")
 
     def __init__(self, table: pa.Table | None) -> None:
         self._rows: dict[str, int] = {}
@@ -92,7 +93,23 @@ def item_response(item_id: str, rec: dict[str, Any], version: str) -> Item:
         split=rec.get("split"),
         thumbnail_url=thumbnail_url(item_id),
         index_version=version,
+        **geo_fields(rec),
     )
+
+
+def geo_fields(rec: dict[str, Any] | None) -> dict[str, Any]:
+    """``bbox``, ``datetime``, ``sensor`` and ``crs`` of a catalog record (``None`` where the
+    archive has none or a value is malformed)."""
+    rec = rec or {}
+    box = rec.get("bbox")
+    values: list[Any] = list(box) if isinstance(box, list | tuple) else []
+    ok = len(values) == 4
+    ok = ok and all(isinstance(v, int | float) and math.isfinite(v) for v in values)
+    out: dict[str, Any] = {"bbox": [float(v) for v in values] if ok else None}
+    for name in ("datetime", "sensor", "crs"):
+        value = rec.get(name)
+        out[name] = None if value is None else str(value)
+    return out
 
 
 def hits_from_result(res: ShardResult, catalog: Catalog, modality: str) -> list[Hit]:
@@ -123,6 +140,52 @@ def hits_from_result(res: ShardResult, catalog: Catalog, modality: str) -> list[
                 caption_index=cap_idx,
                 caption=caption,
                 thumbnail_url=thumbnail_url(item_id),
+                **geo_fields(rec),
             )
         )
     return hits
+
+
+def _ring(w: float, s: float, e: float, n: float) -> list[list[float]]:
+    return [[w, s], [e, s], [e, n], [w, n], [w, s]]
+
+
+def footprint(bbox: list[float] | None) -> dict[str, Any] | None:
+    """A GeoJSON geometry of a footprint box: a Polygon, or a MultiPolygon of its two halves
+    when it crosses the antimeridian (``min_lon > max_lon``, RFC 7946 section 3.1.9)."""
+    if bbox is None:
+        return None
+    w, s, e, n = bbox
+    if w <= e:
+        return {"type": "Polygon", "coordinates": [_ring(w, s, e, n)]}
+    return {
+        "type": "MultiPolygon",
+        "coordinates": [[_ring(w, s, 180.0, n)], [_ring(-180.0, s, e, n)]],
+    }
+
+
+def feature(fields: dict[str, Any]) -> dict[str, Any]:
+    """A GeoJSON Feature of a hit or an item (its fields as properties; ``bbox`` also as the
+    Feature's ``bbox``)."""
+    props = {k: v for k, v in fields.items() if k != "bbox"}
+    out: dict[str, Any] = {
+        "type": "Feature",
+        "id": fields["item_id"],
+        "geometry": footprint(fields.get("bbox")),
+        "properties": props,
+    }
+    if fields.get("bbox") is not None:
+        out["bbox"] = fields["bbox"]
+    return out
+
+
+def feature_collection(response: Any) -> dict[str, Any]:
+    """A search answer as a GeoJSON FeatureCollection: one Feature per hit, in rank order (the
+    answer's other fields under ``properties`` of the collection, a foreign member)."""
+    body = response.model_dump()
+    hits = body.pop("hits")
+    return {
+        "type": "FeatureCollection",
+        "features": [feature(h) for h in hits],
+        "properties": body,
+    }

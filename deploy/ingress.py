@@ -33,7 +33,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deploy.artifacts import TARGET_MODALITY, Loaders
 from deploy.auth import announce, check_admin, check_api, resolve_tokens
-from deploy.catalog import find_item, hits_from_result, item_response
+from deploy.catalog import (
+    feature,
+    feature_collection,
+    find_item,
+    hits_from_result,
+    item_response,
+)
 from deploy.encoder import connect_encoder
 from deploy.models import (
     ErrorResponse,
@@ -272,10 +278,13 @@ class Ingress:
         """Encode, search the served version, fill the hits in from its catalog."""
         t0 = time.perf_counter()
         st = self.index.current()
-        codes, decode_s = await self.encode(query, st.bundle_id)
+        if query.modality == "item":  # its stored image code is the query: no encoder call
+            codes, decode_s = await self.index.code_of(st, "image", query.item_id or ""), 0.0
+        else:
+            codes, decode_s = await self.encode(query, st.bundle_id)
         t1 = time.perf_counter()
         modality = TARGET_MODALITY[query.target]
-        st, res = await self.index.search(st, modality, codes, query.k)
+        st, res = await self.index.search(st, modality, codes, query.k, query.filter)
         t2 = time.perf_counter()
         hits = hits_from_result(res, st.catalog, modality)
         t3 = time.perf_counter()
@@ -369,6 +378,14 @@ class _Slot:
 
     async def __aexit__(self, *exc: object) -> None:
         self.sem.release()
+
+
+GEOJSON = "application/geo+json"
+
+
+def wants_geojson(request: Request) -> bool:
+    """Whether the client asked for GeoJSON (``Accept: application/geo+json``)."""
+    return GEOJSON in request.headers.get("accept", "")
 
 
 def build_api(svc: Ingress) -> FastAPI:
@@ -470,7 +487,14 @@ def build_api(svc: Ingress) -> FastAPI:
         "/v1/search",
         response_model=SearchResponse,
         dependencies=auth,
-        responses=errors(400, 401, 403, 413, 415, 422, 503),
+        responses={
+            200: {
+                "content": {GEOJSON: {"schema": {"type": "object"}}},
+                "description": "The hits; with Accept: application/geo+json a GeoJSON "
+                "FeatureCollection of their footprints.",
+            },
+            **errors(400, 401, 403, 404, 413, 415, 422, 503),
+        },
         openapi_extra={
             "requestBody": {
                 "required": True,
@@ -483,11 +507,15 @@ def build_api(svc: Ingress) -> FastAPI:
         summary="Search by text or image",
     )
     async def search(request: Request) -> Response:
-        """Body: JSON (``text`` or ``image_base64``) or a multipart form with an ``image`` file
-        or a ``text`` field, plus ``k`` and ``target``."""
+        """Body: JSON (``text``, ``image_base64`` or ``item_id``) or a multipart form with an
+        ``image`` file or a ``text`` field, plus ``k``, ``target`` and ``filter``. With
+        ``Accept: application/geo+json`` the answer is a GeoJSON FeatureCollection of the hits'
+        footprints."""
         async with svc.bodies.hold() as hold:
             query = await parse_search_request(request, limits, hold)
             result = await svc.run_search(query)
+        if wants_geojson(request):
+            return Response(json.dumps(feature_collection(result)), media_type=GEOJSON)
         # already a validated SearchResponse: serialise once, skip FastAPI's second validation
         return Response(result.model_dump_json(), media_type="application/json")
 
@@ -524,20 +552,24 @@ def build_api(svc: Ingress) -> FastAPI:
         dependencies=auth,
         responses={
             200: {
-                "content": {"image/jpeg": {}},
-                "description": "The item; a JPEG for the former thumbnail URL "
+                "content": {"image/jpeg": {}, GEOJSON: {"schema": {"type": "object"}}},
+                "description": "The item (a GeoJSON Feature with Accept: "
+                "application/geo+json); a JPEG for the former thumbnail URL "
                 "/v1/items/{item_id}/thumbnail when no item has that whole id.",
             },
             **errors(401, 403, 404, 502, 503),
         },
         summary="An archive item by id (any characters, '/' included)",
     )
-    async def item(item_id: str) -> Any:
+    async def item(item_id: str, request: Request) -> Any:
         st = svc.index.current()
         if item_id not in st.catalog and item_id.endswith("/thumbnail"):
             base = item_id.removesuffix("/thumbnail")
             if base in st.catalog:  # the former thumbnail URL keeps working
                 return await svc.thumbnail(base)
-        return item_response(item_id, find_item(st.catalog, item_id, st.version), st.version)
+        found = item_response(item_id, find_item(st.catalog, item_id, st.version), st.version)
+        if wants_geojson(request):
+            return Response(json.dumps(feature(found.model_dump())), media_type=GEOJSON)
+        return found
 
     return app

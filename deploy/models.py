@@ -5,14 +5,36 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Target = Literal["images", "captions"]
-QueryModality = Literal["text", "image"]
+QueryModality = Literal["text", "image", "item"]
+Box = list[float]
+
+
+class SearchFilter(BaseModel):
+    """Which items may be returned (all given keys must hold). The result is the exact top-k
+    among the items that pass, never fewer than k when at least k pass."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bbox: list[float] | None = Field(
+        None,
+        description="[min_lon, min_lat, max_lon, max_lat], WGS84 degrees; min_lon > max_lon "
+        "crosses the antimeridian. Items whose footprint box intersects it pass.",
+    )
+    datetime: str | None = Field(
+        None,
+        description="ISO 8601 'start/end' (either end '..' for open) or one instant; ends "
+        "inclusive, a date alone covers its whole day (UTC).",
+    )
+    label: str | list[str] | None = Field(None, description="One label or a list of labels.")
+    split: str | list[str] | None = Field(None, description="train, query or database.")
+    sensor: str | list[str] | None = Field(None, description="One sensor or a list.")
 
 
 class SearchRequest(BaseModel):
-    """A search by text or by image (JSON body of ``POST /v1/search``).
+    """A search by text, by image or by an archive item (JSON body of ``POST /v1/search``).
 
-    Exactly one of ``text`` and ``image_base64`` is given. ``k`` is bounded by the service's cap
-    (``GET /v1/index`` reports it as ``k_cap``).
+    Exactly one of ``text``, ``image_base64`` and ``item_id`` is given. ``k`` is bounded by the
+    service's cap (``GET /v1/index`` reports it as ``k_cap``).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -21,15 +43,22 @@ class SearchRequest(BaseModel):
     image_base64: str | None = Field(
         None, description="Query image (JPEG, PNG or TIFF file bytes), base64-encoded."
     )
+    item_id: str | None = Field(
+        None,
+        description="An archive item whose stored image code is the query ('more like this'; "
+        "no encoder call).",
+    )
     k: int | None = Field(
         None, ge=1, description="Number of results, 1 .. k_cap (default 20, or k_cap if lower)."
     )
     target: Target = Field("images", description="Search the archive's images or its captions.")
+    filter: SearchFilter | None = Field(None, description="Only items that pass this filter.")
 
     @model_validator(mode="after")
     def _one_query(self) -> "SearchRequest":
-        if (self.text is None) == (self.image_base64 is None):
-            raise ValueError("give exactly one of 'text' and 'image_base64'")
+        given = [self.text, self.image_base64, self.item_id]
+        if sum(v is not None for v in given) != 1:
+            raise ValueError("give exactly one of 'text', 'image_base64' and 'item_id'")
         return self
 
 
@@ -46,6 +75,12 @@ class Hit(BaseModel):
     )
     caption: str | None = Field(None, description="For caption hits: the matched caption.")
     thumbnail_url: str = Field(description="Relative URL of a small preview image.")
+    bbox: Box | None = Field(
+        None, description="Footprint box [min_lon, min_lat, max_lon, max_lat]."
+    )
+    datetime: str | None = Field(None, description="Acquisition time (ISO 8601, UTC).")
+    sensor: str | None = None
+    crs: str | None = Field(None, description="CRS of the source scene (e.g. EPSG:32618).")
 
 
 class SearchResponse(BaseModel):
@@ -88,6 +123,12 @@ class Item(BaseModel):
     split: str | None = None
     thumbnail_url: str
     index_version: str
+    bbox: Box | None = Field(
+        None, description="Footprint box [min_lon, min_lat, max_lon, max_lat]."
+    )
+    datetime: str | None = Field(None, description="Acquisition time (ISO 8601, UTC).")
+    sensor: str | None = None
+    crs: str | None = Field(None, description="CRS of the source scene (e.g. EPSG:32618).")
 
 
 class ReloadResponse(BaseModel):

@@ -92,11 +92,13 @@ class Limits:
 class Query:
     """A validated query. ``image`` holds the original file bytes, not yet decoded."""
 
-    modality: Literal["text", "image"]
+    modality: Literal["text", "image", "item"]
     k: int
     target: Literal["images", "captions"]
     text: str | None = None
     image: bytes | None = None
+    item_id: str | None = None
+    filter: dict[str, Any] | None = None  # a checked duch_core.filters spec
 
 
 def format_validation_error(err: ValidationError) -> str:
@@ -225,10 +227,42 @@ def check_image_bytes(data: bytes, limits: Limits) -> bytes:
     return data
 
 
+MAX_ITEM_ID_CHARS = 1024
+
+
+def check_filter(spec: Any) -> dict[str, Any] | None:
+    """A filter spec checked by :mod:`duch_core.filters` (422 naming the field), ``None`` when
+    empty."""
+    from duch_core.filters import FilterError, empty_metadata, filter_mask
+
+    if spec is None:
+        return None
+    if hasattr(spec, "model_dump"):
+        spec = spec.model_dump(exclude_none=True)
+    if not isinstance(spec, dict):
+        raise RequestError(422, "filter: must be an object")
+    spec = {key: value for key, value in spec.items() if value is not None}
+    try:
+        filter_mask(empty_metadata(), spec)
+    except FilterError as e:
+        raise RequestError(422, str(e), reason="bad_filter") from None
+    return spec or None
+
+
+def check_item_id(item_id: str) -> str:
+    """A query's ``item_id``: not empty, at most :data:`MAX_ITEM_ID_CHARS` characters."""
+    if not item_id or len(item_id) > MAX_ITEM_ID_CHARS:
+        raise RequestError(422, f"item_id: must be 1 .. {MAX_ITEM_ID_CHARS} characters")
+    return item_id
+
+
 def _from_model(req: SearchRequest, limits: Limits) -> Query:
     k = check_k(req.k, limits)
+    spec = check_filter(req.filter)
     if req.text is not None:
-        return Query("text", k, req.target, text=check_text(req.text, limits))
+        return Query("text", k, req.target, text=check_text(req.text, limits), filter=spec)
+    if req.item_id is not None:
+        return Query("item", k, req.target, item_id=check_item_id(req.item_id), filter=spec)
     b64 = req.image_base64 or ""
     if b64.startswith("data:") and "," in b64:  # data URL from a browser
         b64 = b64.split(",", 1)[1]
@@ -236,7 +270,7 @@ def _from_model(req: SearchRequest, limits: Limits) -> Query:
         data = base64.b64decode(b64, validate=True)
     except (binascii.Error, ValueError) as e:
         raise RequestError(400, f"image_base64 is not valid base64: {e}") from None
-    return Query("image", k, req.target, image=check_image_bytes(data, limits))
+    return Query("image", k, req.target, image=check_image_bytes(data, limits), filter=spec)
 
 
 def _no_constant(name: str) -> Any:
@@ -257,7 +291,9 @@ def parse_json(body: bytes, limits: Limits) -> Query:
         raise RequestError(400, f"request body is not valid JSON: {msg}") from None
     if not isinstance(obj, dict):
         raise RequestError(422, "request body must be a JSON object")
-    nulls = [n for n in ("text", "image_base64", "target") if n in obj and obj[n] is None]
+    nulls = [
+        n for n in ("text", "image_base64", "item_id", "target") if n in obj and obj[n] is None
+    ]
     if nulls:
         raise RequestError(422, f"{nulls[0]}: must be a string, not null")
     k = obj.get("k")
@@ -275,11 +311,23 @@ def parse_form(fields: dict[str, Any], limits: Limits) -> Query:
 
     ``fields`` maps names to strings, or for file parts to ``(filename, content_type, bytes)``.
     """
-    unknown = sorted(set(fields) - {"image", "text", "k", "target"})
+    unknown = sorted(set(fields) - {"image", "text", "k", "target", "filter"})
     if unknown:
         raise RequestError(
-            422, f"unknown form field(s) {', '.join(unknown)}; expected image or text, k, target"
+            422,
+            f"unknown form field(s) {', '.join(unknown)}; expected image or text, k, target, "
+            "filter",
         )
+    spec = None
+    if "filter" in fields:
+        raw = fields["filter"]
+        if isinstance(raw, tuple):
+            raise RequestError(422, "filter must be a plain form field, not a file")
+        try:
+            spec = json.loads(raw, parse_constant=_no_constant) if raw else None
+        except (ValueError, RecursionError):
+            raise RequestError(422, "filter: must be a JSON object") from None
+        spec = check_filter(spec)
     image = fields.get("image")
     text = fields.get("text")
     if isinstance(text, tuple):
@@ -303,7 +351,7 @@ def parse_form(fields: dict[str, Any], limits: Limits) -> Query:
         raise RequestError(422, format_validation_error(e)) from None
     k = check_k(req.k, limits)
     if req.text is not None:
-        return Query("text", k, req.target, text=check_text(req.text, limits))
+        return Query("text", k, req.target, text=check_text(req.text, limits), filter=spec)
     if not isinstance(image, tuple):
         raise RequestError(422, "image must be uploaded as a file part")
     _, ctype, data = image
@@ -312,7 +360,7 @@ def parse_form(fields: dict[str, Any], limits: Limits) -> Query:
         raise RequestError(
             415, f"uploaded file has content type {ctype!r}; send an image (JPEG, PNG or TIFF)"
         )
-    return Query("image", k, req.target, image=check_image_bytes(data, limits))
+    return Query("image", k, req.target, image=check_image_bytes(data, limits), filter=spec)
 
 
 def multipart_boundary(content_type: str) -> str:
@@ -483,6 +531,36 @@ TARGET_SCHEMA = {
 }
 
 
+_STRINGS = {
+    "anyOf": [
+        {"type": "string"},
+        {"type": "array", "items": {"type": "string"}, "minItems": 1},
+    ]
+}
+FILTER_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "description": "Only items that pass (all keys must hold): the exact top-k among them.",
+    "properties": {
+        "bbox": {
+            "type": "array",
+            "items": {"type": "number"},
+            "minItems": 4,
+            "maxItems": 4,
+            "description": "[min_lon, min_lat, max_lon, max_lat], WGS84 degrees; min_lon > "
+            "max_lon crosses the antimeridian.",
+        },
+        "datetime": {
+            "type": "string",
+            "description": "ISO 8601 'start/end' ('..' for an open end) or one instant.",
+        },
+        "label": _STRINGS,
+        "split": _STRINGS,
+        "sensor": _STRINGS,
+    },
+}
+
+
 def json_body_schema(limits: Limits) -> dict[str, Any]:
     """JSON Schema of the JSON body of ``POST /v1/search`` under ``limits``."""
     return {
@@ -497,10 +575,21 @@ def json_body_schema(limits: Limits) -> dict[str, Any]:
                 "pattern": BASE64_PATTERN,
                 "description": "Query image (JPEG, PNG or TIFF file bytes), base64-encoded.",
             },
+            "item_id": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": MAX_ITEM_ID_CHARS,
+                "description": "An archive item whose stored image code is the query.",
+            },
             "k": {"anyOf": [_k_schema(limits), {"type": "null"}]},
             "target": TARGET_SCHEMA,
+            "filter": {"anyOf": [FILTER_SCHEMA, {"type": "null"}]},
         },
-        "oneOf": [{"required": ["text"]}, {"required": ["image_base64"]}],
+        "oneOf": [
+            {"required": ["text"]},
+            {"required": ["image_base64"]},
+            {"required": ["item_id"]},
+        ],
     }
 
 
@@ -515,6 +604,11 @@ def form_body_schema(limits: Limits) -> dict[str, Any]:
             "text": {"type": "string", "maxLength": limits.max_text_chars},
             "k": _k_schema(limits),
             "target": TARGET_SCHEMA,
+            "filter": {
+                "type": "string",
+                "contentMediaType": "application/json",
+                "description": "The search filter as JSON text (see the JSON body's filter).",
+            },
         },
         "oneOf": [
             {"required": ["image"], "properties": {"text": {"maxLength": 0}}},

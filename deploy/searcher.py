@@ -24,9 +24,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from ray import serve
 
 from deploy.artifacts import MODALITIES, Loaders, TopK, assigned_shards
+from duch_core.filters import (
+    METADATA_COLUMNS,
+    FilterError,
+    ItemMetadata,
+    build_candidates,
+    metadata_from_table,
+)
 from duch_core.index_store import IndexManifest
 from duch_core.search import HammingIndex
 
@@ -50,9 +59,19 @@ class ShardData:
     caption_index: np.ndarray  # (N,) int32, -1 for image rows
     order: np.ndarray  # (N,) int64 argsort of the row ids
     sorted_rows: np.ndarray  # (N,) int64 row ids, ascending
+    # each index position's item metadata (positions are ranks in row-id order), for filters
+    meta: ItemMetadata | None = None
 
     def rows_to_local(self, rows: np.ndarray) -> np.ndarray:
         return self.order[np.searchsorted(self.sorted_rows, rows)]
+
+    def code_of(self, item_id: str) -> np.ndarray | None:
+        """The stored code ``(bits // 8,)`` uint8 of an item's first row here, or ``None``."""
+        local = np.flatnonzero(self.item_ids == item_id)
+        if not local.size:
+            return None
+        position = np.flatnonzero(self.order == local[0])  # ranks in row-id order
+        return self.index.codes_at(position)[0]
 
 
 @dataclass(frozen=True)
@@ -78,8 +97,10 @@ def build_shard_data(
     bits: int,
     new_index: Callable[[int], HammingIndex],
     mih: bool = False,
+    catalog: pa.Table | None = None,
 ) -> ShardData:
-    """Put loaded codes into an exact Hamming index (from ``new_index(bits)``) keyed by row id."""
+    """Put loaded codes into an exact Hamming index (from ``new_index(bits)``) keyed by row id;
+    with the version's ``catalog``, also each row's item metadata for filtered searches."""
     rows = np.asarray(row_ids, dtype=np.int64)
     ids = np.asarray(
         item_ids.to_pylist() if hasattr(item_ids, "to_pylist") else list(item_ids), dtype=object
@@ -98,16 +119,43 @@ def build_shard_data(
         # one query now, so a compiled search kernel is ready before the version is served
         index.search(np.ascontiguousarray(codes[:1], dtype=np.uint8), 1)
     order = np.argsort(rows, kind="stable").astype(np.int64)
-    return ShardData(index, ids, cap, order, rows[order])
+    if catalog is None:  # no metadata: every field unknown, so a filter keeps nothing
+        catalog = pa.table({"item_id": pa.array([], pa.string())})
+    meta = metadata_from_table(item_metadata_rows(catalog, ids[order]))
+    return ShardData(index, ids, cap, order, rows[order], meta)
 
 
-def search_shard(data: ShardData, queries: np.ndarray, k: int, version: str) -> ShardResult:
-    """Exact top-k of ``queries`` ``(Q, bits // 8)`` uint8 in one shard set."""
+def item_metadata_rows(catalog: pa.Table, item_ids: np.ndarray) -> pa.Table:
+    """The filterable catalog columns (:data:`duch_core.filters.METADATA_COLUMNS`) of each of
+    ``item_ids``, in that order (null where the catalog lacks the item)."""
+    cols = [c for c in METADATA_COLUMNS if c in catalog.column_names]
+    table = catalog.select(["item_id", *cols])
+    pos = pc.index_in(pa.array(item_ids.tolist(), pa.string()), value_set=table.column("item_id"))
+    return table.select(cols).take(pos)
+
+
+def search_shard(
+    data: ShardData, queries: np.ndarray, k: int, version: str, spec: Any = None
+) -> ShardResult:
+    """Exact top-k of ``queries`` ``(Q, bits // 8)`` uint8 in one shard set; with a filter
+    ``spec`` (:mod:`duch_core.filters`), the exact top-k among the rows whose item passes.
+
+    Raises:
+        duch_core.filters.FilterError: a bad spec, or a filter on an index without metadata.
+    """
     q = queries.shape[0]
+    candidates = None
+    if spec:
+        if data.meta is None:
+            raise FilterError(None, "this index version has no item metadata to filter on")
+        candidates = build_candidates(data.meta, spec)
+        if candidates is not None and candidates.dtype != np.bool_ and not candidates.size:
+            empty_d = np.zeros((q, 0), np.int32)
+            return ShardResult(version, empty_d, np.zeros((q, 0), np.int64), {}, {})
     if data.index.ntotal == 0:
         empty_d = np.zeros((q, 0), np.int32)
         return ShardResult(version, empty_d, np.zeros((q, 0), np.int64), {}, {})
-    dist, ids = data.index.search(queries, k)
+    dist, ids = data.index.search(queries, k, candidates=candidates)
     flat = np.unique(ids[ids >= 0])
     local = data.rows_to_local(flat)
     items = {int(r): str(data.item_ids[p]) for r, p in zip(flat, local, strict=True)}
@@ -157,6 +205,9 @@ class ShardStore:
         if self.expect is not None:
             self.loaders.validate(manifest, *self.expect)
         shards = assigned_shards(manifest, self.group, self.n_groups)
+        catalog = None
+        if manifest.catalog is not None or manifest.archive:
+            catalog = self.loaders.read_items(manifest)
         out: dict[str, ShardData] = {}
         for modality in MODALITIES:
             codes, item_ids, caption_index, row_ids = self.loaders.load_codes(
@@ -170,6 +221,7 @@ class ShardStore:
                 manifest.bits,
                 self.loaders.new_index,
                 self.mih,
+                catalog,
             )
         return out
 
@@ -291,8 +343,10 @@ class ShardStore:
         queries: np.ndarray,
         k: int,
         manifest: IndexManifest | None = None,
+        spec: Any = None,
     ) -> ShardResult | None:
-        """Exact top-k among this searcher's ``modality`` codes of index ``version``.
+        """Exact top-k among this searcher's ``modality`` codes of index ``version`` (with a
+        filter ``spec``, among the codes whose item passes it).
 
         Args:
             version: the index version id the answer must come from.
@@ -313,8 +367,20 @@ class ShardStore:
         self._versions.move_to_end(version)  # least recently searched is dropped first
         shard = data[modality]
         if shard.index.ntotal > INLINE_SEARCH_MAX_ROWS:
-            return await asyncio.to_thread(search_shard, shard, queries, k, version)
-        return search_shard(shard, queries, k, version)
+            return await asyncio.to_thread(search_shard, shard, queries, k, version, spec)
+        return search_shard(shard, queries, k, version, spec)
+
+    async def code_of(
+        self, version: str, modality: str, item_id: str, manifest: IndexManifest | None = None
+    ) -> tuple[bool, np.ndarray | None]:
+        """``(held, code)``: whether this searcher holds ``version`` (when not, and the manifest
+        is given, it starts loading it) and the stored ``modality`` code of ``item_id`` here."""
+        data = self._versions.get(version)
+        if data is None:
+            if manifest is not None:
+                self.preload(manifest)
+            return False, None
+        return True, data[modality].code_of(item_id)
 
     def versions(self) -> list[str]:
         """Index versions held, oldest first."""

@@ -48,6 +48,8 @@ class ShardGroup:
 
     prepare: Prepare
     search: Search
+    #: ``(version, modality, item_id[, manifest]) -> (held, code | None)``
+    code_of: Callable[..., Awaitable[tuple[bool, np.ndarray | None]]]
 
 
 def shard_groups(
@@ -66,7 +68,7 @@ def shard_groups(
     if searchers:
         return [_remote_group(s, search_timeout_s) for s in searchers]
     store = ShardStore(0, 1, keep_versions, loaders, mih)
-    return [ShardGroup(store.prepare, store.search)]
+    return [ShardGroup(store.prepare, store.search, store.code_of)]
 
 
 def _remote_group(handle: Any, search_timeout_s: float | None = None) -> ShardGroup:
@@ -80,7 +82,12 @@ def _remote_group(handle: Any, search_timeout_s: float | None = None) -> ShardGr
             handle.search.remote, *args, timeout_s=search_timeout_s
         )
 
-    return ShardGroup(prepare, search)
+    async def code_of(*args: Any) -> tuple[bool, np.ndarray | None]:
+        return await retry_unavailable(  # type: ignore[no-any-return]
+            handle.code_of.remote, *args, timeout_s=search_timeout_s
+        )
+
+    return ShardGroup(prepare, search, code_of)
 
 
 def version_age_s(created: str, now: float | None = None) -> float | None:
@@ -251,8 +258,34 @@ class ServedIndex:
             if self.state is not None:
                 self.telemetry.index_age(version_age_s(self.state.manifest.created))
 
+    async def code_of(self, st: ServingState, modality: str, item_id: str) -> np.ndarray:
+        """The stored ``modality`` code ``(1, bits // 8)`` of an item of version ``st``.
+
+        Raises:
+            RequestError: 404 when the version holds no such code; 503 when a shard group
+                holds not that version yet.
+        """
+        for g in self.groups:
+            held, code = await g.code_of(st.version, modality, item_id)
+            if not held:
+                held, code = await g.code_of(st.version, modality, item_id, st.manifest)
+            if not held:
+                raise RequestError(
+                    503, "the searchers are loading the index; retry shortly", reason="loading"
+                )
+            if code is not None:
+                return np.asarray(code, dtype=np.uint8).reshape(1, -1)
+        raise RequestError(
+            404, f"item {item_id!r} has no {modality} code in index version {st.version}"
+        )
+
     async def search(
-        self, st: ServingState, modality: str, codes: np.ndarray, k: int
+        self,
+        st: ServingState,
+        modality: str,
+        codes: np.ndarray,
+        k: int,
+        spec: Any = None,
     ) -> tuple[ServingState, ShardResult]:
         """Exact top-k of ``codes`` ``(Q, bits // 8)`` uint8 over all shard groups, merged with
         ``loaders.merge_topk``, from ``st`` or else the current or previous version (see the
@@ -267,7 +300,7 @@ class ServedIndex:
                 continue
             tried.append(cand.version)
             parts = await asyncio.gather(
-                *(self._one(g, cand, modality, codes, k) for g in self.groups)
+                *(self._one(g, cand, modality, codes, k, spec) for g in self.groups)
             )
             if all(p is not None for p in parts):
                 return cand, merge_results(
@@ -280,10 +313,15 @@ class ServedIndex:
 
     @staticmethod
     async def _one(
-        group: ShardGroup, st: ServingState, modality: str, codes: np.ndarray, k: int
+        group: ShardGroup,
+        st: ServingState,
+        modality: str,
+        codes: np.ndarray,
+        k: int,
+        spec: Any = None,
     ) -> ShardResult | None:
-        res = await group.search(st.version, modality, codes, k)
+        res = await group.search(st.version, modality, codes, k, None, spec)
         if res is None:  # that replica lacks the version: another one may hold it, and the
             # manifest lets a replica without it start loading it (in the background)
-            res = await group.search(st.version, modality, codes, k, st.manifest)
+            res = await group.search(st.version, modality, codes, k, st.manifest, spec)
         return res

@@ -40,7 +40,9 @@ __all__ = [
     "ItemMetadata",
     "build_candidates",
     "candidate_positions",
+    "empty_metadata",
     "filter_mask",
+    "metadata_from_table",
     "parse_datetime_range",
 ]
 
@@ -153,6 +155,74 @@ class ItemMetadata:
             rows = np.argsort(dt, kind="stable").astype(_row_dtype(n))
             order = (rows, dt[rows])
         return cls(n, bbox, dt, cats, wraps, grid, order)
+
+
+METADATA_COLUMNS = ("bbox", "datetime", "label", "split", "sensor")
+"""Catalog columns :func:`metadata_from_table` reads (any may be absent)."""
+
+
+def metadata_from_table(table: Any, index: bool = True) -> ItemMetadata:
+    """:class:`ItemMetadata` from catalog-shaped rows (a ``pyarrow.Table``, row ``i`` describing
+    index row ``i``): ``bbox`` a list of 4 WGS84 numbers, ``datetime`` an ISO 8601 string (UTC
+    when it names no zone) or a timestamp, ``label``/``split``/``sensor`` strings. Every
+    filterable field is present in the result: an absent column is unknown for every row (so a
+    filter on it keeps nothing), as is a null or malformed value.
+    """
+    import pyarrow as pa
+
+    n = table.num_rows
+    names = set(table.column_names)
+    boxes = np.full((4, n), np.nan)
+    if "bbox" in names and n:
+        col = table.column("bbox").combine_chunks()
+        if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+            for i, b in enumerate(col.to_pylist()):
+                if b is not None and len(b) == 4 and all(v is not None for v in b):
+                    boxes[:, i] = b
+    dt = np.full(n, NAT_US, np.int64)
+    if "datetime" in names and n:
+        col = table.column("datetime").combine_chunks()
+        if pa.types.is_timestamp(col.type):
+            us = col.cast(pa.timestamp("us", tz=col.type.tz)).cast(pa.int64())
+            dt = us.fill_null(NAT_US).to_numpy(zero_copy_only=False).astype(np.int64)
+        else:
+            dt = _iso_column(col.cast(pa.string()).to_pylist())
+
+    def strings(name: str) -> Any:
+        if name not in names:
+            return pa.nulls(n, pa.string())
+        return table.column(name).cast(pa.string())
+
+    return ItemMetadata.from_columns(
+        min_lon=boxes[0],
+        min_lat=boxes[1],
+        max_lon=boxes[2],
+        max_lat=boxes[3],
+        datetime=dt,
+        label=strings("label"),
+        split=strings("split"),
+        sensor=strings("sensor"),
+        index=index,
+    )
+
+
+def _iso_column(values: list[str | None]) -> np.ndarray:
+    """ISO 8601 strings -> int64 epoch microseconds (:data:`NAT_US` for null or unparseable)."""
+    out = np.full(len(values), NAT_US, np.int64)
+    for i, v in enumerate(values):
+        if v:
+            try:
+                out[i] = _parse_instant(v.replace("Z", "+00:00"), end=False)
+            except FilterError:
+                pass
+    return out
+
+
+def empty_metadata() -> ItemMetadata:
+    """Metadata of no rows with every field: :func:`filter_mask` on it checks a spec alone."""
+    import pyarrow as pa
+
+    return metadata_from_table(pa.table({"item_id": pa.array([], pa.string())}), index=False)
 
 
 def _row_dtype(n: int) -> type[np.signedinteger[Any]]:

@@ -285,6 +285,20 @@ class HammingIndex:
             raise SearchError(f"id {int(a[bad].flat[0])} is not in the index")
         return pos.astype(np.int64, copy=False)
 
+    def codes_at(self, positions: Any) -> np.ndarray:
+        """The packed codes ``(len(positions), bits // 8)`` uint8 of the rows at ``positions``
+        (ranks in id order, see :meth:`positions_of`).
+
+        Raises:
+            SearchError: a position outside ``0 .. ntotal - 1``.
+        """
+        self._consolidate()
+        pos = np.asarray(positions, dtype=np.int64).reshape(-1)
+        n = self._codes.shape[0]
+        if pos.size and (int(pos.min()) < 0 or int(pos.max()) >= n):
+            raise SearchError(f"positions must be in 0 .. {n - 1}")
+        return np.array(self._codes[pos], dtype=np.uint8)
+
     def enable_mih(self, on: bool = True) -> None:
         """Use multi-index hashing (Norouzi et al.) where it is faster than the scan.
 

@@ -346,6 +346,61 @@ def test_image_query_json_and_upload_equal_in_process_search(service: Service) -
     assert hits_of(r3.json()) == service.ref.image(m, data, "captions", 5)
 
 
+def test_filtered_item_and_geojson_queries_over_http(service: Service) -> None:
+    """A filter gives the exact top-k among the items that pass (never fewer when more pass),
+    an item query searches with the item's stored code, GeoJSON answers carry every hit."""
+    from duch_core.archive import read_archive
+
+    m = service.art.manifest
+    table = read_archive(service.art.archive_uri)
+    ids = table.column("item_id").to_pylist()
+    label = dict(zip(ids, table.column("label").to_pylist(), strict=True))
+    split = dict(zip(ids, table.column("split").to_pylist(), strict=True))
+    text = "a river crossing farmland"
+    code = service.ref.encoder.encode_texts([text])
+    ranked = service.ref.search(m, code, "images", 100_000)
+    for spec in ({"label": "forest"}, {"label": ["river", "beach"], "split": "database"}):
+        r = service.search(text=text, k=3, filter=spec)
+        assert r.status_code == 200, r.text
+
+        def passes(item: str, spec: dict = spec) -> bool:
+            labels = [spec["label"]] if isinstance(spec["label"], str) else spec["label"]
+            return label[item] in labels and split[item] == spec.get("split", split[item])
+
+        assert hits_of(r.json()) == [h for h in ranked if passes(h[0])][:3]
+    # the same filter in a multipart form (as the page sends an image with a drawn box)
+    form = service.session.post(
+        f"{service.url}/v1/search",
+        files={"text": (None, text), "k": (None, "3"), "filter": (None, '{"label": "forest"}')},
+        timeout=60,
+    )
+    assert form.status_code == 200, form.text
+    assert [h[0] for h in hits_of(form.json())] == [
+        h[0] for h in ranked if label[h[0]] == "forest"
+    ][:3]
+    # more like this: the stored image code of an item is the query
+    r = service.search(item_id="river_0001", k=5)
+    assert r.status_code == 200, r.text
+    assert r.json()["query_modality"] == "item"
+    assert hits_of(r.json())[0][:2] == ("river_0001", 0)
+    assert service.search(item_id="no/such/item", k=5).status_code == 404
+    # GeoJSON: a Feature per hit (these chips have no footprint: geometry null)
+    g = service.session.post(
+        f"{service.url}/v1/search",
+        json={"text": text, "k": 4},
+        headers={"Accept": "application/geo+json"},
+        timeout=60,
+    )
+    assert g.status_code == 200 and g.headers["content-type"].startswith("application/geo+json")
+    fc = g.json()
+    assert fc["type"] == "FeatureCollection"
+    assert [f["id"] for f in fc["features"]] == [h[0] for h in ranked[:4]]
+    assert all(f["geometry"] is None for f in fc["features"])
+    # a bad filter is a 422 naming the field
+    bad = service.search(text=text, filter={"bbox": [0, 50, 1, 10]})
+    assert bad.status_code == 422 and "bbox" in bad.json()["detail"]
+
+
 def test_sharded_search_equals_single(service: Service) -> None:
     import asyncio
 

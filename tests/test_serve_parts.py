@@ -482,7 +482,12 @@ class _Group:
         self.held.add(manifest.version)
         return {"image": 1, "text": 2}
 
-    async def search(self, version: str, modality: str, codes: np.ndarray, k: int, manifest=None):
+    async def code_of(self, version: str, modality: str, item_id: str, manifest=None):
+        return version in self.held, None
+
+    async def search(
+        self, version: str, modality: str, codes: np.ndarray, k: int, manifest=None, spec=None
+    ):
         if version not in self.held:
             if manifest is None or self.lagging:
                 return None
@@ -494,7 +499,7 @@ class _Group:
 def _served(root: _Root, groups: list[_Group]) -> ServedIndex:
     loaders = Loaders(read_latest=root.read_latest, validate=root.validate)
     return ServedIndex(
-        "mem://index", [ShardGroup(g.prepare, g.search) for g in groups], loaders, 32, "b1"
+        "mem://index", [ShardGroup(g.prepare, g.search, g.code_of) for g in groups], loaders, 32, "b1"
     )
 
 
