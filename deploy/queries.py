@@ -544,9 +544,14 @@ FILTER_SCHEMA: dict[str, Any] = {
     "properties": {
         "bbox": {
             "type": "array",
-            "items": {"type": "number"},
+            "prefixItems": [
+                {"type": "number", "minimum": -180, "maximum": 180},
+                {"type": "number", "minimum": -90, "maximum": 90},
+                {"type": "number", "minimum": -180, "maximum": 180},
+                {"type": "number", "minimum": -90, "maximum": 90},
+            ],
+            "items": False,
             "minItems": 4,
-            "maxItems": 4,
             "description": "[min_lon, min_lat, max_lon, max_lat], WGS84 degrees; min_lon > "
             "max_lon crosses the antimeridian.",
         },

@@ -654,6 +654,19 @@ def test_the_published_body_schemas_accept_exactly_what_the_parser_accepts() -> 
         {"image_base64": ""},
         {"text": "river", "extra": 1},
         {"text": "river", "target": "maps"},
+        {"item_id": "scene/r1_c2"},
+        {"item_id": ""},
+        {"item_id": "a", "text": "river"},
+        {"text": "river", "filter": None},
+        {"text": "river", "filter": {"bbox": [170, -10, -170, 10.5], "label": ["a", "b"]}},
+        {"text": "river", "filter": {"datetime": "2024-01-01/..", "sensor": "landsat-8"}},
+        {"text": "river", "filter": {"bbox": [0, 0, 1]}},
+        {"text": "river", "filter": {"bbox": [0, 0, 200, 1]}},
+        {"text": "river", "filter": {"bbox": [0, -91, 1, 1]}},
+        {"text": "river", "filter": {"cloud_cover": 10}},
+        {"text": "river", "filter": {"label": 3}},
+        {"text": "river", "filter": {"label": []}},
+        {"text": "river", "filter": "bbox"},
     ]
     for body in bodies:
         valid = jsonschema.Draft202012Validator(schema).is_valid(body)
