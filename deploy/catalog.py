@@ -32,7 +32,17 @@ class Catalog:
         ValueError: an item id is listed more than once.
     """
 
-    COLUMNS = ("image_uri", "captions", "label", "split", "bbox", "datetime", "sensor", "crs")
+    COLUMNS = (
+        "image_uri",
+        "captions",
+        "label",
+        "split",
+        "bbox",
+        "datetime",
+        "sensor",
+        "crs",
+        "bands",
+    )
 
     def __init__(self, table: pa.Table | None) -> None:
         self._rows: dict[str, int] = {}

@@ -310,12 +310,13 @@ class Ingress:
 
     async def thumbnail(self, item_id: str) -> Response:
         st = self.index.current()
-        uri = find_item(st.catalog, item_id, st.version).get("image_uri")
+        rec = find_item(st.catalog, item_id, st.version)
+        uri = rec.get("image_uri")
         if not uri:
             raise RequestError(404, f"item {item_id!r} has no image")
         try:
             async with self._decode_slot():
-                data = await asyncio.to_thread(self.thumbnails.get, uri)
+                data = await asyncio.to_thread(self.thumbnails.get, uri, rec.get("bands"))
         except FileNotFoundError:
             raise RequestError(404, f"the archive image of {item_id!r} is missing") from None
         except ValueError as e:

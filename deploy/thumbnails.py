@@ -8,13 +8,15 @@ missing the same image both make it, and the second simply replaces the first.
 Memory: an archive object larger than ``max_bytes`` is refused before it is read, and the image
 is reduced toward twice the thumbnail size while it is decoded
 (:func:`duch_core.imageio.decode_image` with ``reduce``), so a large scene never exists as
-floats or at full size in 8 bits.
+floats or at full size in 8 bits. A chip (a window of a georeferenced scene) is read by window
+at the thumbnail's size, from the band files' overviews where they have them.
 """
 
 import io
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Any
 from urllib.parse import quote
 
 #: Largest archive image a thumbnail is made from (pixels), as the encode job's default.
@@ -42,6 +44,33 @@ def make_thumbnail(data: bytes, size: int) -> bytes:
     img.thumbnail((size, size))
     out = io.BytesIO()
     img.save(out, format="JPEG", quality=85)
+    return out.getvalue()
+
+
+def make_chip_thumbnail(chip: dict[str, Any], size: int) -> bytes:
+    """A JPEG at most ``size`` pixels on its long side of a chip (a window of a scene, see
+    :mod:`duch_core.chip_io`): only the window is read, at the thumbnail's size, so GDAL takes
+    it from an overview level where the band files have one.
+
+    Raises:
+        FileNotFoundError: a band file is missing.
+        ValueError: the chip cannot be read (``duch_core.chip_io.SceneError``).
+    """
+    from PIL import Image
+
+    from duch_core import chip_io
+
+    _, _, w, h = chip_io.parse_chip_uri(str(chip["image_uri"])).window
+    scale = min(1.0, size / max(w, h))
+    shape = (max(1, round(h * scale)), max(1, round(w * scale)))
+    try:
+        picture = chip_io.decode_chip(chip, out_shape=shape, max_pixels=THUMBNAIL_MAX_PIXELS)
+    except chip_io.SceneError as e:
+        if e.stage == "open" and "no such file" in e.reason:
+            raise FileNotFoundError(str(e)) from e
+        raise
+    out = io.BytesIO()
+    Image.fromarray(picture).save(out, format="JPEG", quality=85)
     return out.getvalue()
 
 
@@ -76,19 +105,25 @@ class ThumbnailCache:
     def __contains__(self, image_uri: str) -> bool:
         return image_uri in self._items
 
-    def get(self, image_uri: str) -> bytes:
+    def get(self, image_uri: str, bands: list[str] | None = None) -> bytes:
         """The JPEG thumbnail of ``image_uri``, made on a miss (blocking: call from a thread).
+        A chip URI (a window of a scene, with its ``bands`` files) is read by window.
 
         Raises:
             FileNotFoundError: the image is missing.
             ValueError: the image is over ``max_bytes`` or cannot be decoded.
         """
+        from duch_core.chip_io import is_chip_uri
+
         with self._lock:
             hit = self._items.get(image_uri)
             if hit is not None:
                 self._items.move_to_end(image_uri)
                 return hit
-        data = make_thumbnail(self._read(image_uri, self.max_bytes), self.size)
+        if is_chip_uri(image_uri):
+            data = make_chip_thumbnail({"image_uri": image_uri, "bands": bands}, self.size)
+        else:
+            data = make_thumbnail(self._read(image_uri, self.max_bytes), self.size)
         with self._lock:
             self._items[image_uri] = data
             while len(self._items) > self.capacity:

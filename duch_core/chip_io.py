@@ -369,6 +369,7 @@ def read_window(
     *,
     resampling: str = "bilinear",
     max_pixels: int = 1 << 26,
+    out_shape: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """The pixels of one chip, ``(H, W, C)`` in the band files' dtype (their common type).
 
@@ -379,6 +380,8 @@ def read_window(
             a grid coarser than a file is read from the file's overviews where it has them
             (GDAL's choice: fewer bytes, values as the overviews were made).
         max_pixels: refuse chips larger than this (``H * W``).
+        out_shape: ``(height, width)`` to read the chip at instead of its own size (smaller
+            for a preview: GDAL then reads from the files' overviews where they have them).
 
     Raises:
         SceneError: stages ``window`` (malformed URI, window outside a band file), ``open``,
@@ -395,6 +398,7 @@ def read_window(
     col, row, w, h = ref.window
     if w * h > max_pixels:
         raise SceneError("window", f"chip of {w} x {h} pixels exceeds max_pixels={max_pixels}")
+    out_h, out_w = (h, w) if out_shape is None else (int(out_shape[0]), int(out_shape[1]))
     parts = []
     with _opened(files) as datasets:
         for ds, f in zip(datasets, files, strict=True):
@@ -410,7 +414,7 @@ def read_window(
                 parts.append(
                     ds.read(
                         window=win,
-                        out_shape=(info.count, h, w),
+                        out_shape=(info.count, out_h, out_w),
                         resampling=getattr(Resampling, resampling),
                     )
                 )
@@ -447,10 +451,12 @@ def decode_chip(
     bands: Sequence[int] | None = None,
     depth: str = "stretch",
     resampling: str = "bilinear",
+    out_shape: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """One chip as an ``(H, W, 3)`` uint8 picture: :func:`read_window`, then the same band rule
     and bit-depth rule as :func:`duch_core.imageio.decode_image` applies to image files, so a
-    chip and a file holding the same pixels give the same picture.
+    chip and a file holding the same pixels give the same picture. ``out_shape`` reads it
+    smaller (a preview, from overviews where the files have them).
 
     Raises:
         SceneError: as :func:`read_window`.
@@ -458,5 +464,5 @@ def decode_chip(
     """
     from duch_core.imageio import select_bands, to_uint8
 
-    arr = read_window(chip, resampling=resampling, max_pixels=max_pixels)
+    arr = read_window(chip, resampling=resampling, max_pixels=max_pixels, out_shape=out_shape)
     return np.ascontiguousarray(to_uint8(select_bands(arr, bands), depth))

@@ -9,6 +9,7 @@ the bytes a chip read moves are counted by a TCP proxy in front of it.
 from __future__ import annotations
 
 import glob
+import io
 import json
 import os
 import socket
@@ -715,3 +716,33 @@ def test_unreadable_scene_lists_are_scene_list_errors(tmp_path):
         with pytest.raises(cio.SceneError) as e:
             sl.read_scene_list(str(tmp_path / name))
         assert e.value.stage == "scene_list"
+
+
+def test_a_chip_thumbnail_reads_its_window_from_the_overviews(real, s3_prefix, proxy):
+    """The service's thumbnail of a window item reads only that window, at the thumbnail's size:
+    from the COG's overview levels, far fewer bytes than the chip at full resolution."""
+    from PIL import Image
+
+    from deploy.thumbnails import ThumbnailCache
+
+    local = real.scenes()[1]
+    with rasterio.open(local.bands[0]) as ds:
+        assert ds.overviews(1), "the test COGs have overviews"
+    upload(local.bands, s3_prefix)
+    remote = real.scenes(s3_prefix)[1]
+    row = sc.tile_scene(remote, chip_size=1024, max_nodata=1.0).rows[0]
+    proxy.reset()
+    full = cio.read_window(row)
+    full_bytes = proxy.down
+    cache = ThumbnailCache(lambda uri, limit: b"", size=128, capacity=4)
+    proxy.reset()
+    jpeg = cache.get(row["image_uri"], list(row["bands"]))
+    thumb_bytes = proxy.down
+    img = Image.open(io.BytesIO(jpeg))
+    print(f"chip 1024 px: {full_bytes} B at full resolution, thumbnail {thumb_bytes} B")
+    assert img.format == "JPEG" and max(img.size) == 128 and full.shape[:2] == (1024, 1024)
+    assert thumb_bytes < full_bytes / 4, (thumb_bytes, full_bytes)
+    # a chip whose band file is gone is "not found" (404), not a decode failure
+    gone = {**row, "bands": [b.replace("s2_", "gone_") for b in row["bands"]]}
+    with pytest.raises(FileNotFoundError):
+        cache.get(gone["image_uri"].replace("s2_", "gone_"), gone["bands"])
