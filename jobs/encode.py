@@ -8,7 +8,7 @@ Ray Data wiring of the batch functions in :mod:`duch_core.encoding`: take the en
 ``--out``, pin the bundle (a verified copy at ``<out>/bundles/<bundle id>/``, which the index
 records), read the archive manifest, check every row, snapshot it as the version's catalog and
 fingerprint every item (object metadata, no image bytes), compare with the version ``LATEST``
-names (:func:`duch_core.index_store.compute_diff`), then decode and encode new and changed items
+names (:func:`duch_core.index_diff.compute_diff`), then decode and encode new and changed items
 in an actor pool while unchanged items' rows are copied from the old shards, and write shards,
 ``index.json`` and ``LATEST``, in that order. A new bundle re-encodes everything.
 
@@ -56,14 +56,16 @@ from duch_core import (
     catalog_snapshot,
     encode_lock,
     encoding,
+    index_diff,
     index_store,
+    manifest_rows,
     pointers,
     retention,
+    shard_writer,
     storage,
-    storage_retry,
 )
 from duch_core import config as config_mod
-from duch_core.archive import PARQUET_SUFFIXES, ArchiveError
+from duch_core.archive import ArchiveError
 from jobs import _common
 
 log = logging.getLogger("duch.encode")
@@ -76,7 +78,7 @@ EXPECTED_ERRORS = (
     ArchiveError,
     bundle_mod.BundleError,
     index_store.IndexFormatError,
-    index_store.ShrinkError,
+    index_diff.ShrinkError,
     _common.LocationError,
 )
 
@@ -151,7 +153,7 @@ class FaultInjected(RuntimeError):
 def write_batch(
     batch: pa.Table, version_dir: str, bundle_id: str, bits: int, fail_after: int
 ) -> pa.Table:
-    """:func:`duch_core.encoding.write_code_batch`, with the crash-test fault injection."""
+    """:func:`duch_core.shard_writer.write_code_batch`, with the crash-test fault injection."""
     if fail_after > 0:
         try:
             written = storage.list_prefix(storage.join(version_dir, index_store.SHARDS_DIR))
@@ -159,7 +161,7 @@ def write_batch(
             written = []
         if len(written) >= fail_after:
             raise FaultInjected(f"fault injection: {len(written)} shards written, stopping")
-    return encoding.write_code_batch(batch, version_dir, bundle_id, bits)
+    return shard_writer.write_code_batch(batch, version_dir, bundle_id, bits)
 
 
 def _kill_point(cfg: EncodeConfig, step: str) -> None:
@@ -171,36 +173,6 @@ def _kill_point(cfg: EncodeConfig, step: str) -> None:
 
 # --------------------------------------------------------------------------------------------
 # read -> plan -> map -> write
-
-
-def _parquet_files(path: str) -> list[str]:
-    """The Parquet file of a manifest, or the parts of a manifest that is a directory of them
-    (as the tiling job writes ``manifest.parquet/``)."""
-    parts = [p for p in storage.list_prefix(path) if p.lower().endswith(PARQUET_SUFFIXES)]
-    return parts or [path]
-
-
-def _parquet_rows(path: str) -> int:
-    """Rows of a Parquet manifest (a file or a directory of parts), its columns checked (a
-    manifest-level error: exit 2)."""
-    import pyarrow.parquet as pq
-
-    total = 0
-    for part in _parquet_files(path):
-
-        def footer(part: str = part) -> Any:
-            with storage.open_input(part) as f:
-                return pq.ParquetFile(f).metadata
-
-        try:
-            meta = storage_retry.retrying(footer, part, "read the manifest's footer")
-        except FileNotFoundError as e:
-            raise ArchiveError(f"{part}: archive manifest not found") from e
-        except (pa.ArrowException, ValueError) as e:
-            raise ArchiveError(f"{part}: not a readable Parquet manifest (truncated?): {e}") from e
-        encoding.check_manifest_schema(meta.schema.to_arrow_schema(), part)
-        total += int(meta.num_rows)
-    return total
 
 
 def read_items(cfg: EncodeConfig, version_dir: str | None) -> Any:
@@ -217,13 +189,13 @@ def read_items(cfg: EncodeConfig, version_dir: str | None) -> Any:
 
     path, fmt = _find_manifest(cfg.archive)
     if fmt == "parquet":
-        n = _parquet_rows(path)
+        n = manifest_rows.parquet_manifest_rows(path)
         ds = ray.data.read_parquet(path, file_extensions=None)
     else:
         if not storage.exists(path):
             raise ArchiveError(f"{path}: archive manifest not found")
         ds = ray.data.read_binary_files(path, file_extensions=None).map_batches(
-            encoding.parse_manifest_file,
+            manifest_rows.parse_manifest_file,
             batch_format="pyarrow",
             batch_size=None,
             num_cpus=cfg.decode_cpus,
@@ -272,7 +244,7 @@ class Plan:
     """
 
     prev: index_store.IndexManifest | None
-    diff: index_store.IndexDiff
+    diff: index_diff.IndexDiff
     rows: int
     manifest_errors: pa.Table
     repeated: pa.Array
@@ -302,16 +274,16 @@ def plan(
             bad.column("item_id").to_pylist(), bad.column("manifest_error").to_pylist(), strict=True
         )
     ]
-    errors = encoding.error_rows(bad.column("item_id").to_pylist(), "manifest", reasons)
+    errors = shard_writer.error_rows(bad.column("item_id").to_pylist(), "manifest", reasons)
     parts = [
         index_store.CatalogPart(**json.loads(p)) for p in g.column("catalog_part").to_pylist() if p
     ]
     current = good.select(["item_id", "fingerprint"])
     try:
-        diff = index_store.compute_diff(current, prev, meta.bundle_id, meta.bits)
+        diff = index_diff.compute_diff(current, prev, meta.bundle_id, meta.bits)
     except index_store.IndexCorruptError as e:
         log.warning("published index unreadable (%s): encoding everything", e)
-        diff = index_store.compute_diff(current, None, meta.bundle_id, meta.bits)
+        diff = index_diff.compute_diff(current, None, meta.bundle_id, meta.bits)
         diff.reason = f"previous index unreadable: {e}"
         prev = None
     return Plan(prev, diff, g.num_rows, errors, repeated, parts)
@@ -415,19 +387,6 @@ def write(
     return results
 
 
-def _transient_image_failures(version_dir: str, results: list[dict[str, Any]]) -> pa.Array:
-    """Items whose image could not be read because the store failed (from the errors parts)."""
-    parts = sorted({r["errors_path"] for r in results if r["errors_path"]})
-    ids: list[str] = []
-    for p in parts:
-        t = storage.read_parquet(storage.join(version_dir, p))
-        if "transient" not in t.column_names:
-            continue
-        t = t.filter(pc.and_(t.column("transient"), pc.equal(t.column("caption_index"), -1)))
-        ids += t.column("item_id").to_pylist()
-    return pa.array(sorted(set(ids)), pa.string())
-
-
 def _previous(cfg: EncodeConfig, base: index_store.LatestState) -> index_store.IndexManifest | None:
     """The manifest ``LATEST`` names (``None`` if unreadable); its published mark repaired."""
     if base.version is None:
@@ -496,8 +455,8 @@ def _dry_run(cfg: EncodeConfig) -> dict[str, Any]:
     }
     if not cfg.allow_shrink:
         try:
-            index_store.check_shrink(p.diff, cfg.max_deleted_fraction)
-        except index_store.ShrinkError as e:
+            index_diff.check_shrink(p.diff, cfg.max_deleted_fraction)
+        except index_diff.ShrinkError as e:
             summary.update(would_refuse=str(e), exit_code=_common.EXIT_BAD_INPUT)
     return summary
 
@@ -531,7 +490,7 @@ def _run_locked(cfg: EncodeConfig, lock: encode_lock.EncodeLock) -> dict[str, An
         "diff_seconds": round(time.perf_counter() - t0 - t_scan, 3),
     }
     if not cfg.allow_shrink:
-        index_store.check_shrink(diff, cfg.max_deleted_fraction)
+        index_diff.check_shrink(diff, cfg.max_deleted_fraction)
     parts = drop_repeated(items, vdir, p.catalog_parts, p.repeated)
 
     t_enc = time.perf_counter()
@@ -542,18 +501,18 @@ def _run_locked(cfg: EncodeConfig, lock: encode_lock.EncodeLock) -> dict[str, An
         streams.append(carry_stream(cfg, prev, diff.carry_ids))
     results = write(cfg, streams, vdir, meta)
     # images the store would not give: their previous rows are kept (stale), never dropped
-    transient = _transient_image_failures(vdir, results)
+    transient = shard_writer.transient_image_failures(vdir, results)
     stale = transient.filter(pc.is_in(transient, value_set=diff.prev_row_ids))
     if len(stale) and prev is not None:
         results += write(cfg, [carry_stream(cfg, prev, stale)], vdir, meta)
-    lookup_stale = encoding.error_rows(
+    lookup_stale = shard_writer.error_rows(
         diff.stale_ids.to_pylist(),
         "fetch",
         ["the store failed the image look-up; the previous codes were kept"] * len(diff.stale_ids),
         transient=True,
     )
     extra = pa.concat_tables([p.manifest_errors, lookup_stale])
-    written = encoding.merge_written(vdir, results, extra)
+    written = shard_writer.merge_written(vdir, results, extra)
     enc_s = time.perf_counter() - t_enc
     _kill_point(cfg, "shards")
 
@@ -579,7 +538,7 @@ def _run_locked(cfg: EncodeConfig, lock: encode_lock.EncodeLock) -> dict[str, An
         encoded_captions=written.encoded_texts,
         failed_items=failed,
         error_rows=errors.num_rows,
-        errors_by_stage=encoding.errors_by_stage(errors),
+        errors_by_stage=shard_writer.errors_by_stage(errors),
         error_rate=round(error_rate, 6),
         max_error_rate=cfg.max_error_rate,
         counts=index_store.shard_counts(written.shards),

@@ -8,11 +8,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from duch_core import catalog_snapshot, encode_lock, pointers, retention, storage
+from duch_core import (
+    catalog_snapshot,
+    encode_lock,
+    index_diff,
+    pointers,
+    retention,
+    shard_writer,
+    source_fingerprints,
+    storage,
+)
 from duch_core import index_store as ix
 from duch_core.archive import ArchiveError
 from duch_core.codes import CodeLengthError
-from duch_core.encoding import normalize_rows, parse_manifest_bytes, source_fingerprint
+from duch_core.manifest_rows import normalize_rows, parse_manifest_bytes
+from duch_core.source_fingerprints import source_fingerprint
 
 BITS = 32
 
@@ -455,17 +465,19 @@ def test_compute_diff_new_changed_deleted_failed_and_bundle(tmp_path):
         m.base_uri, ix.IndexManifest.from_dict({**m.to_dict(), "errors": ix.ERRORS_NAME})
     )
     cur = pa.table({"item_id": ["a", "b", "d", "e"], "fingerprint": ["f", "g", "f", "f"]})
-    d = ix.compute_diff(cur, m, "bundle-a", BITS)
+    d = index_diff.compute_diff(cur, m, "bundle-a", BITS)
     assert (d.new, d.changed, d.unchanged, d.deleted) == (1, 2, 1, 1)
     assert sorted(d.carry_ids.to_pylist()) == ["a"]
     assert sorted(d.encode_ids.to_pylist()) == ["b", "d", "e"]
-    full = ix.compute_diff(cur, m, "bundle-b", BITS)
+    full = index_diff.compute_diff(cur, m, "bundle-b", BITS)
     assert full.full_reencode and full.unchanged == 0 and len(full.encode_ids) == 4
-    first = ix.compute_diff(cur, None, "bundle-a", BITS)
+    first = index_diff.compute_diff(cur, None, "bundle-a", BITS)
     assert first.new == 4 and len(first.carry_ids) == 0
     assert ix.read_errors(m).column("transient").to_pylist() == [False]
     with pytest.raises(ArchiveError, match="not unique"):
-        ix.compute_diff(pa.table({"item_id": ["a", "a"], "fingerprint": ["f", "f"]}), m, "x", BITS)
+        index_diff.compute_diff(
+            pa.table({"item_id": ["a", "a"], "fingerprint": ["f", "f"]}), m, "x", BITS
+        )
 
 
 def test_compute_diff_keeps_items_whose_lookup_failed_and_the_shrink_guard(tmp_path):
@@ -482,29 +494,29 @@ def test_compute_diff_keeps_items_whose_lookup_failed_and_the_shrink_guard(tmp_p
             "fingerprint": ["unknown-c1"] + ["f"] * 39 + ["unknown-c2"],
         }
     )
-    d = ix.compute_diff(cur, m, "bundle-a", BITS)
+    d = index_diff.compute_diff(cur, m, "bundle-a", BITS)
     assert d.stale_ids.to_pylist() == ["i0"]
     assert "i0" in d.carry_ids.to_pylist() and len(d.carry_ids) == 40
     assert d.encode_ids.to_pylist() == ["new1"]
     assert (d.new, d.changed, d.unchanged, d.deleted) == (1, 0, 39, 0)
     assert d.prev_items == 40 and len(d.prev_row_ids) == 40
-    ix.check_shrink(d, 0.05)
+    index_diff.check_shrink(d, 0.05)
     # 2 of 40 gone (5 %) passes; 3 (7.5 %) is refused; an empty archive is always refused
     for gone, ok in ((2, True), (3, False)):
-        shrunk = ix.compute_diff(cur.slice(gone), m, "bundle-a", BITS)
+        shrunk = index_diff.compute_diff(cur.slice(gone), m, "bundle-a", BITS)
         assert shrunk.deleted == gone
         if ok:
-            ix.check_shrink(shrunk, 0.05)
+            index_diff.check_shrink(shrunk, 0.05)
         else:
-            with pytest.raises(ix.ShrinkError, match="3 of the 40 items"):
-                ix.check_shrink(shrunk, 0.05)
-    empty = ix.compute_diff(cur.slice(0, 0), m, "bundle-a", BITS)
-    with pytest.raises(ix.ShrinkError, match="no valid items"):
-        ix.check_shrink(empty, 1.0)
-    with pytest.raises(ix.ShrinkError):
-        ix.check_shrink(ix.compute_diff(cur.slice(0, 0), None, "b", BITS), 1.0)
+            with pytest.raises(index_diff.ShrinkError, match="3 of the 40 items"):
+                index_diff.check_shrink(shrunk, 0.05)
+    empty = index_diff.compute_diff(cur.slice(0, 0), m, "bundle-a", BITS)
+    with pytest.raises(index_diff.ShrinkError, match="no valid items"):
+        index_diff.check_shrink(empty, 1.0)
+    with pytest.raises(index_diff.ShrinkError):
+        index_diff.check_shrink(index_diff.compute_diff(cur.slice(0, 0), None, "b", BITS), 1.0)
     # a new bundle cannot keep old codes: nothing is stale then
-    other = ix.compute_diff(cur, m, "bundle-b", BITS)
+    other = index_diff.compute_diff(cur, m, "bundle-b", BITS)
     assert len(other.stale_ids) == 0 and other.full_reencode and other.deleted == 0
 
 
@@ -621,7 +633,7 @@ def test_encode_batch_functions_end_to_end_without_ray(tmp_path):
             "captions": [["a river."], ["two roads", "  "], [], ["a lake"], ["a field"]],
         }
     )
-    items = encoding.fingerprint_batch(archive, base, io_threads=2)
+    items = source_fingerprints.fingerprint_batch(archive, base, io_threads=2)
     assert items.column("lookup_error").to_pylist()[:4] == [""] * 4
     assert "not found" in items.column("lookup_error")[4].as_py()
     decoded = encoding.decode_batch(items, meta.image_backbone, 10**8, io_threads=2)
@@ -665,17 +677,19 @@ def test_encode_batch_functions_end_to_end_without_ray(tmp_path):
     version = pointers.new_version_id()
     vdir = ix.version_uri(root, version)
     results = [
-        encoding.write_code_batch(part, vdir, meta.bundle_id, BITS).to_pylist()[0]
+        shard_writer.write_code_batch(part, vdir, meta.bundle_id, BITS).to_pylist()[0]
         for part in (rows.slice(0, 6), rows.slice(6))
     ]
-    again = encoding.write_code_batch(rows.slice(6), vdir, meta.bundle_id, BITS)  # a retried task
+    again = shard_writer.write_code_batch(
+        rows.slice(6), vdir, meta.bundle_id, BITS
+    )  # a retried task
     assert again.to_pylist()[0] == results[1]
-    written = encoding.merge_written(vdir, results)
+    written = shard_writer.merge_written(vdir, results)
     assert written.encoded_images == 3 and written.encoded_texts == 4
     assert written.errors.column("item_id").to_pylist() == ["b", "bad", "gone"]
     assert written.errors.column("transient").to_pylist() == [False] * 3
-    assert encoding.errors_by_stage(written.errors) == {"caption": 1, "decode": 1, "fetch": 1}
-    assert storage.list_prefix(storage.join(vdir, encoding.ERROR_PARTS_DIR)) == []
+    assert shard_writer.errors_by_stage(written.errors) == {"caption": 1, "decode": 1, "fetch": 1}
+    assert storage.list_prefix(storage.join(vdir, shard_writer.ERROR_PARTS_DIR)) == []
     m = ix.finish_version(
         root, version, written.shards, meta.bundle_id, BITS, errors=ix.ERRORS_NAME
     )
@@ -684,8 +698,10 @@ def test_encode_batch_functions_end_to_end_without_ray(tmp_path):
 
     # one image overwritten (another size): it and the items with errors are encoded again
     storage.write_bytes(storage.join(base, "c.png"), _png(rng, "JPEG"))
-    now = encoding.fingerprint_batch(archive, base, io_threads=2).select(["item_id", "fingerprint"])
-    diff = ix.compute_diff(now, ix.read_latest(root), meta.bundle_id, BITS)
+    now = source_fingerprints.fingerprint_batch(archive, base, io_threads=2).select(
+        ["item_id", "fingerprint"]
+    )
+    diff = index_diff.compute_diff(now, ix.read_latest(root), meta.bundle_id, BITS)
     assert sorted(diff.encode_ids.to_pylist()) == ["b", "bad", "c", "gone"]
     assert diff.carry_ids.to_pylist() == ["a"]
     assert (diff.new, diff.changed, diff.unchanged, diff.deleted) == (0, 4, 1, 0)
@@ -732,10 +748,12 @@ def test_store_failures_are_transient_and_leave_the_item_out_whole(tmp_path, mon
 
     monkeypatch.setattr(storage, "info", info)
     monkeypatch.setattr(storage, "read_bytes", read_bytes)
-    items = encoding.fingerprint_batch(archive, base, io_threads=2)
+    items = source_fingerprints.fingerprint_batch(archive, base, io_threads=2)
     assert items.column("lookup_transient").to_pylist() == [False, True, False, False]
     fps = items.column("fingerprint").to_pylist()
-    assert fps[1].startswith(ix.UNKNOWN_PREFIX) and fps[3].startswith(ix.MISSING_PREFIX)
+    assert fps[1].startswith(index_diff.UNKNOWN_PREFIX) and fps[3].startswith(
+        index_diff.MISSING_PREFIX
+    )
     decoded = encoding.decode_batch(items, meta.image_backbone, 10**8, io_threads=2)
     assert decoded["img_ok"].tolist() == [True, False, False, False]
     assert decoded["img_transient"].tolist() == [False, True, True, False]
