@@ -400,7 +400,8 @@ def run_one(
         ``{"map": {ties: {"djsrh" | "standard": {direction: mAP@20}}}, "epoch_s", "fit_s"}``.
     """
     from duch_core import codes, metrics
-    from duch_core.train_loop import FeatureStats, encode_features, fit, make_batches, make_model
+    from duch_core.feature_batches import FeatureStats, make_batches
+    from duch_core.train_loop import encode_features, fit, make_model
 
     row = {item: i for i, item in enumerate(scenes.ids)}
     part = {

@@ -94,7 +94,9 @@ def bench_loop(args: argparse.Namespace, f: dict[str, Any], stats: Any, cfg: Any
     import torch
 
     from duch_core.code_table import CodeTable
-    from duch_core.train_loop import make_batches, make_model, make_optimizers, train_epoch
+    from duch_core.feature_batches import make_batches
+    from duch_core.optim import make_optimizers
+    from duch_core.train_loop import make_model, train_epoch
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(cfg.optim.seed)
@@ -137,8 +139,8 @@ def bench_training(args: argparse.Namespace, work: str) -> list[dict[str, Any]]:
     import pyarrow as pa
     import ray
 
+    from duch_core.feature_batches import FeatureStats
     from duch_core.features import fixed_size_list
-    from duch_core.train_loop import FeatureStats
 
     f = _features(args.n)
     stats = FeatureStats(

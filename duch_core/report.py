@@ -153,7 +153,7 @@ def heads_report(
 
     Args:
         model: a :class:`duch_core.model.DUCH`.
-        stats: the :class:`duch_core.train_loop.FeatureStats` applied before the heads, or None.
+        stats: the :class:`duch_core.feature_batches.FeatureStats` applied before the heads, or None.
         query, database: from :func:`duch_core.features.read_items`.
 
     Raises:

@@ -57,7 +57,7 @@ FAULT_DELAY_S = 3.0  # see _fault_point
 
 def moments_batch(batch: pa.Table) -> pa.Table:
     """One row of :meth:`FeatureStats.partial_moments` of the image and text features."""
-    from duch_core.train_loop import FeatureStats
+    from duch_core.feature_batches import FeatureStats
 
     out: dict[str, list[float]] = {}
     for col in ("img", "txt"):
@@ -104,7 +104,7 @@ def epoch_batches(
     reading augmented view ``epoch % config["views"]`` and z-scoring with ``stats`` (or not,
     when ``None``).
     """
-    from duch_core.train_loop import FeatureBatch, view_for_epoch
+    from duch_core.feature_batches import FeatureBatch, view_for_epoch
 
     view = view_for_epoch(epoch, int(config.get("views", 1)))
     it = shard.iter_torch_batches(
@@ -149,14 +149,13 @@ def train_func(config: dict[str, Any]) -> None:
     from duch_core import checkpoint as ckpt
     from duch_core.code_table import CodeTable
     from duch_core.distributed import TorchCollective, broadcast_parameters
+    from duch_core.feature_batches import FeatureStats
+    from duch_core.optim import make_optimizers, step_lr
     from duch_core.train_loop import (
-        FeatureStats,
         RetrievalSet,
         combine_records,
         evaluate,
         make_model,
-        make_optimizers,
-        step_lr,
         train_epoch,
     )
 
@@ -310,7 +309,7 @@ def feature_dataset(fs_: FeatureSet, ids: Sequence[str], columns: Sequence[str])
 def feature_stats(ds: Any) -> dict[str, dict[str, float]]:
     """Global z-score statistics of a dataset of ``img`` / ``txt`` rows, in one Ray Data pass
     (per-block moments, combined on the driver)."""
-    from duch_core.train_loop import FeatureStats
+    from duch_core.feature_batches import FeatureStats
 
     rows = ds.map_batches(moments_batch, batch_format="pyarrow", batch_size=None, num_cpus=0.25)
     parts = pa.concat_tables([pa.Table.from_pylist([r]) for r in rows.take_all()]).to_pydict()
@@ -439,7 +438,7 @@ def run(cfg: TrainJobConfig, archive: pa.Table | None = None) -> dict[str, Any]:
     """
     from duch_core import checkpoint as ckpt
     from duch_core.bundle import save_bundle
-    from duch_core.train_loop import FeatureStats
+    from duch_core.feature_batches import FeatureStats
 
     t0 = time.perf_counter()
     _common.ensure_ray()

@@ -23,9 +23,11 @@ from duch_core.distributed import (
     gather_with_grad,
     sync_gradients,
 )
+from duch_core.feature_batches import make_batches
 from duch_core.losses import duch_loss
 from duch_core.model import Discriminator
-from duch_core.train_loop import make_batches, make_model, make_optimizers, train_epoch
+from duch_core.optim import make_optimizers
+from duch_core.train_loop import make_model, train_epoch
 
 SPLITS = (slice(0, 3), slice(3, 5))  # uneven shards of a global batch of 5
 CFG = LossConfig(tau=0.5, w_intra_image=0.8, w_intra_text=0.6)

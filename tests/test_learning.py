@@ -27,17 +27,11 @@ from duch_core.config import (
     OptimConfig,
     TextBackboneConfig,
 )
+from duch_core.feature_batches import FeatureStats, make_batches
 from duch_core.imageio import decode_image, preprocess
 from duch_core.splits import choose_captions
 from duch_core.synthetic_archive import make_demo_archive
-from duch_core.train_loop import (
-    FeatureStats,
-    RetrievalSet,
-    evaluate,
-    fit,
-    make_batches,
-    make_model,
-)
+from duch_core.train_loop import RetrievalSet, evaluate, fit, make_model
 
 N_PER_CLASS = 160  # 8 classes -> 1,280 items: 640 train, 128 query, 512 database
 EPOCHS = 75

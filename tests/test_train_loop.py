@@ -15,11 +15,10 @@ from duch_core import codes
 from duch_core.bundle import normalize_feature_stats
 from duch_core.code_table import CodeTable, UnknownItemError
 from duch_core.config import DUCHConfig, LossConfig, ModelConfig, OptimConfig
+from duch_core.feature_batches import FeatureBatch, FeatureStats, make_batches
 from duch_core.model import HashHead
+from duch_core.optim import BlockedAdam, make_optimizers, step_lr
 from duch_core.train_loop import (
-    BlockedAdam,
-    FeatureBatch,
-    FeatureStats,
     RetrievalSet,
     bit_imbalance,
     combine_records,
@@ -28,10 +27,7 @@ from duch_core.train_loop import (
     epoch_line,
     evaluate,
     fit,
-    make_batches,
     make_model,
-    make_optimizers,
-    step_lr,
     train_epoch,
 )
 

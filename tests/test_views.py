@@ -2,7 +2,7 @@
 
 The feature stage stores ``V`` independently drawn augmented views per item, view 0 being the
 single fixed view of the default setting; epoch ``e`` trains on view ``e % V``, in the plain
-loop (:func:`duch_core.train_loop.make_batches`) and in the Ray Train worker loop
+loop (:func:`duch_core.feature_batches.make_batches`) and in the Ray Train worker loop
 (``jobs.train.epoch_batches``).
 """
 
@@ -20,8 +20,8 @@ from duch_core import extraction
 from duch_core import features as fx
 from duch_core.archive import read_archive
 from duch_core.config import ConfigError, load
+from duch_core.feature_batches import make_batches, view_for_epoch
 from duch_core.features import train_columns
-from duch_core.train_loop import make_batches, view_for_epoch
 from jobs._common import run_feature_stage
 from jobs.train import epoch_batches
 from jobs.train_config import TrainJobConfig, validate
