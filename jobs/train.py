@@ -254,11 +254,16 @@ class EpochLog:
     """
 
     def __init__(self, epochs: int, k: int) -> None:
+        import ray
         from ray.util.queue import Queue
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         from duch_core.train_loop import epoch_line
 
-        self.queue = Queue(actor_options={"num_cpus": 0})
+        # Ray puts an actor that asks for no resources on any node (a soft affinity did not keep
+        # it here either); pinned to the driver's node, a lost worker node cannot take it away
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
         self._line = lambda rec: epoch_line(rec, epochs, k)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._drain, name="duch-epoch-log", daemon=True)
@@ -273,6 +278,8 @@ class EpochLog:
         try:
             while not self.queue.empty():
                 log.info("%s", self._line(self.queue.get_nowait()))
+        except Exception:  # the queue is gone: the records are in the checkpoint anyway
+            log.debug("epoch log lost", exc_info=True)
         finally:
             self.queue.shutdown()
 
