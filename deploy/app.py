@@ -34,8 +34,10 @@ Latency by layout and way in: ``bench/serve.py`` and the README's performance se
 
 import logging
 import os
+import re
 from collections.abc import Mapping
 from typing import Any, Literal, cast
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray.serve import Application, Deployment
@@ -149,10 +151,32 @@ class AppArgs(BaseModel):
         ),
     )
 
+    map_tiles_url: str = Field(
+        "",
+        max_length=2048,
+        description=(
+            "Base-map tiles of the web page's map: an XYZ URL template with {z}, {x} and {y} "
+            "(and optionally {s}, {r}), http(s) or a path on this host, e.g. "
+            "'https://tile.example.org/{z}/{x}/{y}.png'. Empty (the default): no tiles, the "
+            "footprints are drawn on a lon/lat graticule (for deployments without internet)."
+        ),
+    )
+    map_tiles_attribution: str = Field(
+        "",
+        max_length=500,
+        description="Attribution shown with the tiles (plain text; required by most tile "
+        "providers). Only with map_tiles_url.",
+    )
+
     @model_validator(mode="after")
     def _check(self) -> "AppArgs":
         if not self.index_root.strip():
             raise ValueError("index_root must name the index root URI")
+        check_tiles_url(self.map_tiles_url)
+        if self.map_tiles_attribution and not self.map_tiles_url:
+            raise ValueError("map_tiles_attribution is set but map_tiles_url is empty")
+        if any(not c.isprintable() for c in self.map_tiles_attribution):
+            raise ValueError("map_tiles_attribution must be one line of printable text")
         return self
 
     def limits(self) -> Limits:
@@ -184,7 +208,40 @@ class AppArgs(BaseModel):
             keep_versions=self.keep_versions,
             mih=self.mih,
             search_timeout_s=self.search_timeout_s,
+            map_tiles_url=self.map_tiles_url,
+            map_tiles_attribution=self.map_tiles_attribution,
         )
+
+
+_TILE_FIELDS = {"z", "x", "y", "s", "r"}
+
+
+def check_tiles_url(url: str) -> None:
+    """Refuse a base-map tile URL template the page could not use (empty = no tiles).
+
+    Raises:
+        ValueError: not an http(s) URL or a path on this host, characters that need quoting,
+            a placeholder Leaflet does not fill, or one of {z}, {x}, {y} missing.
+    """
+    if not url:
+        return
+    if re.search(r"[\s\"'<>\\`]", url):
+        raise ValueError("map_tiles_url must not contain spaces, quotes, '<', '>' or '\\'")
+    parts = urlsplit(url)
+    if not (parts.scheme in ("http", "https") and parts.netloc) and not (
+        not parts.scheme and url.startswith("/") and not url.startswith("//")
+    ):
+        raise ValueError(
+            "map_tiles_url must be an http(s) URL or a path on this host ('/tiles/{z}/{x}/{y}.png')"
+        )
+    fields = set(re.findall(r"\{([^{}]*)\}", url))
+    if fields - _TILE_FIELDS:
+        raise ValueError(
+            f"map_tiles_url has unknown placeholders {sorted(fields - _TILE_FIELDS)}; "
+            "use {z}, {x}, {y} and optionally {s}, {r}"
+        )
+    if not {"z", "x", "y"} <= fields:
+        raise ValueError("map_tiles_url must contain {z}, {x} and {y}")
 
 
 def resolve_bundle_uri(args: AppArgs, loaders: Loaders) -> str:

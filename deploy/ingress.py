@@ -15,6 +15,7 @@ an archive image read for a thumbnail.
 """
 
 import asyncio
+import html
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ from fastapi import Depends, FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, Response
 from fastapi.security import HTTPBearer
+from fastapi.staticfiles import StaticFiles
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -99,6 +101,9 @@ class IngressSettings:
     mih: bool = False
     # a shard search not answered in this time (a searcher node lost) is a 503
     search_timeout_s: float | None = 10.0
+    # the web page's base map: an XYZ tile URL template ("" = a lon/lat graticule, no tiles)
+    map_tiles_url: str = ""
+    map_tiles_attribution: str = ""
 
 
 _DESCRIPTIONS = {
@@ -389,6 +394,15 @@ def wants_geojson(request: Request) -> bool:
     return GEOJSON in request.headers.get("accept", "")
 
 
+def render_page(template: str, tiles_url: str, tiles_attribution: str) -> str:
+    """The web page with its base-map settings as (escaped) data attributes of ``<body>``."""
+    attrs = (
+        f' data-tiles-url="{html.escape(tiles_url, quote=True)}"'
+        f' data-tiles-attribution="{html.escape(tiles_attribution, quote=True)}"'
+    )
+    return template.replace("<body>", f"<body{attrs}>", 1)
+
+
 def build_api(svc: Ingress) -> FastAPI:
     """The HTTP API around an :class:`Ingress`."""
     limits = svc.settings.limits
@@ -400,7 +414,11 @@ def build_api(svc: Ingress) -> FastAPI:
             "'Authorization: Bearer <token>' (every endpoint but /healthz and the page)."
         ),
     )
-    page = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
+    page = render_page(
+        (STATIC_DIR / "index.html").read_text(encoding="utf-8"),
+        svc.settings.map_tiles_url,
+        svc.settings.map_tiles_attribution,
+    )
     # Declared in the OpenAPI document only when a token is required.
     bearer = HTTPBearer(auto_error=False, description="The API token (or the admin token).")
     admin_bearer = HTTPBearer(auto_error=False, description="The admin token.")
@@ -436,6 +454,10 @@ def build_api(svc: Ingress) -> FastAPI:
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index_page() -> HTMLResponse:
         return HTMLResponse(page)
+
+    # the page's files and vendored libraries (Leaflet), public like the page; no directory
+    # listings (html=False), no symlinks followed out of the directory
+    app.mount("/static", StaticFiles(directory=STATIC_DIR, html=False), name="static")
 
     @app.get(
         "/healthz",
