@@ -499,7 +499,11 @@ class _Group:
 def _served(root: _Root, groups: list[_Group]) -> ServedIndex:
     loaders = Loaders(read_latest=root.read_latest, validate=root.validate)
     return ServedIndex(
-        "mem://index", [ShardGroup(g.prepare, g.search, g.code_of) for g in groups], loaders, 32, "b1"
+        "mem://index",
+        [ShardGroup(g.prepare, g.search, g.code_of) for g in groups],
+        loaders,
+        32,
+        "b1",
     )
 
 
