@@ -1,13 +1,36 @@
 """Training and feature-extraction throughput: the Ray paths vs plain single-process loops.
 
-    python bench/train.py [--n 4096] [--batch-size 256] [--epochs 4] [--hidden-dim 1024]
-        [--threads 2] [--extract-n-per-class 8] [--backbone offline:mobilenet_v2] [--json FILE]
+    python bench/train.py [--sections caption,training,extraction] [--n 4096]
+        [--batch-size 256] [--epochs 4] [--hidden-dim 1024] [--threads 2]
+        [--caption-epochs 4] [--extract-n-per-class 8] [--backbone offline:mobilenet_v2]
+        [--json FILE]
+
+**Plain loop at the real-caption shape** (``caption``; no data files, no Ray): seeded synthetic
+features shaped like the real-caption benchmark of ``bench/quality.py``: 5,460 training pairs,
+384-d "image" and 768-d "text" views plus an augmented copy of each, batch 256, 64 bits, hidden
+width 4096, ``--caption-epochs`` epochs, for the default config (``duch``) and
+``paper_compat``. Two implementations train side by side in this process from the same seeds,
+epoch by epoch, alternating which goes first:
+
+* **reference**: ``train_epoch(..., reference=True)`` with ``make_optimizers(...,
+  reference=True)``: plain ``torch.optim.Adam``, and under ``paper_compat`` two calls of the text
+  head on the caption; the loop as it was before the fast path;
+* **current**: the defaults (:class:`duch_core.optim.BlockedAdam`,
+  :meth:`duch_core.model.HashHead.forward_twice` under ``paper_compat``).
+
+``s/epoch`` is the median wall time of the epochs after the first, ``cpu s/epoch`` the median
+process CPU time (on a shared machine the steadier of the two with one thread; with more
+threads it also counts OpenMP's spinning), ``pairs/s`` = 5,460 / ``s/epoch``; ``same`` says
+whether the two implementations' epoch records and final weights are bitwise equal. ``heads'
+products`` is the time of the heads' matrix products of one epoch alone (forward and weight
+gradients of both layers for the four views), timed here: the part no fp32 implementation of
+the same arithmetic avoids.
 
 **Training** (same seeded synthetic features, ``--n`` items of 512-d image and 768-d text
 features, same global batch, same heads and losses):
 
 * **loop**: :func:`duch_core.train_loop.train_epoch` in this process on
-  :func:`~duch_core.train_loop.make_batches` (features already z-scored in memory).
+  :func:`~duch_core.feature_batches.make_batches` (features already z-scored in memory).
 * **ray_1w**: ``jobs/train.py``'s ``TorchTrainer`` (``jobs.train.make_trainer``) with one
   worker: the features stream from a materialised Ray dataset through ``get_dataset_shard``, are
   z-scored per batch, and every epoch reports and checkpoints.
@@ -60,6 +83,143 @@ def _features(n: int, seed: int = 0) -> dict[str, Any]:
         "txt": txt,
         "txt_aug": (txt + rng.normal(0, 0.1, txt.shape)).astype(np.float32),
     }
+
+
+# the real-caption benchmark's training shape (bench/quality.py, paper settings)
+CAPTION_PAIRS, CAPTION_IMAGE_DIM, CAPTION_TEXT_DIM = 5460, 384, 768
+CAPTION_BATCH, CAPTION_BITS, CAPTION_HIDDEN = 256, 64, 4096
+
+
+def _caption_features(seed: int = 0) -> dict[str, Any]:
+    """Synthetic stand-ins for z-scored caption features: ``CAPTION_PAIRS`` rows per view."""
+    rng = np.random.default_rng(seed)
+    n = CAPTION_PAIRS
+
+    def view(d: int) -> tuple[np.ndarray, np.ndarray]:
+        x = rng.standard_normal((n, d), dtype=np.float32)
+        return x, (x + 0.3 * rng.standard_normal((n, d), dtype=np.float32)).astype(np.float32)
+
+    img, img_aug = view(CAPTION_IMAGE_DIM)
+    txt, txt_aug = view(CAPTION_TEXT_DIM)
+    ids = [f"pair{i:05d}" for i in range(n)]
+    return {"ids": ids, "img": img, "img_aug": img_aug, "txt": txt, "txt_aug": txt_aug}
+
+
+def _heads_products_seconds(reps: int = 3) -> tuple[float, float]:
+    """Median wall and process CPU time of one epoch's matrix products of the heads (four views).
+
+    Per view and batch: the forward products of both layers, the weight gradients of both
+    layers and the hidden-layer gradient, with the operand layouts autograd uses.
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    sizes = [CAPTION_BATCH] * (CAPTION_PAIRS // CAPTION_BATCH)
+    if CAPTION_PAIRS % CAPTION_BATCH:
+        sizes.append(CAPTION_PAIRS % CAPTION_BATCH)
+    mats = {}
+    for d in (CAPTION_IMAGE_DIM, CAPTION_TEXT_DIM):
+        mats[d] = (
+            torch.randn(CAPTION_BATCH, d, generator=g),
+            torch.randn(CAPTION_HIDDEN, d, generator=g),
+        )
+    b1, b2 = torch.randn(CAPTION_HIDDEN, generator=g), torch.randn(CAPTION_BITS, generator=g)
+    w2 = torch.randn(CAPTION_BITS, CAPTION_HIDDEN, generator=g)
+    hidden = torch.randn(CAPTION_BATCH, CAPTION_HIDDEN, generator=g)
+    dcode = torch.randn(CAPTION_BATCH, CAPTION_BITS, generator=g)
+    wall, cpu = [], []
+    for _ in range(reps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        for n in sizes:
+            for d in (CAPTION_IMAGE_DIM, CAPTION_IMAGE_DIM, CAPTION_TEXT_DIM, CAPTION_TEXT_DIM):
+                x, w1 = mats[d][0][:n], mats[d][1]
+                h, dc = hidden[:n], dcode[:n]
+                torch.addmm(b1, x, w1.t())  # layer 1 forward
+                torch.addmm(b2, h, w2.t())  # layer 2 forward
+                dc.mm(w2)  # gradient of the hidden layer
+                dc.t().mm(h)  # layer 2 weight gradient
+                h.t().mm(x)  # layer 1 weight gradient (the hidden gradient's shape)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return float(np.median(wall)), float(np.median(cpu))
+
+
+def bench_caption_loop(args: argparse.Namespace) -> dict[str, Any]:
+    """Reference vs current plain loop at the real-caption shape (see the module docstring)."""
+    import torch
+
+    from duch_core.code_table import CodeTable
+    from duch_core.config import DUCHConfig, ModelConfig, OptimConfig
+    from duch_core.feature_batches import make_batches
+    from duch_core.optim import make_optimizers
+    from duch_core.train_loop import make_model, train_epoch
+
+    torch.set_num_threads(args.threads)
+    f = _caption_features()
+    rows: list[dict[str, Any]] = []
+    for variant, paper_compat in (("duch", False), ("paper_compat", True)):
+        cfg = DUCHConfig(
+            model=ModelConfig(bits=CAPTION_BITS, hidden_dim=CAPTION_HIDDEN),
+            optim=OptimConfig(batch_size=CAPTION_BATCH, epochs=args.caption_epochs),
+            paper_compat=paper_compat,
+        )
+        runs: dict[str, dict[str, Any]] = {}
+        for impl in ("reference", "current"):
+            ref = impl == "reference"
+            model = make_model(CAPTION_IMAGE_DIM, CAPTION_TEXT_DIM, cfg)
+            opt_hash, opt_disc = make_optimizers(model, cfg.optim, reference=ref)
+            table = CodeTable(f["ids"], cfg.model.bits, seed=cfg.optim.seed)
+            torch.manual_seed(cfg.optim.seed)
+            runs[impl] = {
+                "train": (model, opt_hash, opt_disc, table),
+                "rng": torch.random.get_rng_state(),
+                "wall": [],
+                "cpu": [],
+                "records": [],
+            }
+        for epoch in range(cfg.optim.epochs):
+            batches = make_batches(
+                f["ids"], f["img"], f["img_aug"], f["txt"], f["txt_aug"],
+                cfg.optim.batch_size, cfg.optim.seed, epoch,
+            )  # fmt: skip
+            order = ("reference", "current") if epoch % 2 == 0 else ("current", "reference")
+            for impl in order:
+                r = runs[impl]
+                model, opt_hash, opt_disc, table = r["train"]
+                torch.random.set_rng_state(r["rng"])  # each run keeps its own random stream
+                w0, c0 = time.perf_counter(), time.process_time()
+                rec = train_epoch(
+                    model, batches, opt_hash, opt_disc, table, cfg, epoch,
+                    reference=impl == "reference",
+                )  # fmt: skip
+                r["wall"].append(time.perf_counter() - w0)
+                r["cpu"].append(time.process_time() - c0)
+                r["rng"] = torch.random.get_rng_state()
+                r["records"].append({k: v for k, v in rec.items() if k != "seconds"})
+        ref_model, cur_model = runs["reference"]["train"][0], runs["current"]["train"][0]
+        same = runs["reference"]["records"] == runs["current"]["records"] and all(
+            torch.equal(a, b)
+            for a, b in zip(
+                ref_model.state_dict().values(), cur_model.state_dict().values(), strict=True
+            )
+        )
+        ref_s = float(np.median(runs["reference"]["wall"][1:] or runs["reference"]["wall"]))
+        for impl in ("reference", "current"):
+            r = runs[impl]
+            wall = float(np.median(r["wall"][1:] or r["wall"]))
+            rows.append(
+                {
+                    "variant": variant,
+                    "impl": impl,
+                    "s_epoch": wall,
+                    "cpu_s_epoch": float(np.median(r["cpu"][1:] or r["cpu"])),
+                    "pairs_s": CAPTION_PAIRS / wall,
+                    "speedup": ref_s / wall,
+                    "same": same,
+                }
+            )
+    products_s, products_cpu_s = _heads_products_seconds()
+    return {"rows": rows, "heads_products_s": products_s, "heads_products_cpu_s": products_cpu_s}
 
 
 def _job_config(args: argparse.Namespace, work: str, workers: int, name: str) -> Any:
@@ -241,8 +401,38 @@ def bench_extraction(args: argparse.Namespace, work: str) -> list[dict[str, Any]
     ]
 
 
+SECTIONS = ("caption", "training", "extraction")
+
+
+def _print_caption(res: dict[str, Any], args: argparse.Namespace) -> None:
+    print(
+        f"\nplain loop at the real-caption shape: {CAPTION_PAIRS} pairs, "
+        f"{CAPTION_IMAGE_DIM}/{CAPTION_TEXT_DIM}-d, batch {CAPTION_BATCH}, {CAPTION_BITS} bits, "
+        f"hidden {CAPTION_HIDDEN}, {args.caption_epochs} epochs (median of the last "
+        f"{max(args.caption_epochs - 1, 1)}), {args.threads} torch thread(s)"
+    )
+    print(
+        f"{'variant':<14}{'impl':<11}{'s/epoch':>9}{'cpu s/epoch':>13}{'pairs/s':>9}"
+        f"{'speed-up':>10}{'same':>6}"
+    )
+    for r in res["rows"]:
+        print(
+            f"{r['variant']:<14}{r['impl']:<11}{r['s_epoch']:>9.2f}{r['cpu_s_epoch']:>13.2f}"
+            f"{r['pairs_s']:>9.0f}{r['speedup']:>10.2f}{'yes' if r['same'] else 'NO':>6}"
+        )
+    print(
+        f"{'heads products':<25}{res['heads_products_s']:>9.2f}"
+        f"{res['heads_products_cpu_s']:>13.2f}   (the matrix products alone, four views)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench/train.py", description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--sections",
+        default=",".join(SECTIONS),
+        help=f"comma-separated, of {', '.join(SECTIONS)}",
+    )
     p.add_argument("--n", type=int, default=4096, help="training items")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--epochs", type=int, default=4)
@@ -251,34 +441,47 @@ def main(argv: list[str] | None = None) -> int:
         "--threads",
         type=int,
         default=1,
-        help="torch threads per process (loop, each Ray worker, the extraction actor)",
+        help="torch threads per process (loops, each Ray worker, the extraction actor)",
     )
+    p.add_argument("--caption-epochs", type=int, default=4)
     p.add_argument("--extract-n-per-class", type=int, default=16)
     p.add_argument("--backbone", default="offline:mobilenet_v2")
     p.add_argument("--skip-extraction", action="store_true")
     p.add_argument("--json", default="", help="also write the results here")
     args = p.parse_args(argv)
+    sections = {x.strip() for x in args.sections.split(",") if x.strip()}
+    if not sections or not sections <= set(SECTIONS):
+        p.error(f"--sections takes a comma-separated subset of {', '.join(SECTIONS)}")
+    if args.skip_extraction:
+        sections.discard("extraction")
 
-    import ray
-
-    ray.init(num_cpus=max(2, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
     out: dict[str, Any] = {"args": vars(args)}
-    with tempfile.TemporaryDirectory(prefix="duch-bench-") as work:
-        out["training"] = bench_training(args, work)
-        if not args.skip_extraction:
-            out["extraction"] = bench_extraction(args, work)
-    ray.shutdown()
+    if "caption" in sections:
+        out["caption_loop"] = bench_caption_loop(args)
+    if sections & {"training", "extraction"}:
+        import ray
 
-    print(
-        f"\ntraining: {args.n} items, batch {args.batch_size}, {args.epochs} epochs, "
-        f"hidden {args.hidden_dim}, 64 bits, {args.threads} torch thread(s) per process"
-    )
-    print(f"{'path':<10}{'workers':>8}{'samples/s':>12}{'ratio':>8}{'fit_s':>9}")
-    for r in out["training"]:
+        ray.init(num_cpus=max(2, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+        with tempfile.TemporaryDirectory(prefix="duch-bench-") as work:
+            if "training" in sections:
+                out["training"] = bench_training(args, work)
+            if "extraction" in sections:
+                out["extraction"] = bench_extraction(args, work)
+        ray.shutdown()
+
+    if "caption_loop" in out:
+        _print_caption(out["caption_loop"], args)
+    if "training" in out:
         print(
-            f"{r['path']:<10}{r['workers']:>8}{r['samples_s']:>12.1f}"
-            f"{r['ratio_vs_loop']:>8.2f}{r['fit_s']:>9.1f}"
+            f"\ntraining: {args.n} items, batch {args.batch_size}, {args.epochs} epochs, "
+            f"hidden {args.hidden_dim}, 64 bits, {args.threads} torch thread(s) per process"
         )
+        print(f"{'path':<10}{'workers':>8}{'samples/s':>12}{'ratio':>8}{'fit_s':>9}")
+        for r in out["training"]:
+            print(
+                f"{r['path']:<10}{r['workers']:>8}{r['samples_s']:>12.1f}"
+                f"{r['ratio_vs_loop']:>8.2f}{r['fit_s']:>9.1f}"
+            )
     if "extraction" in out:
         print(f"\nfeature extraction: {args.backbone} + offline:minilm, two views per item")
         print(f"{'path':<10}{'images':>8}{'seconds':>9}{'images/s':>10}")

@@ -97,7 +97,7 @@ def epoch_batches(
     rank: int = 0,
     world: int = 1,
 ) -> Iterator[Any]:
-    """This worker's :class:`~duch_core.train_loop.FeatureBatch` es of epoch ``epoch``.
+    """This worker's :class:`~duch_core.feature_batches.FeatureBatch` es of epoch ``epoch``.
 
     Streams ``shard`` (a Ray dataset or ``get_dataset_shard`` iterator) in batches of
     ``config["per_worker_batch"]``, locally shuffled with a seed of ``(seed, epoch, rank)``,
