@@ -237,6 +237,13 @@ def test_spread_training_puts_one_worker_on_each_node(trained, nodes):
     spread = trained["runs"]["spread"]
     assert spread["config"]["scaling"]["placement_strategy"] == "SPREAD"
     by_rank = [w["node_id"] for w in spread["workers"]]
+    name = {v: k for k, v in nodes.items()}
+    print(
+        "\ntraining workers by rank: SPREAD",
+        [name.get(n, n[:8]) for n in by_rank],
+        "PACK",
+        [name.get(w["node_id"], w["node_id"][:8]) for w in trained["runs"]["pack"]["workers"]],
+    )
     assert [w["rank"] for w in spread["workers"]] == [0, 1]
     assert sorted(by_rank) == sorted(nodes.values()), (by_rank, nodes)
     assert "2 worker(s) on 2 node(s)" in trained["log"]
@@ -263,6 +270,10 @@ def test_spread_and_pack_give_the_same_model(trained):
 
 def test_feature_stage_ran_on_both_nodes(trained, nodes):
     where = trained["where"]
+    name = {v: k for k, v in nodes.items()}
+    print("\ntraining job, where each task and actor ran:")
+    for what, ids in sorted(where.items()):
+        print(f"  {what}: {sorted(name.get(i, i[:8]) for i in ids)}")
     decode = set().union(*(ids for name, ids in where.items() if "decode_batch" in name))
     assert decode == set(nodes.values()), where
     workers = set().union(*(ids for name, ids in where.items() if "TrainWorker" in name))
@@ -310,6 +321,10 @@ def test_encode_over_two_nodes_equals_the_in_memory_encoder(cluster, trained, no
     rc, log = _finish(proc)
     assert rc == 0, log[-5000:]
     where = _placements(cluster, proc.pid)
+    name = {v: k for k, v in nodes.items()}
+    print("\nencode job, where each task and actor ran:")
+    for what, ids in sorted(where.items()):
+        print(f"  {what}: {sorted(name.get(i, i[:8]) for i in ids)}")
     assert set().union(*where.values()) == set(nodes.values()), where
 
     m = ix.read_latest(out)
