@@ -33,6 +33,8 @@ def setup_logging(verbose: bool = False) -> None:
     in the session directory; only the console is kept for what a person needs to read.
     """
     os.environ["DUCH_VERBOSE"] = "1" if verbose else "0"
+    if not verbose:  # the weight-loading bars of transformers / huggingface_hub
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     root = logging.getLogger()
     if not any(getattr(h, "_duch", False) for h in root.handlers):
         handler = logging.StreamHandler(sys.stderr)
