@@ -14,7 +14,6 @@ import hashlib
 import json
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from duch_core import storage
 from duch_core.index_store import (
@@ -24,6 +23,7 @@ from duch_core.index_store import (
     IndexFormatError,
     IndexManifest,
     catalog_info,
+    read_listed_parquet,
     table_bytes,
 )
 
@@ -70,21 +70,9 @@ def read_catalog(manifest: IndexManifest, verify: bool = True) -> pa.Table:
     tables = []
     for part in info.parts:
         uri = manifest.resolve(part.path)
-        try:
-            data = storage.read_bytes(uri)
-        except FileNotFoundError as e:
-            raise IndexCorruptError(
-                f"catalog part {part.path} of index version {manifest.version} is missing ({uri})"
-            ) from e
-        if verify and hashlib.sha256(data).hexdigest() != part.sha256:
-            raise IndexCorruptError(
-                f"catalog part {uri} fails its checksum ({len(data)} bytes, expected "
-                f"{part.bytes or '?'}): the file is incomplete or was changed after publishing"
-            )
-        try:
-            table = pq.read_table(pa.BufferReader(data))
-        except (pa.ArrowException, OSError) as e:
-            raise IndexCorruptError(f"catalog part {uri} is not readable Parquet ({e})") from e
+        table = read_listed_parquet(
+            manifest, "catalog part", part.path, part.sha256, part.bytes, verify
+        )
         if table.num_rows != part.rows:
             raise IndexCorruptError(
                 f"catalog part {uri} holds {table.num_rows} rows, index.json lists {part.rows}"

@@ -617,6 +617,36 @@ def validate(manifest: IndexManifest, bits: int, bundle_id: str) -> None:
         )
 
 
+def read_listed_parquet(
+    manifest: IndexManifest, what: str, path: str, sha256: str, size: int, verify: bool = True
+) -> pa.Table:
+    """A Parquet file that ``index.json`` lists (a shard, a catalog part), checked against its
+    recorded SHA-256 when ``verify``.
+
+    Raises:
+        IndexCorruptError: the file is missing, fails its checksum, or is not Parquet.
+    """
+    uri = manifest.resolve(path)
+    try:
+        data = storage.read_bytes(uri)
+    except FileNotFoundError as e:
+        raise IndexCorruptError(
+            f"{what} {path} of index version {manifest.version} is missing ({uri})"
+        ) from e
+    if verify:
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != sha256:
+            raise IndexCorruptError(
+                f"{what} {uri} fails its checksum (sha256 {digest[:16]}..., index.json says "
+                f"{sha256[:16]}...; {len(data)} bytes, expected {size or '?'}): the file is "
+                "incomplete or was changed after the index was published"
+            )
+    try:
+        return pq.read_table(pa.BufferReader(data))
+    except (pa.ArrowException, OSError) as e:
+        raise IndexCorruptError(f"{what} {uri} is not readable Parquet ({e})") from e
+
+
 def read_shard(manifest: IndexManifest, position: int, verify: bool = True) -> pa.Table:
     """Read shard ``position`` of a manifest, checking its size and SHA-256.
 
@@ -627,24 +657,7 @@ def read_shard(manifest: IndexManifest, position: int, verify: bool = True) -> p
         raise IndexError(f"shard {position} out of range (0..{len(manifest.shards) - 1})")
     info = manifest.shards[position]
     uri = manifest.resolve(info.path)
-    try:
-        data = storage.read_bytes(uri)
-    except FileNotFoundError as e:
-        raise IndexCorruptError(
-            f"shard {info.path} of index version {manifest.version} is missing ({uri})"
-        ) from e
-    if verify:
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != info.sha256:
-            raise IndexCorruptError(
-                f"shard {uri} fails its checksum (sha256 {digest[:16]}..., manifest says "
-                f"{info.sha256[:16]}...; {len(data)} bytes, expected {info.bytes or '?'}): the "
-                "file is incomplete or was changed after the index was published"
-            )
-    try:
-        table = pq.read_table(pa.BufferReader(data))
-    except (pa.ArrowException, OSError) as e:
-        raise IndexCorruptError(f"shard {uri} is not readable Parquet ({e})") from e
+    table = read_listed_parquet(manifest, "shard", info.path, info.sha256, info.bytes, verify)
     expected = shard_schema(manifest.bits)
     missing = [n for n in expected.names if n not in table.column_names]
     if missing or table.num_rows != info.rows:
