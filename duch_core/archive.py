@@ -334,18 +334,24 @@ def read_archive(uri: str, resolve_images: bool = True) -> pa.Table:
         raise ArchiveError(f"{path}: not a readable {fmt} manifest ({e})") from e
     table = validate_archive(table, where=path)
     if resolve_images and table.num_rows:
-        base = manifest_dir(path)
-        resolved = [resolve_image_uri(base, u) for u in table.column("image_uri").to_pylist()]
-        table = table.set_column(
-            1, ARCHIVE_SCHEMA.field("image_uri"), pa.array(resolved, pa.string())
-        )
-        if "bands" in table.column_names and pa.types.is_list(table.schema.field("bands").type):
-            bands = [  # a chip's band files (duch_core.chip_io), relative like image_uri
-                None if b is None else [resolve_image_uri(base, str(f)) for f in b]
-                for b in table.column("bands").to_pylist()
-            ]
-            pos = table.column_names.index("bands")
-            table = table.set_column(pos, "bands", pa.array(bands, pa.list_(pa.string())))
+        table = resolve_locations(table, manifest_dir(path))
+    return table
+
+
+def resolve_locations(table: pa.Table, base_dir: str) -> pa.Table:
+    """``image_uri`` and, for chips, every ``bands`` file (:mod:`duch_core.chip_io`) resolved
+    against the manifest's directory (:func:`resolve_image_uri`)."""
+    uris = [resolve_image_uri(base_dir, u) for u in table.column("image_uri").to_pylist()]
+    pos = table.column_names.index("image_uri")
+    field = table.schema.field(pos).with_type(pa.string())  # keeps the column's nullability
+    table = table.set_column(pos, field, pa.array(uris, pa.string()))
+    if "bands" in table.column_names and pa.types.is_list(table.schema.field("bands").type):
+        bands = [
+            None if b is None else [resolve_image_uri(base_dir, str(f)) for f in b]
+            for b in table.column("bands").to_pylist()
+        ]
+        pos = table.column_names.index("bands")
+        table = table.set_column(pos, "bands", pa.array(bands, pa.list_(pa.string())))
     return table
 
 

@@ -125,19 +125,10 @@ def code_rows(
 
 def catalog_table(rows: pa.Table, base_dir: str) -> pa.Table:
     """Valid archive rows as catalog rows: image URIs resolved, ``manifest_error`` dropped."""
-    from duch_core.archive import resolve_image_uri
+    from duch_core.archive import resolve_locations
 
-    uris = [resolve_image_uri(base_dir, u) for u in rows.column("image_uri").to_pylist()]
     out = rows.drop_columns(["manifest_error"]) if "manifest_error" in rows.column_names else rows
-    out = out.set_column(1, "image_uri", pa.array(uris, pa.string()))
-    if "bands" in out.column_names and pa.types.is_list(out.schema.field("bands").type):
-        bands = [
-            None if b is None else [resolve_image_uri(base_dir, str(f)) for f in b]
-            for b in out.column("bands").to_pylist()
-        ]
-        pos = out.column_names.index("bands")
-        out = out.set_column(pos, "bands", pa.array(bands, pa.list_(pa.string())))
-    return out
+    return resolve_locations(out, base_dir)
 
 
 def prepare_batch(
