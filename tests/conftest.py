@@ -26,6 +26,7 @@ for _k, _v in {
 }.items():
     os.environ.setdefault(_k, _v)
 
+import contextlib  # noqa: E402
 import glob  # noqa: E402
 import shutil  # noqa: E402
 import socket  # noqa: E402
@@ -36,6 +37,7 @@ import time  # noqa: E402
 import urllib.error  # noqa: E402
 import urllib.request  # noqa: E402
 import uuid  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -243,15 +245,22 @@ def ray_session(s3_server):  # noqa: ARG001 - S3 env must exist before workers s
     import ray
 
     if not ray.is_initialized():
-        ray.init(
-            num_cpus=4,
-            include_dashboard=False,
-            object_store_memory=300 * 1024**2,
-            log_to_driver=False,
-            configure_logging=False,
-        )
+        init_local_ray()
     yield ray
     ray.shutdown()
+
+
+def init_local_ray() -> None:
+    """The session's local Ray runtime: 4 logical CPUs on 2 cores, no dashboard."""
+    import ray
+
+    ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        object_store_memory=300 * 1024**2,
+        log_to_driver=False,
+        configure_logging=False,
+    )
 
 
 @dataclass
@@ -366,7 +375,17 @@ def _ray_start(args: list[str], env: dict[str, str]) -> None:
 
 @pytest.fixture
 def two_node_cluster(s3_server):  # noqa: ARG001 - the cluster inherits the S3 environment
+    """A real 2-node Ray cluster for one test (:func:`running_two_node_cluster`)."""
+    with running_two_node_cluster() as cluster:
+        yield cluster
+
+
+@contextlib.contextmanager
+def running_two_node_cluster() -> Iterator[TwoNodeCluster]:
     """A real 2-node Ray cluster on one machine: a head (2 CPUs) and a worker node (2 CPUs).
+
+    Start the S3 server first (the cluster inherits its environment). Module-scoped fixtures of
+    the multi-node tests use this directly.
 
     Runs only inside the tests' private network namespace, where "every interface" is loopback:
     a second node cannot join while ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (the single-node

@@ -8,7 +8,6 @@ workers' own records and from Ray's state API.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -33,8 +32,7 @@ ENCODE_SMOKE = "configs/encode_smoke.yaml"
 @pytest.fixture(scope="module")
 def cluster(s3_server) -> Iterator[Any]:
     """conftest's ``two_node_cluster``, started once for this module."""
-    start = contextlib.contextmanager(conftest.two_node_cluster.__wrapped__)
-    with start(s3_server) as c:
+    with conftest.running_two_node_cluster() as c:
         yield c
 
 

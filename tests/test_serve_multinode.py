@@ -15,7 +15,6 @@ the driver is this process, attached with ``ray.init(address=...)``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import threading
 import time
@@ -117,8 +116,7 @@ def test_search_timeout_is_validated_and_reaches_the_ingress() -> None:
 @pytest.fixture(scope="module")
 def cluster(s3_server) -> Iterator[Any]:
     """conftest's ``two_node_cluster``, started once for this module."""
-    start = contextlib.contextmanager(conftest.two_node_cluster.__wrapped__)
-    with start(s3_server) as c:
+    with conftest.running_two_node_cluster() as c:
         yield c
 
 
@@ -156,13 +154,7 @@ def driver(cluster) -> Iterator[dict[str, str]]:
         if single is not None:
             os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = single
         if was_local:  # as conftest's ray_session
-            ray.init(
-                num_cpus=4,
-                include_dashboard=False,
-                object_store_memory=300 * 1024**2,
-                log_to_driver=False,
-                configure_logging=False,
-            )
+            conftest.init_local_ray()
 
 
 @dataclass

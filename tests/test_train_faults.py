@@ -11,7 +11,6 @@ run's.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -119,8 +118,7 @@ def _timing_free(history: list[dict[str, float]]) -> list[dict[str, float]]:
 @pytest.fixture(scope="module")
 def cluster(s3_server) -> Iterator[Any]:
     """conftest's ``two_node_cluster``, for this module (the reference run reuses it)."""
-    start = contextlib.contextmanager(conftest.two_node_cluster.__wrapped__)
-    with start(s3_server) as c:
+    with conftest.running_two_node_cluster() as c:
         yield c
 
 
