@@ -176,9 +176,14 @@ def metadata_from_table(table: Any, index: bool = True) -> ItemMetadata:
     if "bbox" in names and n:
         col = table.column("bbox").combine_chunks()
         if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
-            for i, b in enumerate(col.to_pylist()):
-                if b is not None and len(b) == 4 and all(v is not None for v in b):
-                    boxes[:, i] = b
+            import pyarrow.compute as pc
+
+            four = pc.equal(pc.list_value_length(col), 4).fill_null(False)
+            rows = np.flatnonzero(four.to_numpy(zero_copy_only=False))
+            flat = pc.list_flatten(col.filter(four)).cast(pa.float64())
+            vals = flat.to_numpy(zero_copy_only=False).reshape(-1, 4)  # nulls become NaN
+            whole = ~np.isnan(vals).any(axis=1)
+            boxes[:, rows[whole]] = vals[whole].T
     dt = np.full(n, NAT_US, np.int64)
     if "datetime" in names and n:
         col = table.column("datetime").combine_chunks()
