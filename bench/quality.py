@@ -288,8 +288,9 @@ def mpnet_dir(cache: Path) -> Path:
 
 def load_encoder(name: str, cache: Path) -> Any:
     """A frozen :class:`duch_core.backbones.TextTower`: last hidden states, masked mean."""
-    from duch_core.backbones import load_text_tower, offline_minilm_path
+    from duch_core.backbones import load_text_tower
     from duch_core.config import TextBackboneConfig
+    from duch_core.offline_weights import offline_minilm_path
 
     if name not in ENCODERS:
         raise DataError(f"unknown encoder {name!r}; known: {', '.join(ENCODERS)}")

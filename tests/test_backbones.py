@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from duch_core import backbones as bb
+from duch_core import offline_weights as ow
 from duch_core.config import ImageBackboneConfig, TextBackboneConfig
 from duch_core.imageio import CaptionError, decode_image, preprocess
 
@@ -91,9 +92,9 @@ def offline_mobilenet() -> bb.ImageTower:
 def test_mobilenet_key_map_is_complete_and_shape_exact() -> None:
     from transformers import MobileNetV2Model
 
-    state = torch.load(bb.offline_mobilenet_v2_path(), map_location="cpu", weights_only=True)
-    kmap = bb.mobilenet_v2_key_map()
-    hf = MobileNetV2Model(bb.torchvision_mobilenet_v2_config()).state_dict()
+    state = torch.load(ow.offline_mobilenet_v2_path(), map_location="cpu", weights_only=True)
+    kmap = ow.mobilenet_v2_key_map()
+    hf = MobileNetV2Model(ow.torchvision_mobilenet_v2_config()).state_dict()
     assert sorted(set(state) - set(kmap)) == ["classifier.1.bias", "classifier.1.weight"]
     assert set(kmap) <= set(state)
     assert sorted(kmap.values()) == sorted(hf)  # every model key filled, nothing extra
@@ -104,7 +105,7 @@ def test_mobilenet_key_map_is_complete_and_shape_exact() -> None:
 
 def test_offline_mobilenet_matches_plain_reference(offline_mobilenet: bb.ImageTower) -> None:
     ref = _ReferenceMobileNetV2()
-    state = torch.load(bb.offline_mobilenet_v2_path(), map_location="cpu", weights_only=True)
+    state = torch.load(ow.offline_mobilenet_v2_path(), map_location="cpu", weights_only=True)
     ref.load_state_dict(state, strict=True)
     ref.eval()
     x = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(0))
@@ -145,7 +146,7 @@ def test_offline_mobilenet_features_are_meaningful(offline_mobilenet: bb.ImageTo
         different = [sim[i, j] for j in range(6) if j // 2 != i // 2]
         assert same[i] > max(different), (i, sim)
     # ImageNet classifier on top of the mapped features is confident (weights are not random)
-    state = torch.load(bb.offline_mobilenet_v2_path(), map_location="cpu", weights_only=True)
+    state = torch.load(ow.offline_mobilenet_v2_path(), map_location="cpu", weights_only=True)
     with torch.inference_mode():
         feats = offline_mobilenet(torch.from_numpy(np.stack(others)))
         logits = feats @ state["classifier.1.weight"].T + state["classifier.1.bias"]
