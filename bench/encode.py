@@ -301,6 +301,35 @@ def _cog_loop(bundle_uri: str, chips: list[dict[str, Any]], batch_size: int, thr
     return len(chips) / (time.perf_counter() - t), codes
 
 
+def _row(
+    dataset: str,
+    small: tuple[int, float],
+    full: tuple[int, float],
+    summary: dict[str, Any],
+    loops: tuple[float, float],
+    decode: Any,
+) -> dict[str, Any]:
+    """A table row from the pipeline's (images, seconds) of its small and full runs, the full
+    run's summary and the loop's two img/s measurements (before and after)."""
+    (n_small, t_small), (n_full, t_full) = small, full
+    loop_ips = sum(loops) / 2
+    pipe_ips = n_full / t_full
+    steady = (n_full - n_small) / (t_full - t_small) if t_full > t_small else float("nan")
+    return {
+        "dataset": dataset,
+        "images": n_full,
+        "encoded": summary["encoded_images"],
+        "failed": summary["failed_items"],
+        "loop_img_s": f"{loop_ips:.1f} ({loops[0]:.1f}/{loops[1]:.1f})",
+        "pipeline_img_s": round(pipe_ips, 1),
+        "ratio": round(pipe_ips / loop_ips, 3),
+        "steady_img_s": round(steady, 1),
+        "steady_ratio": round(steady / loop_ips, 3),
+        "decode_img_s": decode,
+        "fixed_s": round(t_full - n_full / steady, 2) if steady == steady else 0.0,
+    }
+
+
 def _cog_row(bundle: str, work: str, args: argparse.Namespace) -> dict[str, Any]:
     """The ``cog`` row: tile + encode from S3 vs the plain rasterio loop."""
     import pyarrow.compute as pc
@@ -339,23 +368,15 @@ def _cog_row(bundle: str, work: str, args: argparse.Namespace) -> dict[str, Any]
             )
         )
     same = sum(got.get(k) == v for k, v in codes.items())
-    loop_ips = (loop_a + loop_b) / 2
     (n_small, t_small, _, _), (n_full, t_full, s, _) = timings["small"], timings["full"]
-    pipe_ips = n_full / t_full
-    steady = (n_full - n_small) / (t_full - t_small) if t_full > t_small else float("nan")
-    return {
-        "dataset": f"cog ({args.chip_size} px chips, S3)",
-        "images": n_full,
-        "encoded": s["encoded_images"],
-        "failed": s["failed_items"],
-        "loop_img_s": f"{loop_ips:.1f} ({loop_a:.1f}/{loop_b:.1f})",
-        "pipeline_img_s": round(pipe_ips, 1),
-        "ratio": round(pipe_ips / loop_ips, 3),
-        "steady_img_s": round(steady, 1),
-        "steady_ratio": round(steady / loop_ips, 3),
-        "decode_img_s": f"codes equal {same}/{len(codes)}",
-        "fixed_s": round(t_full - n_full / steady, 2) if steady == steady else 0.0,
-    }
+    return _row(
+        f"cog ({args.chip_size} px chips, S3)",
+        (n_small, t_small),
+        (n_full, t_full),
+        s,
+        (loop_a, loop_b),
+        f"codes equal {same}/{len(codes)}",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -418,24 +439,10 @@ def main(argv: list[str] | None = None) -> int:
             s = _pipeline(bundle, sub_manifest, os.path.join(root, f"index-{label}"), args)
             timings[label] = (len(subset), s["encode_seconds"], s)
         _, loop_b = _loop(bundle, files, args.batch_size, args.threads)
-        loop_ips = (loop_a + loop_b) / 2
         (n_small, t_small, _), (n_full, t_full, s) = timings["small"], timings["full"]
-        pipe_ips = n_full / t_full
-        steady = (n_full - n_small) / (t_full - t_small) if t_full > t_small else float("nan")
+        decode = round(len(rows) / decode_s, 1) if decode_s else 0.0
         results.append(
-            {
-                "dataset": name,
-                "images": len(rows),
-                "encoded": s["encoded_images"],
-                "failed": s["failed_items"],
-                "loop_img_s": f"{loop_ips:.1f} ({loop_a:.1f}/{loop_b:.1f})",
-                "pipeline_img_s": round(pipe_ips, 1),
-                "ratio": round(pipe_ips / loop_ips, 3),
-                "steady_img_s": round(steady, 1),
-                "steady_ratio": round(steady / loop_ips, 3),
-                "decode_img_s": round(len(rows) / decode_s, 1) if decode_s else 0.0,
-                "fixed_s": round(t_full - n_full / steady, 2) if steady == steady else 0.0,
-            }
+            _row(name, (n_small, t_small), (n_full, t_full), s, (loop_a, loop_b), decode)
         )
     cols = [
         "dataset",
