@@ -366,6 +366,17 @@ def _check_inside(win: Any, width: int, height: int, what: str, scene_id: str) -
 # reading a chip
 
 
+def _parse_chip(chip: str | Mapping[str, Any], max_pixels: int) -> tuple[ChipRef, list[str]]:
+    """The chip's parsed URI and band files; refuses chips over ``max_pixels`` (``window``)."""
+    uri = str(chip["image_uri"]) if isinstance(chip, Mapping) else chip
+    ref = parse_chip_uri(uri)
+    files = chip_files(chip)
+    _, _, w, h = ref.window
+    if w * h > max_pixels:
+        raise SceneError("window", f"chip of {w} x {h} pixels exceeds max_pixels={max_pixels}")
+    return ref, files
+
+
 def read_window(
     chip: str | Mapping[str, Any],
     *,
@@ -391,12 +402,8 @@ def read_window(
     """
     if resampling not in _RESAMPLING:
         raise ValueError(f"resampling must be one of {_RESAMPLING}, got {resampling!r}")
-    uri = str(chip["image_uri"]) if isinstance(chip, Mapping) else chip
-    ref = parse_chip_uri(uri)
-    files = chip_files(chip)
-    col, row, w, h = ref.window
-    if w * h > max_pixels:
-        raise SceneError("window", f"chip of {w} x {h} pixels exceeds max_pixels={max_pixels}")
+    ref, files = _parse_chip(chip, max_pixels)
+    _, _, w, h = ref.window
     out_h, out_w = (h, w) if out_shape is None else (int(out_shape[0]), int(out_shape[1]))
     with _opened(files) as datasets:
         return _read_opened(datasets, files, ref, resampling, (out_h, out_w))
@@ -514,25 +521,18 @@ def decode_chips(
     by_files: dict[tuple[str, ...], list[tuple[int, ChipRef]]] = {}
     for i, chip in enumerate(chips):
         try:
-            ref = parse_chip_uri(str(chip["image_uri"]))
-            files = tuple(chip_files(chip))
-            if ref.window[2] * ref.window[3] > max_pixels:
-                raise SceneError(
-                    "window",
-                    f"chip of {ref.window[2]} x {ref.window[3]} pixels exceeds "
-                    f"max_pixels={max_pixels}",
-                )
+            ref, files = _parse_chip(chip, max_pixels)
         except SceneError as e:
             out[i] = e
             continue
-        by_files.setdefault(files, []).append((i, ref))
-    for files, members in by_files.items():
+        by_files.setdefault(tuple(files), []).append((i, ref))
+    for group, members in by_files.items():
         try:
-            with _opened(files) as datasets:
+            with _opened(group) as datasets:
                 for i, ref in members:
                     try:
                         arr = _read_opened(
-                            datasets, files, ref, resampling, (ref.window[3], ref.window[2])
+                            datasets, group, ref, resampling, (ref.window[3], ref.window[2])
                         )
                         out[i] = np.ascontiguousarray(to_uint8(select_bands(arr, bands), depth))
                     except Exception as e:  # noqa: BLE001 - this chip's failure only
