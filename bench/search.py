@@ -361,25 +361,65 @@ FILTERS: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
-def make_metadata(n: int, rng: np.random.Generator) -> dict[str, Any]:
-    """Columns of a synthetic archive: 0.1-degree tiles uniform in lon/lat (none across the
-    antimeridian), acquisition times uniform over 2015-2024, 20 equally frequent labels, a
-    50/25/25 train/val/test split."""
-    lon = rng.uniform(-180, 179.9, n)
-    lat = rng.uniform(-90, 89.9, n)
+# chips per side of a scene in the ``scenes`` layout: a Sentinel-2 tile (10,980 px at 10 m) cut
+# into 256 px chips gives 43 x 43 = 1,849 chips
+SCENE_SIDE = 43
+LAYOUTS = ("scenes", "uniform")
+
+
+def make_metadata(n: int, rng: np.random.Generator, layout: str = "uniform") -> dict[str, Any]:
+    """Columns of a synthetic archive, acquisition times uniform over 2015-2024, 20 equally
+    frequent labels and a 50/25/25 train/val/test split drawn per item.
+
+    ``uniform``: every item a 0.1-degree tile uniform in lon/lat (none across the antimeridian)
+    with its own time; the row order says nothing about place or time (the worst case for a
+    filter). ``scenes``: what ``jobs/tile_scenes.py`` and ``jobs/encode.py`` index: scenes of
+    ``SCENE_SIDE`` x ``SCENE_SIDE`` chips, each scene a 1-degree square uniform in lon/lat with
+    one acquisition time, its chips consecutive rows in row-major grid order (the tiling job
+    writes a scene's parts together), scenes in no particular order.
+    """
     t0 = np.datetime64("2015-01-01", "us")
     span = int((np.datetime64("2025-01-01", "us") - t0).astype(np.int64))
     labels = np.array([f"l{i:02d}" for i in range(20)], dtype=object)
     splits = np.array(["train", "train", "val", "test"], dtype=object)
+    if layout == "uniform":
+        lon = rng.uniform(-180, 179.9, n)
+        lat = rng.uniform(-90, 89.9, n)
+        size = np.full(n, 0.1)
+        when = t0 + rng.integers(0, span, n).astype("timedelta64[us]")
+    elif layout == "scenes":
+        per = SCENE_SIDE * SCENE_SIDE
+        ns = -(-n // per)
+        scene = np.arange(n) // per
+        row, col = np.divmod(np.arange(n) % per, SCENE_SIDE)
+        size = np.full(n, 1.0 / SCENE_SIDE)
+        lon = rng.uniform(-180, 179, ns)[scene] + col * size
+        lat = rng.uniform(-90, 89, ns)[scene] + (SCENE_SIDE - 1 - row) * size
+        when = (t0 + rng.integers(0, span, ns).astype("timedelta64[us]"))[scene]
+    else:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
     return {
         "min_lon": lon,
         "min_lat": lat,
-        "max_lon": lon + 0.1,
-        "max_lat": lat + 0.1,
-        "datetime": t0 + rng.integers(0, span, n).astype("timedelta64[us]"),
+        "max_lon": lon + size,
+        "max_lat": lat + size,
+        "datetime": when,
         "label": labels[rng.integers(0, 20, n)],
         "split": splits[rng.integers(0, 4, n)],
     }
+
+
+def filters_for(layout: str, cols: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """:data:`FILTERS` for an archive of ``layout``. In ``scenes`` the box is centred on the
+    first scene: it keeps about as many chips on average anywhere, but the scenes are few
+    (5,400 at 10M chips), so a box placed at random often keeps none at all."""
+    if layout != "scenes":
+        return FILTERS
+    w, s, e, n = FILTERS[0][1]["bbox"]
+    clon = min(max(float(cols["min_lon"][0]) + 0.5, -174.0), 173.0)
+    clat = min(max(float(cols["min_lat"][0]) + 0.5, -87.0), 86.0)
+    box = [clon - (e - w) / 2, clat - (n - s) / 2, clon + (e - w) / 2, clat + (n - s) / 2]
+    return [(FILTERS[0][0], {"bbox": [round(v, 6) for v in box]}), *FILTERS[1:]]
 
 
 def milvus_expr(spec: dict[str, Any]) -> str:
@@ -450,6 +490,7 @@ def check_tie_aware(
 
 @dataclass
 class FRow:
+    layout: str
     n: int
     bits: int
     filter: str
@@ -465,14 +506,14 @@ class FRow:
 
 
 FHEADER = (
-    f"{'N':>9} {'bits':>4} {'filter':<10} {'kept %':>7} {'batch':>5} {'k':>3} {'engine':<12} "
+    f"{'layout':<7} {'N':>9} {'bits':>4} {'filter':<10} {'kept %':>7} {'batch':>5} {'k':>3} {'engine':<12} "
     f"{'ms/query':>9} {'x scan':>7} {'parity':<8} {'load':>5}  note"
 )
 
 
 def fmt_frow(r: FRow) -> str:
     return (
-        f"{r.n:>9} {r.bits:>4} {r.filter:<10} {100 * r.kept:>7.3f} {r.batch:>5} {r.k:>3} "
+        f"{r.layout:<7} {r.n:>9} {r.bits:>4} {r.filter:<10} {100 * r.kept:>7.3f} {r.batch:>5} {r.k:>3} "
         f"{r.engine:<12} {r.ms_per_query:>9.3f} {r.vs_scan:>7.2f} {r.parity:<8} {r.load:>5.1f}  "
         f"{r.note}"
     )
@@ -530,8 +571,11 @@ class MilvusPeer:
         self.client.close()
 
 
-def run_filtered(args: argparse.Namespace, n: int, milvus: bool) -> tuple[list[FRow], list[MemRow]]:
-    """Filtered search rows at ``n`` codes of ``args.filter_bits`` bits (see the docstring)."""
+def run_filtered(
+    args: argparse.Namespace, n: int, milvus: bool, layout: str
+) -> tuple[list[FRow], list[MemRow]]:
+    """Filtered search rows at ``n`` codes of ``args.filter_bits`` bits, metadata of ``layout``
+    (see :func:`make_metadata` and the docstring)."""
     import faiss
 
     from duch_core import hamming_topk, search
@@ -544,9 +588,9 @@ def run_filtered(args: argparse.Namespace, n: int, milvus: bool) -> tuple[list[F
     codes = make_codes("random", n, bits, rng)
     queries = make_codes("random", max(max(args.filter_batches), args.single), bits, rng)
     t = time.perf_counter()
-    cols = make_metadata(n, rng)
+    cols = make_metadata(n, rng, layout)
     meta = ItemMetadata.from_columns(**cols)
-    print(f"# N={n}: metadata built in {time.perf_counter() - t:.1f} s", flush=True)
+    print(f"# N={n}, layout {layout}: metadata built in {time.perf_counter() - t:.1f} s", flush=True)
     meta_bytes = sum(a.nbytes for a in _arrays(meta))
     print(f"# metadata: {meta_bytes / n:.1f} bytes per row with its indexes", flush=True)
     mem: list[MemRow] = []
@@ -577,7 +621,7 @@ def run_filtered(args: argparse.Namespace, n: int, milvus: bool) -> tuple[list[F
             print(f"# milvus-lite unavailable: {type(e).__name__}: {e}", flush=True)
             peer = None
     rows: list[FRow] = []
-    for name, spec in FILTERS:
+    for name, spec in filters_for(layout, cols):
         t_build = min(_timed_once(lambda spec=spec: build_candidates(meta, spec)) for _ in range(3))
         cand = build_candidates(meta, spec)
         mask = filter_mask(meta, spec)
@@ -608,7 +652,7 @@ def run_filtered(args: argparse.Namespace, n: int, milvus: bool) -> tuple[list[F
             rd, ri = ours.reference_search(qq[:m], k, candidates=mask)
             par = "ok" if np.array_equal(rd, d[:m]) and np.array_equal(ri, i[:m]) else "MISMATCH"
             load = os.getloadavg()[0]
-            base = (n, bits, name, kept, batch, k)
+            base = (layout, n, bits, name, kept, batch, k)
             t_scan = times["duch-scan"]
             notes = {
                 "duch-scan": "unfiltered",
@@ -713,6 +757,12 @@ def main(argv: list[str] | None = None) -> int:
         default=1_000_000,
         help="also compare with Milvus Lite at this size (0: never)",
     )
+    p.add_argument(
+        "--filter-layouts",
+        type=strs,
+        default=list(LAYOUTS),
+        help=f"archive layouts of the filtered table, of {','.join(LAYOUTS)}",
+    )
     p.add_argument("--filter-bits", type=int, default=64)
     p.add_argument("--filter-k", type=int, default=20)
     p.add_argument("--filter-batches", type=ints, default=[1, 32])
@@ -732,10 +782,11 @@ def main(argv: list[str] | None = None) -> int:
         sizes = list(args.filter_sizes)
         if args.milvus_size and args.milvus_size not in sizes:
             sizes.append(args.milvus_size)
-        for n in sizes:
-            r, m = run_filtered(args, n, milvus=n == args.milvus_size)
-            rows += r
-            mem += m
+        for layout in args.filter_layouts:
+            for n in sizes:
+                r, m = run_filtered(args, n, milvus=n == args.milvus_size, layout=layout)
+                rows += r
+                mem += m
         print(f"\n{FHEADER}")
         for r in rows:
             print(fmt_frow(r))

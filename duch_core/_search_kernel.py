@@ -29,6 +29,10 @@ from numba.extending import intrinsic
 # of a sparse gather overlap instead of queueing one after the other
 _PREFETCH_AHEAD = 16
 
+# consecutive candidate rows that :func:`gather_chunk` scans where they lie instead of copying
+# them (about a cache line's worth of copying costs as much as scanning in place)
+_RUN_IN_PLACE = 32
+
 
 @intrinsic
 def _popcount(typingctx, x):
@@ -189,58 +193,97 @@ def scan_chunk(db, q, w, k, bits, lo, hi, block, sub, mask, cd, cp, cn):
             cn[qi] = k
 
 
+@njit(cache=True, inline="always")
+def _scan_gathered(src, off, nb, q, nq, w, k, sub, big, cand, b0, thr, hist, cd, cp, cn):
+    """Every query scans the ``nb`` codes of ``src`` from row ``off`` on (those of
+    ``cand[b0 : b0 + nb]``) by pieces, as :func:`scan_chunk` scans the database; positions reported are ``cand`` entries."""
+    cap = cd.shape[1]
+    for qi in range(nq):
+        t = thr[qi]
+        n = cn[qi]
+        for s0 in range(0, nb, sub):
+            s1 = min(nb, s0 + sub)
+            if _block_min(src, off + s0, off + s1, q, qi, w, big) >= t:
+                continue
+            for j in range(s0, s1):
+                d = _dist(src, off + j, q, qi, w)
+                if d < t:
+                    cd[qi, n] = d
+                    cp[qi, n] = cand[b0 + j]
+                    n += 1
+                    if n == cap:
+                        t = _cut(cd[qi], cp[qi], n, k, hist)
+                        n = k
+        cn[qi] = n
+        thr[qi] = t
+
+
 @njit(cache=True, nogil=True)
 def gather_chunk(db, q, w, k, bits, n_rows, cand, lo, hi, block, sub, buf, cd, cp, cn):
     """:func:`scan_chunk` over the rows ``cand[lo:hi]`` only (releases the GIL).
 
-    ``cand`` holds strictly increasing row positions. Each block of ``block`` of them is copied
-    into ``buf`` (``block * w`` words), so every query of the batch scans it contiguously, by
-    pieces, as :func:`scan_chunk` scans the database; reported positions are ``cand`` entries,
-    so candidates stay in position order.
+    ``cand`` holds strictly increasing row positions, checked before any row is read. They are
+    taken run by run (a run: consecutive rows, such as the chips of one scene). A run of at
+    least ``_RUN_IN_PLACE`` rows is scanned where it lies; shorter ones are copied into ``buf``
+    (``block * w`` words; the row ``_PREFETCH_AHEAD`` entries ahead is prefetched so that the
+    cache misses overlap), which is scanned when full. Every query of the batch scans each
+    piece contiguously, as :func:`scan_chunk` scans the database, and reported positions are
+    ``cand`` entries, in order, so candidates stay in position order.
 
     Returns -1, or the index of the first entry of ``cand[lo:hi]`` that is out of ``0:n_rows``
-    or not above the one before it (nothing past it is read; the outputs are then undefined).
+    or not above the one before it (no row has been read; the outputs are then undefined).
     """
+    prev = cand[lo - 1] if lo > 0 else -1
+    for b0 in range(lo, hi, block):  # a loop without exits vectorises; look closer on failure
+        b1 = min(hi, b0 + block)
+        seg = cand[b0:b1]
+        bad = 0
+        for i in range(1, b1 - b0):
+            bad += seg[i] <= seg[i - 1]
+        if bad or seg[0] <= prev or seg[b1 - b0 - 1] >= n_rows:
+            for i in range(b0, b1):
+                if cand[i] <= prev or cand[i] >= n_rows:
+                    return i
+                prev = cand[i]
+        prev = seg[b1 - b0 - 1]
     nq = q.shape[0] // w
-    cap = cd.shape[1]
     big = bits + 1
     hist = np.empty(bits + 2, np.int64)
     thr = np.full(nq, big, np.int64)
     cn[:] = 0
-    prev = cand[lo - 1] if lo > 0 else -1
-    for b0 in range(lo, hi, block):
-        b1 = min(hi, b0 + block)
-        nb = b1 - b0
-        for i in range(nb):
-            ahead = b0 + i + _PREFETCH_AHEAD
-            if ahead < hi:
-                pa = cand[ahead]
-                if pa >= 0 and pa < n_rows:
-                    _prefetch(db, pa * w)
-            p = cand[b0 + i]
-            if p <= prev or p >= n_rows:
-                return b0 + i
-            prev = p
-            for u in range(w):
-                buf[i * w + u] = db[p * w + u]
-        for qi in range(nq):
-            t = thr[qi]
-            n = cn[qi]
-            for s0 in range(0, nb, sub):
-                s1 = min(nb, s0 + sub)
-                if _block_min(buf, s0, s1, q, qi, w, big) >= t:
-                    continue
-                for j in range(s0, s1):
-                    d = _dist(buf, j, q, qi, w)
-                    if d < t:
-                        cd[qi, n] = d
-                        cp[qi, n] = cand[b0 + j]
-                        n += 1
-                        if n == cap:
-                            t = _cut(cd[qi], cp[qi], n, k, hist)
-                            n = k
-            cn[qi] = n
-            thr[qi] = t
+    nbuf = 0  # buf holds the codes of cand[i - nbuf : i]
+    i = lo
+    while i < hi:
+        p = cand[i]
+        if i + block <= hi and cand[i + block - 1] == p + block - 1:
+            r = block  # strictly increasing: all consecutive, no need to look at each
+        else:
+            r = 1
+            while i + r < hi and r < block and cand[i + r] == p + r:
+                r += 1
+        if r >= _RUN_IN_PLACE:
+            if nbuf:
+                _scan_gathered(buf, 0, nbuf, q, nq, w, k, sub, big, cand, i - nbuf,
+                               thr, hist, cd, cp, cn)  # fmt: skip
+                nbuf = 0
+            _scan_gathered(db, p, r, q, nq, w, k, sub, big, cand, i, thr, hist, cd, cp, cn)
+            i += r
+            continue
+        if nbuf + r > block:
+            _scan_gathered(buf, 0, nbuf, q, nq, w, k, sub, big, cand, i - nbuf,
+                           thr, hist, cd, cp, cn)  # fmt: skip
+            nbuf = 0
+        ahead = i + _PREFETCH_AHEAD
+        if ahead < hi:
+            _prefetch(db, cand[ahead] * w)
+        src = p * w
+        dst = nbuf * w
+        for u in range(r * w):
+            buf[dst + u] = db[src + u]
+        nbuf += r
+        i += r
+    if nbuf:
+        _scan_gathered(buf, 0, nbuf, q, nq, w, k, sub, big, cand, hi - nbuf, thr, hist, cd, cp, cn)
     for qi in range(nq):
         if cn[qi] > k:
             _cut(cd[qi], cp[qi], cn[qi], k, hist)

@@ -263,8 +263,10 @@ def _search_positions(
 
         if nchunks == 1:
             scan(0)
-        else:
-            for f in [_pool(nthreads).submit(scan, c) for c in range(nchunks)]:
+        else:  # the calling thread takes the first chunk: one thread less to wake and wait for
+            futures = [_pool(nthreads).submit(scan, c) for c in range(1, nchunks)]
+            scan(0)
+            for f in futures:
                 f.result()
         # every query keeps min(k, candidates in the chunk) per chunk: the same count for all
         filled = min(k, int(cn[:, 0].sum())) if e > s else k

@@ -243,6 +243,33 @@ def test_both_kernels_at_every_candidate_count(
     assert kernels_used["masked"] > 0 and kernels_used["gather"] > 0
 
 
+@pytest.mark.parametrize("bits", [16, 64, 128])
+def test_runs_of_consecutive_rows_equal_brute_force(bits: int, small_blocks: None) -> None:
+    """Candidates in runs, as a filter on place or time keeps the chips of whole scenes: runs
+    shorter and longer than the in-place threshold and than a block, next to single rows and
+    across chunk boundaries, give the brute-force answer."""
+    rng = np.random.default_rng(bits + 2)
+    codes = _clustered(rng, N, bits)
+    queries = _clustered(rng, 9, bits)
+    idx = HammingIndex.from_arrays(codes, None, bits)
+    lengths = [1, 2, 31, 32, 33, 63, 64, 65, 130, 1, 1, 200, 5, 700]
+    for trial in range(4):
+        rows, start = [], int(rng.integers(0, 5))
+        for length in rng.permutation(lengths):
+            if start + length > N:
+                break
+            rows.append(np.arange(start, start + length))
+            start += int(length) + int(rng.integers(1, 40))  # a gap after every run
+        cand = np.concatenate(rows).astype(np.int64)
+        if trial == 3:
+            cand = np.arange(N, dtype=np.int64)[N // 3 :]  # one run to the last row
+        for nq in (1, 9):
+            want = _brute_force(codes, np.arange(N), cand, queries[:nq], 25)
+            d, i = idx.search(queries[:nq], 25, candidates=cand)
+            np.testing.assert_array_equal(d, want[0])
+            np.testing.assert_array_equal(i, want[1])
+
+
 def test_mask_conversion_rule() -> None:
     assert H._mask_gathers(0.01, 1) and H._mask_gathers(0.01, 1000)  # sparse: always
     assert not H._mask_gathers(0.5, 1) and H._mask_gathers(0.5, 32)  # broad: big batches
