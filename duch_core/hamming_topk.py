@@ -61,9 +61,8 @@ _MIN_GATHER_CHUNK = 8192
 # Filtered search: sorted candidate positions are gathered, a bool mask is scanned with the
 # database. For a single query a list is the faster form below this fraction of the rows (the
 # gather reads 8 bytes of position per candidate and the cache lines holding the candidates;
-# the masked scan reads every code), a mask above it (bench/search.py measures both: rows
-# spread at random cost about 1.06 scans gathered at 10 %, 0.19 at 1 %).
-DENSE_FRACTION = 0.08
+# the masked scan reads every code), a mask above it (bench/search.py measures both).
+DENSE_FRACTION = 0.15
 # A mask is turned into positions (np.flatnonzero) and gathered when it keeps less than this
 # fraction (the masked scan's threshold settles slowly when few rows pass), or when the batch
 # is large enough to repay the conversion: in units of one scanned code, converting costs about
