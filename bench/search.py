@@ -37,14 +37,19 @@ Memory table: ``B/code`` is what the engine reports holding per code; ``RSS MB``
 this process's resident set while the index was built (for Milvus Lite, the resident set of its
 server process, scalar fields included), ``x codes`` that growth over ``N * bits / 8``.
 
-Filtered (``--filtered``): a synthetic archive (:func:`make_metadata`) and four filters of
-:data:`FILTERS` keeping about 0.1 % (bbox), 1 % (datetime), 10 % (label) and 50 % (split) of
-the items, turned into candidates by ``duch_core.filters.build_candidates`` (positions, or the
-mask for broad filters; its time is the ``note`` of the ``duch`` row, and is not in the search
-time). Engines:
+Filtered (``--filtered``): a synthetic archive (:func:`make_metadata`) in two layouts
+(``--filter-layouts``): ``scenes``, the row order the tiling and encode jobs produce (the chips
+of a scene are consecutive rows, the scenes in no order of place or time), and ``uniform``,
+every row with its own random place and time (the worst case: the row order says nothing).
+Four filters of :data:`FILTERS` keep about 0.1 % (bbox), 1 % (datetime), 10 % (label) and 50 %
+(split) of the items; ``duch_core.filters.build_candidates`` turns each into candidates
+(positions, or the mask for broad filters; its time is the ``note`` of the ``duch`` row, and is
+not in the search time). Engines:
 
 * **duch-scan**: the unfiltered ``HammingIndex.search``, the reference for ``x scan``;
 * **duch**: ``HammingIndex.search(..., candidates=...)``;
+* **read-only**: numpy ``take`` of the passing rows' codes and nothing else, once per batch:
+  the floor of any engine that ranks the candidates by reading their codes;
 * **faiss**: ``IndexBinaryFlat`` takes no id selector, so k is doubled until every query has k
   results that pass the filter (``note``: the last k);
 * **milvus-lite**: a local Milvus Lite collection (``BIN_FLAT``, ``HAMMING``) with the metadata
@@ -60,27 +65,38 @@ same set, and every faiss id at the k-th distance must really be at that distanc
 
 The machine's load average is printed with every row, since other processes share the cores.
 
-Measured with ``--filtered --single 11`` on 2 cores shared with other jobs (load 9-13, so
-absolute times are several times those of an idle machine), k = 20, ``x scan`` = our unfiltered
-scan's time / this time:
+Measured with ``--filtered --single 11`` on a quiet 2-core machine (load 1.0-1.4), k = 20,
+``x scan`` = our unfiltered scan's time / this time (``read`` = the read-only row):
 
-    N    filter (kept)   batch 1: duch / faiss / milvus-lite    batch 32: duch / faiss / milvus
-    10M  bbox (0.094 %)  31.5x / 0.05x / -                      228x / 0.03x / -
-    10M  date (1.02 %)   6.7x / 0.09x / -                       24.3x / 0.06x / -
-    10M  label (10.0 %)  1.20x / 0.17x / -                      6.6x / 0.14x / -
-    10M  split (50.0 %)  0.95x / 0.34x / -                      1.28x / 0.24x / -
-    1M   bbox (0.094 %)  8.7x / 0.04x / 0.13x                   160x / 0.01x / 0.38x
-    1M   date (1.02 %)   5.2x / 0.12x / 0.15x                   37.6x / 0.06x / 0.25x
-    1M   label (10.1 %)  1.04x / 0.19x / 0.02x                  7.9x / 0.14x / 0.15x
-    1M   split (50.1 %)  0.81x / 0.28x / 0.01x                  1.42x / 0.28x / 0.09x
+    layout   N    filter (kept)    batch 1: duch / read / faiss / milvus   batch 32: duch / faiss / milvus
+    scenes   10M  bbox (0.111 %)   30.7x / 214x / 0.03x / -                 97.4x / 0.04x / -
+    scenes   10M  date (1.22 %)    10.8x / 28.3x / 0.05x / -                34.6x / 0.08x / -
+    scenes   10M  label (10.0 %)   0.96x / 0.91x / 0.10x / -                6.29x / 0.11x / -
+    scenes   10M  split (50.0 %)   0.97x / 0.37x / 0.18x / -                0.98x / 0.24x / -
+    uniform  10M  bbox (0.094 %)   20.2x / 49.9x / 0.03x / -                98.9x / 0.04x / -
+    uniform  10M  date (1.02 %)    5.03x / 6.20x / 0.05x / -                32.3x / 0.07x / -
+    uniform  10M  label (10.0 %)   0.94x / 0.85x / 0.09x / -                6.29x / 0.14x / -
+    uniform  10M  split (50.0 %)   1.00x / 0.38x / 0.19x / -                0.99x / 0.23x / -
+    scenes   1M   bbox (0.185 %)   9.68x / 136x / 0.03x / 0.10x             35.2x / 0.03x / 0.25x
+    scenes   1M   date (1.11 %)    5.68x / 35.7x / 0.06x / 0.11x            12.2x / 0.08x / 0.25x
+    scenes   1M   label (10.0 %)   1.15x / 1.27x / 0.15x / 0.03x            4.08x / 0.15x / 0.15x
+    scenes   1M   split (50.0 %)   0.76x / 0.82x / 0.29x / 0.02x            1.39x / 0.23x / 0.10x
+    uniform  1M   bbox (0.094 %)   8.12x / 27.9x / 0.02x / 0.09x            47.1x / 0.02x / 0.24x
+    uniform  1M   date (1.02 %)    3.32x / 8.10x / 0.07x / 0.10x            11.4x / 0.06x / 0.23x
+    uniform  1M   label (10.1 %)   1.16x / 1.46x / 0.16x / 0.03x            3.99x / 0.17x / 0.14x
+    uniform  1M   split (50.1 %)   0.97x / 0.90x / 0.32x / 0.02x            1.17x / 0.29x / 0.08x
 
-Parity held in every row. A single query at 1 % gathers about 100k codes from random cache lines,
-which bounds it near 10x the scan (a previous run, whose scan times were inflated by faiss's
-spinning OpenMP threads, gave 15.4x). Memory at 10M: 8.00 bytes per code for duch and faiss,
-resident growth 76.4 and 76.7 MB (1.00x the codes); Milvus Lite's server grew by 282 MB for 1M
-codes with the scalar fields. Building the candidates at 10M rows (``note``): 0.8 ms (bbox, spatial
-grid), 2.2 ms (date, datetime order), 30 ms (label, column compare), 6 ms (split, mask); without
-the grid and datetime index (``index=False``) the first two took 121 and 92 ms.
+Parity held in every row. At 10M a single query of the unfiltered scan takes 5.7-6.4 ms. A 1 %
+filter keeps about 100k rows: where they come in runs (``scenes``: 54 whole scenes) the kernel
+scans each run in place and the search is 10.8x faster than the scan; where they are spread at
+random (``uniform``) every candidate is a cache miss, and merely reading their codes (``read``)
+is only 6.2x faster than the scan, so no engine that reads them can reach 10x there: ours, at
+5.0x, costs 1.23 such reads. The 1M rows are noisier (about 1 ms per query, with the Milvus Lite
+server running beside them; ``scenes`` split 0.76x was 0.94x in the run before). Memory at 10M:
+8.00 bytes per code for duch and faiss, resident growth 76.3 and 76.7 MB (1.00x the codes);
+Milvus Lite's server grew by 263-277 MB for 1M codes with the scalar fields. Building the
+candidates at 10M rows (``note``): 0.4-1.2 ms (bbox, spatial grid), 2.0-2.9 ms (date, datetime
+order), 22-33 ms (label, column compare), 6.5-7.3 ms (split, mask).
 """
 
 from __future__ import annotations
@@ -590,7 +606,9 @@ def run_filtered(
     t = time.perf_counter()
     cols = make_metadata(n, rng, layout)
     meta = ItemMetadata.from_columns(**cols)
-    print(f"# N={n}, layout {layout}: metadata built in {time.perf_counter() - t:.1f} s", flush=True)
+    print(
+        f"# N={n}, layout {layout}: metadata built in {time.perf_counter() - t:.1f} s", flush=True
+    )
     meta_bytes = sum(a.nbytes for a in _arrays(meta))
     print(f"# metadata: {meta_bytes / n:.1f} bytes per row with its indexes", flush=True)
     mem: list[MemRow] = []
