@@ -141,9 +141,15 @@ def _stop_cluster(temp: Path) -> None:
             time.sleep(0.2)
 
 
-@pytest.fixture
+_RUNNING_HEADS: list[Path] = []  # temp dirs of the running session head cluster
+
+
+@pytest.fixture(scope="session")
 def head_cluster(s3_server):  # noqa: ARG001 - the cluster inherits the S3 environment
-    """A separate cluster from ``ray start --head`` on 127.0.0.1, stopped afterwards.
+    """A separate cluster from ``ray start --head`` on 127.0.0.1 for the tests that need a
+    cluster of their own (``ray job submit``, ``serve deploy``); they run together near the end
+    of the session (``pytest_collection_modifyitems``) and leave nothing running on it. Stopped
+    when the 2-node cluster starts, or at the end.
 
     Every port is explicit: the defaults are fixed, and the session's in-process Ray may already
     hold them.
@@ -177,10 +183,19 @@ def head_cluster(s3_server):  # noqa: ARG001 - the cluster inherits the S3 envir
     try:
         out = subprocess.run(start, env=env, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stdout + out.stderr
+        _RUNNING_HEADS.append(temp)
         yield HeadCluster(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}", env, temp)
     finally:
+        _stop_heads()
         _stop_cluster(temp)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def _stop_heads() -> None:
+    """Stop the session head cluster, if running (no later test uses it once the 2-node tests
+    start: those run last)."""
+    while _RUNNING_HEADS:
+        _stop_cluster(_RUNNING_HEADS.pop())
 
 
 @dataclass
@@ -188,7 +203,8 @@ class TwoNodeCluster(HeadCluster):
     """A head plus a second node (``ray start --address``), both on this machine.
 
     The second node carries the custom resource ``node2`` so tests can pin work to it or check
-    where work ran; :meth:`kill_node2` takes it away as a node loss would.
+    where work ran; :meth:`kill_node2` takes it away as a node loss would, and
+    :meth:`ensure_node2` brings a fresh one back (a new node id) for the next test.
     """
 
     node2_temp: Path | None = None
@@ -196,6 +212,52 @@ class TwoNodeCluster(HeadCluster):
     def kill_node2(self) -> None:
         assert self.node2_temp is not None
         _stop_cluster(self.node2_temp)
+
+    def node2_alive(self) -> bool:
+        return self.node2_temp is not None and bool(_cluster_pids(self.node2_temp))
+
+    def start_node2(self) -> None:
+        """Join a new second node (fresh ports and temp dir) and wait until the head sees it."""
+        from ray.util.state import list_nodes
+
+        if self.node2_temp is not None:
+            shutil.rmtree(self.node2_temp, ignore_errors=True)
+        self.node2_temp = Path(tempfile.mkdtemp(prefix="duchr2-", dir="/tmp"))
+        p = free_ports(6)
+        _ray_start(
+            [
+                f"--address={self.gcs_address}",
+                "--node-ip-address=127.0.0.1",
+                f"--dashboard-agent-listen-port={p[0]}",
+                f"--dashboard-agent-grpc-port={p[1]}",
+                f"--metrics-export-port={p[2]}",
+                f"--runtime-env-agent-port={p[3]}",
+                f"--node-manager-port={p[4]}",
+                f"--object-manager-port={p[5]}",
+                f"--temp-dir={self.node2_temp}",
+                "--num-cpus=2",
+                '--resources={"node2": 1}',
+                "--object-store-memory=200000000",
+                "--disable-usage-stats",
+            ],
+            self.env,
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            # filtering on the server fails once a dead node is listed: filter here
+            nodes = list_nodes(
+                address=self.dashboard_url, limit=1000, raise_on_missing_output=False
+            )
+            alive = [n for n in nodes if n.state == "ALIVE"]
+            if len(alive) == 2:
+                return
+            assert time.monotonic() < deadline, f"{len(alive)} node(s) alive 60 s after the join"
+            time.sleep(0.5)
+
+    def ensure_node2(self) -> None:
+        """A live second node: the one there, or a new one if a test removed it."""
+        if not self.node2_alive():
+            self.start_node2()
 
 
 def _ray_start(args: list[str], env: dict[str, str]) -> None:
@@ -209,27 +271,52 @@ def _ray_start(args: list[str], env: dict[str, str]) -> None:
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-@pytest.fixture
-def two_node_cluster(s3_server):  # noqa: ARG001 - the cluster inherits the S3 environment
-    """A real 2-node Ray cluster for one test (:func:`running_two_node_cluster`)."""
+@pytest.fixture(scope="session")
+def two_node_session(s3_server) -> Iterator[TwoNodeCluster]:  # noqa: ARG001 - S3 env first
+    """One real 2-node Ray cluster for every multi-node test of the session (a start costs
+    20-60 s on 2 cores). The tests that use it run last (``pytest_collection_modifyitems``),
+    so it is idle for no other test. Use ``two_node_cluster``, which also restores node2."""
+    _stop_heads()
     with running_two_node_cluster() as cluster:
         yield cluster
+
+
+@pytest.fixture
+def two_node_cluster(two_node_session: TwoNodeCluster) -> TwoNodeCluster:
+    """The session's 2-node cluster with both nodes alive (node2 restarted if a test took it
+    away)."""
+    two_node_session.ensure_node2()
+    return two_node_session
+
+
+def _uses(item: pytest.Item, fixture: str) -> bool:
+    return fixture in getattr(item, "fixturenames", ())
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The tests on separately started clusters run last, those on the head cluster before the
+    2-node ones, each group in collection order: each shared cluster then lives only while
+    its tests run (an idle Ray cluster still takes CPU time from the tests beside it)."""
+    del config
+    rank = {
+        id(it): 2 if _uses(it, "two_node_session") else 1 if _uses(it, "head_cluster") else 0
+        for it in items
+    }
+    items.sort(key=lambda it: rank[id(it)])  # stable: collection order within a group
 
 
 @contextlib.contextmanager
 def running_two_node_cluster() -> Iterator[TwoNodeCluster]:
     """A real 2-node Ray cluster on one machine: a head (2 CPUs) and a worker node (2 CPUs).
 
-    Start the S3 server first (the cluster inherits its environment). Module-scoped fixtures of
-    the multi-node tests use this directly.
+    Start the S3 server first (the cluster inherits its environment).
 
     Runs only inside the tests' private network namespace, where "every interface" is loopback:
     a second node cannot join while ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (the single-node
     loopback setting), so both nodes start without it. Jobs reach it through ``RAY_ADDRESS``.
     """
-    ports = free_ports(18)
+    ports = free_ports(11)
     temp = Path(tempfile.mkdtemp(prefix="duchr1-", dir="/tmp"))
-    temp2 = Path(tempfile.mkdtemp(prefix="duchr2-", dir="/tmp"))
     env = dict(
         os.environ, AUTOSCALER_METRIC_PORT=str(ports[0]), DASHBOARD_METRIC_PORT=str(ports[1])
     )
@@ -255,30 +342,14 @@ def running_two_node_cluster() -> Iterator[TwoNodeCluster]:
         "--object-store-memory=200000000",
         "--disable-usage-stats",
     ]
-    node2 = [
-        f"--address=127.0.0.1:{gcs}",
-        "--node-ip-address=127.0.0.1",
-        f"--dashboard-agent-listen-port={ports[11]}",
-        f"--dashboard-agent-grpc-port={ports[12]}",
-        f"--metrics-export-port={ports[13]}",
-        f"--runtime-env-agent-port={ports[14]}",
-        f"--node-manager-port={ports[15]}",
-        f"--object-manager-port={ports[16]}",
-        f"--temp-dir={temp2}",
-        "--num-cpus=2",
-        '--resources={"node2": 1}',
-        "--object-store-memory=200000000",
-        "--disable-usage-stats",
-    ]
+    cluster = TwoNodeCluster(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}", env, temp)
     try:
         _ray_start(head, env)
-        _ray_start(node2, env)
-        cluster = TwoNodeCluster(
-            f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}", env, temp, node2_temp=temp2
-        )
+        cluster.start_node2()
         yield cluster
     finally:
-        _stop_cluster(temp2)
+        if cluster.node2_temp is not None:
+            _stop_cluster(cluster.node2_temp)
+            shutil.rmtree(cluster.node2_temp, ignore_errors=True)
         _stop_cluster(temp)
         shutil.rmtree(temp, ignore_errors=True)
-        shutil.rmtree(temp2, ignore_errors=True)

@@ -14,11 +14,9 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import conftest
 import pytest
 
 from duch_core import storage
@@ -30,10 +28,10 @@ ENCODE_SMOKE = "configs/encode_smoke.yaml"
 
 
 @pytest.fixture(scope="module")
-def cluster(s3_server) -> Iterator[Any]:
-    """conftest's ``two_node_cluster``, started once for this module."""
-    with conftest.running_two_node_cluster() as c:
-        yield c
+def cluster(two_node_session) -> Any:
+    """conftest's session-wide 2-node cluster, both nodes alive."""
+    two_node_session.ensure_node2()
+    return two_node_session
 
 
 def _env(cluster: Any) -> dict[str, str]:

@@ -114,10 +114,10 @@ def test_search_timeout_is_validated_and_reaches_the_ingress() -> None:
 
 
 @pytest.fixture(scope="module")
-def cluster(s3_server) -> Iterator[Any]:
-    """conftest's ``two_node_cluster``, started once for this module."""
-    with conftest.running_two_node_cluster() as c:
-        yield c
+def cluster(two_node_session) -> Any:
+    """conftest's session-wide 2-node cluster, both nodes alive."""
+    two_node_session.ensure_node2()
+    return two_node_session
 
 
 @pytest.fixture(scope="module")

@@ -20,11 +20,9 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import conftest
 import pytest
 
 from duch_core import storage
@@ -116,10 +114,10 @@ def _timing_free(history: list[dict[str, float]]) -> list[dict[str, float]]:
 
 
 @pytest.fixture(scope="module")
-def cluster(s3_server) -> Iterator[Any]:
-    """conftest's ``two_node_cluster``, for this module (the reference run reuses it)."""
-    with conftest.running_two_node_cluster() as c:
-        yield c
+def cluster(two_node_session) -> Any:
+    """conftest's session-wide 2-node cluster, both nodes alive (the reference run reuses it)."""
+    two_node_session.ensure_node2()
+    return two_node_session
 
 
 @pytest.fixture(scope="module")
