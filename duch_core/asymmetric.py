@@ -10,6 +10,8 @@ it is ``K - 2 * hamming``, the Hamming order itself.
   code, in blocks).
 * :func:`rerank` scores only a Hamming shortlist: the ``L`` nearest codes of ``sign(u)`` from a
   :class:`~duch_core.search.HammingIndex`, re-ranked by score. With ``L >= N`` it equals the scan.
+* :func:`map_at_k` is the retrieval quality of the score ranking, in the forms of
+  :func:`duch_core.metrics.map_at_k` (scores rarely tie; ties go by database position).
 
 Ranking order everywhere: score descending, then id ascending.
 """
@@ -19,9 +21,10 @@ from __future__ import annotations
 import numpy as np
 
 from duch_core import codes as codes_mod
+from duch_core import metrics
 from duch_core.search import HammingIndex
 
-__all__ = ["asymmetric_scan", "rerank", "scores"]
+__all__ = ["asymmetric_scan", "average_precision_at_k", "map_at_k", "rerank", "scores"]
 
 _BLOCK_ROWS = 65_536  # database codes unpacked at a time
 
@@ -110,3 +113,44 @@ def rerank(
         out_s.append(top_s[0])
         out_i.append(top_i[0])
     return np.stack(out_s).astype(np.float32), np.stack(out_i).astype(np.int64)
+
+
+def average_precision_at_k(
+    queries: np.ndarray,
+    packed: np.ndarray,
+    q_labels: object,
+    db_labels: object,
+    k: int,
+    variant: metrics.Variant = "djsrh",
+) -> np.ndarray:
+    """Per-query AP@K of the asymmetric ranking (score descending, then database position).
+
+    Args:
+        queries: ``(Q, bits)`` continuous query codes.
+        packed: ``(N, bits // 8)`` uint8 database codes.
+        q_labels, db_labels: as :func:`duch_core.metrics.relevance`.
+        k: cut-off.
+        variant: ``"djsrh"`` or ``"standard"`` (:func:`duch_core.metrics.map_at_k`).
+
+    Returns:
+        ``(Q,)`` float64 in ``[0, 1]``.
+    """
+    bits = 8 * np.asarray(packed).shape[-1]
+    s = scores(queries, packed, bits)
+    rel = metrics.relevance(q_labels, db_labels)
+    if rel.shape != s.shape:
+        raise ValueError(f"labels give relevance {rel.shape}, the codes {s.shape}")
+    order = np.argsort(-s, axis=1, kind="stable")  # stable: equal scores by position
+    return metrics.ranked_average_precision(np.take_along_axis(rel, order, 1), k, variant)
+
+
+def map_at_k(
+    queries: np.ndarray,
+    packed: np.ndarray,
+    q_labels: object,
+    db_labels: object,
+    k: int,
+    variant: metrics.Variant = "djsrh",
+) -> float:
+    """Mean of :func:`average_precision_at_k`."""
+    return float(average_precision_at_k(queries, packed, q_labels, db_labels, k, variant).mean())

@@ -298,41 +298,59 @@ def average_precision_at_k(
     out = np.zeros(q.shape[0], dtype=np.float64)
     for sl, dist in _distance_blocks(q, db):
         d, g = _ranked(dist, rel[sl])
+        if ties == "position":
+            out[sl] = ranked_average_precision(g, k, variant)
+            continue
         hits = np.cumsum(g, axis=1, dtype=np.int64)  # relevant items up to each rank
         total = hits[:, -1]
         t = np.minimum(k, total)
-        if ties == "position":
-            if variant == "djsrh":
-                # the first T = min(K, R) relevant items, wherever they are in the full ranking
-                take = g & (hits <= t[:, None])
-                ap = np.where(take, hits / pos, 0.0).sum(axis=1)
-            else:
-                kk = min(k, n)
-                ap = np.where(g[:, :kk], hits[:, :kk] / pos[:kk], 0.0).sum(axis=1)
+        # the expected value over the orders inside each tie group
+        start, size, before, inside = _tie_groups(d, g)
+        slot = np.arange(n, dtype=np.int64) - start  # 0-based slot inside the group
+        term = inside / size * (before + 1 + slot * (inside - 1) / np.maximum(size - 1, 1)) / pos
+        if variant == "standard":
+            ap = term[:, : min(k, n)].sum(axis=1)
         else:
-            start, size, before, inside = _tie_groups(d, g)
-            slot = np.arange(n, dtype=np.int64) - start  # 0-based slot inside the group
-            term = (
-                inside / size * (before + 1 + slot * (inside - 1) / np.maximum(size - 1, 1)) / pos
-            )
-            if variant == "standard":
-                ap = term[:, : min(k, n)].sum(axis=1)
-            else:
-                tt = t[:, None]
-                ap = np.where(before + inside <= tt, term, 0.0).sum(axis=1)
-                straddle = (before < tt) & (before + inside > tt) & (slot == 0)
-                log_fact = _log_factorials(n)
-                for row, col in zip(*np.nonzero(straddle), strict=True):
-                    ap[row] += _expected_straddling_group(
-                        int(start[row, col]),
-                        int(size[row, col]),
-                        int(before[row, col]),
-                        int(inside[row, col]),
-                        int(t[row]),
-                        log_fact,
-                    )
+            tt = t[:, None]
+            ap = np.where(before + inside <= tt, term, 0.0).sum(axis=1)
+            straddle = (before < tt) & (before + inside > tt) & (slot == 0)
+            log_fact = _log_factorials(n)
+            for row, col in zip(*np.nonzero(straddle), strict=True):
+                ap[row] += _expected_straddling_group(
+                    int(start[row, col]),
+                    int(size[row, col]),
+                    int(before[row, col]),
+                    int(inside[row, col]),
+                    int(t[row]),
+                    log_fact,
+                )
         out[sl] = np.where(total > 0, ap / np.maximum(t, 1), 0.0)
     return out
+
+
+def ranked_average_precision(g: np.ndarray, k: int, variant: Variant = "djsrh") -> np.ndarray:
+    """Per-query AP@K of rankings already made: ``g`` ``(Q, N)`` bool, whether the item at each
+    rank is relevant (the forms of :func:`map_at_k`; 0 for a query without relevant items).
+
+    :func:`average_precision_at_k` uses it for the Hamming ranking with ties in database
+    order; :mod:`duch_core.asymmetric` for its score ranking.
+    """
+    if variant not in ("djsrh", "standard"):
+        raise MetricError(f"variant must be 'djsrh' or 'standard', got {variant!r}")
+    k = _check_k(k)
+    n = g.shape[1]
+    pos = np.arange(1, n + 1, dtype=np.float64)
+    hits = np.cumsum(g, axis=1, dtype=np.int64)  # relevant items up to each rank
+    total = hits[:, -1] if n else np.zeros(g.shape[0], np.int64)
+    t = np.minimum(k, total)
+    if variant == "djsrh":
+        # the first T = min(K, R) relevant items, wherever they are in the full ranking
+        take = g & (hits <= t[:, None])
+        ap = np.where(take, hits / pos, 0.0).sum(axis=1)
+    else:
+        kk = min(k, n)
+        ap = np.where(g[:, :kk], hits[:, :kk] / pos[:kk], 0.0).sum(axis=1)
+    return np.where(total > 0, ap / np.maximum(t, 1), 0.0)
 
 
 def map_at_k(

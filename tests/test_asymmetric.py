@@ -91,3 +91,50 @@ def test_bad_inputs_are_refused():
         scores(np.full((1, BITS), np.nan, np.float32), db, BITS)
     with pytest.raises(ValueError):
         asymmetric_scan(queries, db, BITS, 0)
+
+
+def _reference_ap(u, db, q_label, db_labels, k, variant):
+    """AP@K of one query by the definitions, over the reference ranking."""
+    ranked = _reference([u], db, range(len(db)), len(db))[0]
+    rel = [db_labels[i] == q_label for _, i in ranked]
+    r = sum(rel)
+    if r == 0:
+        return 0.0
+    t = min(k, r)
+    hits, ap = 0, 0.0
+    for rank, relevant in enumerate(rel, start=1):
+        if not relevant:
+            continue
+        hits += 1
+        if variant == "djsrh" and hits <= t:
+            ap += hits / rank  # the first T relevant items wherever they are
+        elif variant == "standard" and rank <= k:
+            ap += hits / rank
+    return ap / t
+
+
+@pytest.mark.parametrize("variant", ["djsrh", "standard"])
+def test_map_of_the_score_ranking_equals_the_definition(variant):
+    from duch_core import metrics
+    from duch_core.asymmetric import average_precision_at_k, map_at_k
+
+    db, queries = _data(90, 6, seed=11)
+    rng = np.random.default_rng(5)
+    db_labels = rng.integers(0, 4, len(db)).tolist()
+    q_labels = [0, 1, 2, 3, 1, 9]  # the last has no relevant item: AP 0
+    got = average_precision_at_k(queries, db, q_labels, db_labels, 5, variant)
+    want = [
+        _reference_ap(u, db, ql, db_labels, 5, variant)
+        for u, ql in zip(queries, q_labels, strict=True)
+    ]
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    assert got[-1] == 0.0 and map_at_k(queries, db, q_labels, db_labels, 5, variant) > 0
+    # binary queries: the score order is the Hamming order, ties by position
+    binary = codes.sign(queries).astype(np.float32)
+    np.testing.assert_allclose(
+        average_precision_at_k(binary, db, q_labels, db_labels, 5, variant),
+        metrics.average_precision_at_k(codes.pack(binary), db, q_labels, db_labels, 5, variant),
+        rtol=1e-12,
+    )
+    with pytest.raises(ValueError, match="relevance"):
+        average_precision_at_k(queries, db, q_labels[:2], db_labels, 5, variant)

@@ -93,15 +93,17 @@ def test_quick_mode_on_synthetic_captions(tmp_path, capsys, monkeypatch):
     assert [r["variant"] for r in runs] == ["duch", "paper_compat"]
     for r in runs:
         assert (r["scenes"], r["epochs"], r["bits"], r["seed"]) == (200, 2, 16, 42)
-        for ties in ("position", "expected"):
+        for ties in ("position", "expected", "asymmetric"):
             for form in ("djsrh", "standard"):
                 vals = r["map"][ties][form]
                 assert set(vals) == {"i2t", "t2i", "i2i", "t2t"}
                 assert all(0.0 <= v <= 1.0 for v in vals.values())
         assert r["epoch_s"] > 0
     out = capsys.readouterr().out
-    assert out.count("| variant | ucm 16 i2t | ucm 16 t2i |") == 2  # one table per tie order
+    # one table per tie order, and one for the asymmetric ranking
+    assert out.count("| variant | ucm 16 i2t | ucm 16 t2i |") == 3
     assert "Hamming ties by position" in out and "Hamming ties by expected" in out
+    assert "asymmetric ranking" in out
     assert "| paper_compat |" in out
     cached = sorted(p.name for p in (tmp_path / "cache").glob("*.npz"))
     assert [n.split("-")[2] for n in cached] == ["cap1", "cap2", "cap3", "cap4"]
