@@ -138,3 +138,22 @@ def test_map_of_the_score_ranking_equals_the_definition(variant):
     )
     with pytest.raises(ValueError, match="relevance"):
         average_precision_at_k(queries, db, q_labels[:2], db_labels, 5, variant)
+
+
+def test_latency_benchmark_runs_and_a_whole_shortlist_finds_the_exact_top_k(tmp_path, capsys):
+    import json
+
+    from bench import asymmetric as bench
+
+    out = tmp_path / "rows.json"
+    argv = ["--sizes", "3000", "--shortlists", "50,3000", "--queries", "4", "--json", str(out)]
+    assert bench.main(argv) == 0
+    rows = {(r["batch"], r["ranking"]): r for r in json.loads(out.read_text())}
+    assert set(rows) == {
+        (b, r) for b in (1, 32) for r in ("hamming", "rerank 50", "rerank 3000", "scan")
+    }
+    for b in (1, 32):
+        assert rows[b, "scan"]["recall"] == rows[b, "rerank 3000"]["recall"] == 1.0
+        assert 0.0 <= rows[b, "hamming"]["recall"] <= rows[b, "rerank 50"]["recall"] <= 1.0
+        assert rows[b, "hamming"]["vs_hamming"] == 1.0
+    assert "rerank 3000" in capsys.readouterr().out
