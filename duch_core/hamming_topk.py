@@ -31,7 +31,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
 import numpy as np
@@ -265,7 +265,10 @@ def _search_positions(
             scan(0)
         else:  # the calling thread takes the first chunk: one thread less to wake and wait for
             futures = [_pool(nthreads).submit(scan, c) for c in range(1, nchunks)]
-            scan(0)
+            try:
+                scan(0)
+            finally:  # never return while a chunk still runs
+                wait(futures)
             for f in futures:
                 f.result()
         # every query keeps min(k, candidates in the chunk) per chunk: the same count for all
