@@ -13,10 +13,12 @@ as with a trained model's codes, and gives up for queries that would examine mor
 faster one for each batch size. Results are the same either way.
 
 Filtered search (``candidates`` of :meth:`HammingIndex.search`) ranks only the rows that pass a
-metadata filter, exactly. Sorted candidate positions are gathered block by block into a small
-buffer (the codes a few candidates ahead are prefetched, so cache misses overlap) and scanned as
-in :mod:`duch_core.hamming_topk`; a bool mask is applied inside the scan where a row could enter the top-k. The cost of the
-first follows the number of candidates, of the second the size of the database; see
+metadata filter, exactly. Sorted candidate positions are taken run by run: a run of consecutive
+rows (a filter on place or time keeps whole scenes, whose chips are consecutive rows) is scanned
+where it lies; scattered rows are gathered into a small buffer (the codes a few candidates ahead
+are prefetched, so cache misses overlap) and scanned as in :mod:`duch_core.hamming_topk`. A bool
+mask is applied inside the scan where a row could enter the top-k. The cost of the first
+follows the number of candidates, of the second the size of the database; see
 :data:`~duch_core.hamming_topk.DENSE_FRACTION`.
 """
 
@@ -372,8 +374,9 @@ class HammingIndex:
         Unfiltered, by MIH where enabled and faster (see :meth:`enable_mih`), otherwise by the
         blocked scan. Filtered, by one of two kernels, both exact:
 
-        * sorted positions: only the candidates' codes are read (gathered block by block and
-          scanned like the database); the cost follows the number of candidates;
+        * sorted positions: only the candidates' codes are read (runs of consecutive rows in
+          place, scattered rows gathered block by block, both scanned like the database); the
+          cost follows the number of candidates, and is lowest when they come in runs;
         * a bool mask: the database is scanned and the mask read only where a row could enter
           the top-k, so the cost is about that of an unfiltered scan. A mask keeping under
           5 % of the rows, or searched by a batch large enough to repay the conversion, is
