@@ -39,7 +39,8 @@ server process, scalar fields included), ``x codes`` that growth over ``N * bits
 
 Filtered (``--filtered``): a synthetic archive (:func:`make_metadata`) in two layouts
 (``--filter-layouts``): ``scenes``, the row order the tiling and encode jobs produce (the chips
-of a scene are consecutive rows, the scenes in no order of place or time), and ``uniform``,
+of one tiling part, 8 chip rows of a scene, are consecutive rows; the parts come in no order of
+place or time), and ``uniform``,
 every row with its own random place and time (the worst case: the row order says nothing).
 Four filters of :data:`FILTERS` keep about 0.1 % (bbox), 1 % (datetime), 10 % (label) and 50 %
 (split) of the items; ``duch_core.filters.build_candidates`` turns each into candidates
@@ -65,38 +66,39 @@ same set, and every faiss id at the k-th distance must really be at that distanc
 
 The machine's load average is printed with every row, since other processes share the cores.
 
-Measured with ``--filtered --single 11`` on a quiet 2-core machine (load 1.0-1.4), k = 20,
+Measured with ``--filtered --single 11`` on a quiet 2-core machine (load 0.4-1.4), k = 20,
 ``x scan`` = our unfiltered scan's time / this time (``read`` = the read-only row):
 
-    layout   N    filter (kept)    batch 1: duch / read / faiss / milvus   batch 32: duch / faiss / milvus
-    scenes   10M  bbox (0.111 %)   30.7x / 214x / 0.03x / -                 97.4x / 0.04x / -
-    scenes   10M  date (1.22 %)    10.8x / 28.3x / 0.05x / -                34.6x / 0.08x / -
-    scenes   10M  label (10.0 %)   0.96x / 0.91x / 0.10x / -                6.29x / 0.11x / -
-    scenes   10M  split (50.0 %)   0.97x / 0.37x / 0.18x / -                0.98x / 0.24x / -
-    uniform  10M  bbox (0.094 %)   20.2x / 49.9x / 0.03x / -                98.9x / 0.04x / -
-    uniform  10M  date (1.02 %)    5.03x / 6.20x / 0.05x / -                32.3x / 0.07x / -
-    uniform  10M  label (10.0 %)   0.94x / 0.85x / 0.09x / -                6.29x / 0.14x / -
-    uniform  10M  split (50.0 %)   1.00x / 0.38x / 0.19x / -                0.99x / 0.23x / -
-    scenes   1M   bbox (0.185 %)   9.68x / 136x / 0.03x / 0.10x             35.2x / 0.03x / 0.25x
-    scenes   1M   date (1.11 %)    5.68x / 35.7x / 0.06x / 0.11x            12.2x / 0.08x / 0.25x
-    scenes   1M   label (10.0 %)   1.15x / 1.27x / 0.15x / 0.03x            4.08x / 0.15x / 0.15x
-    scenes   1M   split (50.0 %)   0.76x / 0.82x / 0.29x / 0.02x            1.39x / 0.23x / 0.10x
-    uniform  1M   bbox (0.094 %)   8.12x / 27.9x / 0.02x / 0.09x            47.1x / 0.02x / 0.24x
-    uniform  1M   date (1.02 %)    3.32x / 8.10x / 0.07x / 0.10x            11.4x / 0.06x / 0.23x
-    uniform  1M   label (10.1 %)   1.16x / 1.46x / 0.16x / 0.03x            3.99x / 0.17x / 0.14x
-    uniform  1M   split (50.1 %)   0.97x / 0.90x / 0.32x / 0.02x            1.17x / 0.29x / 0.08x
+    layout   N    filter (kept)    batch 1: duch / read / faiss / milvus  batch 32: duch / faiss / milvus
+    scenes   10M  bbox (0.110 %)   31.2x / 149x / 0.03x / -               101x / 0.04x / -
+    scenes   10M  date (1.16 %)    9.53x / 18.5x / 0.05x / -              33.5x / 0.09x / -
+    scenes   10M  label (10.0 %)   0.94x / 0.77x / 0.09x / -              6.28x / 0.11x / -
+    scenes   10M  split (50.0 %)   0.98x / 0.42x / 0.21x / -              1.18x / 0.16x / -
+    uniform  10M  bbox (0.094 %)   20.1x / 50.2x / 0.03x / -              95.0x / 0.04x / -
+    uniform  10M  date (1.02 %)    5.16x / 6.60x / 0.05x / -              31.7x / 0.07x / -
+    uniform  10M  label (10.0 %)   0.98x / 0.89x / 0.10x / -              6.07x / 0.14x / -
+    uniform  10M  split (50.0 %)   1.01x / 0.37x / 0.21x / -              1.16x / 0.26x / -
+    scenes   1M   bbox (0.185 %)   9.31x / 102x / 0.04x / 0.10x           54.6x / 0.03x / 0.23x
+    scenes   1M   date (0.555 %)   8.25x / 66.2x / 0.05x / 0.13x          18.7x / 0.04x / 0.25x
+    scenes   1M   label (10.0 %)   0.94x / 1.53x / 0.13x / 0.03x          4.27x / 0.17x / 0.15x
+    scenes   1M   split (50.0 %)   0.85x / 0.82x / 0.26x / 0.02x          1.20x / 0.28x / 0.07x
+    uniform  1M   bbox (0.094 %)   7.38x / 38.1x / 0.02x / 0.08x          48.2x / 0.02x / 0.25x
+    uniform  1M   date (1.02 %)    3.63x / 8.78x / 0.07x / 0.10x          11.5x / 0.06x / 0.24x
+    uniform  1M   label (10.1 %)   0.93x / 1.97x / 0.19x / 0.04x          4.26x / 0.17x / 0.14x
+    uniform  1M   split (50.1 %)   0.77x / 0.96x / 0.31x / 0.02x          1.18x / 0.29x / 0.07x
 
-Parity held in every row. At 10M a single query of the unfiltered scan takes 5.7-6.4 ms. A 1 %
-filter keeps about 100k rows: where they come in runs (``scenes``: 54 whole scenes) the kernel
-scans each run in place and the search is 10.8x faster than the scan; where they are spread at
-random (``uniform``) every candidate is a cache miss, and merely reading their codes (``read``)
-is only 6.2x faster than the scan, so no engine that reads them can reach 10x there: ours, at
-5.0x, costs 1.23 such reads. The 1M rows are noisier (about 1 ms per query, with the Milvus Lite
-server running beside them; ``scenes`` split 0.76x was 0.94x in the run before). Memory at 10M:
-8.00 bytes per code for duch and faiss, resident growth 76.3 and 76.7 MB (1.00x the codes);
-Milvus Lite's server grew by 263-277 MB for 1M codes with the scalar fields. Building the
-candidates at 10M rows (``note``): 0.4-1.2 ms (bbox, spatial grid), 2.0-2.9 ms (date, datetime
-order), 22-33 ms (label, column compare), 6.5-7.3 ms (split, mask).
+Parity held in every row. At 10M a single query of the unfiltered scan takes 6.0-6.5 ms (8.3 ms
+in the split rows). A 1 % filter keeps about 100k rows: where they come in runs (``scenes``: the
+tiling parts of 63 scenes, 344 chips each) the kernel scans each run in place and the search is
+9.5x faster than the scan (10.8x in an earlier run whose scenes were whole runs of 1,849 chips);
+where they are spread at random (``uniform``) every candidate is a cache miss, and merely reading
+their codes (``read``) is only 6.6x faster than the scan, so no engine that reads them can reach
+10x there: ours, at 5.2x, costs 1.28 such reads. The 1M rows are noisier (about 1 ms per query,
+with the Milvus Lite server running beside them). Memory at 10M: 8.00 bytes per code for duch
+and faiss, resident growth 76.3 and 76.7 MB (1.00x the codes); Milvus Lite's server grew by
+263-277 MB for 1M codes with the scalar fields. Building the candidates at 10M rows (``note``):
+0.4-1.2 ms (bbox, spatial grid), 2.0-2.9 ms (date, datetime order), 22-33 ms (label, column
+compare), 6.5-7.3 ms (split, mask).
 """
 
 from __future__ import annotations
@@ -378,8 +380,10 @@ FILTERS: list[tuple[str, dict[str, Any]]] = [
 
 
 # chips per side of a scene in the ``scenes`` layout: a Sentinel-2 tile (10,980 px at 10 m) cut
-# into 256 px chips gives 43 x 43 = 1,849 chips
+# into 256 px chips gives 43 x 43 = 1,849 chips; the tiling job writes them in parts of
+# rows_per_task = 8 chip rows (344 chips)
 SCENE_SIDE = 43
+PART_CHIP_ROWS = 8
 LAYOUTS = ("scenes", "uniform")
 
 
@@ -391,8 +395,10 @@ def make_metadata(n: int, rng: np.random.Generator, layout: str = "uniform") -> 
     with its own time; the row order says nothing about place or time (the worst case for a
     filter). ``scenes``: what ``jobs/tile_scenes.py`` and ``jobs/encode.py`` index: scenes of
     ``SCENE_SIDE`` x ``SCENE_SIDE`` chips, each scene a 1-degree square uniform in lon/lat with
-    one acquisition time, its chips consecutive rows in row-major grid order (the tiling job
-    writes a scene's parts together), scenes in no particular order.
+    one acquisition time. The tiling job writes a scene in parts of ``PART_CHIP_ROWS`` chip
+    rows, each part's chips in row-major order; the encode job keeps a part's chips together
+    but not the parts of a scene (its shards are ordered by content hash), so here the parts
+    of all scenes come in random order.
     """
     t0 = np.datetime64("2015-01-01", "us")
     span = int((np.datetime64("2025-01-01", "us") - t0).astype(np.int64))
@@ -406,8 +412,11 @@ def make_metadata(n: int, rng: np.random.Generator, layout: str = "uniform") -> 
     elif layout == "scenes":
         per = SCENE_SIDE * SCENE_SIDE
         ns = -(-n // per)
-        scene = np.arange(n) // per
-        row, col = np.divmod(np.arange(n) % per, SCENE_SIDE)
+        chip = np.arange(ns * per)
+        part = chip // per * SCENE_SIDE + chip % per // SCENE_SIDE // PART_CHIP_ROWS
+        order = np.argsort(rng.permutation(part.max() + 1)[part], kind="stable")[:n]
+        scene = chip[order] // per
+        row, col = np.divmod(chip[order] % per, SCENE_SIDE)
         size = np.full(n, 1.0 / SCENE_SIDE)
         lon = rng.uniform(-180, 179, ns)[scene] + col * size
         lat = rng.uniform(-90, 89, ns)[scene] + (SCENE_SIDE - 1 - row) * size
