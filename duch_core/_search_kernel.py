@@ -196,7 +196,14 @@ def scan_chunk(db, q, w, k, bits, lo, hi, block, sub, mask, cd, cp, cn):
 @njit(cache=True, inline="always")
 def _scan_gathered(src, off, nb, q, nq, w, k, sub, big, cand, b0, thr, hist, cd, cp, cn):
     """Every query scans the ``nb`` codes of ``src`` from row ``off`` on (those of
-    ``cand[b0 : b0 + nb]``) by pieces, as :func:`scan_chunk` scans the database; positions reported are ``cand`` entries."""
+    ``cand[b0 : b0 + nb]``) by pieces, as :func:`scan_chunk` scans the database; positions
+    reported are ``cand`` entries.
+
+    This is :func:`scan_chunk`'s per-query loop without the mask and with the position looked
+    up. One helper for both, with the mask and the lookup as runtime switches, made the masked
+    scan about 10 % slower for a single query at 10M rows (6.7-7.0 ms against 6.1-6.4 ms), so
+    the two loops stay separate: a change to one belongs in the other.
+    """
     cap = cd.shape[1]
     for qi in range(nq):
         t = thr[qi]
