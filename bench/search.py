@@ -38,9 +38,8 @@ this process's resident set while the index was built (for Milvus Lite, the resi
 server process, scalar fields included), ``x codes`` that growth over ``N * bits / 8``.
 
 Filtered (``--filtered``): a synthetic archive (:func:`make_metadata`) in two layouts
-(``--filter-layouts``): ``scenes``, the row order the tiling and encode jobs produce (the chips
-of one tiling part, 8 chip rows of a scene, are consecutive rows; the parts come in no order of
-place or time), and ``uniform``,
+(``--filter-layouts``): ``scenes``, the row order the tiling and encode jobs produce (each scene's
+chips consecutive rows, the scenes in order of acquisition time), and ``uniform``,
 every row with its own random place and time (the worst case: the row order says nothing).
 Four filters of :data:`FILTERS` keep about 0.1 % (bbox), 1 % (datetime), 10 % (label) and 50 %
 (split) of the items; ``duch_core.filters.build_candidates`` turns each into candidates
@@ -380,10 +379,8 @@ FILTERS: list[tuple[str, dict[str, Any]]] = [
 
 
 # chips per side of a scene in the ``scenes`` layout: a Sentinel-2 tile (10,980 px at 10 m) cut
-# into 256 px chips gives 43 x 43 = 1,849 chips; the tiling job writes them in parts of
-# rows_per_task = 8 chip rows (344 chips)
+# into 256 px chips gives 43 x 43 = 1,849 chips
 SCENE_SIDE = 43
-PART_CHIP_ROWS = 8
 LAYOUTS = ("scenes", "uniform")
 
 
@@ -395,10 +392,10 @@ def make_metadata(n: int, rng: np.random.Generator, layout: str = "uniform") -> 
     with its own time; the row order says nothing about place or time (the worst case for a
     filter). ``scenes``: what ``jobs/tile_scenes.py`` and ``jobs/encode.py`` index: scenes of
     ``SCENE_SIDE`` x ``SCENE_SIDE`` chips, each scene a 1-degree square uniform in lon/lat with
-    one acquisition time. The tiling job writes a scene in parts of ``PART_CHIP_ROWS`` chip
-    rows, each part's chips in row-major order; the encode job keeps a part's chips together
-    but not the parts of a scene (its shards are ordered by content hash), so here the parts
-    of all scenes come in random order.
+    one acquisition time. The encode job orders the index by acquisition time, then item id
+    (``duch_core.shard_writer.IndexOrder``; exact within a shard, and across shards for a
+    manifest in time order, which the tiling job writes), so each scene's chips are one run
+    and the scenes follow each other in time.
     """
     t0 = np.datetime64("2015-01-01", "us")
     span = int((np.datetime64("2025-01-01", "us") - t0).astype(np.int64))
@@ -412,15 +409,14 @@ def make_metadata(n: int, rng: np.random.Generator, layout: str = "uniform") -> 
     elif layout == "scenes":
         per = SCENE_SIDE * SCENE_SIDE
         ns = -(-n // per)
-        chip = np.arange(ns * per)
-        part = chip // per * SCENE_SIDE + chip % per // SCENE_SIDE // PART_CHIP_ROWS
-        order = np.argsort(rng.permutation(part.max() + 1)[part], kind="stable")[:n]
-        scene = chip[order] // per
-        row, col = np.divmod(chip[order] % per, SCENE_SIDE)
+        acquired = t0 + rng.integers(0, span, ns).astype("timedelta64[us]")
+        chip = np.arange(n)
+        scene = np.argsort(acquired, kind="stable")[chip // per]  # scenes in time order
+        row, col = np.divmod(chip % per, SCENE_SIDE)
         size = np.full(n, 1.0 / SCENE_SIDE)
         lon = rng.uniform(-180, 179, ns)[scene] + col * size
         lat = rng.uniform(-90, 89, ns)[scene] + (SCENE_SIDE - 1 - row) * size
-        when = (t0 + rng.integers(0, span, ns).astype("timedelta64[us]"))[scene]
+        when = acquired[scene]
     else:
         raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
     return {

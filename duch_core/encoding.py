@@ -44,6 +44,7 @@ import pyarrow.compute as pc
 from duch_core import (
     catalog_snapshot,
     chip_io,
+    filters,
     index_store,
     manifest_rows,
     source_fingerprints,
@@ -63,6 +64,7 @@ ITEM_COLUMNS = (
     "manifest_error",
     "catalog_path",
     "catalog_part",
+    "datetime_us",
 )
 """Columns of :func:`prepare_batch` output (see there)."""
 
@@ -141,7 +143,8 @@ def prepare_batch(
     (:func:`~duch_core.source_fingerprints.fingerprint_batch`); bad rows come out with their
     ``manifest_error`` and nothing else. ``catalog_path`` names the part holding each valid row;
     the first valid row also carries the part's entry for ``index.json`` in ``catalog_part``
-    (JSON; "" elsewhere).
+    (JSON; "" elsewhere). ``datetime_us`` is the row's acquisition time in epoch microseconds
+    (:data:`~duch_core.filters.NAT_US` when it has none), the first key of the index row order.
     """
     rows = manifest_rows.normalize_rows(batch)
     ok = pc.equal(rows.column("manifest_error"), "")
@@ -158,6 +161,9 @@ def prepare_batch(
     good_out = good_out.append_column(
         "catalog_part", pa.array([part_json] + [""] * (n_good - 1) if n_good else [], pa.string())
     )
+    good_out = good_out.append_column(
+        "datetime_us", pa.array(filters.datetime_us(good), pa.int64())
+    )
     empty = pa.array([""] * n_bad, pa.string())
     bad_out = pa.table(
         {
@@ -172,6 +178,7 @@ def prepare_batch(
             "manifest_error": bad.column("manifest_error"),
             "catalog_path": empty,
             "catalog_part": empty,
+            "datetime_us": pa.array([filters.NAT_US] * n_bad, pa.int64()),
         }
     )
     return pa.concat_tables([good_out.select(list(ITEM_COLUMNS)), bad_out])

@@ -40,6 +40,7 @@ __all__ = [
     "ItemMetadata",
     "build_candidates",
     "candidate_positions",
+    "datetime_us",
     "empty_metadata",
     "filter_mask",
     "metadata_from_table",
@@ -184,14 +185,7 @@ def metadata_from_table(table: Any, index: bool = True) -> ItemMetadata:
             vals = flat.to_numpy(zero_copy_only=False).reshape(-1, 4)  # nulls become NaN
             whole = ~np.isnan(vals).any(axis=1)
             boxes[:, rows[whole]] = vals[whole].T
-    dt = np.full(n, NAT_US, np.int64)
-    if "datetime" in names and n:
-        col = table.column("datetime").combine_chunks()
-        if pa.types.is_timestamp(col.type):
-            us = col.cast(pa.timestamp("us", tz=col.type.tz)).cast(pa.int64())
-            dt = us.fill_null(NAT_US).to_numpy(zero_copy_only=False).astype(np.int64)
-        else:
-            dt = _iso_column(col.cast(pa.string()).to_pylist())
+    dt = datetime_us(table)
 
     def strings(name: str) -> Any:
         if name not in names:
@@ -209,6 +203,24 @@ def metadata_from_table(table: Any, index: bool = True) -> ItemMetadata:
         sensor=strings("sensor"),
         index=index,
     )
+
+
+def datetime_us(table: Any) -> np.ndarray:
+    """The ``datetime`` column of catalog-shaped rows as ``(n,)`` int64 epoch microseconds.
+
+    ISO 8601 strings (UTC when they name no zone) or timestamps; null, malformed or an absent
+    column give :data:`NAT_US`.
+    """
+    import pyarrow as pa
+
+    n = table.num_rows
+    if "datetime" not in table.column_names or not n:
+        return np.full(n, NAT_US, np.int64)
+    col = table.column("datetime").combine_chunks()
+    if pa.types.is_timestamp(col.type):
+        us = col.cast(pa.timestamp("us", tz=col.type.tz)).cast(pa.int64())
+        return us.fill_null(NAT_US).to_numpy(zero_copy_only=False).astype(np.int64)
+    return _iso_column(col.cast(pa.string()).to_pylist())
 
 
 def _iso_column(values: list[str | None]) -> np.ndarray:

@@ -12,6 +12,12 @@ names (:func:`duch_core.index_diff.compute_diff`), then decode and encode new an
 in an actor pool while unchanged items' rows are copied from the old shards, and write shards,
 ``index.json`` and ``LATEST``, in that order. A new bundle re-encodes everything.
 
+Row order: each shard holds its rows by acquisition time, then item id
+(:class:`duch_core.shard_writer.IndexOrder`), and the shards follow each other by their first
+row, so a filter on time or place keeps long runs of consecutive rows. The order across shards
+is exact when the manifest lists items in time order (``jobs/tile_scenes.py`` writes it so),
+approximate otherwise; search results never depend on it.
+
 Safe to leave alone:
 
 * one publisher: the run holds ``<out>/LOCK`` (:class:`~duch_core.encode_lock.EncodeLock`,
@@ -151,9 +157,12 @@ class FaultInjected(RuntimeError):
 
 
 def write_batch(
-    batch: pa.Table, version_dir: str, bundle_id: str, bits: int, fail_after: int
+    batch: pa.Table, version_dir: str, bundle_id: str, bits: int, fail_after: int, order: Any
 ) -> pa.Table:
-    """:func:`duch_core.shard_writer.write_code_batch`, with the crash-test fault injection."""
+    """:func:`duch_core.shard_writer.write_code_batch`, with the crash-test fault injection.
+
+    ``order``: the version's item ids in index order, or its ref.
+    """
     if fail_after > 0:
         try:
             written = storage.list_prefix(storage.join(version_dir, index_store.SHARDS_DIR))
@@ -161,7 +170,7 @@ def write_batch(
             written = []
         if len(written) >= fail_after:
             raise FaultInjected(f"fault injection: {len(written)} shards written, stopping")
-    return shard_writer.write_code_batch(batch, version_dir, bundle_id, bits)
+    return shard_writer.write_code_batch(batch, version_dir, bundle_id, bits, _resolve(order))
 
 
 def _kill_point(cfg: EncodeConfig, step: str) -> None:
@@ -241,6 +250,7 @@ class Plan:
         manifest_errors: bad manifest rows (:data:`index_store.ERRORS_SCHEMA`).
         repeated: item ids found in more than one row of the manifest (all their rows are bad).
         catalog_parts: the catalog parts the blocks wrote.
+        order: the row order of the version (its valid items by time, then id).
     """
 
     prev: index_store.IndexManifest | None
@@ -249,6 +259,7 @@ class Plan:
     manifest_errors: pa.Table
     repeated: pa.Array
     catalog_parts: list[index_store.CatalogPart]
+    order: shard_writer.IndexOrder
 
 
 def plan(
@@ -258,7 +269,7 @@ def plan(
     prev: index_store.IndexManifest | None,
 ) -> Plan:
     """Split valid and bad manifest rows and compare the valid ones with ``prev``."""
-    g = _gather(items, ["item_id", "fingerprint", "manifest_error", "catalog_part"])
+    g = _gather(items, ["item_id", "fingerprint", "manifest_error", "catalog_part", "datetime_us"])
     ids = g.column("item_id")
     named = g.filter(pc.not_equal(ids, ""))
     counts = pc.value_counts(named.column("item_id"))
@@ -286,7 +297,8 @@ def plan(
         diff = index_diff.compute_diff(current, None, meta.bundle_id, meta.bits)
         diff.reason = f"previous index unreadable: {e}"
         prev = None
-    return Plan(prev, diff, g.num_rows, errors, repeated, parts)
+    order = shard_writer.IndexOrder.build(good.column("item_id"), good.column("datetime_us"))
+    return Plan(prev, diff, g.num_rows, errors, repeated, parts, order)
 
 
 def drop_repeated(
@@ -321,7 +333,11 @@ def encode_stream(
     resources = {"num_gpus": cfg.num_gpus} if use_gpu else {"num_cpus": cfg.actor_cpus}
     return (
         items.select_columns(
-            [c for c in encoding.ITEM_COLUMNS if c not in ("catalog_path", "catalog_part")]
+            [
+                c
+                for c in encoding.ITEM_COLUMNS
+                if c not in ("catalog_path", "catalog_part", "datetime_us")
+            ]
         )
         .map_batches(select_items, batch_format="pyarrow", fn_args=(ray.put(wanted),), num_cpus=0.1)
         .map_batches(
@@ -366,9 +382,18 @@ def carry_stream(cfg: EncodeConfig, prev: index_store.IndexManifest, keep: pa.Ar
 
 
 def write(
-    cfg: EncodeConfig, streams: list[Any], version_dir: str, meta: bundle_mod.BundleMeta
+    cfg: EncodeConfig,
+    streams: list[Any],
+    version_dir: str,
+    meta: bundle_mod.BundleMeta,
+    order: shard_writer.IndexOrder,
 ) -> list[dict[str, Any]]:
-    """Write the code rows as shards and errors parts; returns what the writers produced."""
+    """Write the code rows as shards and errors parts; returns what the writers produced.
+
+    ``order``: the version's item ids in index order (the rows of each shard follow it).
+    """
+    import ray
+
     if not streams:
         return []
     stream = streams[0].union(*streams[1:]) if len(streams) > 1 else streams[0]
@@ -381,6 +406,7 @@ def write(
             "bundle_id": meta.bundle_id,
             "bits": meta.bits,
             "fail_after": cfg.fail_after_shards,
+            "order": ray.put(order),
         },
         num_cpus=cfg.write_cpus,
     ).take_all()
@@ -499,12 +525,12 @@ def _run_locked(cfg: EncodeConfig, lock: encode_lock.EncodeLock) -> dict[str, An
         streams.append(encode_stream(cfg, items, diff.encode_ids, meta))
     if len(diff.carry_ids) and prev is not None:
         streams.append(carry_stream(cfg, prev, diff.carry_ids))
-    results = write(cfg, streams, vdir, meta)
+    results = write(cfg, streams, vdir, meta, p.order)
     # images the store would not give: their previous rows are kept (stale), never dropped
     transient = shard_writer.transient_image_failures(vdir, results)
     stale = transient.filter(pc.is_in(transient, value_set=diff.prev_row_ids))
     if len(stale) and prev is not None:
-        results += write(cfg, [carry_stream(cfg, prev, stale)], vdir, meta)
+        results += write(cfg, [carry_stream(cfg, prev, stale)], vdir, meta, p.order)
     lookup_stale = shard_writer.error_rows(
         diff.stale_ids.to_pylist(),
         "fetch",

@@ -22,7 +22,7 @@ Pipeline (Ray Data):
 
 Output, a new version per run (nothing is overwritten)::
 
-    <out>/versions/<version>/manifest.parquet/part-<scene key>-<first chip row>.parquet
+    <out>/versions/<version>/manifest.parquet/part-<time>-<scene key>-<first chip row>.parquet
     <out>/versions/<version>/errors.parquet     scene_id, stage, reason, source
     <out>/versions/<version>/summary.json       counts, errors by stage, resolved config
     <out>/LATEST                                the version id, written last
@@ -49,6 +49,7 @@ import functools
 import hashlib
 import json
 import logging
+import re
 import sys
 import time
 from collections import Counter
@@ -158,10 +159,18 @@ def plan_scene(row: dict[str, Any], cfg: dict[str, Any]) -> list[dict[str, Any]]
     return [{**base, "start": s, "stop": min(s + step, n)} for s in range(0, n, step)]
 
 
-def part_uri(version_dir: str, scene_id: str, start: int) -> str:
-    """The manifest part of one task: named by scene and first chip row, so reruns replace it."""
-    key = hashlib.sha1(scene_id.encode("utf-8")).hexdigest()[:16]
-    return storage.join(version_dir, "manifest.parquet", f"part-{key}-{start:06d}.parquet")
+def part_uri(version_dir: str, scene: Scene, start: int) -> str:
+    """The manifest part of one task, named by scene and first chip row, so reruns replace it.
+
+    The name starts with the acquisition time (UTC, digits only), so the parts, read in name
+    order, list the chips in time order and each scene's chips together: the order the encode
+    job keeps in the index, which filtered search reads in runs.
+    """
+    key = hashlib.sha1(scene.scene_id.encode("utf-8")).hexdigest()[:16]
+    digits = re.sub(r"[^0-9T]", "", scene.datetime)
+    when = (digits + "0" * 21)[:21] if digits else "undated"  # fixed width: sorts by time
+    name = f"part-{when}-{key}-{start:06d}.parquet"
+    return storage.join(version_dir, "manifest.parquet", name)
 
 
 def tile_task(row: dict[str, Any], cfg: dict[str, Any], version_dir: str) -> dict[str, Any]:
@@ -186,7 +195,7 @@ def tile_task(row: dict[str, Any], cfg: dict[str, Any], version_dir: str) -> dic
         return {**out, "stage": stage, "reason": reason}
     out["skipped_nodata"] = tiles.skipped_nodata
     if tiles.rows:
-        uri = part_uri(version_dir, scene.scene_id, row["start"])
+        uri = part_uri(version_dir, scene, row["start"])
         storage.write_parquet(uri, pa.Table.from_pylist(tiles.rows, schema=MANIFEST_SCHEMA))
         out.update(chips=len(tiles.rows), part=uri)
     return out

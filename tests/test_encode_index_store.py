@@ -11,6 +11,8 @@ import pytest
 from duch_core import (
     catalog_snapshot,
     encode_lock,
+    encoding,
+    filters,
     index_diff,
     pointers,
     retention,
@@ -773,3 +775,80 @@ def test_store_failures_are_transient_and_leave_the_item_out_whole(tmp_path, mon
     monkeypatch.setattr(storage, "read_bytes", lambda uri: real_read(uri)[:10])
     data, reason, transient = encoding.fetch_image(storage.join(base, "a.png"), 999)
     assert data is None and transient and "10 bytes" in reason
+
+
+def test_shards_hold_rows_in_index_order_time_then_id_and_follow_their_first_row(tmp_path):
+    """:class:`shard_writer.IndexOrder` against a plain sort; writers sort their rows by it and
+    :func:`shard_writer.merge_written` orders the shards by their first row, not by path."""
+    rng = np.random.default_rng(5)
+    n = 60
+    ids = [f"item-{k:03d}" for k in rng.permutation(n)]
+    days = rng.integers(0, 6, n)  # many items share a time, as a scene's chips do
+    when = [None if d == 5 else f"2024-03-{d + 1:02d}T10:00:00Z" for d in days]
+    dt = filters.datetime_us(pa.table({"datetime": pa.array(when, pa.string())}))
+    order = shard_writer.IndexOrder.build(pa.array(ids), pa.array(dt))
+    # the slow reference: unknown times last, then by id
+    ref = sorted(zip(when, ids, strict=True), key=lambda p: (p[0] is None, p[0] or "", p[1]))
+    assert order.ordered_ids() == [i for _, i in ref]
+    probe = pa.array([ref[7][1], "item-999", ref[0][1] + "-longer", ref[n - 1][1]])
+    assert order.positions(probe).tolist() == [7, n, n, n - 1]
+
+    # code rows of every item (image + 0-2 captions), in a scrambled order, in two batches
+    mods, caps, items = [], [], []
+    for i in ids:
+        for c in [-1, *range(int(rng.integers(0, 3)))]:
+            items.append(i)
+            mods.append("image" if c < 0 else "text")
+            caps.append(c)
+    perm = rng.permutation(len(items))
+    rows = encoding.code_rows(
+        BITS,
+        [items[p] for p in perm],
+        [mods[p] for p in perm],
+        [caps[p] for p in perm],
+        rng.integers(0, 256, (len(items), BITS // 8), dtype=np.uint8),
+        ["fp"] * len(items),
+        [""] * len(items),
+        [""] * len(items),
+        "encoded",
+    )
+    vdir = str(tmp_path / "v")
+    half = len(items) // 2
+    results = [
+        shard_writer.write_code_batch(b, vdir, "bundle", BITS, order).to_pylist()[0]
+        for b in (rows.slice(0, half), rows.slice(half))
+    ]
+    rank = {i: k for k, i in enumerate(order.ordered_ids())}
+    for r in results:
+        t = storage.read_parquet(storage.join(vdir, r["path"]))
+        keys = [
+            (rank[i], m, c)
+            for i, m, c in zip(
+                t.column("item_id").to_pylist(),
+                t.column("modality").to_pylist(),
+                t.column("caption_index").to_pylist(),
+                strict=True,
+            )
+        ]
+        assert keys == sorted(keys) and r["first"] == keys[0][0]
+    written = shard_writer.merge_written(vdir, list(reversed(results)))
+    by_first = sorted(results, key=lambda r: r["first"])
+    assert [s.path for s in written.shards] == [r["path"] for r in by_first]
+
+    # without an order the rows stay as given; an id the order lacks goes last
+    plain = shard_writer.write_code_batch(rows.slice(0, 5), str(tmp_path / "w"), "b", BITS)
+    assert plain.column("first").to_pylist() == [-1]
+    three = encoding.code_rows(
+        BITS,
+        ["x", "y", "z"],
+        ["image"] * 3,
+        [-1] * 3,
+        np.zeros((3, BITS // 8), np.uint8),
+        ["fp"] * 3,
+        [""] * 3,
+        [""] * 3,
+        "carried",
+    )
+    zx = shard_writer.IndexOrder.build(pa.array(["z", "x"]), pa.array([1, 2], pa.int64()))
+    got, first = shard_writer.order_rows(three, zx)
+    assert got.column("item_id").to_pylist() == ["z", "x", "y"] and first == 0

@@ -66,7 +66,8 @@ def tiled(s3_server, tmp_path_factory):
     gone["bands"] = [b.replace("l8_", "nothing_") for b in gone["bands"]]
     gone["image_uri"] = gone["image_uri"].replace("l8_", "nothing_")
     manifest = prefix + "/tiles/manifest.parquet"
-    for k, (_, r) in enumerate(sorted(rows.items())):
+    # the later scene (Sentinel-2) in the first part: the index still starts with the earlier one
+    for k, (_, r) in enumerate(sorted(rows.items(), reverse=True)):
         _manifest_part(f"{manifest}/part-{k}.parquet", r + ([gone] if k == 0 else []))
     bundle = _bundle(prefix + "/bundle")
     return {"manifest": manifest, "rows": rows, "bundle": bundle, "prefix": prefix, "real": real}
@@ -91,10 +92,11 @@ def _reference(bundle: str, rows: list[dict]) -> dict[tuple[str, int], bytes]:
     return ref
 
 
-def _run(bundle: str, manifest: str, out: str) -> tuple[int, str]:
+def _run(bundle: str, manifest: str, out: str, *sets: str) -> tuple[int, str]:
     from jobs import encode
 
     argv = ["--bundle", bundle, "--archive", manifest, "--out", out, "--config", SMOKE]
+    argv += [a for kv in sets for a in ("--set", kv)]
     console = io.StringIO()
     with contextlib.redirect_stdout(console):
         rc = encode.main(argv)
@@ -108,6 +110,30 @@ def _codes(root: str) -> dict[tuple[str, int], bytes]:
     return {k: c.tobytes() for k, c in zip(keys, codes, strict=True)}
 
 
+def _assert_index_order(root: str, rows: list[dict]) -> None:
+    """Rows of each shard by (acquisition time, item id), each item's rows together, and the
+    shards by their first row."""
+    from duch_core import filters
+
+    when = dict(
+        zip(
+            [r["item_id"] for r in rows],
+            filters.datetime_us(pa.table({"datetime": [r["datetime"] for r in rows]})).tolist(),
+            strict=True,
+        )
+    )
+    m = ix.read_latest(root)
+    firsts = []
+    for shard in m.shards:
+        ids = storage.read_parquet(m.resolve(shard.path)).column("item_id").to_pylist()
+        items = [i for k, i in enumerate(ids) if k == 0 or ids[k - 1] != i]  # image, captions
+        assert len(items) == len(set(items)), "an item's rows are not together"
+        keys = [(when[i], i) for i in items]
+        assert keys == sorted(keys)
+        firsts.append(keys[0])
+    assert firsts == sorted(firsts)
+
+
 def test_encode_over_tiled_scenes_equals_the_same_windows_in_memory(ray_session, tiled):
     all_rows = [r for rows in tiled["rows"].values() for r in rows]
     assert len(all_rows) == 9 + 16  # 627x603 px in 256-px chips; 2 chip rows of 1933x1947 px
@@ -118,6 +144,9 @@ def test_encode_over_tiled_scenes_equals_the_same_windows_in_memory(ray_session,
     got = _codes(out)
     assert set(got) == set(ref)
     assert [k for k in ref if got[k] != ref[k]] == []
+    _assert_index_order(out, all_rows)
+    first = ix.read_rows(ix.read_latest(out)).column("item_id").to_pylist()[0]
+    assert first.startswith("LC08_016038/")  # acquired first, listed last
     m = ix.read_latest(out)
     assert m.counts["image"] == len(all_rows)
     assert m.counts["text"] == len(tiled["rows"]["S2A_18SUJ"])  # one caption per S2 chip
@@ -140,10 +169,11 @@ def test_encode_over_tiled_scenes_equals_the_same_windows_in_memory(ray_session,
     with open(l8_band, "rb") as f:
         data = f.read()
     storage.write_bytes(f"{tiled['prefix']}/bands/{os.path.basename(l8_band)}", data)  # new ETag
-    rc, printed = _run(tiled["bundle"], tiled["manifest"], out)
+    rc, printed = _run(tiled["bundle"], tiled["manifest"], out, "shard_rows=8")
     assert rc == 0, printed
     s = storage.read_json(ix.read_latest(out).resolve(ix.SUMMARY_NAME))
     # changed: the 9 Landsat chips and the failed chip, which is retried every run
     assert s["changed"] == 9 + 1 and s["new"] == 0 and s["deleted"] == 0
     assert s["encoded_items"] == 10 and s["carried_over_items"] == 16
     assert _codes(out) == got  # same pixels, same codes
+    _assert_index_order(out, all_rows)

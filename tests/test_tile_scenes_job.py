@@ -126,6 +126,12 @@ def test_the_job_tiles_real_scenes_from_s3_and_reports_every_bad_input(
     # the Sentinel-2 scene was split over tasks of two chip rows: four manifest parts
     parts = storage.list_prefix(storage.join(vdir, "manifest.parquet"))
     assert len(parts) == 2 + 4 + 2
+    # read in name order, the manifest lists chips by acquisition time, each scene's together
+    table_order = [r["datetime"] for r in table.to_pylist()]
+    assert table_order == sorted(table_order)
+    scenes_seen = [r["scene_id"] for r in table.to_pylist()]
+    changes = sum(a != b for a, b in zip(scenes_seen, scenes_seen[1:], strict=False))
+    assert changes == len(set(scenes_seen)) - 1
 
     # a chip decodes from its manifest row alone, from S3
     chip = cio.read_window(rows["S2A_18SUJ/r256_c512"])
