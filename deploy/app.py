@@ -85,6 +85,9 @@ class AppArgs(BaseModel):
         description="The ingress encodes queries itself instead of calling a QueryEncoder.",
     )
     k_cap: int = Field(100, ge=1, le=10_000, description="Largest k a query may ask for.")
+    shortlist_cap: int = Field(
+        1000, ge=1, le=100_000, description="Largest shortlist an asymmetric search re-ranks."
+    )
     max_text_chars: int = Field(1000, ge=1, description="Longest query text accepted.")
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest image file.")
     max_image_pixels: int = Field(
@@ -182,6 +185,7 @@ class AppArgs(BaseModel):
     def limits(self) -> Limits:
         return Limits(
             k_cap=self.k_cap,
+            shortlist_cap=self.shortlist_cap,
             max_text_chars=self.max_text_chars,
             max_image_bytes=self.max_image_bytes,
             max_image_pixels=self.max_image_pixels,

@@ -131,9 +131,10 @@ def hits_from_result(res: ShardResult, catalog: Catalog, modality: str) -> list[
     rows = [int(i) for i in res.ids[0]]
     item_ids = [res.item_ids[r] for r in rows]
     recs = catalog.lookup(item_ids)
+    scores = [None] * len(rows) if res.score is None else [float(v) for v in res.score[0]]
     hits = []
-    for rank, (row, item_id, rec, d) in enumerate(
-        zip(rows, item_ids, recs, res.dist[0], strict=True), start=1
+    for rank, (row, item_id, rec, d, score) in enumerate(
+        zip(rows, item_ids, recs, res.dist[0], scores, strict=True), start=1
     ):
         captions = list((rec or {}).get("captions") or [])
         cap_idx = res.caption_index.get(row) if modality == "text" else None
@@ -145,6 +146,7 @@ def hits_from_result(res: ShardResult, catalog: Catalog, modality: str) -> list[
                 rank=rank,
                 item_id=item_id,
                 distance=int(d),
+                score=score,
                 image_uri=(rec or {}).get("image_uri"),
                 captions=captions,
                 caption_index=cap_idx,

@@ -4,6 +4,9 @@ Text and image queries become packed hash codes, in batches (``@serve.batch``). 
 either calls the :class:`QueryEncoder` deployment or runs a :class:`BatchedEncoder` itself
 (``encode_in_ingress``); :func:`connect_encoder` gives both the same call shapes.
 
+An answer carries the packed code and, when the bundle's encoder gives it, the continuous code
+(the hash head's ``tanh`` outputs) that asymmetric ranking needs (:mod:`duch_core.asymmetric`).
+
 Every answer names the bundle that made the code, and a caller may name the bundle it expects:
 the encoder refuses a query for another bundle, and the ingress refuses (503) an answer from
 another bundle than the one its index version was built with, so codes of two models are
@@ -24,36 +27,59 @@ from deploy.retry import retry_unavailable
 
 log = logging.getLogger("ray.serve")
 
-EncodeResult = tuple[np.ndarray | None, str | None]
-#: ``(code | None, error | None, bundle id of the encoder that answered)``.
-Answer = tuple[np.ndarray | None, str | None, str]
+#: ``(packed code (bits // 8,) uint8 | None, error | None, continuous code (bits,) float32 |
+#: None)``.
+EncodeResult = tuple[np.ndarray | None, str | None, np.ndarray | None]
+#: ``(code | None, error | None, bundle id of the encoder that answered, continuous | None)``.
+Answer = tuple[np.ndarray | None, str | None, str, np.ndarray | None]
+
+
+def _results(out: Any) -> list[EncodeResult]:
+    """An encoder's batch output as results: float rows are continuous codes (packed here),
+    uint8 rows packed codes already."""
+    from duch_core import codes as codes_mod
+
+    a = np.asarray(out)
+    if a.dtype.kind == "f":
+        cont = np.ascontiguousarray(a, dtype=np.float32)
+        packed = codes_mod.pack(cont)
+        return [(packed[i], None, cont[i]) for i in range(a.shape[0])]
+    packed = np.asarray(a, dtype=np.uint8)
+    return [(packed[i], None, None) for i in range(a.shape[0])]
 
 
 def _encode(fn: Any, items: list[Any]) -> list[EncodeResult]:
     try:
-        codes = np.asarray(fn(items), dtype=np.uint8)
-        return [(codes[i], None) for i in range(len(items))]
+        return _results(fn(items))
     except Exception:
         if len(items) == 1:
             raise
     out: list[EncodeResult] = []
     for item in items:
         try:
-            out.append((np.asarray(fn([item]), dtype=np.uint8)[0], None))
+            out.append(_results(fn([item]))[0])
         except Exception as e:  # reported to that query's caller only
-            out.append((None, f"{type(e).__name__}: {e}"))
+            out.append((None, f"{type(e).__name__}: {e}", None))
     return out
 
 
 def encode_batch(fn: Any, items: list[Any]) -> list[EncodeResult]:
-    """``fn`` on a batch: one ``(code (bits // 8,) uint8 | None, error | None)`` per item.
+    """``fn`` on a batch: one :data:`EncodeResult` per item. ``fn`` returns continuous codes
+    ``(N, bits)`` float (then both codes are given) or packed ones ``(N, bits // 8)`` uint8.
 
     A batch that fails is retried item by item, so one bad query never fails the others.
     """
     try:
         return _encode(fn, items)
     except Exception as e:
-        return [(None, f"{type(e).__name__}: {e}")]
+        return [(None, f"{type(e).__name__}: {e}", None)]
+
+
+def _embed(encoder: Any, modality: str) -> Any:
+    """The encoder's continuous-code function for ``modality`` (``embed_texts``/
+    ``embed_images``), or its packed one when it has none."""
+    name = "texts" if modality == "text" else "images"
+    return getattr(encoder, f"embed_{name}", None) or getattr(encoder, f"encode_{name}")
 
 
 def warm_up(loaded: LoadedEncoder) -> None:
@@ -84,7 +110,8 @@ class BatchedEncoder:
     ``(bits // 8,)`` uint8 packed code, or ``None`` with ``error`` saying why the query could not
     be encoded (for instance a text that is empty once cleaned). A batch that fails is retried
     item by item so one bad query never fails the others. The forward pass runs in a worker
-    thread, so the caller's event loop keeps serving.
+    thread, so the caller's event loop keeps serving. The continuous code comes with it when
+    the encoder has ``embed_texts``/``embed_images`` (:class:`duch_core.bundle.HashEncoder`).
     """
 
     def __init__(
@@ -98,13 +125,13 @@ class BatchedEncoder:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def encode_text(self, texts: list[str]) -> list[EncodeResult]:
-        """Batched: one text in, ``(code (bits // 8,) uint8 | None, error | None)`` out."""
-        return await asyncio.to_thread(encode_batch, self.loaded.encoder.encode_texts, texts)
+        """Batched: one text in, one :data:`EncodeResult` out."""
+        return await asyncio.to_thread(encode_batch, _embed(self.loaded.encoder, "text"), texts)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def encode_image(self, images: list[np.ndarray]) -> list[EncodeResult]:
-        """Batched: one ``(H, W, 3)`` uint8 image in, ``(code | None, error | None)`` out."""
-        return await asyncio.to_thread(encode_batch, self.loaded.encoder.encode_images, images)
+        """Batched: one ``(H, W, 3)`` uint8 image in, one :data:`EncodeResult` out."""
+        return await asyncio.to_thread(encode_batch, _embed(self.loaded.encoder, "image"), images)
 
 
 def encoder_info(loaded: LoadedEncoder, bundle_uri: str) -> dict[str, Any]:
@@ -151,23 +178,28 @@ class QueryEncoder:
         own = self.loaded.bundle_id
         if bundle_id is not None and bundle_id != own:
             log.error("query encoder: asked for bundle %s, holds %s: refused", bundle_id, own)
-            return None, f"the encoder holds bundle {own}, not {bundle_id}", own
+            return None, f"the encoder holds bundle {own}, not {bundle_id}", own, None
         return None
 
     async def encode_text(self, text: str, bundle_id: str | None = None) -> Answer:
-        """One text in, ``(code (bits // 8,) uint8 | None, error | None, bundle id)`` out
-        (batched); refused when ``bundle_id`` names another bundle than the one held."""
+        """One text in, an :data:`Answer` out (batched); refused when ``bundle_id`` names
+        another bundle than the one held."""
         refused = self._refuse(bundle_id)
         if refused is not None:
             return refused
-        return (*await self.batched.encode_text(text), self.loaded.bundle_id)
+        return _answer(await self.batched.encode_text(text), self.loaded.bundle_id)
 
     async def encode_image(self, image: np.ndarray, bundle_id: str | None = None) -> Answer:
-        """One ``(H, W, 3)`` uint8 image in, ``(code | None, error | None, bundle id)`` out."""
+        """One ``(H, W, 3)`` uint8 image in, an :data:`Answer` out."""
         refused = self._refuse(bundle_id)
         if refused is not None:
             return refused
-        return (*await self.batched.encode_image(image), self.loaded.bundle_id)
+        return _answer(await self.batched.encode_image(image), self.loaded.bundle_id)
+
+
+def _answer(res: EncodeResult, bundle_id: str) -> Answer:
+    code, err, cont = res
+    return code, err, bundle_id, cont
 
 
 @dataclass(frozen=True)
@@ -224,13 +256,13 @@ async def connect_encoder(
 
         async def text_local(text: str, bundle_id: str) -> Answer:
             if bundle_id != own:
-                return None, f"the encoder holds bundle {own}, not {bundle_id}", own
-            return (*await local.encode_text(text), own)
+                return None, f"the encoder holds bundle {own}, not {bundle_id}", own, None
+            return _answer(await local.encode_text(text), own)
 
         async def image_local(image: np.ndarray, bundle_id: str) -> Answer:
             if bundle_id != own:
-                return None, f"the encoder holds bundle {own}, not {bundle_id}", own
-            return (*await local.encode_image(image), own)
+                return None, f"the encoder holds bundle {own}, not {bundle_id}", own, None
+            return _answer(await local.encode_image(image), own)
 
         return EncoderClient(text_local, image_local, loaded.bits, own, image_config(loaded.config))
     info = await retry_unavailable(handle.info.remote)

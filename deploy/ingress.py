@@ -63,6 +63,7 @@ from deploy.queries import (
     json_body_schema,
     parse_search_request,
 )
+from deploy.searcher import Rerank
 from deploy.served_index import IndexRefusedError, ServedIndex, shard_groups, version_age_s
 from deploy.telemetry import STATUS_REASONS, Telemetry, process_memory
 from deploy.thumbnails import ThumbnailCache
@@ -247,8 +248,11 @@ class Ingress:
     def _decode_slot(self) -> "_Slot":
         return _Slot(self._decodes, self.settings.decode_wait_s)
 
-    async def encode(self, query: Query, bundle_id: str) -> tuple[np.ndarray, float]:
-        """The query's packed code ``(1, bits // 8)`` uint8 and its decode time in seconds.
+    async def encode(
+        self, query: Query, bundle_id: str
+    ) -> tuple[np.ndarray, float, np.ndarray | None]:
+        """The query's packed code ``(1, bits // 8)`` uint8, its decode time in seconds and its
+        continuous code ``(1, bits)`` float32 (``None`` when the encoder gives none).
 
         Raises:
             RequestError: 422 when it cannot be encoded; 503 when the encoder that answered
@@ -256,13 +260,13 @@ class Ingress:
         """
         decode_s = 0.0
         if query.modality == "text":
-            code, err, got = await self.encoder.encode_text(query.text or "", bundle_id)
+            code, err, got, cont = await self.encoder.encode_text(query.text or "", bundle_id)
         else:
             t0 = time.perf_counter()
             img = await self.decode(query.image or b"")
             decode_s = time.perf_counter() - t0
             self.telemetry.observe("decode", decode_s)
-            code, err, got = await self.encoder.encode_image(img, bundle_id)
+            code, err, got, cont = await self.encoder.encode_image(img, bundle_id)
         if got != bundle_id:
             log.error(
                 "ingress: the query encoder holds bundle %s, the index version was built with %s:"
@@ -277,19 +281,28 @@ class Ingress:
             )
         if code is None:
             raise RequestError(422, f"cannot encode the {query.modality} query: {err}")
-        return np.asarray(code, dtype=np.uint8).reshape(1, -1), decode_s
+        packed = np.asarray(code, dtype=np.uint8).reshape(1, -1)
+        continuous = None if cont is None else np.asarray(cont, np.float32).reshape(1, -1)
+        return packed, decode_s, continuous
 
     async def run_search(self, query: Query) -> SearchResponse:
         """Encode, search the served version, fill the hits in from its catalog."""
         t0 = time.perf_counter()
         st = self.index.current()
+        rerank = None
         if query.modality == "item":  # its stored image code is the query: no encoder call
             codes, decode_s = await self.index.code_of(st, "image", query.item_id or ""), 0.0
         else:
-            codes, decode_s = await self.encode(query, st.bundle_id)
+            codes, decode_s, continuous = await self.encode(query, st.bundle_id)
+            if query.rank == "asymmetric":
+                if continuous is None:
+                    raise RequestError(
+                        422, "rank: this service's encoder gives no continuous codes"
+                    )
+                rerank = Rerank(continuous, query.shortlist)
         t1 = time.perf_counter()
         modality = TARGET_MODALITY[query.target]
-        st, res = await self.index.search(st, modality, codes, query.k, query.filter)
+        st, res = await self.index.search(st, modality, codes, query.k, query.filter, rerank)
         t2 = time.perf_counter()
         hits = hits_from_result(res, st.catalog, modality)
         t3 = time.perf_counter()
@@ -303,6 +316,7 @@ class Ingress:
             query_modality=query.modality,
             target=query.target,
             k=query.k,
+            rank=query.rank,
             hits=hits,
             timings_ms={
                 "decode": round(decode_s * 1e3, 3),
@@ -502,6 +516,7 @@ def build_api(svc: Ingress) -> FastAPI:
             counts=st.counts,
             n_searchers=svc.n_searchers,
             k_cap=limits.k_cap,
+            shortlist_cap=limits.shortlist_cap,
             loaded_at=st.loaded_at,
             archive_uri=st.manifest.archive or None,
         )

@@ -6,6 +6,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Target = Literal["images", "captions"]
 QueryModality = Literal["text", "image", "item"]
+Ranking = Literal["hamming", "asymmetric"]
 Box = list[float]
 
 
@@ -53,6 +54,19 @@ class SearchRequest(BaseModel):
     )
     target: Target = Field("images", description="Search the archive's images or its captions.")
     filter: SearchFilter | None = Field(None, description="Only items that pass this filter.")
+    rank: Ranking = Field(
+        "hamming",
+        description="'hamming': by Hamming distance, ties by index position. 'asymmetric': "
+        "each searcher's Hamming shortlist re-ranked by the query's continuous code against "
+        "the stored bits (score = <tanh outputs, ±1 bits>, higher first); text and image "
+        "queries only.",
+    )
+    shortlist: int | None = Field(
+        None,
+        ge=1,
+        description="Asymmetric ranking only: Hamming candidates re-ranked per searcher, at "
+        "most shortlist_cap (default 100; fewer than k count as k).",
+    )
 
     @model_validator(mode="after")
     def _one_query(self) -> "SearchRequest":
@@ -68,6 +82,9 @@ class Hit(BaseModel):
     rank: int = Field(description="1-based rank.")
     item_id: str
     distance: int = Field(description="Hamming distance between the query code and the item code.")
+    score: float | None = Field(
+        None, description="Asymmetric ranking: <query's continuous code, item's ±1 bits>."
+    )
     image_uri: str | None = Field(description="Where the item's image lives in the archive.")
     captions: list[str] = Field(description="All captions of the item.")
     caption_index: int | None = Field(
@@ -92,6 +109,7 @@ class SearchResponse(BaseModel):
     query_modality: QueryModality
     target: Target
     k: int
+    rank: Ranking = "hamming"
     hits: list[Hit]
     timings_ms: dict[str, float] = Field(
         default_factory=dict, description="Server-side time spent in encode, search and total."
@@ -109,6 +127,7 @@ class IndexInfo(BaseModel):
     counts: dict[str, int] = Field(description="Indexed codes per modality (image, text).")
     n_searchers: int
     k_cap: int
+    shortlist_cap: int = Field(1000, description="Largest shortlist of asymmetric ranking.")
     loaded_at: float = Field(description="Unix time the version started serving.")
     archive_uri: str | None = None
 

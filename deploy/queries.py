@@ -79,6 +79,7 @@ class Limits:
     max_text_chars: int = 1000
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 16_777_216  # 4096 x 4096
+    shortlist_cap: int = 1000  # largest Hamming shortlist an asymmetric search re-ranks
 
     def max_body_bytes(self, content_type: str) -> int:
         """Largest body accepted for a content type (base64 in JSON costs 4/3 of the bytes)."""
@@ -99,6 +100,8 @@ class Query:
     image: bytes | None = None
     item_id: str | None = None
     filter: dict[str, Any] | None = None  # a checked duch_core.filters spec
+    rank: Literal["hamming", "asymmetric"] = "hamming"
+    shortlist: int = 0  # asymmetric: Hamming candidates re-ranked per searcher (>= k)
 
 
 def format_validation_error(err: ValidationError) -> str:
@@ -249,6 +252,33 @@ def check_filter(spec: Any) -> dict[str, Any] | None:
     return spec or None
 
 
+DEFAULT_SHORTLIST = 100
+
+
+def check_ranking(rank: str, shortlist: int | None, k: int, modality: str, limits: Limits) -> int:
+    """The shortlist of an asymmetric search (0 for Hamming ranking): the one given (at most
+    ``shortlist_cap``; one below ``k`` counts as ``k``), by default the larger of 100 (capped)
+    and ``k``. 422 for a shortlist without asymmetric ranking, one over the cap, or an
+    asymmetric ``item_id`` query (a stored code has only its bits)."""
+    if rank != "asymmetric":
+        if shortlist is not None:
+            raise RequestError(422, "shortlist: only with rank 'asymmetric'")
+        return 0
+    if modality == "item":
+        raise RequestError(
+            422,
+            "rank: an item_id query has only its stored bits, no continuous code; "
+            "use rank 'hamming'",
+        )
+    if shortlist is None:
+        return max(k, min(DEFAULT_SHORTLIST, limits.shortlist_cap))
+    if not 1 <= shortlist <= limits.shortlist_cap:
+        raise RequestError(
+            422, f"shortlist must be between 1 and {limits.shortlist_cap}, got {shortlist}"
+        )
+    return max(k, shortlist)
+
+
 def check_item_id(item_id: str) -> str:
     """A query's ``item_id``: not empty, at most :data:`MAX_ITEM_ID_CHARS` characters."""
     if not item_id or len(item_id) > MAX_ITEM_ID_CHARS:
@@ -259,10 +289,28 @@ def check_item_id(item_id: str) -> str:
 def _from_model(req: SearchRequest, limits: Limits) -> Query:
     k = check_k(req.k, limits)
     spec = check_filter(req.filter)
+    modality = "text" if req.text is not None else "item" if req.item_id is not None else "image"
+    shortlist = check_ranking(req.rank, req.shortlist, k, modality, limits)
     if req.text is not None:
-        return Query("text", k, req.target, text=check_text(req.text, limits), filter=spec)
+        return Query(
+            "text",
+            k,
+            req.target,
+            text=check_text(req.text, limits),
+            filter=spec,
+            rank=req.rank,
+            shortlist=shortlist,
+        )
     if req.item_id is not None:
-        return Query("item", k, req.target, item_id=check_item_id(req.item_id), filter=spec)
+        return Query(
+            "item",
+            k,
+            req.target,
+            item_id=check_item_id(req.item_id),
+            filter=spec,
+            rank=req.rank,
+            shortlist=shortlist,
+        )
     b64 = req.image_base64 or ""
     if b64.startswith("data:") and "," in b64:  # data URL from a browser
         b64 = b64.split(",", 1)[1]
@@ -270,7 +318,15 @@ def _from_model(req: SearchRequest, limits: Limits) -> Query:
         data = base64.b64decode(b64, validate=True)
     except (binascii.Error, ValueError) as e:
         raise RequestError(400, f"image_base64 is not valid base64: {e}") from None
-    return Query("image", k, req.target, image=check_image_bytes(data, limits), filter=spec)
+    return Query(
+        "image",
+        k,
+        req.target,
+        image=check_image_bytes(data, limits),
+        filter=spec,
+        rank=req.rank,
+        shortlist=shortlist,
+    )
 
 
 def _no_constant(name: str) -> Any:
@@ -292,13 +348,16 @@ def parse_json(body: bytes, limits: Limits) -> Query:
     if not isinstance(obj, dict):
         raise RequestError(422, "request body must be a JSON object")
     nulls = [
-        n for n in ("text", "image_base64", "item_id", "target") if n in obj and obj[n] is None
+        n
+        for n in ("text", "image_base64", "item_id", "target", "rank")
+        if n in obj and obj[n] is None
     ]
     if nulls:
         raise RequestError(422, f"{nulls[0]}: must be a string, not null")
-    k = obj.get("k")
-    if isinstance(k, float) and k.is_integer():
-        obj["k"] = int(k)  # 3.0 is an integer to JSON Schema
+    for name in ("k", "shortlist"):
+        v = obj.get(name)
+        if isinstance(v, float) and v.is_integer():
+            obj[name] = int(v)  # 3.0 is an integer to JSON Schema
     try:  # strict: "3" is not a JSON integer, 1 is not a string (the form parser is lax)
         req = SearchRequest.model_validate(obj, strict=True)
     except ValidationError as e:
@@ -307,16 +366,17 @@ def parse_json(body: bytes, limits: Limits) -> Query:
 
 
 def parse_form(fields: dict[str, Any], limits: Limits) -> Query:
-    """Parse a multipart form: ``image`` (file) or ``text``, plus optional ``k`` and ``target``.
+    """Parse a multipart form: ``image`` (file) or ``text``, plus optional ``k``, ``target``,
+    ``filter``, ``rank`` and ``shortlist``.
 
     ``fields`` maps names to strings, or for file parts to ``(filename, content_type, bytes)``.
     """
-    unknown = sorted(set(fields) - {"image", "text", "k", "target", "filter"})
+    unknown = sorted(set(fields) - {"image", "text", "k", "target", "filter", "rank", "shortlist"})
     if unknown:
         raise RequestError(
             422,
             f"unknown form field(s) {', '.join(unknown)}; expected image or text, k, target, "
-            "filter",
+            "filter, rank, shortlist",
         )
     spec = None
     if "filter" in fields:
@@ -335,7 +395,7 @@ def parse_form(fields: dict[str, Any], limits: Limits) -> Query:
     if text == "" and image is not None:
         text = None  # an empty text field next to an image: browsers send one for an empty box
     obj: dict[str, Any] = {}
-    for name in ("k", "target"):
+    for name in ("k", "target", "rank", "shortlist"):
         if name in fields:
             v = fields[name]
             if isinstance(v, tuple):
@@ -350,8 +410,18 @@ def parse_form(fields: dict[str, Any], limits: Limits) -> Query:
     except ValidationError as e:
         raise RequestError(422, format_validation_error(e)) from None
     k = check_k(req.k, limits)
+    modality = "text" if req.text is not None else "image"
+    shortlist = check_ranking(req.rank, req.shortlist, k, modality, limits)
     if req.text is not None:
-        return Query("text", k, req.target, text=check_text(req.text, limits), filter=spec)
+        return Query(
+            "text",
+            k,
+            req.target,
+            text=check_text(req.text, limits),
+            filter=spec,
+            rank=req.rank,
+            shortlist=shortlist,
+        )
     if not isinstance(image, tuple):
         raise RequestError(422, "image must be uploaded as a file part")
     _, ctype, data = image
@@ -360,7 +430,15 @@ def parse_form(fields: dict[str, Any], limits: Limits) -> Query:
         raise RequestError(
             415, f"uploaded file has content type {ctype!r}; send an image (JPEG, PNG or TIFF)"
         )
-    return Query("image", k, req.target, image=check_image_bytes(data, limits), filter=spec)
+    return Query(
+        "image",
+        k,
+        req.target,
+        image=check_image_bytes(data, limits),
+        filter=spec,
+        rank=req.rank,
+        shortlist=shortlist,
+    )
 
 
 def multipart_boundary(content_type: str) -> str:
@@ -523,6 +601,34 @@ def _text_schema(limits: Limits) -> dict[str, Any]:
     }
 
 
+def _ranking_schema(limits: Limits) -> dict[str, Any]:
+    return {
+        "rank": {
+            "type": "string",
+            "enum": ["hamming", "asymmetric"],
+            "default": "hamming",
+            "description": "hamming, or asymmetric: each searcher's Hamming shortlist re-ranked "
+            "by the query's continuous code (text and image queries).",
+        },
+        "shortlist": {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": limits.shortlist_cap,
+            "description": "Asymmetric only: Hamming candidates re-ranked per searcher, at "
+            f"most {limits.shortlist_cap} (default {DEFAULT_SHORTLIST}; fewer than k count as "
+            "k).",
+        },
+    }
+
+
+#: A shortlist only with asymmetric ranking, which an item_id query cannot have.
+RANKING_RULES: dict[str, Any] = {
+    "if": {"required": ["rank"], "properties": {"rank": {"const": "asymmetric"}}},
+    "then": {"not": {"required": ["item_id"]}},
+    "else": {"not": {"required": ["shortlist"]}},
+}
+
+
 TARGET_SCHEMA = {
     "type": "string",
     "enum": ["images", "captions"],
@@ -589,12 +695,14 @@ def json_body_schema(limits: Limits) -> dict[str, Any]:
             "k": {"anyOf": [_k_schema(limits), {"type": "null"}]},
             "target": TARGET_SCHEMA,
             "filter": {"anyOf": [FILTER_SCHEMA, {"type": "null"}]},
+            **_ranking_schema(limits),
         },
         "oneOf": [
             {"required": ["text"]},
             {"required": ["image_base64"]},
             {"required": ["item_id"]},
         ],
+        **RANKING_RULES,
     }
 
 
@@ -614,9 +722,11 @@ def form_body_schema(limits: Limits) -> dict[str, Any]:
                 "contentMediaType": "application/json",
                 "description": "The search filter as JSON text (see the JSON body's filter).",
             },
+            **_ranking_schema(limits),
         },
         "oneOf": [
             {"required": ["image"], "properties": {"text": {"maxLength": 0}}},
             {"required": ["text"], "properties": {"text": _text_schema(limits), "image": False}},
         ],
+        **RANKING_RULES,
     }

@@ -79,7 +79,9 @@ class ShardResult:
     """Top-k of one searcher for ``Q`` queries.
 
     ``dist`` ``(Q, k')`` int32 and ``ids`` ``(Q, k')`` int64 (global row ids), sorted by
-    (distance, id); ``item_ids``/``caption_index`` map each returned row id to its item.
+    (distance, id); ``item_ids``/``caption_index`` map each returned row id to its item. An
+    asymmetric search also gives ``score`` ``(Q, k')`` float32 and is sorted by (score
+    descending, id) instead.
     """
 
     version: str
@@ -87,6 +89,7 @@ class ShardResult:
     ids: np.ndarray
     item_ids: dict[int, str]
     caption_index: dict[int, int]
+    score: np.ndarray | None = None
 
 
 def build_shard_data(
@@ -134,11 +137,29 @@ def item_metadata_rows(catalog: pa.Table, item_ids: np.ndarray) -> pa.Table:
     return table.select(cols).take(pos)
 
 
+@dataclass(frozen=True)
+class Rerank:
+    """Asymmetric ranking of a search: the queries' continuous codes ``(Q, bits)`` float32 and
+    how many Hamming candidates each searcher re-ranks (``shortlist >= k``)."""
+
+    queries: np.ndarray
+    shortlist: int
+
+
 def search_shard(
-    data: ShardData, queries: np.ndarray, k: int, version: str, spec: Any = None
+    data: ShardData,
+    queries: np.ndarray,
+    k: int,
+    version: str,
+    spec: Any = None,
+    rerank: Rerank | None = None,
 ) -> ShardResult:
     """Exact top-k of ``queries`` ``(Q, bits // 8)`` uint8 in one shard set; with a filter
     ``spec`` (:mod:`duch_core.filters`), the exact top-k among the rows whose item passes.
+
+    With ``rerank``, the Hamming top-``shortlist`` (filtered the same way) is re-ranked by
+    :func:`duch_core.asymmetric.rerank_shortlist` and the best ``k`` by score are returned;
+    a shortlist that covers every passing row gives the exact asymmetric top-k.
 
     Raises:
         duch_core.filters.FilterError: a bad spec, or a filter on an index without metadata.
@@ -155,12 +176,23 @@ def search_shard(
     if data.index.ntotal == 0:
         empty_d = np.zeros((q, 0), np.int32)
         return ShardResult(version, empty_d, np.zeros((q, 0), np.int64), {}, {})
-    dist, ids = data.index.search(queries, k, candidates=candidates)
+    score = None
+    if rerank is None:
+        dist, ids = data.index.search(queries, k, candidates=candidates)
+    else:
+        from duch_core.asymmetric import rerank_shortlist
+
+        d_short, i_short = data.index.search(
+            queries, max(k, rerank.shortlist), candidates=candidates
+        )
+        score, ids, dist = rerank_shortlist(data.index, rerank.queries, i_short, k, d_short)
     flat = np.unique(ids[ids >= 0])
     local = data.rows_to_local(flat)
     items = {int(r): str(data.item_ids[p]) for r, p in zip(flat, local, strict=True)}
     caps = {int(r): int(data.caption_index[p]) for r, p in zip(flat, local, strict=True)}
-    return ShardResult(version, np.asarray(dist), np.asarray(ids, dtype=np.int64), items, caps)
+    return ShardResult(
+        version, np.asarray(dist), np.asarray(ids, dtype=np.int64), items, caps, score
+    )
 
 
 class ShardStore:
@@ -344,9 +376,11 @@ class ShardStore:
         k: int,
         manifest: IndexManifest | None = None,
         spec: Any = None,
+        rerank: Rerank | None = None,
     ) -> ShardResult | None:
         """Exact top-k among this searcher's ``modality`` codes of index ``version`` (with a
-        filter ``spec``, among the codes whose item passes it).
+        filter ``spec``, among the codes whose item passes it; with ``rerank``, ranked
+        asymmetrically, see :func:`search_shard`).
 
         Args:
             version: the index version id the answer must come from.
@@ -367,8 +401,8 @@ class ShardStore:
         self._versions.move_to_end(version)  # least recently searched is dropped first
         shard = data[modality]
         if shard.index.ntotal > INLINE_SEARCH_MAX_ROWS:
-            return await asyncio.to_thread(search_shard, shard, queries, k, version, spec)
-        return search_shard(shard, queries, k, version, spec)
+            return await asyncio.to_thread(search_shard, shard, queries, k, version, spec, rerank)
+        return search_shard(shard, queries, k, version, spec, rerank)
 
     async def code_of(
         self, version: str, modality: str, item_id: str, manifest: IndexManifest | None = None
@@ -434,7 +468,8 @@ class ShardSearcher(ShardStore):
 def merge_results(
     parts: Sequence[ShardResult], k: int, merge: Callable[[list[TopK], int], TopK]
 ) -> ShardResult:
-    """Merge per-searcher top-k into the exact global top-k with ``merge`` (``merge_topk``).
+    """Merge per-searcher top-k into the exact global top-k with ``merge`` (``merge_topk``);
+    asymmetric results (with ``score``) by (score descending, id).
 
     Raises:
         RuntimeError: the parts come from different index versions (never served).
@@ -444,15 +479,36 @@ def merge_results(
         raise RuntimeError(f"searchers answered from different index versions: {sorted(versions)}")
     if len(parts) == 1:  # already the exact top-k, ranked by (distance, id)
         return parts[0]
-    nonempty = [(p.dist, p.ids) for p in parts if p.ids.shape[1]]
     q = parts[0].ids.shape[0]
-    if not nonempty:
-        dist, ids = np.zeros((q, 0), np.int32), np.zeros((q, 0), np.int64)
+    score = None
+    if parts[0].score is not None:
+        dist, ids, score = merge_scored(parts, k)
     else:
-        dist, ids = merge(nonempty, k)
+        nonempty = [(p.dist, p.ids) for p in parts if p.ids.shape[1]]
+        if not nonempty:
+            dist, ids = np.zeros((q, 0), np.int32), np.zeros((q, 0), np.int64)
+        else:
+            dist, ids = merge(nonempty, k)
     items: dict[int, str] = {}
     caps: dict[int, int] = {}
     for p in parts:
         items.update(p.item_ids)
         caps.update(p.caption_index)
-    return ShardResult(versions.pop(), np.asarray(dist), np.asarray(ids), items, caps)
+    return ShardResult(versions.pop(), np.asarray(dist), np.asarray(ids), items, caps, score)
+
+
+def merge_scored(parts: Sequence[ShardResult], k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(dist, ids, score)`` of the best ``k`` by (score descending, id) over asymmetric
+    per-searcher results (each already its searcher's best by that order)."""
+    q = parts[0].ids.shape[0]
+    if any(p.score is None for p in parts):
+        raise RuntimeError("searchers answered with different rankings")
+    score = np.concatenate([np.asarray(p.score, np.float32).reshape(q, -1) for p in parts], 1)
+    ids = np.concatenate([np.asarray(p.ids, np.int64).reshape(q, -1) for p in parts], 1)
+    dist = np.concatenate([np.asarray(p.dist, np.int32).reshape(q, -1) for p in parts], 1)
+    order = np.lexsort((ids, -score), axis=-1)[:, :k]
+    return (
+        np.take_along_axis(dist, order, 1),
+        np.take_along_axis(ids, order, 1),
+        np.take_along_axis(score, order, 1),
+    )

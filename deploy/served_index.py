@@ -30,7 +30,7 @@ from deploy.catalog import Catalog
 from deploy.models import ReloadResponse
 from deploy.queries import RequestError
 from deploy.retry import retry_unavailable
-from deploy.searcher import ShardResult, ShardStore, merge_results
+from deploy.searcher import Rerank, ShardResult, ShardStore, merge_results
 from deploy.telemetry import Telemetry
 from duch_core.index_store import IndexManifest
 
@@ -286,10 +286,12 @@ class ServedIndex:
         codes: np.ndarray,
         k: int,
         spec: Any = None,
+        rerank: Rerank | None = None,
     ) -> tuple[ServingState, ShardResult]:
         """Exact top-k of ``codes`` ``(Q, bits // 8)`` uint8 over all shard groups, merged with
         ``loaders.merge_topk``, from ``st`` or else the current or previous version (see the
-        module docstring); returns the state answered from and the result.
+        module docstring); returns the state answered from and the result. With ``rerank``
+        each group re-ranks its Hamming shortlist asymmetrically and the merge is by score.
 
         Raises:
             RequestError: 503 when no version is held by a replica of every group.
@@ -300,7 +302,7 @@ class ServedIndex:
                 continue
             tried.append(cand.version)
             parts = await asyncio.gather(
-                *(self._one(g, cand, modality, codes, k, spec) for g in self.groups)
+                *(self._one(g, cand, modality, codes, k, spec, rerank) for g in self.groups)
             )
             if all(p is not None for p in parts):
                 return cand, merge_results(
@@ -319,9 +321,10 @@ class ServedIndex:
         codes: np.ndarray,
         k: int,
         spec: Any = None,
+        rerank: Rerank | None = None,
     ) -> ShardResult | None:
-        res = await group.search(st.version, modality, codes, k, None, spec)
+        res = await group.search(st.version, modality, codes, k, None, spec, rerank)
         if res is None:  # that replica lacks the version: another one may hold it, and the
             # manifest lets a replica without it start loading it (in the background)
-            res = await group.search(st.version, modality, codes, k, st.manifest, spec)
+            res = await group.search(st.version, modality, codes, k, st.manifest, spec, rerank)
         return res

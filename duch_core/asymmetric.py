@@ -24,9 +24,20 @@ from duch_core import codes as codes_mod
 from duch_core import metrics
 from duch_core.search import HammingIndex
 
-__all__ = ["asymmetric_scan", "average_precision_at_k", "map_at_k", "rerank", "scores"]
+__all__ = [
+    "asymmetric_scan",
+    "average_precision_at_k",
+    "map_at_k",
+    "rerank",
+    "rerank_shortlist",
+    "scores",
+]
 
 _BLOCK_ROWS = 65_536  # database codes unpacked at a time
+# Scores are computed from the query rounded to multiples of 2**-20: integers in float64, whose
+# sums are exact in any order, so equal codes always get equal scores (ties then go by id) and a
+# score does not depend on which other codes were scored with it.
+_SCALE = 2.0**20
 
 
 def _check_queries(queries: np.ndarray, bits: int) -> np.ndarray:
@@ -42,13 +53,14 @@ def _check_queries(queries: np.ndarray, bits: int) -> np.ndarray:
 
 def scores(queries: np.ndarray, packed: np.ndarray, bits: int) -> np.ndarray:
     """``(Q, N)`` float32 scores ``<u, b>`` of continuous ``queries`` ``(Q, bits)`` against packed
-    database codes ``(N, bits // 8)``."""
-    q = _check_queries(queries, bits)
+    database codes ``(N, bits // 8)``, ``u`` rounded to multiples of ``2**-20`` (exact and
+    order-independent: equal codes score equal)."""
+    q = np.rint(_check_queries(queries, bits).astype(np.float64) * _SCALE)
     db = codes_mod.check_packed(packed, bits)
     out = np.empty((q.shape[0], db.shape[0]), np.float32)
     for s in range(0, db.shape[0], _BLOCK_ROWS):
-        block = codes_mod.unpack(db[s : s + _BLOCK_ROWS], bits).astype(np.float32)
-        out[:, s : s + block.shape[0]] = q @ block.T
+        block = codes_mod.unpack(db[s : s + _BLOCK_ROWS], bits).astype(np.float64)
+        out[:, s : s + block.shape[0]] = (q @ block.T) / _SCALE
     return out
 
 
@@ -104,15 +116,45 @@ def rerank(
         empty = np.zeros((q.shape[0], 0))
         return empty.astype(np.float32), empty.astype(np.int64)
     _, cand = index.search(codes_mod.pack(q), max(k, min(shortlist, n)))
-    out_s, out_i = [], []
-    for row, c in zip(q, cand, strict=True):
-        order = np.argsort(c, kind="stable")
-        pos = index.positions_of(c[order])
-        s = scores(row[None, :], index.codes_at(pos), index.bits)
-        top_s, top_i = _top(s, c[order][None, :], min(k, c.shape[0]))
-        out_s.append(top_s[0])
-        out_i.append(top_i[0])
-    return np.stack(out_s).astype(np.float32), np.stack(out_i).astype(np.int64)
+    score, ids, _ = rerank_shortlist(index, q, cand, k)
+    return score, ids
+
+
+def rerank_shortlist(
+    index: HammingIndex,
+    queries: np.ndarray,
+    ids: np.ndarray,
+    k: int,
+    dist: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The asymmetric top-``k`` of given candidates: each query's row of ``ids`` (ids of
+    ``index``, e.g. a filtered Hamming shortlist) scored and ranked (score descending, id
+    ascending).
+
+    Args:
+        index: holds the candidates' codes.
+        queries: ``(Q, bits)`` continuous codes.
+        ids: ``(Q, L)`` int64 candidate ids per query.
+        k: results per query (at most ``L``).
+        dist: ``(Q, L)`` Hamming distances of the candidates, carried along (else zeros).
+
+    Returns:
+        ``(score, ids, dist)``, each ``(Q, min(k, L))``.
+    """
+    q = _check_queries(queries, index.bits)
+    cand = np.asarray(ids, dtype=np.int64).reshape(q.shape[0], -1)
+    d_all = np.zeros(cand.shape, np.int32) if dist is None else np.asarray(dist).reshape(cand.shape)
+    m = min(k, cand.shape[1])
+    out_s = np.zeros((q.shape[0], m), np.float32)
+    out_i = np.zeros((q.shape[0], m), np.int64)
+    out_d = np.zeros((q.shape[0], m), np.int32)
+    for r in range(q.shape[0]):
+        order = np.argsort(cand[r], kind="stable")  # sorted ids give sorted positions
+        c = cand[r][order]
+        s = scores(q[r : r + 1], index.codes_at(index.positions_of(c)), index.bits)[0]
+        top = np.lexsort((c, -s))[:m]
+        out_s[r], out_i[r], out_d[r] = s[top], c[top], d_all[r][order][top]
+    return out_s, out_i, out_d
 
 
 def average_precision_at_k(

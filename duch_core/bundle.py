@@ -644,6 +644,20 @@ class HashEncoder:
             return torch.zeros(0, int(self.bundle.meta["text_dim"]))
         return torch.cat(out)
 
+    def embed_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """Decoded ``(H, W, 3)`` uint8 pictures -> ``(N, bits)`` float32 continuous codes in
+        ``(-1, 1)``: the query side of asymmetric ranking (:mod:`duch_core.asymmetric`);
+        :func:`codes.pack` of them is :meth:`encode_images`."""
+        if len(images) == 0:
+            return np.zeros((0, self.bits), np.float32)
+        return self.image_codes_from_features(self.image_features(images)).numpy()
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Captions -> ``(N, bits)`` float32 continuous codes (see :meth:`embed_images`)."""
+        if len(texts) == 0:
+            return np.zeros((0, self.bits), np.float32)
+        return self.text_codes_from_features(self.text_features(texts)).numpy()
+
     def encode_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """Decoded ``(H, W, 3)`` uint8 pictures -> ``(N, bits // 8)`` uint8 packed codes.
 
@@ -652,7 +666,7 @@ class HashEncoder:
         """
         if len(images) == 0:
             return np.zeros((0, self.bits // 8), np.uint8)
-        return codes.pack(self.image_codes_from_features(self.image_features(images)))
+        return codes.pack(self.embed_images(images))
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Captions -> ``(N, bits // 8)`` uint8 packed codes.
@@ -662,4 +676,4 @@ class HashEncoder:
         """
         if len(texts) == 0:
             return np.zeros((0, self.bits // 8), np.uint8)
-        return codes.pack(self.text_codes_from_features(self.text_features(texts)))
+        return codes.pack(self.embed_texts(texts))

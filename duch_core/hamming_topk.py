@@ -58,6 +58,10 @@ _SUB_BYTES = 2048
 _MIN_CHUNK = 32768
 # the same for a candidate list (a gathered candidate costs several scanned rows)
 _MIN_GATHER_CHUNK = 8192
+# the same for candidates packed in runs (spanning less than twice their count): scanned in
+# place, each costs about a scanned row, and waking a thread (0.2-0.5 ms here) would cost more
+# than the rows it takes over
+_MIN_RUN_CHUNK = 131072
 # Filtered search: sorted candidate positions are gathered, a bool mask is scanned with the
 # database. For a single query a list is the faster form below this fraction of the rows (the
 # gather reads 8 bytes of position per candidate and the cache lines holding the candidates;
@@ -218,7 +222,12 @@ def _search_positions(
     n, w = db.shape
     nthreads = get_num_threads()
     total = n if cand is None else cand.shape[0]
-    min_chunk = _MIN_CHUNK if cand is None else _MIN_GATHER_CHUNK
+    if cand is None:
+        min_chunk = _MIN_CHUNK
+    elif total and int(cand[-1]) - int(cand[0]) < 2 * total:
+        min_chunk = _MIN_RUN_CHUNK
+    else:
+        min_chunk = _MIN_GATHER_CHUNK
     nchunks = int(max(1, min(nthreads, total // min_chunk)))
     bounds = [total * c // nchunks for c in range(nchunks + 1)]
     row_bytes = max(1, w * db.itemsize)

@@ -157,3 +157,20 @@ def test_latency_benchmark_runs_and_a_whole_shortlist_finds_the_exact_top_k(tmp_
         assert 0.0 <= rows[b, "hamming"]["recall"] <= rows[b, "rerank 50"]["recall"] <= 1.0
         assert rows[b, "hamming"]["vs_hamming"] == 1.0
     assert "rerank 3000" in capsys.readouterr().out
+
+
+def test_equal_codes_score_equal_wherever_and_with_whatever_they_are_scored():
+    """Scores are exact: a code's score does not depend on its row or the other rows of the
+    call, so ties between equal codes are real ties and go by id."""
+    rng = np.random.default_rng(11)
+    bits = 64
+    u = rng.uniform(-1, 1, (3, bits)).astype(np.float32)
+    one = rng.integers(0, 256, (1, bits // 8), dtype=np.uint8)
+    others = rng.integers(0, 256, (997, bits // 8), dtype=np.uint8)
+    db = np.concatenate([others[:500], one, others[500:], one, one])
+    s = scores(u, db, bits)
+    alone = scores(u, one, bits)
+    for col in (500, 998, 999):
+        np.testing.assert_array_equal(s[:, col], alone[:, 0])
+    ref = u.astype(np.float64) @ codes.unpack(one, bits).astype(np.float64).T
+    np.testing.assert_allclose(alone, ref, atol=bits * 2.0**-20)

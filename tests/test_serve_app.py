@@ -401,6 +401,42 @@ def test_filtered_item_and_geojson_queries_over_http(service: Service) -> None:
     assert bad.status_code == 422 and "bbox" in bad.json()["detail"]
 
 
+def test_asymmetric_ranking_over_http_equals_the_full_asymmetric_scan(service: Service) -> None:
+    """rank=asymmetric with a shortlist covering the index is the exact asymmetric top-k (one
+    searcher or two merged by score), with a filter among the passing items; an item query has
+    no continuous code (422)."""
+    from duch_core import asymmetric, index_store
+    from duch_core.archive import read_archive
+
+    m = service.art.manifest
+    text = "a river crossing farmland"
+    u = service.ref.encoder.embed_texts([text])
+    codes, item_ids, _, rows = index_store.load_codes(m, "image")
+    rows = np.asarray(rows, np.int64)
+    names = item_ids.to_pylist()
+    by_row = dict(zip(rows.tolist(), names, strict=True))
+    table = read_archive(service.art.archive_uri)
+    label = dict(
+        zip(table.column("item_id").to_pylist(), table.column("label").to_pylist(), strict=True)
+    )
+    forest = np.array([label[i] == "forest" for i in names])
+    for spec, keep in ((None, np.ones(len(names), bool)), ({"label": "forest"}, forest)):
+        ref_s, ref_i = asymmetric.asymmetric_scan(u, codes[keep], m.bits, 5, ids=rows[keep])
+        body: dict[str, Any] = {"text": text, "k": 5, "rank": "asymmetric", "shortlist": 1000}
+        if spec:
+            body["filter"] = spec
+        r = service.search(**body)
+        assert r.status_code == 200, r.text
+        got = r.json()
+        assert got["rank"] == "asymmetric"
+        assert [h["item_id"] for h in got["hits"]] == [by_row[int(i)] for i in ref_i[0]]
+        assert [h["score"] for h in got["hits"]] == pytest.approx(ref_s[0].tolist(), abs=1e-5)
+    plain = service.search(text=text, k=5).json()
+    assert plain["rank"] == "hamming" and all(h["score"] is None for h in plain["hits"])
+    refused = service.search(item_id=names[0], rank="asymmetric")
+    assert refused.status_code == 422 and "continuous" in refused.json()["detail"]
+
+
 def test_sharded_search_equals_single(service: Service) -> None:
     import asyncio
 

@@ -486,7 +486,14 @@ class _Group:
         return version in self.held, None
 
     async def search(
-        self, version: str, modality: str, codes: np.ndarray, k: int, manifest=None, spec=None
+        self,
+        version: str,
+        modality: str,
+        codes: np.ndarray,
+        k: int,
+        manifest=None,
+        spec=None,
+        rerank=None,
     ):
         if version not in self.held:
             if manifest is None or self.lagging:
@@ -671,6 +678,19 @@ def test_the_published_body_schemas_accept_exactly_what_the_parser_accepts() -> 
         {"text": "river", "filter": {"label": 3}},
         {"text": "river", "filter": {"label": []}},
         {"text": "river", "filter": "bbox"},
+        {"text": "river", "rank": "asymmetric"},
+        {"text": "river", "rank": "asymmetric", "shortlist": 1000},
+        {"text": "river", "rank": "asymmetric", "shortlist": 2},
+        {"image_base64": b64, "rank": "asymmetric", "shortlist": 50},
+        {"text": "river", "rank": "hamming"},
+        {"text": "river", "rank": "asymmetric", "shortlist": 1001},
+        {"text": "river", "rank": "asymmetric", "shortlist": 0},
+        {"text": "river", "shortlist": 50},
+        {"text": "river", "rank": "hamming", "shortlist": 50},
+        {"text": "river", "rank": "cosine"},
+        {"text": "river", "rank": None},
+        {"item_id": "scene/r1_c2", "rank": "asymmetric"},
+        {"item_id": "scene/r1_c2", "rank": "hamming"},
     ]
     for body in bodies:
         valid = jsonschema.Draft202012Validator(schema).is_valid(body)
@@ -689,6 +709,12 @@ def test_the_published_body_schemas_accept_exactly_what_the_parser_accepts() -> 
         ({"image": "x", "text": "river"}, {"image": ("a", "image/png", b"x"), "text": "river"}),
         ({"text": ""}, {"text": ""}),
         ({}, {}),
+        (
+            {"text": "river", "rank": "asymmetric", "shortlist": 7},
+            {"text": "river", "rank": "asymmetric", "shortlist": "7"},
+        ),
+        ({"text": "river", "shortlist": 7}, {"text": "river", "shortlist": "7"}),
+        ({"text": "river", "rank": "asym"}, {"text": "river", "rank": "asym"}),
     ]
     for doc, fields in forms:
         valid = jsonschema.Draft202012Validator(form).is_valid(doc)
@@ -923,11 +949,11 @@ def test_an_answer_from_another_bundle_than_the_index_is_refused_with_503() -> N
 
     encoder = object.__new__(QueryEncoder.func_or_class)
     encoder.loaded = LoadedEncoder(encoder=None, bits=32, bundle_id="new")
-    code, err, got = asyncio.run(encoder.encode_text("river", "old"))
-    assert code is None and got == "new" and "not old" in (err or "")
+    code, err, got, cont = asyncio.run(encoder.encode_text("river", "old"))
+    assert code is None and cont is None and got == "new" and "not old" in (err or "")
 
     async def answer(_: Any, bundle_id: str) -> Any:
-        return np.zeros(4, np.uint8), None, "new"
+        return np.zeros(4, np.uint8), None, "new", None
 
     # the class under Serve's ASGI wrapper (whose async __del__ would warn, never awaited)
     plain = next(c for c in Ingress.func_or_class.__mro__ if "__serve_build_asgi_app__" in vars(c))
@@ -939,8 +965,8 @@ def test_an_answer_from_another_bundle_than_the_index_is_refused_with_503() -> N
         asyncio.run(svc.encode(Query("text", 3, "images", text="river"), "old"))
     assert e.value.status == 503 and e.value.reason == "bundle_mismatch"
     assert e.value.headers["Retry-After"] == "1"
-    code, _ = asyncio.run(svc.encode(Query("text", 3, "images", text="river"), "new"))
-    assert code.shape == (1, 4)
+    code, _, cont = asyncio.run(svc.encode(Query("text", 3, "images", text="river"), "new"))
+    assert code.shape == (1, 4) and cont is None
 
 
 def test_the_service_shows_the_versions_catalog_snapshot_not_the_live_archive(
@@ -996,3 +1022,110 @@ def test_the_service_shows_the_versions_catalog_snapshot_not_the_live_archive(
     storage.write_bytes(m.resolve(part.path), ix.table_bytes(snapshot.slice(0, 1)))
     with pytest.raises(ix.IndexCorruptError):
         read_items(m)
+
+
+def test_asymmetric_ranking_is_parsed_with_its_shortlist() -> None:
+    limits = Limits(k_cap=10, shortlist_cap=50)
+    q = parse_json(b'{"text": "river", "rank": "asymmetric"}', limits)
+    assert (q.rank, q.shortlist, q.k) == ("asymmetric", 50, 10)  # 100 capped, >= k
+    q = parse_json(b'{"text": "river", "rank": "asymmetric", "shortlist": 3, "k": 5}', limits)
+    assert q.shortlist == 5  # never fewer than k
+    q = parse_json(b'{"text": "river", "rank": "asymmetric", "shortlist": 30.0}', limits)
+    assert q.shortlist == 30
+    assert parse_json(b'{"text": "river"}', limits).rank == "hamming"
+    assert parse_json(b'{"text": "river"}', limits).shortlist == 0
+    form = parse_form({"text": "river", "rank": "asymmetric", "shortlist": "12"}, limits)
+    assert (form.rank, form.shortlist) == ("asymmetric", 12)
+    for body, needle in (
+        (b'{"text": "river", "shortlist": 5}', "only with rank"),
+        (b'{"text": "river", "rank": "asymmetric", "shortlist": 51}', "between 1 and 50"),
+        (b'{"item_id": "a", "rank": "asymmetric"}', "no continuous code"),
+        (b'{"text": "river", "rank": "dot"}', "rank"),
+    ):
+        status, message = _status(parse_json, body, limits)
+        assert status == 422 and needle in message, (body, message)
+
+
+def test_the_encoder_answers_the_continuous_code_with_the_packed_one() -> None:
+    from deploy.encoder import encode_batch
+    from duch_core import codes as codes_mod
+
+    rng = np.random.default_rng(0)
+    cont = rng.uniform(-1, 1, (3, 16)).astype(np.float32)
+
+    def embed(items: list[str]) -> np.ndarray:
+        if "bad" in items:
+            raise ValueError("no word")
+        return cont[[int(i) for i in items]]
+
+    out = encode_batch(embed, ["2", "bad", "0"])
+    assert out[1][0] is None and "no word" in (out[1][1] or "") and out[1][2] is None
+    for (packed, err, c), i in zip([out[0], out[2]], [2, 0], strict=True):
+        assert err is None
+        np.testing.assert_array_equal(c, cont[i])
+        np.testing.assert_array_equal(packed, codes_mod.pack(cont[i : i + 1])[0])
+    # an encoder with packed codes only: no continuous code
+    packed_only = encode_batch(lambda items: codes_mod.pack(cont[: len(items)]), ["a"])
+    assert packed_only[0][2] is None and packed_only[0][0].dtype == np.uint8
+
+
+def test_asymmetric_search_of_one_or_two_searchers_equals_the_full_asymmetric_scan() -> None:
+    """With a shortlist covering every (passing) row the answer is the exact asymmetric top-k,
+    in one shard set or merged from two; with a filter, among the passing rows."""
+    from deploy.searcher import Rerank, build_shard_data, merge_results, search_shard
+    from duch_core import asymmetric
+    from duch_core import codes as codes_mod
+    from duch_core.search import HammingIndex
+
+    rng = np.random.default_rng(3)
+    bits, n, k = 32, 300, 12
+    u = rng.uniform(-1, 1, (2, bits)).astype(np.float32)
+    # few distinct codes: many Hamming ties, which the scores break
+    pool = rng.integers(0, 256, (20, bits // 8), dtype=np.uint8)
+    codes = pool[rng.integers(0, 20, n)]
+    rows = rng.permutation(n * 3)[:n].astype(np.int64)  # global row ids, not positions
+    labels = rng.choice(["a", "b", "c"], n)
+    items = np.array([f"it{i}" for i in range(n)], dtype=object)
+    catalog = pa.table({"item_id": items.tolist(), "label": labels.tolist()})
+
+    def data(sel: np.ndarray) -> Any:
+        return build_shard_data(
+            codes[sel],
+            items[sel],
+            np.full(sel.size, -1, np.int32),
+            rows[sel],
+            bits,
+            HammingIndex,
+            catalog=catalog,
+        )
+
+    whole = data(np.arange(n))
+    halves = [data(np.arange(0, n, 2)), data(np.arange(1, n, 2))]
+    packed = codes_mod.pack(u)
+    for spec in (None, {"label": ["a", "c"]}):
+        keep = np.ones(n, bool) if spec is None else np.isin(labels, spec["label"])
+        ref_s, ref_i = asymmetric.asymmetric_scan(u, codes[keep], bits, k, ids=rows[keep])
+        rr = Rerank(u, n)
+        one = search_shard(whole, packed, k, "v", spec, rr)
+        two = merge_results(
+            [search_shard(h, packed, k, "v", spec, rr) for h in halves], k, lambda p, kk: p[0]
+        )
+        for res in (one, two):
+            np.testing.assert_array_equal(res.ids, ref_i)
+            np.testing.assert_allclose(res.score, ref_s, rtol=1e-5, atol=1e-5)
+            # each hit's Hamming distance is reported with its score
+            want = [
+                [
+                    int(np.unpackbits(packed[q] ^ codes[np.flatnonzero(rows == r)[0]]).sum())
+                    for r in res.ids[q]
+                ]
+                for q in range(2)
+            ]
+            assert res.dist.tolist() == want
+            assert {whole.item_ids[np.flatnonzero(rows == r)[0]] for r in res.ids.ravel()} == {
+                res.item_ids[int(r)] for r in res.ids.ravel()
+            }
+    # a short shortlist re-ranks the Hamming top-L only
+    short = search_shard(whole, packed, 5, "v", None, Rerank(u, 5))
+    ham_d, ham_i = whole.index.search(packed, 5)
+    assert set(short.ids[0].tolist()) == set(ham_i[0].tolist())
