@@ -382,8 +382,9 @@ class HammingIndex:
           5 % of the rows, or searched by a batch large enough to repay the conversion, is
           turned into positions first.
 
-        :data:`DENSE_FRACTION` is where the two forms cost the same for a single query;
-        :func:`duch_core.filters.build_candidates` returns the cheaper one.
+        :data:`DENSE_FRACTION` is where the two forms cost the same for a single query once
+        both exist; :func:`duch_core.filters.build_candidates` gives positions when an index
+        yields them and the mask otherwise (converting it would cost more than the search).
 
         Args:
             queries: ``(Q, bits // 8)`` uint8 packed codes.
