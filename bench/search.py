@@ -43,8 +43,8 @@ chips consecutive rows, the scenes in order of acquisition time), and ``uniform`
 every row with its own random place and time (the worst case: the row order says nothing).
 Four filters of :data:`FILTERS` keep about 0.1 % (bbox), 1 % (datetime), 10 % (label) and 50 %
 (split) of the items; ``duch_core.filters.build_candidates`` turns each into candidates
-(positions, or the mask for broad filters; its time is the ``note`` of the ``duch`` row, and is
-not in the search time). Engines:
+(positions from the grid or the time order, else the mask of the columns; its time is the
+``note`` of the ``duch`` row, and is in the ``duch+filter`` row's time). Engines:
 
 * **duch-scan**: the unfiltered ``HammingIndex.search``, the reference for ``x scan``;
 * **duch**: ``HammingIndex.search(..., candidates=...)``, the candidates built beforehand;
@@ -67,39 +67,41 @@ same set, and every faiss id at the k-th distance must really be at that distanc
 
 The machine's load average is printed with every row, since other processes share the cores.
 
-Measured with ``--filtered --single 11`` on a quiet 2-core machine (load 0.4-1.4), k = 20,
-``x scan`` = our unfiltered scan's time / this time (``read`` = the read-only row):
+Measured with ``--filtered --single 11`` on a quiet 2-core machine (load 1.0-1.3 with the
+benchmark running), k = 20, ``x scan`` = our unfiltered scan's time / this time (``+f`` = the
+duch+filter row, ``read`` = the read-only row):
 
-    layout   N    filter (kept)    batch 1: duch / read / faiss / milvus  batch 32: duch / faiss / milvus
-    scenes   10M  bbox (0.110 %)   31.2x / 149x / 0.03x / -               101x / 0.04x / -
-    scenes   10M  date (1.16 %)    9.53x / 18.5x / 0.05x / -              33.5x / 0.09x / -
-    scenes   10M  label (10.0 %)   0.94x / 0.77x / 0.09x / -              6.28x / 0.11x / -
-    scenes   10M  split (50.0 %)   0.98x / 0.42x / 0.21x / -              1.18x / 0.16x / -
-    uniform  10M  bbox (0.094 %)   20.1x / 50.2x / 0.03x / -              95.0x / 0.04x / -
-    uniform  10M  date (1.02 %)    5.16x / 6.60x / 0.05x / -              31.7x / 0.07x / -
-    uniform  10M  label (10.0 %)   0.98x / 0.89x / 0.10x / -              6.07x / 0.14x / -
-    uniform  10M  split (50.0 %)   1.01x / 0.37x / 0.21x / -              1.16x / 0.26x / -
-    scenes   1M   bbox (0.185 %)   9.31x / 102x / 0.04x / 0.10x           54.6x / 0.03x / 0.23x
-    scenes   1M   date (0.555 %)   8.25x / 66.2x / 0.05x / 0.13x          18.7x / 0.04x / 0.25x
-    scenes   1M   label (10.0 %)   0.94x / 1.53x / 0.13x / 0.03x          4.27x / 0.17x / 0.15x
-    scenes   1M   split (50.0 %)   0.85x / 0.82x / 0.26x / 0.02x          1.20x / 0.28x / 0.07x
-    uniform  1M   bbox (0.094 %)   7.38x / 38.1x / 0.02x / 0.08x          48.2x / 0.02x / 0.25x
-    uniform  1M   date (1.02 %)    3.63x / 8.78x / 0.07x / 0.10x          11.5x / 0.06x / 0.24x
-    uniform  1M   label (10.1 %)   0.93x / 1.97x / 0.19x / 0.04x          4.26x / 0.17x / 0.14x
-    uniform  1M   split (50.1 %)   0.77x / 0.96x / 0.31x / 0.02x          1.18x / 0.29x / 0.07x
+    layout   N    filter (kept)    batch 1: duch / +f / read / faiss / milvus   batch 32: duch / +f / faiss / milvus
+    scenes   10M  bbox (0.049 %)   43.4x / 13.4x / 442x / 0.02x / -             162x / 116x / 0.02x / -
+    scenes   10M  date (1.02 %)    18.7x / 7.10x / 45.6x / 0.05x / -            26.2x / 23.7x / 0.08x / -
+    scenes   10M  label (10.0 %)   0.90x / 0.39x / 0.98x / 0.11x / -            2.90x / 2.77x / 0.12x / -
+    scenes   10M  split (50.0 %)   0.98x / 0.52x / 0.41x / 0.21x / -            1.17x / 1.01x / 0.20x / -
+    uniform  10M  bbox (0.094 %)   20.2x / 4.26x / 51.8x / 0.03x / -            120x / 60.5x / 0.04x / -
+    uniform  10M  date (1.02 %)    4.67x / 1.60x / 7.73x / 0.06x / -            27.0x / 14.6x / 0.04x / -
+    uniform  10M  label (10.0 %)   0.82x / 0.40x / 1.02x / 0.11x / -            2.90x / 3.33x / 0.12x / -
+    uniform  10M  split (50.0 %)   1.05x / 0.43x / 0.37x / 0.17x / -            0.95x / 0.91x / 0.22x / -
+    scenes   1M   bbox (0.185 %)   8.35x / 3.32x / 121x / 0.04x / 0.10x         38.1x / 24.8x / 0.03x / 0.25x
+    scenes   1M   date (0.740 %)   7.28x / 3.86x / 66.8x / 0.06x / 0.12x        15.9x / 13.9x / 0.04x / 0.25x
+    scenes   1M   label (10.0 %)   0.73x / 0.57x / 1.83x / 0.16x / 0.03x        2.55x / 2.96x / 0.17x / 0.15x
+    scenes   1M   split (50.0 %)   0.88x / 0.62x / 0.98x / 0.30x / 0.02x        1.21x / 1.15x / 0.29x / 0.08x
+    uniform  1M   bbox (0.094 %)   7.45x / 2.17x / 37.0x / 0.02x / 0.08x        60.5x / 31.6x / 0.02x / 0.32x
+    uniform  1M   date (1.02 %)    3.41x / 1.52x / 9.29x / 0.07x / 0.10x        11.6x / 9.16x / 0.06x / 0.23x
+    uniform  1M   label (10.1 %)   0.72x / 0.52x / 1.55x / 0.15x / 0.03x        3.28x / 2.97x / 0.16x / 0.14x
+    uniform  1M   split (50.1 %)   0.85x / 0.65x / 0.91x / 0.29x / 0.02x        1.21x / 1.14x / 0.22x / 0.07x
 
-Parity held in every row. At 10M a single query of the unfiltered scan takes 6.0-6.5 ms (8.3 ms
-in the split rows). A 1 % filter keeps about 100k rows: where they come in runs (``scenes``: the
-tiling parts of 63 scenes, 344 chips each) the kernel scans each run in place and the search is
-9.5x faster than the scan (10.8x in an earlier run whose scenes were whole runs of 1,849 chips);
-where they are spread at random (``uniform``) every candidate is a cache miss, and merely reading
-their codes (``read``) is only 6.6x faster than the scan, so no engine that reads them can reach
-10x there: ours, at 5.2x, costs 1.28 such reads. The 1M rows are noisier (about 1 ms per query,
-with the Milvus Lite server running beside them). Memory at 10M: 8.00 bytes per code for duch
-and faiss, resident growth 76.3 and 76.7 MB (1.00x the codes); Milvus Lite's server grew by
-263-277 MB for 1M codes with the scalar fields. Building the candidates at 10M rows (``note``):
-0.4-1.2 ms (bbox, spatial grid), 2.0-2.9 ms (date, datetime order), 22-33 ms (label, column
-compare), 6.5-7.3 ms (split, mask).
+Parity held in every row. At 10M a single query of the unfiltered scan takes 6.5-7.7 ms. The
+``scenes`` index is in time order, as the encode job writes it, so a 1 % time filter keeps one
+run of about 100k rows, which the kernel scans in place on one thread: 18.7x faster than the
+scan with the candidates given, 7.1x when they are built in the same call (the time slice and
+the check of its rows, 0.5 ms). Where the rows are spread at random (``uniform``) every
+candidate is a cache miss and merely reading their codes is only 7.7x faster than the scan.
+Filters without an index (label, split) are evaluated over whole columns: numpy takes 6-11 ms
+for that at 10M rows (``+f``), one to two scans, and the search then reads the mask at about the
+cost of one scan; a mask is no longer turned into positions, which cost 5-40 ms more. Both are
+what a fused predicate in the scan kernel would remove. The 1M rows are noisier (about 1 ms per
+query, with the Milvus Lite server running beside them). Memory at 10M: 8.00 bytes per code for
+duch and faiss, resident growth 76.3 MB each (1.00x the codes); Milvus Lite's server grew by
+266-278 MB for 1M codes with the scalar fields.
 """
 
 from __future__ import annotations

@@ -166,16 +166,22 @@ def search_shard(
     """
     q = queries.shape[0]
     candidates = None
+    empty = ShardResult(
+        version,
+        np.zeros((q, 0), np.int32),
+        np.zeros((q, 0), np.int64),
+        {},
+        {},
+        None if rerank is None else np.zeros((q, 0), np.float32),
+    )
     if spec:
         if data.meta is None:
             raise FilterError(None, "this index version has no item metadata to filter on")
         candidates = build_candidates(data.meta, spec)
         if candidates is not None and candidates.dtype != np.bool_ and not candidates.size:
-            empty_d = np.zeros((q, 0), np.int32)
-            return ShardResult(version, empty_d, np.zeros((q, 0), np.int64), {}, {})
+            return empty
     if data.index.ntotal == 0:
-        empty_d = np.zeros((q, 0), np.int32)
-        return ShardResult(version, empty_d, np.zeros((q, 0), np.int64), {}, {})
+        return empty
     score = None
     if rerank is None:
         dist, ids = data.index.search(queries, k, candidates=candidates)
@@ -481,7 +487,7 @@ def merge_results(
         return parts[0]
     q = parts[0].ids.shape[0]
     score = None
-    if parts[0].score is not None:
+    if any(p.score is not None for p in parts):
         dist, ids, score = merge_scored(parts, k)
     else:
         nonempty = [(p.dist, p.ids) for p in parts if p.ids.shape[1]]
@@ -501,8 +507,9 @@ def merge_scored(parts: Sequence[ShardResult], k: int) -> tuple[np.ndarray, np.n
     """``(dist, ids, score)`` of the best ``k`` by (score descending, id) over asymmetric
     per-searcher results (each already its searcher's best by that order)."""
     q = parts[0].ids.shape[0]
-    if any(p.score is None for p in parts):
+    if any(p.score is None and p.ids.shape[1] for p in parts):
         raise RuntimeError("searchers answered with different rankings")
+    parts = [p for p in parts if p.score is not None]
     score = np.concatenate([np.asarray(p.score, np.float32).reshape(q, -1) for p in parts], 1)
     ids = np.concatenate([np.asarray(p.ids, np.int64).reshape(q, -1) for p in parts], 1)
     dist = np.concatenate([np.asarray(p.dist, np.int32).reshape(q, -1) for p in parts], 1)

@@ -1100,7 +1100,8 @@ def test_asymmetric_search_of_one_or_two_searchers_equals_the_full_asymmetric_sc
         )
 
     whole = data(np.arange(n))
-    halves = [data(np.arange(0, n, 2)), data(np.arange(1, n, 2))]
+    # two halves and a searcher holding no rows (its empty answer merges in)
+    halves = [data(np.arange(0, n, 2)), data(np.arange(1, n, 2)), data(np.arange(0))]
     packed = codes_mod.pack(u)
     for spec in (None, {"label": ["a", "c"]}):
         keep = np.ones(n, bool) if spec is None else np.isin(labels, spec["label"])
