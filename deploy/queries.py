@@ -728,5 +728,8 @@ def form_body_schema(limits: Limits) -> dict[str, Any]:
             {"required": ["image"], "properties": {"text": {"maxLength": 0}}},
             {"required": ["text"], "properties": {"text": _text_schema(limits), "image": False}},
         ],
-        **RANKING_RULES,
+        # a form has no item_id: the rule is only that a shortlist needs asymmetric ranking
+        "dependentSchemas": {
+            "shortlist": {"required": ["rank"], "properties": {"rank": {"const": "asymmetric"}}}
+        },
     }
