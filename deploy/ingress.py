@@ -59,10 +59,9 @@ from deploy.queries import (
     Query,
     RequestError,
     decode_query_image,
-    form_body_schema,
-    json_body_schema,
     parse_search_request,
 )
+from deploy.query_schemas import form_body_schema, json_body_schema
 from deploy.searcher import Rerank
 from deploy.served_index import IndexRefusedError, ServedIndex, shard_groups, version_age_s
 from deploy.telemetry import STATUS_REASONS, Telemetry, process_memory

@@ -12,8 +12,8 @@ body. Status codes:
   range, unknown target, both or neither of text and image, a form field given twice).
 * 503 (with ``Retry-After``): the replica holds as many request bodies as it may buffer.
 
-What is accepted is also published as JSON Schema (:func:`json_body_schema`,
-:func:`form_body_schema`) with the service's limits, so a request the schema allows is not
+What is accepted is also published as JSON Schema (:mod:`deploy.query_schemas`) with the
+service's limits, so a request the schema allows is not
 refused for its shape.
 
 :func:`parse_search_request` is the whole path from an HTTP request to a :class:`Query`: content
@@ -25,7 +25,7 @@ import base64
 import binascii
 import json
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -286,47 +286,42 @@ def check_item_id(item_id: str) -> str:
     return item_id
 
 
-def _from_model(req: SearchRequest, limits: Limits) -> Query:
+def _query(
+    req: SearchRequest,
+    limits: Limits,
+    spec: dict[str, Any] | None,
+    modality: Literal["text", "image", "item"],
+    payload: Callable[[], dict[str, Any]],
+) -> Query:
+    """The :class:`Query` of a validated request: ``k`` and the ranking checked first, then
+    ``payload()`` (the checked text, image bytes or item id)."""
     k = check_k(req.k, limits)
-    spec = check_filter(req.filter)
-    modality = "text" if req.text is not None else "item" if req.item_id is not None else "image"
     shortlist = check_ranking(req.rank, req.shortlist, k, modality, limits)
-    if req.text is not None:
-        return Query(
-            "text",
-            k,
-            req.target,
-            text=check_text(req.text, limits),
-            filter=spec,
-            rank=req.rank,
-            shortlist=shortlist,
-        )
-    if req.item_id is not None:
-        return Query(
-            "item",
-            k,
-            req.target,
-            item_id=check_item_id(req.item_id),
-            filter=spec,
-            rank=req.rank,
-            shortlist=shortlist,
-        )
-    b64 = req.image_base64 or ""
+    return Query(
+        modality, k, req.target, filter=spec, rank=req.rank, shortlist=shortlist, **payload()
+    )
+
+
+def _image_base64(b64: str, limits: Limits) -> dict[str, Any]:
     if b64.startswith("data:") and "," in b64:  # data URL from a browser
         b64 = b64.split(",", 1)[1]
     try:
         data = base64.b64decode(b64, validate=True)
     except (binascii.Error, ValueError) as e:
         raise RequestError(400, f"image_base64 is not valid base64: {e}") from None
-    return Query(
-        "image",
-        k,
-        req.target,
-        image=check_image_bytes(data, limits),
-        filter=spec,
-        rank=req.rank,
-        shortlist=shortlist,
-    )
+    return {"image": check_image_bytes(data, limits)}
+
+
+def _from_model(req: SearchRequest, limits: Limits) -> Query:
+    spec = check_filter(req.filter)
+    if req.text is not None:
+        text = req.text
+        return _query(req, limits, spec, "text", lambda: {"text": check_text(text, limits)})
+    if req.item_id is not None:
+        item = req.item_id
+        return _query(req, limits, spec, "item", lambda: {"item_id": check_item_id(item)})
+    b64 = req.image_base64 or ""
+    return _query(req, limits, spec, "image", lambda: _image_base64(b64, limits))
 
 
 def _no_constant(name: str) -> Any:
@@ -409,19 +404,13 @@ def parse_form(fields: dict[str, Any], limits: Limits) -> Query:
         req = SearchRequest.model_validate(obj)
     except ValidationError as e:
         raise RequestError(422, format_validation_error(e)) from None
-    k = check_k(req.k, limits)
-    modality = "text" if req.text is not None else "image"
-    shortlist = check_ranking(req.rank, req.shortlist, k, modality, limits)
     if req.text is not None:
-        return Query(
-            "text",
-            k,
-            req.target,
-            text=check_text(req.text, limits),
-            filter=spec,
-            rank=req.rank,
-            shortlist=shortlist,
-        )
+        text = req.text
+        return _query(req, limits, spec, "text", lambda: {"text": check_text(text, limits)})
+    return _query(req, limits, spec, "image", lambda: _uploaded_image(image, limits))
+
+
+def _uploaded_image(image: Any, limits: Limits) -> dict[str, Any]:
     if not isinstance(image, tuple):
         raise RequestError(422, "image must be uploaded as a file part")
     _, ctype, data = image
@@ -430,15 +419,7 @@ def parse_form(fields: dict[str, Any], limits: Limits) -> Query:
         raise RequestError(
             415, f"uploaded file has content type {ctype!r}; send an image (JPEG, PNG or TIFF)"
         )
-    return Query(
-        "image",
-        k,
-        req.target,
-        image=check_image_bytes(data, limits),
-        filter=spec,
-        rank=req.rank,
-        shortlist=shortlist,
-    )
+    return {"image": check_image_bytes(data, limits)}
 
 
 def multipart_boundary(content_type: str) -> str:
@@ -570,166 +551,3 @@ def decode_query_image(data: bytes, limits: Limits, image_cfg: Any = None) -> np
     except Image.DecompressionBombError as e:
         raise RequestError(413, f"image has too many pixels: {e}") from None
     return np.ascontiguousarray(img)
-
-
-# ---- the accepted bodies as JSON Schema (published in the OpenAPI document) -------------------
-
-#: base64 (standard alphabet, padded), optionally behind a ``data:...,`` URL prefix, non-empty.
-BASE64_PATTERN = (
-    r"^(data:[^,]*,)?(?:[A-Za-z0-9+/]{4})*"
-    r"(?:[A-Za-z0-9+/]{4}|[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)$"
-)
-
-
-def _k_schema(limits: Limits) -> dict[str, Any]:
-    return {
-        "type": "integer",
-        "minimum": 1,
-        "maximum": limits.k_cap,
-        "description": f"Number of results, 1 .. {limits.k_cap} (default "
-        f"{min(DEFAULT_K, limits.k_cap)}).",
-    }
-
-
-def _text_schema(limits: Limits) -> dict[str, Any]:
-    return {
-        "type": "string",
-        "minLength": 1,
-        "maxLength": limits.max_text_chars,
-        "pattern": TEXT_PATTERN,
-        "description": "Query text, e.g. 'a river crossing farmland'.",
-    }
-
-
-def _ranking_schema(limits: Limits) -> dict[str, Any]:
-    return {
-        "rank": {
-            "type": "string",
-            "enum": ["hamming", "asymmetric"],
-            "default": "hamming",
-            "description": "hamming, or asymmetric: each searcher's Hamming shortlist re-ranked "
-            "by the query's continuous code (text and image queries).",
-        },
-        "shortlist": {
-            "type": "integer",
-            "minimum": 1,
-            "maximum": limits.shortlist_cap,
-            "description": "Asymmetric only: Hamming candidates re-ranked per searcher, at "
-            f"most {limits.shortlist_cap} (default {DEFAULT_SHORTLIST}; fewer than k count as "
-            "k).",
-        },
-    }
-
-
-#: A shortlist only with asymmetric ranking, which an item_id query cannot have.
-RANKING_RULES: dict[str, Any] = {
-    "if": {"required": ["rank"], "properties": {"rank": {"const": "asymmetric"}}},
-    "then": {"not": {"required": ["item_id"]}},
-    "else": {"not": {"required": ["shortlist"]}},
-}
-
-
-TARGET_SCHEMA = {
-    "type": "string",
-    "enum": ["images", "captions"],
-    "default": "images",
-    "description": "Search the archive's images or its captions.",
-}
-
-
-_STRINGS = {
-    "anyOf": [
-        {"type": "string"},
-        {"type": "array", "items": {"type": "string"}, "minItems": 1},
-    ]
-}
-FILTER_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "additionalProperties": False,
-    "description": "Only items that pass (all keys must hold): the exact top-k among them.",
-    "properties": {
-        "bbox": {
-            "type": "array",
-            "prefixItems": [
-                {"type": "number", "minimum": -180, "maximum": 180},
-                {"type": "number", "minimum": -90, "maximum": 90},
-                {"type": "number", "minimum": -180, "maximum": 180},
-                {"type": "number", "minimum": -90, "maximum": 90},
-            ],
-            "items": False,
-            "minItems": 4,
-            "description": "[min_lon, min_lat, max_lon, max_lat], WGS84 degrees; min_lon > "
-            "max_lon crosses the antimeridian.",
-        },
-        "datetime": {
-            "type": "string",
-            "description": "ISO 8601 'start/end' ('..' for an open end) or one instant.",
-        },
-        "label": _STRINGS,
-        "split": _STRINGS,
-        "sensor": _STRINGS,
-    },
-}
-
-
-def json_body_schema(limits: Limits) -> dict[str, Any]:
-    """JSON Schema of the JSON body of ``POST /v1/search`` under ``limits``."""
-    return {
-        "title": "SearchRequest",
-        "description": "A search by text or by image: exactly one of text and image_base64.",
-        "type": "object",
-        "additionalProperties": False,
-        "properties": {
-            "text": _text_schema(limits),
-            "image_base64": {
-                "type": "string",
-                "pattern": BASE64_PATTERN,
-                "description": "Query image (JPEG, PNG or TIFF file bytes), base64-encoded.",
-            },
-            "item_id": {
-                "type": "string",
-                "minLength": 1,
-                "maxLength": MAX_ITEM_ID_CHARS,
-                "description": "An archive item whose stored image code is the query.",
-            },
-            "k": {"anyOf": [_k_schema(limits), {"type": "null"}]},
-            "target": TARGET_SCHEMA,
-            "filter": {"anyOf": [FILTER_SCHEMA, {"type": "null"}]},
-            **_ranking_schema(limits),
-        },
-        "oneOf": [
-            {"required": ["text"]},
-            {"required": ["image_base64"]},
-            {"required": ["item_id"]},
-        ],
-        **RANKING_RULES,
-    }
-
-
-def form_body_schema(limits: Limits) -> dict[str, Any]:
-    """JSON Schema of the multipart form of ``POST /v1/search`` under ``limits``: an ``image``
-    file, or a ``text`` field (an empty ``text`` next to an image counts as absent)."""
-    return {
-        "type": "object",
-        "additionalProperties": False,
-        "properties": {
-            "image": {"type": "string", "format": "binary", "minLength": 1},
-            "text": {"type": "string", "maxLength": limits.max_text_chars},
-            "k": _k_schema(limits),
-            "target": TARGET_SCHEMA,
-            "filter": {
-                "type": "string",
-                "contentMediaType": "application/json",
-                "description": "The search filter as JSON text (see the JSON body's filter).",
-            },
-            **_ranking_schema(limits),
-        },
-        "oneOf": [
-            {"required": ["image"], "properties": {"text": {"maxLength": 0}}},
-            {"required": ["text"], "properties": {"text": _text_schema(limits), "image": False}},
-        ],
-        # a form has no item_id: the rule is only that a shortlist needs asymmetric ranking
-        "dependentSchemas": {
-            "shortlist": {"required": ["rank"], "properties": {"rank": {"const": "asymmetric"}}}
-        },
-    }

@@ -644,7 +644,7 @@ def test_the_published_body_schemas_accept_exactly_what_the_parser_accepts() -> 
     4xx: what schemathesis checks against the running service, here without Ray."""
     import jsonschema
 
-    from deploy.queries import form_body_schema, json_body_schema
+    from deploy.query_schemas import form_body_schema, json_body_schema
 
     schema = json_body_schema(LIMITS)
     b64 = base64.b64encode(b"abc").decode()
