@@ -18,8 +18,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from duch_core import index_store, storage
+from duch_core.filters import NAT_US
 
-_NAT_US = -(2**63)  # an unknown acquisition time (:data:`duch_core.filters.NAT_US`)
 ERROR_PARTS_DIR = "errors"  # per-batch errors parts, merged into errors.parquet at the end
 
 
@@ -45,7 +45,7 @@ class IndexOrder:
         """The order of ``item_ids`` (unique) acquired at ``datetime_us`` (epoch µs; NaT none)."""
         n = len(item_ids)
         t = np.asarray(datetime_us.cast(pa.int64()).to_numpy(zero_copy_only=False), np.int64)
-        t = np.where(t == _NAT_US, np.iinfo(np.int64).max, t)  # no time: last
+        t = np.where(t == NAT_US, np.iinfo(np.int64).max, t)  # no time: last
         raw = _id_bytes(item_ids)
         by_id = np.argsort(raw, kind="stable")
         ids = raw[by_id]
