@@ -654,7 +654,7 @@ def run_filtered(
         cand = build_candidates(meta, spec)
         mask = filter_mask(meta, spec)
         kept = np.count_nonzero(mask) / n
-        form = "mask" if cand is not None and cand.dtype == np.bool_ else "positions"
+        form = _form(cand)
         expr = milvus_expr(spec)
         for batch in args.filter_batches:
             last_k = [0]
@@ -740,6 +740,16 @@ def _arrays(x: Any) -> list[np.ndarray]:
     if hasattr(x, "__dataclass_fields__"):
         return [a for f in x.__dataclass_fields__ for a in _arrays(getattr(x, f))]
     return []
+
+
+def _form(cand: Any) -> str:
+    """What ``build_candidates`` gave, in words."""
+    from duch_core.hamming_topk import RowFilter
+
+    if isinstance(cand, RowFilter):
+        span = f"rows {cand.lo}:{cand.hi}"
+        return f"{span}, tests in the scan" if cand.tested else span
+    return "unfiltered" if cand is None else f"{len(cand)} positions"
 
 
 def _timed_once(fn: Any) -> float:

@@ -178,7 +178,7 @@ def search_shard(
         if data.meta is None:
             raise FilterError(None, "this index version has no item metadata to filter on")
         candidates = build_candidates(data.meta, spec)
-        if candidates is not None and candidates.dtype != np.bool_ and not candidates.size:
+        if isinstance(candidates, np.ndarray) and not candidates.size:  # no row passes
             return empty
     if data.index.ntotal == 0:
         return empty

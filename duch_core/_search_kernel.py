@@ -116,6 +116,104 @@ def _block_min(db, b0, b1, q, qi, w, big):
     return mn
 
 
+@njit(cache=True, inline="always")
+def _any_test(tests):
+    """Whether ``tests`` (see :func:`test_rows`) test anything."""
+    return (
+        tests[0].shape[0] > 0
+        or tests[1].shape[0] > 0
+        or tests[3].shape[0] > 0
+        or tests[6].shape[0] > 0
+    )
+
+
+@njit(cache=True, nogil=True)
+def test_rows(lo, hi, tests, flags):
+    """Sets ``flags[i]`` to whether row ``lo + i`` passes every test of ``tests``, for
+    ``i < hi - lo``. ``tests`` is a tuple ``(mask, classes, class_ok, times, time_lo, time_hi,
+    min_lon, min_lat, max_lon, max_lat, wraps, box)``; a test whose column is empty is not
+    applied:
+
+    * ``mask[j]`` (bool);
+    * ``class_ok[classes[j]]`` (int32 row classes; -1, or a class past the end of
+      ``class_ok``, never passes);
+    * ``time_lo <= times[j] <= time_hi`` (int64);
+    * the row's box (float64 columns, NaN unknown: never passes; ``wraps[j]``, or an empty
+      ``wraps``: no row crosses the antimeridian) intersects ``box`` = ``(w, s, e, n)``, where
+      ``w > e`` crosses the antimeridian, and longitudes -180 and 180 are one meridian
+      (the rule of :mod:`duch_core.filters`).
+
+    Rows are tested a range at a time, column by column: a call per row would pay the
+    reference counting of every array it is given, about 150 ns.
+    """
+    mask, classes, class_ok, times, time_lo, time_hi = tests[:6]
+    min_lon, min_lat, max_lon, max_lat, wraps, box = tests[6:]
+    _test_range(lo, hi, mask, classes, class_ok, times, time_lo, time_hi,
+                min_lon, min_lat, max_lon, max_lat, wraps, box, flags)  # fmt: skip
+
+
+@njit(cache=True, inline="always")
+def _test_range(lo, hi, mask, classes, class_ok, times, time_lo, time_hi,
+                min_lon, min_lat, max_lon, max_lat, wraps, box, flags):  # fmt: skip
+    """:func:`test_rows` with the tests unpacked (by the caller, once: a tuple unpacked per
+    piece costs the reference counting of its arrays)."""
+    nb = hi - lo
+    for i in range(nb):
+        flags[i] = True
+    if mask.shape[0] > 0:
+        for i in range(nb):
+            flags[i] = mask[lo + i]
+    if classes.shape[0] > 0:
+        nc = class_ok.shape[0]
+        for i in range(nb):
+            c = classes[lo + i]
+            if c < 0 or c >= nc or not class_ok[c]:
+                flags[i] = False
+    if times.shape[0] > 0:
+        for i in range(nb):
+            t = times[lo + i]
+            if t < time_lo or t > time_hi:
+                flags[i] = False
+    if min_lon.shape[0] > 0:
+        w, s, e, n = box[0], box[1], box[2], box[3]
+        wrapped = wraps.shape[0] > 0
+        for i in range(nb):
+            j = lo + i
+            x0 = min_lon[j]
+            x1 = max_lon[j]
+            lo_ok = x0 <= e  # the item starts west of the query's east edge
+            hi_ok = x1 >= w  # and ends east of its west edge
+            wr = wrapped and wraps[j]
+            if w <= e:
+                lon = (
+                    (lo_ok and hi_ok)
+                    or (wr and (lo_ok or hi_ok))
+                    or (e == 180.0 and x0 == -180.0)
+                    or (w == -180.0 and x1 == 180.0)
+                )
+            else:
+                lon = lo_ok or hi_ok or wr
+            if not (lon and min_lat[j] <= n and max_lat[j] >= s):
+                flags[i] = False
+
+
+@njit(cache=True, nogil=True)
+def filter_rows(lo, hi, tests, out):
+    """Writes the rows of ``lo:hi`` that pass ``tests`` (:func:`test_rows`) to ``out``, in
+    order; returns their count (releases the GIL)."""
+    step = 4096
+    flags = np.empty(step, np.bool_)
+    m = 0
+    for b0 in range(lo, hi, step):
+        b1 = min(hi, b0 + step)
+        test_rows(b0, b1, tests, flags)
+        for i in range(b1 - b0):
+            if flags[i]:
+                out[m] = b0 + i
+                m += 1
+    return m
+
+
 @njit(cache=True)
 def _cut(bd, bp, n, k, hist):
     """Cut a candidate list (position order) to its best ``k``; returns the k-th distance.
@@ -145,7 +243,7 @@ def _cut(bd, bp, n, k, hist):
 
 
 @njit(cache=True, nogil=True)
-def scan_chunk(db, q, w, k, bits, lo, hi, block, sub, mask, cd, cp, cn):
+def scan_chunk(db, q, w, k, bits, lo, hi, block, sub, tests, cd, cp, cn, shared, me):
     """Top-k candidates of every query among database rows ``lo:hi`` (releases the GIL).
 
     Walks ``block``-row blocks (kept in cache while every query visits them); within a block a
@@ -153,14 +251,28 @@ def scan_chunk(db, q, w, k, bits, lo, hi, block, sub, mask, cd, cp, cn):
     hold a candidate. A query accepts only distances below its threshold ``t``; a full buffer
     is cut back to ``k`` (:func:`_cut`) and ``t`` becomes the k-th distance.
 
-    ``mask`` ``(N,)`` bool keeps only rows where it is True; an empty ``mask`` keeps every row.
-    It is read only in the pieces scanned item by item (the minimum over a piece, taken over
-    all its rows, is still a lower bound for the rows that pass).
+    ``tests`` (a tuple, see :func:`test_rows`) keeps only the rows that pass them; with none given every
+    row is kept. They are evaluated only in the pieces scanned item by item, and there only
+    for a row closer than the threshold (the minimum over a piece, taken over all its rows, is
+    still a lower bound for the rows that pass).
+
+    Chunks scanned at the same time share their thresholds: ``shared`` ``(C, Q)`` int64 holds
+    each chunk's k-th distance so far (``bits + 1`` until it has k candidates) and this chunk
+    writes row ``me``. A row at distance ``d > t`` of another chunk can never enter the top-k
+    (that chunk holds k rows at ``t`` or less), so a chunk accepts only ``d < t + 1`` of the
+    others (``d = t`` can: a smaller position wins a tie). A value read stale is only looser. So
+    each chunk's threshold settles as fast as if it had seen the rows of all of them, which
+    matters most for a filter, whose threshold settles slowly (k rows must pass first).
 
     Fills ``cd`` ``(Q, cap)`` int16 distances and ``cp`` ``(Q, cap)`` int64 positions with up
-    to ``k`` candidates per query, in position order, and ``cn`` ``(Q,)`` with their count.
+    to ``k`` candidates per query, in position order, and ``cn`` ``(Q,)`` with their count
+    (fewer than ``k`` only where the chunk has fewer candidates, or where another chunk holds
+    ``k`` better).
     """
-    masked = mask.shape[0] > 0
+    masked = _any_test(tests)
+    mask, classes, class_ok, times, time_lo, time_hi = tests[:6]
+    min_lon, min_lat, max_lon, max_lat, wraps, box = tests[6:]
+    flags = np.ones(1, np.bool_)
     nq = q.shape[0] // w
     cap = cd.shape[1]
     big = bits + 1
@@ -170,7 +282,11 @@ def scan_chunk(db, q, w, k, bits, lo, hi, block, sub, mask, cd, cp, cn):
     for b0 in range(lo, hi, block):
         b1 = min(hi, b0 + block)
         for qi in range(nq):
-            t = thr[qi]
+            own = thr[qi]
+            t = own
+            for c in range(shared.shape[0]):
+                if c != me:
+                    t = min(t, shared[c, qi] + 1)
             n = cn[qi]
             for s0 in range(b0, b1, sub):
                 s1 = min(b1, s0 + sub)
@@ -178,15 +294,23 @@ def scan_chunk(db, q, w, k, bits, lo, hi, block, sub, mask, cd, cp, cn):
                     continue
                 for j in range(s0, s1):
                     d = _dist(db, j, q, qi, w)
-                    if d < t and (not masked or mask[j]):
+                    if d < t:
+                        if masked:  # tested only here: rare once the threshold settles
+                            _test_range(j, j + 1, mask, classes, class_ok, times, time_lo,
+                                        time_hi, min_lon, min_lat, max_lon, max_lat, wraps,
+                                        box, flags)  # fmt: skip
+                            if not flags[0]:
+                                continue
                         cd[qi, n] = d
                         cp[qi, n] = j
                         n += 1
                         if n == cap:
-                            t = _cut(cd[qi], cp[qi], n, k, hist)
+                            own = _cut(cd[qi], cp[qi], n, k, hist)
+                            shared[me, qi] = own
+                            t = min(t, own)
                             n = k
             cn[qi] = n
-            thr[qi] = t
+            thr[qi] = own
     for qi in range(nq):
         if cn[qi] > k:
             _cut(cd[qi], cp[qi], cn[qi], k, hist)

@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from duch_core.hamming_topk import RowFilter
+
 __all__ = [
     "FILTER_KEYS",
     "FilterError",
@@ -85,8 +87,21 @@ class ItemMetadata:
     # rows whose box crosses the antimeridian (min_lon > max_lon); None when no row does
     lon_wraps: np.ndarray | None = None
     grid: _Grid | None = None
-    # (rows in datetime order, their datetimes): a range is a slice
+    # (rows in datetime order, their datetimes): a range is a slice; None when the rows are in
+    # datetime order themselves (``time_sorted``) or without the indexes
     time_order: tuple[np.ndarray, np.ndarray] | None = None
+    # rows 0:timed have a datetime, non-decreasing, and the rest none (an index in time order):
+    # a datetime range is a range of rows
+    time_sorted: bool = False
+    timed: int = 0
+    # each row's combination of categorical values, numbered: ``classes`` (n,) int32, and per
+    # class its code in each of ``class_columns`` (``class_codes`` (C, len(class_columns)),
+    # -1 missing) and its number of rows, so that any mix of categorical predicates is one
+    # lookup per row, and its exact count is known before any row is read
+    classes: np.ndarray | None = None
+    class_columns: tuple[str, ...] = ()
+    class_codes: np.ndarray | None = None
+    class_counts: np.ndarray | None = None
 
     @classmethod
     def from_columns(
@@ -128,9 +143,7 @@ class ItemMetadata:
             cols = []
             for name, col in zip(("min_lon", "min_lat", "max_lon", "max_lat"), boxes, strict=True):
                 a = _to_numpy(col)
-                cols.append(
-                    np.ascontiguousarray(a if a.dtype.kind == "f" else a.astype(np.float64))
-                )
+                cols.append(a)
                 lengths[name] = a.shape[0]
             bbox = (cols[0], cols[1], cols[2], cols[3])
         dt = None
@@ -147,13 +160,23 @@ class ItemMetadata:
         n = next(iter(lengths.values()), 0)
         wraps = grid = order = None
         if bbox is not None:
+            c64 = [_writeable(np.asarray(c, np.float64)) for c in bbox]
+            bbox = (c64[0], c64[1], c64[2], c64[3])
             w = bbox[0] > bbox[2]
             wraps = w if bool(w.any()) else None
             grid = _Grid.build(bbox, _GRID_CELL) if index else None
-        if dt is not None and index:
-            rows = np.argsort(dt, kind="stable").astype(_row_dtype(n))
-            order = (rows, dt[rows])
-        return cls(n, bbox, dt, cats, wraps, grid, order)
+        sorted_, timed = False, 0
+        if dt is not None:
+            dt = _writeable(dt)
+            sorted_, timed = _time_sorted(dt)
+            if index and not sorted_:
+                rows = np.argsort(dt, kind="stable").astype(_row_dtype(n))
+                order = (rows, dt[rows])
+        classes, codes, counts = _classes(
+            [cats[c][0] for c in cats], [len(cats[c][1]) for c in cats], n
+        )
+        return cls(n, bbox, dt, cats, wraps, grid, order, sorted_, timed, classes, tuple(cats),
+                   codes, counts)  # fmt: skip
 
 
 METADATA_COLUMNS = ("bbox", "datetime", "label", "split", "sensor")
@@ -307,10 +330,21 @@ class _Grid:
 def _index_rows(meta: ItemMetadata, preds: list[tuple[str, Any]]) -> np.ndarray | None:
     """Ascending rows that may pass, from the most selective index, when one narrows the rows
     to less than ``_GATHER_BELOW`` of them; else ``None``."""
+    return _index_rows_by(meta, preds)[0]
+
+
+def _index_rows_by(
+    meta: ItemMetadata, preds: list[tuple[str, Any]]
+) -> tuple[np.ndarray | None, str | None]:
+    """:func:`_index_rows` and the key of the predicate the rows answer exactly (a datetime
+    range from the time order; the grid gives a superset), else ``None``."""
     best = None  # (count, key, argument)
     for key, arg in preds:
         if key == "bbox" and meta.grid is not None:
             c = meta.grid.count(arg)
+        elif key == "datetime" and meta.time_sorted and meta.datetime_us is not None:
+            lo, hi = _time_slice(meta.datetime_us[: meta.timed], arg)
+            c, arg = hi - lo, (lo, hi)
         elif key == "datetime" and meta.time_order is not None:
             lo, hi = _time_slice(meta.time_order[1], arg)
             c, arg = hi - lo, (lo, hi)
@@ -319,13 +353,63 @@ def _index_rows(meta: ItemMetadata, preds: list[tuple[str, Any]]) -> np.ndarray 
         if best is None or c < best[0]:
             best = (c, key, arg)
     if best is None or best[0] >= _GATHER_BELOW * meta.n:
-        return None
+        return None, None
     _, key, arg = best
     if key == "bbox" and meta.grid is not None:
-        return meta.grid.rows_near(arg)
+        return meta.grid.rows_near(arg), None
+    if meta.time_sorted:
+        return np.arange(arg[0], arg[1], dtype=np.int64), "datetime"
     if meta.time_order is not None:
-        return _ascending(meta.time_order[0][arg[0] : arg[1]])
-    return None
+        return _ascending(meta.time_order[0][arg[0] : arg[1]]), "datetime"
+    return None, None
+
+
+def _writeable(a: np.ndarray) -> np.ndarray:
+    """``a`` contiguous and writeable (a copy only where it is not): the form the search
+    kernel takes without copying per query."""
+    a = np.ascontiguousarray(a)
+    return a if a.flags.writeable else a.copy()
+
+
+def _time_sorted(t: np.ndarray) -> tuple[bool, int]:
+    """``(True, m)`` when rows ``0:m`` have a datetime, non-decreasing, and the rest none (the
+    order of an index in time order), else ``(False, 0)``."""
+    unknown = t == NAT_US
+    m = int(np.argmax(unknown)) if bool(unknown.any()) else t.shape[0]
+    if bool(unknown[m:].all()) and (m < 2 or bool(np.all(t[1:m] >= t[: m - 1]))):
+        return True, m
+    return False, 0
+
+
+def _classes(
+    columns: list[np.ndarray], sizes: list[int], n: int
+) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """Number each row's combination of categorical ``columns`` (codes, -1 missing; column
+    ``c`` has ``sizes[c]`` values): ``(classes (n,) int32, class_codes (C, len(columns)),
+    class_counts (C,))``, or three ``None`` without columns."""
+    if not columns:
+        return None, None, None
+    key = np.zeros(n, np.int64)
+    for col, size in zip(columns, sizes, strict=True):
+        key *= size + 1
+        key += col.astype(np.int64) + 1
+    span = math.prod(size + 1 for size in sizes)
+    if span <= 1 << 22:  # the combinations as a dense table: no sort
+        counts_all = np.bincount(key, minlength=span)
+        keys = np.flatnonzero(counts_all)
+        number = np.full(span, -1, np.int32)
+        number[keys] = np.arange(keys.size, dtype=np.int32)
+        classes = number[key]
+        counts = counts_all[keys]
+    else:
+        keys, inverse, counts = np.unique(key, return_inverse=True, return_counts=True)
+        classes = inverse.astype(np.int32).reshape(n)
+    codes = np.empty((keys.size, len(columns)), np.int64)
+    rest = keys.copy()
+    for c in range(len(columns) - 1, -1, -1):
+        rest, digit = np.divmod(rest, sizes[c] + 1)
+        codes[:, c] = digit - 1
+    return classes, codes, counts.astype(np.int64)
 
 
 def _ascending(rows: np.ndarray) -> np.ndarray:
@@ -499,12 +583,13 @@ def _predicates(meta: ItemMetadata, spec: Any) -> list[tuple[str, Any]]:
 # evaluation
 
 
-def _rows(a: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
+def _rows(a: np.ndarray, rows: np.ndarray | slice | None) -> np.ndarray:
     return a if rows is None else a[rows]
 
 
-def _eval(meta: ItemMetadata, key: str, arg: Any, rows: np.ndarray | None) -> np.ndarray:
-    """Bool flags of predicate ``key`` over every row (``rows`` None) or over ``rows``."""
+def _eval(meta: ItemMetadata, key: str, arg: Any, rows: np.ndarray | slice | None) -> np.ndarray:
+    """Bool flags of predicate ``key`` over every row (``rows`` None) or over ``rows`` (positions
+    or a range)."""
     if key in _CATEGORICAL:
         codes, lookup = meta.categorical[key]
         c = _rows(codes, rows)
@@ -601,25 +686,111 @@ def candidate_positions(meta: ItemMetadata, spec: Any) -> np.ndarray:
     return np.arange(meta.n, dtype=np.int64) if mask is None else np.flatnonzero(mask)
 
 
-def build_candidates(
-    meta: ItemMetadata, spec: Any, dense_fraction: float = 0.0
-) -> np.ndarray | None:
+def build_candidates(meta: ItemMetadata, spec: Any) -> RowFilter | np.ndarray | None:
     """The ``candidates`` argument of :meth:`duch_core.search.HammingIndex.search` for ``spec``.
 
-    Returns ``None`` for an empty spec (search unfiltered); ascending int64 positions when an
-    index (the grid, the time order) or a first selective predicate narrowed the rows to a few
-    (under 1/16); else the ``(n,)`` bool mask its columns gave, unless fewer than
-    ``dense_fraction`` of the rows pass. A mask is not turned into positions here by default:
-    at 10M rows that costs 5-40 ms (``np.flatnonzero``), several unfiltered scans, while the
-    search reads a broad mask at about the cost of one scan and converts a sparse one itself
-    when a batch repays it.
+    Returns ``None`` for an empty spec (search unfiltered). Otherwise the cheapest form that
+    builds in less time than the search takes:
+
+    * a datetime range over an index in time order is a range of rows, found by binary
+      search; the other predicates are applied within it;
+    * when an upper bound on the rows that pass (exact for categorical predicates and a
+      datetime range, from the spatial grid for a box) is under 1/16 of the rows: their
+      ascending int64 positions, from an index (the grid, the time order) or from the columns
+      within the range;
+    * otherwise a :class:`~duch_core.hamming_topk.RowFilter`: the range and the predicates,
+      which the search tests row by row inside the scan, only for rows close enough to enter
+      the top-k. No column is read in full: at 10M rows a mask from whole columns costs
+      6-40 ms, about as much as the scan it filters.
+
+    An empty int64 array means no row passes.
 
     Raises:
         FilterError: a bad spec (``field`` names the key).
     """
-    mask, rows = _select(meta, spec)
-    if rows is not None or mask is None:
-        return rows
-    if dense_fraction <= 0 or np.count_nonzero(mask) >= dense_fraction * meta.n:
-        return mask
-    return np.flatnonzero(mask)
+    preds = _predicates(meta, spec)
+    if not preds:
+        return None
+    lo, hi = 0, meta.n
+    rest = []
+    for key, arg in preds:
+        if key == "datetime" and meta.time_sorted and meta.datetime_us is not None:
+            lo, hi = _time_slice(meta.datetime_us[: meta.timed], arg)
+        else:
+            rest.append((key, arg))
+    if hi <= lo:
+        return np.zeros(0, np.int64)
+    if not rest:
+        return RowFilter(lo, hi)
+    count = hi - lo  # an upper bound on the rows that pass
+    cats = [(key, arg) for key, arg in rest if key in _CATEGORICAL]
+    class_ok = _class_ok(meta, cats) if cats else None
+    if class_ok is not None and meta.class_counts is not None:
+        count = min(count, int(meta.class_counts[class_ok].sum()))
+    for key, arg in rest:
+        if key == "bbox" and meta.grid is not None:
+            count = min(count, meta.grid.count(arg))
+        elif key == "datetime" and meta.time_order is not None:
+            a, b = _time_slice(meta.time_order[1], arg)
+            count = min(count, b - a)
+    if count < _GATHER_BELOW * meta.n or (cats and class_ok is None):
+        return _positions_in(meta, rest, lo, hi)
+    times = boxes = None
+    t_lo, t_hi, box = NAT_US + 1, np.iinfo(np.int64).max, (0.0, 0.0, 0.0, 0.0)
+    for key, arg in rest:
+        if key == "datetime":
+            times = meta.datetime_us
+            t_lo = NAT_US + 1 if arg[0] is None else arg[0]
+            t_hi = t_hi if arg[1] is None else arg[1]
+        elif key == "bbox":
+            boxes, box = meta.bbox, arg
+    return RowFilter(
+        lo,
+        hi,
+        count / (hi - lo),
+        classes=None if class_ok is None else meta.classes,
+        class_ok=class_ok,
+        times=times,
+        time_lo=int(t_lo),
+        time_hi=int(t_hi),
+        boxes=boxes,
+        wraps=meta.lon_wraps if boxes is not None else None,
+        box=box,
+    )
+
+
+def _class_ok(meta: ItemMetadata, cats: list[tuple[str, Any]]) -> np.ndarray | None:
+    """``(C,)`` bool: the row classes that pass every categorical predicate of ``cats`` (a
+    missing value never does); ``None`` without classes."""
+    if meta.class_codes is None:
+        return None
+    ok = np.ones(meta.class_codes.shape[0], np.bool_)
+    for key, arg in cats:
+        lookup = meta.categorical[key][1]
+        want = [lookup[v] for v in arg if v in lookup]
+        ok &= np.isin(meta.class_codes[:, meta.class_columns.index(key)], want)
+    return ok
+
+
+def _positions_in(meta: ItemMetadata, preds: list[tuple[str, Any]], lo: int, hi: int) -> np.ndarray:
+    """Ascending int64 positions of the rows of ``lo:hi`` that pass ``preds``: from an index
+    when one narrows them to a few, else from the columns of the range (evaluated on the
+    survivors alone once few are left)."""
+    rows, exact = _index_rows_by(meta, preds)
+    if rows is not None and (lo, hi) != (0, meta.n):
+        rows = rows[int(np.searchsorted(rows, lo)) : int(np.searchsorted(rows, hi))]
+    mask = None
+    for key, arg in preds:
+        if key == exact:  # the index rows are exactly the rows this predicate keeps
+            continue
+        if rows is None:
+            hit = _eval(meta, key, arg, slice(lo, hi))
+            mask = hit if mask is None else np.logical_and(mask, hit, out=mask)
+            if np.count_nonzero(mask) < _GATHER_BELOW * (hi - lo):
+                rows, mask = lo + np.flatnonzero(mask), None
+        else:
+            rows = rows[_eval(meta, key, arg, rows)]
+    if rows is None:
+        assert mask is not None
+        return lo + np.flatnonzero(mask)
+    return rows.astype(np.int64, copy=False)

@@ -19,7 +19,7 @@ type and cached on disk; :func:`warmup` does it ahead of the first request):
   the minimum distance over a 2 KiB piece of the block is a vectorised reduction (AVX-512
   popcount where the CPU has it); the piece is scanned item by item only when that minimum is
   below the query's threshold, which is rare once the threshold has settled.
-* Top-k selection never sorts: each query keeps a candidate buffer of up to ``2k + 16`` items in
+* Top-k selection never sorts: each query keeps a candidate buffer of up to ``k + max(4, k // 4)`` items in
   position order and a threshold ``t`` (accept only ``d < t``). A full buffer is cut back to
   exactly ``k`` items with a counting select over the distance histogram (distances are
   integers in ``0..bits``) and ``t`` becomes the k-th distance: a later item at distance ``t``
@@ -32,12 +32,14 @@ import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 __all__ = [
     "DENSE_FRACTION",
+    "RowFilter",
     "SearchError",
     "choose_mih",
     "get_num_threads",
@@ -76,6 +78,11 @@ _MASK_GATHER_FRACTION = 0.05
 _NONZERO_COST = 2.5
 _GATHER_COST = 3.5
 # the mask's fraction is estimated from _MASK_SAMPLES evenly spread runs of _MASK_RUN rows
+# a row filter turned into positions: the pass over its columns costs about this many scans of
+# its range (37-50 ms at 10M rows against 5-7 ms), and searching the positions about this many
+# scans per query for each share of the rows kept (measured: 32 queries, half the rows kept)
+_FILTER_ROWS_COST = 8.0
+_GATHER_PER_ROW = 1.9
 _MASK_SAMPLES = 64
 _MASK_RUN = 1024
 # bound on the per-call candidate state (bytes), used to split very large query batches
@@ -208,12 +215,14 @@ def _search_positions(
     bits: int,
     cand: np.ndarray | None = None,
     mask: np.ndarray | None = None,
+    rows: RowFilter | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k positions of ``queries`` ``(Q, W)`` in ``db`` ``(N, W)`` (same word dtype).
 
     Every row is a candidate, or only the rows ``cand`` (``(M,)`` int64, strictly increasing;
     gathered, so only they are read), or only the rows where ``mask`` (``(N,)`` bool) is True
-    (the database is scanned and the mask read where a row could enter the top-k).
+    (the database is scanned and the mask read where a row could enter the top-k), or only
+    the rows of ``rows`` (its range scanned, its tests applied as the mask is).
 
     Returns ``(dist (Q, kk) int32, pos (Q, kk) int64)``, ranked by (distance, position), where
     ``kk = min(k, number of candidates)``; requires ``1 <= k``.
@@ -221,7 +230,8 @@ def _search_positions(
     kern = _kernel()
     n, w = db.shape
     nthreads = get_num_threads()
-    total = n if cand is None else cand.shape[0]
+    first = 0 if rows is None else rows.lo
+    total = (n if rows is None else rows.hi - rows.lo) if cand is None else cand.shape[0]
     if cand is None:
         min_chunk = _MIN_CHUNK
     elif total and int(cand[-1]) - int(cand[0]) < 2 * total:
@@ -229,15 +239,15 @@ def _search_positions(
     else:
         min_chunk = _MIN_GATHER_CHUNK
     nchunks = int(max(1, min(nthreads, total // min_chunk)))
-    bounds = [total * c // nchunks for c in range(nchunks + 1)]
+    bounds = [first * (cand is None) + total * c // nchunks for c in range(nchunks + 1)]
     row_bytes = max(1, w * db.itemsize)
     block = max(64, _BLOCK_BYTES // row_bytes)
     sub = max(16, _SUB_BYTES // row_bytes)
-    cap = 2 * k + 16
+    cap = k + max(4, k // 4)
     per_query = nchunks * cap * 10 + k * 12
     qb = max(1, _STATE_BYTES // per_query)
     flat = db.reshape(-1)
-    no_mask = np.zeros(0, np.bool_) if mask is None else mask
+    tests = (RowFilter(0, n) if rows is None else rows).kernel_tests(mask)
     bufs = [np.empty(block * w, db.dtype) for _ in range(nchunks)] if cand is not None else []
     nq = queries.shape[0]
     dist = np.empty((nq, k), np.int32)
@@ -251,15 +261,20 @@ def _search_positions(
         cd = np.empty((nchunks, e - s, cap), np.int16 if bits < 32767 else np.int32)
         cp = np.empty((nchunks, e - s, cap), np.int64)
         cn = np.zeros((nchunks, e - s), np.int64)
+        shared = np.full((nchunks, e - s), bits + 1, np.int64)  # thresholds the chunks share
 
         def scan(
-            c: int, q: np.ndarray = q, cd: np.ndarray = cd, cp: np.ndarray = cp, cn: np.ndarray = cn
+            c: int,
+            q: np.ndarray = q,
+            cd: np.ndarray = cd,
+            cp: np.ndarray = cp,
+            cn: np.ndarray = cn,
+            shared: np.ndarray = shared,
         ) -> None:
             lo, hi = bounds[c], bounds[c + 1]
             if cand is None:
-                kern.scan_chunk(
-                    flat, q, w, k, bits, lo, hi, block, sub, no_mask, cd[c], cp[c], cn[c]
-                )
+                kern.scan_chunk(flat, q, w, k, bits, lo, hi, block, sub, tests,
+                                cd[c], cp[c], cn[c], shared, c)  # fmt: skip
                 return
             bad = kern.gather_chunk(
                 flat, q, w, k, bits, n, cand, lo, hi, block, sub, bufs[c], cd[c], cp[c], cn[c]
@@ -320,6 +335,101 @@ def search_reference(
 # candidates of a filtered search
 
 
+_I64_MIN = int(np.iinfo(np.int64).min)
+_I64_MAX = int(np.iinfo(np.int64).max)
+
+
+def _kernel_column(a: np.ndarray | None, dtype: Any) -> np.ndarray:
+    """A column as the kernel takes it (contiguous, ``dtype``, writeable: one compiled variant);
+    no copy for a column already so, an empty array for none."""
+    if a is None:
+        return np.zeros(0, dtype)
+    a = np.ascontiguousarray(a, dtype=dtype)
+    return a if a.flags.writeable else a.copy()
+
+
+@dataclass(frozen=True)
+class RowFilter:
+    """Candidates of a filtered search given as the rows ``lo:hi`` that pass tests evaluated
+    inside the scan, row by row, only where a row is close enough to enter the top-k.
+
+    It costs nothing to build: no mask or position list over the database is made, so a filter
+    that keeps many rows is searched at about the cost of an unfiltered scan of its range, and a
+    range alone (the rows of one time span in an index in time order) is scanned where it lies.
+    :func:`duch_core.filters.build_candidates` makes them; the semantics of each test are those
+    of :func:`duch_core._search_kernel.test_rows`.
+
+    Attributes:
+        lo, hi: the rows scanned, ``0 <= lo <= hi <= N``.
+        fraction: an upper bound on the share of the rows ``lo:hi`` that pass (1.0 when
+            unknown); the search turns the filter into positions first when that is cheaper
+            (few rows pass, or a batch large enough repays it).
+        classes, class_ok: ``(N,)`` int32 row classes (-1: none) and ``(C,)`` bool, the classes
+            that pass; a class outside ``0 .. C - 1`` never passes.
+        times, time_lo, time_hi: ``(N,)`` int64 and inclusive bounds.
+        boxes: ``(min_lon, min_lat, max_lon, max_lat)``, ``(N,)`` float64 each (NaN: unknown,
+            never passes); ``wraps``: ``(N,)`` bool, rows across the antimeridian (None: none
+            are); ``box``: the query box ``(w, s, e, n)``, crossing the antimeridian when
+            ``w > e``.
+    """
+
+    lo: int
+    hi: int
+    fraction: float = 1.0
+    classes: np.ndarray | None = None
+    class_ok: np.ndarray | None = None
+    times: np.ndarray | None = None
+    time_lo: int = _I64_MIN
+    time_hi: int = _I64_MAX
+    boxes: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+    wraps: np.ndarray | None = None
+    box: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+
+    @property
+    def tested(self) -> bool:
+        """Whether any test applies (else every row of the range passes)."""
+        return self.classes is not None or self.times is not None or self.boxes is not None
+
+    def check(self, n: int) -> None:
+        """Raise :class:`SearchError` unless the range and every column fit ``n`` rows."""
+        if not 0 <= self.lo <= self.hi <= n:
+            raise SearchError(f"a row filter's range must lie in 0..{n}, got {self.lo}:{self.hi}")
+        if (self.classes is None) != (self.class_ok is None):
+            raise SearchError("a row filter gives classes and class_ok together")
+        cols = {"classes": self.classes, "times": self.times, "wraps": self.wraps}
+        for i, c in enumerate(self.boxes or ()):
+            cols[f"boxes[{i}]"] = c
+        if self.wraps is not None and self.boxes is None:
+            raise SearchError("a row filter gives wraps only with boxes")
+        for name, col in cols.items():
+            if col is not None and np.shape(col) != (n,):
+                raise SearchError(f"row filter column {name} must have shape ({n},)")
+
+    def kernel_tests(self, mask: np.ndarray | None = None) -> tuple[Any, ...]:
+        """The tests as :func:`duch_core._search_kernel.test_rows` takes them, with ``mask``
+        (``(N,)`` bool) as one more test."""
+        boxes = self.boxes or (None, None, None, None)
+        return (
+            _kernel_column(mask, np.bool_),
+            _kernel_column(self.classes, np.int32),
+            _kernel_column(self.class_ok, np.bool_),
+            _kernel_column(self.times, np.int64),
+            np.int64(self.time_lo),
+            np.int64(self.time_hi),
+            *(_kernel_column(c, np.float64) for c in boxes),
+            _kernel_column(self.wraps, np.bool_),
+            np.asarray(self.box, np.float64),
+        )
+
+    def positions(self) -> np.ndarray:
+        """``(M,)`` int64, ascending: the rows that pass (a pass over the range)."""
+        if not self.tested:
+            return np.arange(self.lo, self.hi, dtype=np.int64)
+        out = np.empty(self.hi - self.lo, np.int64)
+        m = _kernel().filter_rows(self.lo, self.hi, self.kernel_tests(), out)
+        return out[:m].copy() if m < out.shape[0] // 2 else out[:m]
+
+
 def _check_candidates(candidates: Any, n: int) -> tuple[np.ndarray | None, np.ndarray | None]:
     """``(positions, None)`` or ``(None, mask)`` from the ``candidates`` of a search.
 
@@ -359,6 +469,17 @@ def _mask_gathers(fraction: float, nq: int) -> bool:
     if fraction < _MASK_GATHER_FRACTION:
         return True
     return nq * (1.0 - fraction) > _NONZERO_COST + _GATHER_COST * fraction
+
+
+def _filter_gathers(fraction: float, nq: int) -> bool:
+    """Whether a :class:`RowFilter` keeping ``fraction`` of its rows is searched faster for
+    ``nq`` queries by turning it into positions first (a pass over its rows' columns, about
+    :data:`_FILTER_ROWS_COST` scans of its range) and gathering them (about
+    :data:`_GATHER_PER_ROW` scans per query and kept share) than by testing rows in the scan
+    (about one scan per query)."""
+    if fraction < _MASK_GATHER_FRACTION:
+        return True
+    return nq * (1.0 - _GATHER_PER_ROW * fraction) > _FILTER_ROWS_COST
 
 
 def _mask_fraction(mask: np.ndarray) -> float:

@@ -35,12 +35,14 @@ import numpy as np
 
 from duch_core.codes import check_bits
 from duch_core.hamming_topk import (
+    RowFilter,
     SearchError,
     _as_words,
     _check_candidates,
     _check_codes,
     _check_k,
     _check_positions,
+    _filter_gathers,
     _mask_fraction,
     _mask_gathers,
     _mih_kernel,
@@ -74,6 +76,11 @@ def warmup(bits: int) -> None:
     idx.search(q, 1)
     idx.search(q, 1, candidates=np.array([1]))  # the gather kernel
     idx.search(q, 1, candidates=np.ones(2, np.bool_))  # the masked scan
+    # the row tests in the scan and in a pass over the rows
+    classes = np.zeros(2, np.int32)
+    tests = RowFilter(0, 2, classes=classes, class_ok=np.ones(1, np.bool_))
+    idx.search(q, 1, candidates=tests)
+    tests.positions()
 
 
 def _read_id_file(path: Path) -> tuple[np.dtype, tuple[int, ...], bool, bool, int]:
@@ -391,7 +398,10 @@ class HammingIndex:
             k: positive int.
             candidates: ``None`` (every row), ``(M,)`` integer row positions, strictly
                 increasing, in ``0 .. ntotal - 1`` (positions are ranks in id order, see
-                :meth:`positions_of`), or an ``(ntotal,)`` bool mask. One set for the batch.
+                :meth:`positions_of`), an ``(ntotal,)`` bool mask, or a
+                :class:`~duch_core.hamming_topk.RowFilter` (a row range and tests applied in
+                the scan, as the mask is; turned into positions first when it keeps few rows
+                or the batch is large). One set for the batch.
 
         Returns:
             ``(dist, ids)``, both ``(Q, min(k, C))`` where ``C`` is the number of candidates
@@ -425,8 +435,19 @@ class HammingIndex:
         self, queries: np.ndarray, k: int, candidates: Any
     ) -> tuple[np.ndarray, np.ndarray]:
         n = self._codes.shape[0]
-        cand, mask = _check_candidates(candidates, n)
         nq = queries.shape[0]
+        rows = None
+        if isinstance(candidates, RowFilter):
+            candidates.check(n)
+            cand, mask = None, None
+            rows = candidates
+            span = rows.hi - rows.lo
+            if not rows.tested or span == 0:
+                k = min(k, span)
+            elif nq == 0 or (span and _filter_gathers(rows.fraction, nq)):
+                cand, rows = rows.positions(), None
+        else:
+            cand, mask = _check_candidates(candidates, n)
         if mask is not None and nq and _mask_gathers(_mask_fraction(mask), nq):
             cand, mask = np.flatnonzero(mask), None
         if cand is not None:
@@ -441,7 +462,7 @@ class HammingIndex:
         self.mih_stats["scanned"] += nq
         db = _as_words(self._codes, self._nbytes)
         q = _as_words(queries, self._nbytes)
-        dist, pos = _search_positions(db, q, k, self.bits, cand=cand, mask=mask)
+        dist, pos = _search_positions(db, q, k, self.bits, cand=cand, mask=mask, rows=rows)
         return dist, self._resolve(pos)
 
     def _scan(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -483,12 +504,16 @@ class HammingIndex:
         k = _check_k(k)
         self._consolidate()
         codes, ids = self._codes, self._id_array()
-        if candidates is not None:
+        if isinstance(candidates, RowFilter):
+            candidates.check(codes.shape[0])
+            rows = candidates.positions()
+            codes, ids = codes[rows], ids[rows]
+        elif candidates is not None:
             cand, mask = _check_candidates(candidates, codes.shape[0])
-            rows = np.flatnonzero(mask) if mask is not None else cand
-            if rows is not None:
-                _check_positions(rows, codes.shape[0])
-                codes, ids = codes[rows], ids[rows]
+            picked = np.flatnonzero(mask) if mask is not None else cand
+            if picked is not None:
+                _check_positions(picked, codes.shape[0])
+                codes, ids = codes[picked], ids[picked]
         return search_reference(codes, ids, queries, k)
 
     # ----------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from duch_core import _search_kernel
 from duch_core import filters as F
 from duch_core import hamming_topk as H
 from duch_core.filters import FilterError, ItemMetadata
-from duch_core.hamming_topk import SearchError, search_reference
+from duch_core.hamming_topk import RowFilter, SearchError, search_reference
 from duch_core.search import HammingIndex
 
 N = 3001  # not a multiple of any block, piece or chunk size
@@ -47,7 +47,7 @@ def kernels_used(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     calls = {"scan": 0, "masked": 0, "gather": 0}
 
     def scan_chunk(*a: Any) -> Any:
-        calls["masked" if a[9].shape[0] else "scan"] += 1
+        calls["masked" if _search_kernel._any_test(a[9]) else "scan"] += 1
         return _search_kernel.scan_chunk(*a)
 
     def gather_chunk(*a: Any) -> Any:
@@ -58,6 +58,7 @@ def kernels_used(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
         scan_chunk=scan_chunk,
         gather_chunk=gather_chunk,
         merge_chunks=_search_kernel.merge_chunks,
+        filter_rows=_search_kernel.filter_rows,
     )
     monkeypatch.setattr(H, "_kernel", lambda: spy)
     return calls
@@ -271,10 +272,158 @@ def test_runs_of_consecutive_rows_equal_brute_force(bits: int, small_blocks: Non
             np.testing.assert_array_equal(i, want[1])
 
 
+def _time_ordered(cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``cols`` in the row order of an index in time order: by datetime, unknown last."""
+    t = cols["datetime"].astype("datetime64[us]").astype(np.int64)
+    key = np.where(np.isnat(cols["datetime"]), np.iinfo(np.int64).max, t)
+    order = np.argsort(key, kind="stable")
+    return {name: col[order] for name, col in cols.items()}
+
+
+PLANNED_SPECS = [
+    *SPECS,
+    {"datetime": "2021-01-01/2021-06-30", "label": ["river", "beach"]},
+    {"datetime": "2021-06-30", "bbox": [-180, -90, 180, 90]},
+    {"datetime": "2022-01-01/..", "split": "val", "sensor": ["L8", "S2B"]},
+    {"datetime": "1999-01-01/2000-01-01", "label": "river"},  # an empty range
+    {"label": "no such label"},
+]
+
+
+@pytest.mark.parametrize("time_order", [False, True], ids=["any-order", "time-order"])
+@pytest.mark.parametrize("below", [0.0, None, 1.0], ids=["in-scan", "planned", "positions"])
+def test_every_candidate_form_the_planner_builds_equals_brute_force(
+    time_order: bool, below: float | None, small_blocks: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """build_candidates gives a row range, positions or row tests applied in the scan; with the
+    threshold forced either way and as planned, on rows in any order and in time order (where a
+    datetime range is a range of rows), every form searches to the brute-force answer, and a
+    row filter's own pass over its rows gives the reference rows."""
+    if below is not None:
+        monkeypatch.setattr(F, "_GATHER_BELOW", below)
+    cols = _metadata(np.random.default_rng(1))
+    if time_order:
+        cols = _time_ordered(cols)
+    meta = ItemMetadata.from_columns(**cols)
+    assert meta.time_sorted == time_order and (meta.time_order is None) == time_order
+    rng = np.random.default_rng(4)
+    codes = _clustered(rng, N, 64)
+    idx = HammingIndex.from_arrays(codes, None, 64)
+    q = np.concatenate([_clustered(rng, 5, 64), codes[[7]]])
+    forms = set()
+    for spec in PLANNED_SPECS:
+        rows = _reference_rows(cols, spec)
+        cand = F.build_candidates(meta, spec)
+        if isinstance(cand, RowFilter):
+            forms.add("tests" if cand.tested else "range")
+            np.testing.assert_array_equal(cand.positions(), rows)
+            assert cand.fraction * (cand.hi - cand.lo) >= len(rows)  # an upper bound
+        else:
+            forms.add("positions")
+            np.testing.assert_array_equal(cand, rows)
+        for k in (1, 7, 50):
+            for nq in (1, len(q)):
+                want = _brute_force(codes, np.arange(N), rows, q[:nq], k)
+                d, i = idx.search(q[:nq], k, candidates=cand)
+                np.testing.assert_array_equal(d, want[0])
+                np.testing.assert_array_equal(i, want[1])
+    # at 1.0 only the whole-world box, whose bound is every row, is tested in the scan
+    expected = {0.0: {"tests"}, 1.0: {"positions", "tests"}, None: {"tests", "positions"}}[below]
+    if time_order:  # a datetime range alone is a row range; an empty one no positions
+        expected = expected | {"range", "positions"}
+    assert forms == expected
+
+
+def test_row_filter_kernels_and_checks(small_blocks: None, kernels_used: dict[str, int]) -> None:
+    """A row filter without tests scans its range; with tests it is scanned with them, or
+    turned into positions and gathered when it keeps few rows or the batch is large; bad
+    ranges and columns raise."""
+    rng = np.random.default_rng(8)
+    codes = _clustered(rng, N, 64)
+    idx = HammingIndex.from_arrays(codes, None, 64)
+    queries = _clustered(rng, 40, 64)
+    classes = rng.integers(-1, 4, N).astype(np.int32)
+    ok = np.array([True, False, True, False])
+    for lo, hi, fraction, nq, kernel in [
+        (0, N, 1.0, 1, "scan"),
+        (100, 2500, 1.0, 40, "scan"),
+        (100, 2500, 0.5, 1, "masked"),
+        (100, 2500, 0.5, 40, "masked"),
+        (100, 2500, 0.2, 40, "gather"),
+        (0, N, 0.01, 1, "gather"),
+    ]:
+        tested = fraction < 1.0
+        rf = RowFilter(lo, hi, fraction, classes=classes if tested else None,
+                       class_ok=ok if tested else None)  # fmt: skip
+        rows = np.arange(lo, hi)
+        if tested:
+            rows = rows[(classes[rows] >= 0) & ok[np.maximum(classes[rows], 0)]]
+        before = dict(kernels_used)
+        d, i = idx.search(queries[:nq], 20, candidates=rf)
+        ran = {name for name in kernels_used if kernels_used[name] > before[name]}
+        assert ran == {kernel}
+        want = _brute_force(codes, np.arange(N), rows, queries[:nq], 20)
+        np.testing.assert_array_equal(d, want[0])
+        np.testing.assert_array_equal(i, want[1])
+    # a class past the end of class_ok never passes (no read out of bounds)
+    short = RowFilter(0, N, 0.5, classes=classes, class_ok=np.array([True]))
+    np.testing.assert_array_equal(short.positions(), np.flatnonzero(classes == 0))
+    assert idx.search(queries[:2], 5, candidates=RowFilter(7, 7))[0].shape == (2, 0)
+    assert idx.search(queries[:0], 5, candidates=short)[0].shape == (0, 5)
+    for bad, message in [
+        (RowFilter(-1, 5), "range"),
+        (RowFilter(0, N + 1), "range"),
+        (RowFilter(5, 4), "range"),
+        (RowFilter(0, N, classes=classes), "together"),
+        (RowFilter(0, N, times=np.zeros(N - 1, np.int64)), "times"),
+        (RowFilter(0, N, wraps=np.zeros(N, np.bool_)), "wraps"),
+    ]:
+        with pytest.raises(SearchError, match=message):
+            idx.search(queries[:1], 3, candidates=bad)
+        with pytest.raises(SearchError, match=message):
+            idx.reference_search(queries[:1], 3, candidates=bad)
+
+
+def test_row_classes_number_every_combination() -> None:
+    """Each row's class stands for its combination of categorical values, with exact counts,
+    through the dense table and through the sort (many possible combinations)."""
+    rng = np.random.default_rng(2)
+    for sizes in ([3, 20, 1], [5000, 5000]):
+        cols = [rng.integers(-1, s, 3000) for s in sizes]
+        classes, codes, counts = F._classes(cols, sizes, 3000)
+        assert classes is not None and codes is not None and counts is not None
+        assert classes.dtype == np.int32
+        np.testing.assert_array_equal(codes[classes], np.stack(cols, axis=1))
+        np.testing.assert_array_equal(counts, np.bincount(classes))
+        assert len(np.unique(codes, axis=0)) == len(codes)
+    assert F._classes([], [], 5) == (None, None, None)
+
+
+def test_time_sorted_rows_are_recognised() -> None:
+    nat = np.iinfo(np.int64).min
+    for t, want in [
+        ([1, 2, 2, 5], (True, 4)),
+        ([1, 2, nat, nat], (True, 2)),
+        ([nat, nat], (True, 0)),
+        ([nat] * 300, (True, 0)),
+        ([4] + [nat] * 300, (True, 1)),
+        ([], (True, 0)),
+        ([1, nat, 3], (False, 0)),
+        ([2, 1], (False, 0)),
+        ([nat, 1], (False, 0)),
+    ]:
+        assert F._time_sorted(np.array(t, np.int64)) == want
+
+
 def test_mask_conversion_rule() -> None:
     assert H._mask_gathers(0.01, 1) and H._mask_gathers(0.01, 1000)  # sparse: always
     assert not H._mask_gathers(0.5, 1) and H._mask_gathers(0.5, 32)  # broad: big batches
     assert not H._mask_gathers(1.0, 10_000)  # every row passes: nothing to save
+    # a row filter costs more to convert (a pass over its columns), and its tests cost the
+    # scan little: converted when sparse, or kept a small share for a large batch
+    assert H._filter_gathers(0.01, 1) and H._filter_gathers(0.1, 32)
+    assert not H._filter_gathers(0.1, 4) and not H._filter_gathers(0.5, 32)
+    assert not H._filter_gathers(1.0, 10_000)
     # large masks: the fraction is estimated from spread runs
     rng = np.random.default_rng(0)
     for f in (0.0, 0.01, 0.3, 1.0):
@@ -403,9 +552,11 @@ def test_strings_and_combinations() -> None:
     assert pos({}) == [0, 1, 2, 3, 4]
     assert F.build_candidates(meta, {}) is None
     assert F.filter_mask(meta, {"split": "val"}).tolist() == [False, True, False, False, True]
-    # below the dense fraction: positions; at or above it: the mask
-    assert F.build_candidates(meta, {"label": "c"}, dense_fraction=0.5).tolist() == [4]
-    assert F.build_candidates(meta, {"label": "a"}, dense_fraction=0.2).dtype == np.bool_
+    # few rows pass (an exact count from the row classes): positions; many: tests in the scan
+    assert F.build_candidates(meta, {"label": "zzz"}).tolist() == []
+    broad = F.build_candidates(meta, {"label": "a", "split": ["train", "test"]})
+    assert isinstance(broad, RowFilter) and broad.fraction == 2 / 5
+    assert broad.positions().tolist() == [0, 3]
 
 
 def test_survivors_are_filtered_on_gathered_rows(monkeypatch: pytest.MonkeyPatch) -> None:
