@@ -43,8 +43,8 @@ chips consecutive rows, the scenes in order of acquisition time), and ``uniform`
 every row with its own random place and time (the worst case: the row order says nothing).
 Four filters of :data:`FILTERS` keep about 0.1 % (bbox), 1 % (datetime), 10 % (label) and 50 %
 (split) of the items; ``duch_core.filters.build_candidates`` turns each into candidates
-(positions from the grid or the time order, else the mask of the columns; its time is the
-``note`` of the ``duch`` row, and is in the ``duch+filter`` row's time). Engines:
+(positions, a row range, or a row filter tested in the scan; the form and its build time are
+the ``note`` of the ``duch`` row, and the build is in the ``duch+filter`` row's time). Engines:
 
 * **duch-scan**: the unfiltered ``HammingIndex.search``, the reference for ``x scan``;
 * **duch**: ``HammingIndex.search(..., candidates=...)``, the candidates built beforehand;
@@ -72,36 +72,40 @@ benchmark running), k = 20, ``x scan`` = our unfiltered scan's time / this time 
 duch+filter row, ``read`` = the read-only row):
 
     layout   N    filter (kept)    batch 1: duch / +f / read / faiss / milvus   batch 32: duch / +f / faiss / milvus
-    scenes   10M  bbox (0.049 %)   43.4x / 13.4x / 442x / 0.02x / -             162x / 116x / 0.02x / -
-    scenes   10M  date (1.02 %)    18.7x / 7.10x / 45.6x / 0.05x / -            26.2x / 23.7x / 0.08x / -
-    scenes   10M  label (10.0 %)   0.90x / 0.39x / 0.98x / 0.11x / -            2.90x / 2.77x / 0.12x / -
-    scenes   10M  split (50.0 %)   0.98x / 0.52x / 0.41x / 0.21x / -            1.17x / 1.01x / 0.20x / -
-    uniform  10M  bbox (0.094 %)   20.2x / 4.26x / 51.8x / 0.03x / -            120x / 60.5x / 0.04x / -
-    uniform  10M  date (1.02 %)    4.67x / 1.60x / 7.73x / 0.06x / -            27.0x / 14.6x / 0.04x / -
-    uniform  10M  label (10.0 %)   0.82x / 0.40x / 1.02x / 0.11x / -            2.90x / 3.33x / 0.12x / -
-    uniform  10M  split (50.0 %)   1.05x / 0.43x / 0.37x / 0.17x / -            0.95x / 0.91x / 0.22x / -
-    scenes   1M   bbox (0.185 %)   8.35x / 3.32x / 121x / 0.04x / 0.10x         38.1x / 24.8x / 0.03x / 0.25x
-    scenes   1M   date (0.740 %)   7.28x / 3.86x / 66.8x / 0.06x / 0.12x        15.9x / 13.9x / 0.04x / 0.25x
-    scenes   1M   label (10.0 %)   0.73x / 0.57x / 1.83x / 0.16x / 0.03x        2.55x / 2.96x / 0.17x / 0.15x
-    scenes   1M   split (50.0 %)   0.88x / 0.62x / 0.98x / 0.30x / 0.02x        1.21x / 1.15x / 0.29x / 0.08x
-    uniform  1M   bbox (0.094 %)   7.45x / 2.17x / 37.0x / 0.02x / 0.08x        60.5x / 31.6x / 0.02x / 0.32x
-    uniform  1M   date (1.02 %)    3.41x / 1.52x / 9.29x / 0.07x / 0.10x        11.6x / 9.16x / 0.06x / 0.23x
-    uniform  1M   label (10.1 %)   0.72x / 0.52x / 1.55x / 0.15x / 0.03x        3.28x / 2.97x / 0.16x / 0.14x
-    uniform  1M   split (50.1 %)   0.85x / 0.65x / 0.91x / 0.29x / 0.02x        1.21x / 1.14x / 0.22x / 0.07x
+    scenes   10M  bbox (0.049 %)   29.9x / 11.5x / 424x / 0.02x / -             142x / 99.3x / 0.02x / -
+    scenes   10M  date (1.02 %)    14.7x / 15.9x / 38.8x / 0.05x / -            44.9x / 43.1x / 0.08x / -
+    scenes   10M  label (10.0 %)   0.90x / 0.86x / 0.91x / 0.09x / -            1.92x / 1.88x / 0.08x / -
+    scenes   10M  split (50.0 %)   1.03x / 0.98x / 0.45x / 0.21x / -            1.27x / 1.26x / 0.29x / -
+    uniform  10M  bbox (0.094 %)   16.1x / 3.83x / 48.2x / 0.03x / -            96.3x / 52.2x / 0.04x / -
+    uniform  10M  date (1.02 %)    4.79x / 2.33x / 7.03x / 0.05x / -            35.0x / 26.4x / 0.07x / -
+    uniform  10M  label (10.0 %)   0.88x / 0.86x / 0.93x / 0.10x / -            1.99x / 1.98x / 0.13x / -
+    uniform  10M  split (50.0 %)   1.01x / 1.00x / 0.40x / 0.19x / -            0.96x / 0.96x / 0.23x / -
+    scenes   1M   bbox (0.185 %)   5.49x / 2.59x / 102x / 0.04x / 0.10x         27.7x / 21.0x / 0.02x / 0.23x
+    scenes   1M   date (0.740 %)   5.38x / 4.85x / 57.4x / 0.05x / 0.11x        14.2x / 14.2x / 0.04x / 0.24x
+    scenes   1M   label (10.0 %)   0.72x / 0.58x / 1.72x / 0.15x / 0.03x        1.86x / 1.79x / 0.15x / 0.13x
+    scenes   1M   split (50.0 %)   1.00x / 0.87x / 1.07x / 0.33x / 0.02x        0.93x / 0.96x / 0.22x / 0.08x
+    uniform  1M   bbox (0.094 %)   5.06x / 2.15x / 36.2x / 0.02x / 0.08x        32.6x / 21.2x / 0.01x / 0.22x
+    uniform  1M   date (1.02 %)    3.37x / 2.02x / 9.87x / 0.06x / 0.10x        11.6x / 9.54x / 0.05x / 0.20x
+    uniform  1M   label (10.1 %)   0.76x / 0.65x / 1.63x / 0.14x / 0.03x        1.82x / 1.79x / 0.16x / 0.13x
+    uniform  1M   split (50.1 %)   1.02x / 0.79x / 0.93x / 0.30x / 0.02x        0.86x / 0.85x / 0.27x / 0.07x
 
-Parity held in every row. At 10M a single query of the unfiltered scan takes 6.5-7.7 ms. The
-``scenes`` index is in time order, as the encode job writes it, so a 1 % time filter keeps one
-run of about 100k rows, which the kernel scans in place on one thread: 18.7x faster than the
-scan with the candidates given, 7.1x when they are built in the same call (the time slice and
-the check of its rows, 0.5 ms). Where the rows are spread at random (``uniform``) every
-candidate is a cache miss and merely reading their codes is only 7.7x faster than the scan.
-Filters without an index (label, split) are evaluated over whole columns: numpy takes 6-11 ms
-for that at 10M rows (``+f``), one to two scans, and the search then reads the mask at about the
-cost of one scan; a mask is no longer turned into positions, which cost 5-40 ms more. Both are
-what a fused predicate in the scan kernel would remove. The 1M rows are noisier (about 1 ms per
-query, with the Milvus Lite server running beside them). Memory at 10M: 8.00 bytes per code for
-duch and faiss, resident growth 76.3 MB each (1.00x the codes); Milvus Lite's server grew by
-266-278 MB for 1M codes with the scalar fields.
+Parity held in every row. At 10M a single query of the unfiltered scan takes 5.9-8.7 ms.
+``duch_core.filters.build_candidates`` gives one of three forms (the ``note`` of the ``duch``
+row): positions where an index (the grid, the time order) or the exact count of the row
+classes says few rows pass; a row range where the index is in time order and the filter is a
+datetime range (the ``scenes`` date row: 100k rows found by binary search in microseconds and
+scanned in place, 15.9x faster than the scan, filter included); and otherwise a row filter whose
+tests the kernel applies inside the scan, only to rows close enough to enter the top-k, so
+that nothing over the whole database is built (the label and split rows). A filter keeping
+half the rows then costs what the scan costs; one keeping 10 % costs 0.86x of it at 10M (0.6-0.7x
+at 1M), because the threshold settles only once k rows have passed, so more pieces are scanned
+row by row (an unfiltered scan asked for 10x more results pays most of the same). A batch of 32
+turns the 10 % filter into positions once and gathers them (1.9x). Where the rows are spread at
+random (``uniform``) every candidate is a cache miss, and merely reading the 1 % candidates'
+codes is only 7.0x faster than the scan. The 1M rows are noisier (about 1 ms per query, with the
+Milvus Lite server running beside them, and the filter's build, 0.1-0.3 ms in Python, weighs
+more). Memory at 10M: 8.00 bytes per code for duch and faiss, resident growth 76.3 MB each
+(1.00x the codes); Milvus Lite's server grew by 278-281 MB for 1M codes with the scalar fields.
 """
 
 from __future__ import annotations
