@@ -142,7 +142,8 @@ def _loop(bundle_uri: str, files: list[str], batch_size: int, threads: int) -> t
     """(decode seconds, encode images/s) of the single-process loop."""
     import torch
 
-    from duch_core.bundle import Bundle, HashEncoder
+    from duch_core.bundle import Bundle
+    from duch_core.hash_encoder import HashEncoder
     from duch_core.imageio import decode_image
 
     torch.set_num_threads(threads)
@@ -245,8 +246,9 @@ def _cog_loop(bundle_uri: str, chips: list[dict[str, Any]], batch_size: int, thr
     from rasterio.enums import Resampling
     from rasterio.session import AWSSession
 
-    from duch_core.bundle import Bundle, HashEncoder
+    from duch_core.bundle import Bundle
     from duch_core.chip_io import gdal_options, parse_chip_uri
+    from duch_core.hash_encoder import HashEncoder
     from duch_core.imageio import select_bands, to_uint8
     from duch_core.uris import split_s3
 

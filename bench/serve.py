@@ -194,7 +194,8 @@ def inproc_main(argv: list[str]) -> int:
     import torch
 
     from duch_core import index_store
-    from duch_core.bundle import Bundle, HashEncoder
+    from duch_core.bundle import Bundle
+    from duch_core.hash_encoder import HashEncoder
     from duch_core.imageio import decode_image
     from duch_core.search import HammingIndex
 

@@ -37,8 +37,9 @@ class LoadedEncoder:
 
 def open_encoder(bundle_uri: str) -> LoadedEncoder:
     """Load a model bundle and its hash encoder (imports torch)."""
-    from duch_core.bundle import Bundle, HashEncoder
+    from duch_core.bundle import Bundle
     from duch_core.config import to_dict
+    from duch_core.hash_encoder import HashEncoder
 
     bundle = Bundle.load(bundle_uri, device="cpu")
     return LoadedEncoder(

@@ -111,7 +111,7 @@ class BatchedEncoder:
     be encoded (for instance a text that is empty once cleaned). A batch that fails is retried
     item by item so one bad query never fails the others. The forward pass runs in a worker
     thread, so the caller's event loop keeps serving. The continuous code comes with it when
-    the encoder has ``embed_texts``/``embed_images`` (:class:`duch_core.bundle.HashEncoder`).
+    the encoder has ``embed_texts``/``embed_images`` (:class:`duch_core.hash_encoder.HashEncoder`).
     """
 
     def __init__(

@@ -324,7 +324,8 @@ class BundleEncoder:
     ) -> None:
         import torch
 
-        from duch_core.bundle import Bundle, BundleError, HashEncoder
+        from duch_core.bundle import Bundle, BundleError
+        from duch_core.hash_encoder import HashEncoder
 
         if torch_threads > 0:
             torch.set_num_threads(torch_threads)

@@ -179,7 +179,7 @@ def bundle_report(
         EvaluationError: see :func:`check_items`.
     """
     from duch_core import codes
-    from duch_core.bundle import HashEncoder
+    from duch_core.hash_encoder import HashEncoder
 
     enc = HashEncoder(bundle)
     report = _report_from(

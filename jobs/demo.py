@@ -162,7 +162,8 @@ class InProcess:
     def __init__(self, bundle: str, index_root: str) -> None:
         from duch_core import index_store
         from duch_core.archive import read_archive
-        from duch_core.bundle import Bundle, HashEncoder
+        from duch_core.bundle import Bundle
+        from duch_core.hash_encoder import HashEncoder
         from duch_core.search import HammingIndex
 
         self.encoder = HashEncoder(Bundle.load(bundle))

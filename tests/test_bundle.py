@@ -15,7 +15,6 @@ from duch_core.backbones import load_image_tower, load_text_tower
 from duch_core.bundle import (
     Bundle,
     BundleError,
-    HashEncoder,
     content_hash,
     read_meta,
     save_bundle,
@@ -28,6 +27,7 @@ from duch_core.config import (
     TextBackboneConfig,
     to_dict,
 )
+from duch_core.hash_encoder import HashEncoder
 from duch_core.imageio import CaptionError, ImageDecodeError, preprocess
 from duch_core.model import DUCH
 

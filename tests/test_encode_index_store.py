@@ -619,7 +619,8 @@ def _png(rng: np.random.Generator, fmt: str = "PNG") -> bytes:
 def test_encode_batch_functions_end_to_end_without_ray(tmp_path):
     """fingerprint -> decode -> encode -> write -> publish -> diff -> carry, by hand, no Ray."""
     from duch_core import encoding
-    from duch_core.bundle import Bundle, BundleError, HashEncoder, read_meta
+    from duch_core.bundle import Bundle, BundleError, read_meta
+    from duch_core.hash_encoder import HashEncoder
     from duch_core.imageio import decode_image, decode_options
 
     meta = read_meta(_tiny_bundle(str(tmp_path / "bundle")))

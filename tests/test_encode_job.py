@@ -167,7 +167,8 @@ def archive(s3_server):
 @pytest.fixture(scope="module")
 def reference(bundle, archive):
     """Codes of every good image and caption from the in-memory encoder: {(id, cap): code}."""
-    from duch_core.bundle import Bundle, HashEncoder
+    from duch_core.bundle import Bundle
+    from duch_core.hash_encoder import HashEncoder
     from duch_core.imageio import decode_image, decode_options
 
     enc = HashEncoder(Bundle.load(bundle))

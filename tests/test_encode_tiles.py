@@ -75,7 +75,8 @@ def tiled(s3_server, tmp_path_factory):
 
 def _reference(bundle: str, rows: list[dict]) -> dict[tuple[str, int], bytes]:
     """Codes of the same windows and captions from the in-memory encoder."""
-    from duch_core.bundle import Bundle, HashEncoder
+    from duch_core.bundle import Bundle
+    from duch_core.hash_encoder import HashEncoder
     from duch_core.imageio import decode_options
 
     enc = HashEncoder(Bundle.load(bundle))

@@ -284,7 +284,8 @@ def _reference_codes(bundle: str, manifest: str) -> dict[tuple[str, int], bytes]
     """Every image's and caption's code from the in-memory encoder, one process, no Ray:
     ``{(item_id, caption_index or -1): packed code}``."""
     from duch_core.archive import read_archive
-    from duch_core.bundle import Bundle, HashEncoder
+    from duch_core.bundle import Bundle
+    from duch_core.hash_encoder import HashEncoder
     from duch_core.imageio import decode_image, decode_options
 
     enc = HashEncoder(Bundle.load(bundle))

@@ -93,7 +93,8 @@ def encode_index(
     """
     from duch_core import index_store, storage
     from duch_core.archive import read_archive
-    from duch_core.bundle import Bundle, HashEncoder
+    from duch_core.bundle import Bundle
+    from duch_core.hash_encoder import HashEncoder
     from duch_core.imageio import decode_image
 
     bundle = Bundle.load(bundle_uri)
@@ -169,7 +170,8 @@ class Reference:
     """The same queries answered in this process with duch_core only (no Ray, no HTTP)."""
 
     def __init__(self, bundle_uri: str) -> None:
-        from duch_core.bundle import Bundle, HashEncoder
+        from duch_core.bundle import Bundle
+        from duch_core.hash_encoder import HashEncoder
 
         self.encoder = HashEncoder(Bundle.load(bundle_uri))
         self._indexes: dict[tuple[str, str], Any] = {}

@@ -23,10 +23,11 @@ import pytest
 import torch
 
 from duch_core import checkpoint, codes, report, storage
-from duch_core.bundle import Bundle, HashEncoder
+from duch_core.bundle import Bundle
 from duch_core.config import load
 from duch_core.feature_batches import FeatureStats
 from duch_core.features import load_feature_set, read_columns, read_items
+from duch_core.hash_encoder import HashEncoder
 from duch_core.train_loop import encode_features
 from jobs import train
 from jobs.train_config import TrainJobConfig, prepare_archive, validate
