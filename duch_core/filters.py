@@ -767,8 +767,9 @@ def _class_ok(meta: ItemMetadata, cats: list[tuple[str, Any]]) -> np.ndarray | N
     ok = np.ones(meta.class_codes.shape[0], np.bool_)
     for key, arg in cats:
         lookup = meta.categorical[key][1]
-        want = [lookup[v] for v in arg if v in lookup]
-        ok &= np.isin(meta.class_codes[:, meta.class_columns.index(key)], want)
+        table = np.zeros(len(lookup) + 1, np.bool_)  # code -1 (missing) is the last: False
+        table[[lookup[v] for v in arg if v in lookup]] = True
+        ok &= table[meta.class_codes[:, meta.class_columns.index(key)]]
     return ok
 
 
