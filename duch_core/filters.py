@@ -128,7 +128,8 @@ class ItemMetadata:
             label, split, sensor: ``(n,)`` strings, ``None`` for missing.
             index: also build a spatial grid over the boxes and the datetime order, so that a
                 selective bbox or datetime filter reads only the rows near it (about 4 and 12
-                bytes per row).
+                bytes per row; rows already in datetime order need no datetime index). The row
+                classes (4 bytes per row, see the attributes) are always built.
 
         Raises:
             ValueError: columns of different lengths, or only some of the bbox columns.
@@ -389,11 +390,15 @@ def _classes(
     class_counts (C,))``, or three ``None`` without columns."""
     if not columns:
         return None, None, None
+    span = math.prod(size + 1 for size in sizes)
+    if span >= 1 << 62:  # too many possible combinations for one int64 key: sort the rows
+        stacked = np.stack([c.astype(np.int64) for c in columns], axis=1).reshape(n, -1)
+        rows, inverse, counts = np.unique(stacked, axis=0, return_inverse=True, return_counts=True)
+        return inverse.astype(np.int32).reshape(n), rows, counts.astype(np.int64)
     key = np.zeros(n, np.int64)
     for col, size in zip(columns, sizes, strict=True):
         key *= size + 1
         key += col.astype(np.int64) + 1
-    span = math.prod(size + 1 for size in sizes)
     if span <= 1 << 22:  # the combinations as a dense table: no sort
         counts_all = np.bincount(key, minlength=span)
         keys = np.flatnonzero(counts_all)

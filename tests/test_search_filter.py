@@ -388,7 +388,7 @@ def test_row_classes_number_every_combination() -> None:
     """Each row's class stands for its combination of categorical values, with exact counts,
     through the dense table and through the sort (many possible combinations)."""
     rng = np.random.default_rng(2)
-    for sizes in ([3, 20, 1], [5000, 5000]):
+    for sizes in ([3, 20, 1], [5000, 5000], [2**21, 2**21, 2**21]):
         cols = [rng.integers(-1, s, 3000) for s in sizes]
         classes, codes, counts = F._classes(cols, sizes, 3000)
         assert classes is not None and codes is not None and counts is not None
