@@ -72,40 +72,40 @@ benchmark running), k = 20, ``x scan`` = our unfiltered scan's time / this time 
 duch+filter row, ``read`` = the read-only row):
 
     layout   N    filter (kept)    batch 1: duch / +f / read / faiss / milvus   batch 32: duch / +f / faiss / milvus
-    scenes   10M  bbox (0.049 %)   29.9x / 11.5x / 424x / 0.02x / -             142x / 99.3x / 0.02x / -
-    scenes   10M  date (1.02 %)    14.7x / 15.9x / 38.8x / 0.05x / -            44.9x / 43.1x / 0.08x / -
-    scenes   10M  label (10.0 %)   0.90x / 0.86x / 0.91x / 0.09x / -            1.92x / 1.88x / 0.08x / -
-    scenes   10M  split (50.0 %)   1.03x / 0.98x / 0.45x / 0.21x / -            1.27x / 1.26x / 0.29x / -
-    uniform  10M  bbox (0.094 %)   16.1x / 3.83x / 48.2x / 0.03x / -            96.3x / 52.2x / 0.04x / -
-    uniform  10M  date (1.02 %)    4.79x / 2.33x / 7.03x / 0.05x / -            35.0x / 26.4x / 0.07x / -
-    uniform  10M  label (10.0 %)   0.88x / 0.86x / 0.93x / 0.10x / -            1.99x / 1.98x / 0.13x / -
-    uniform  10M  split (50.0 %)   1.01x / 1.00x / 0.40x / 0.19x / -            0.96x / 0.96x / 0.23x / -
-    scenes   1M   bbox (0.185 %)   5.49x / 2.59x / 102x / 0.04x / 0.10x         27.7x / 21.0x / 0.02x / 0.23x
-    scenes   1M   date (0.740 %)   5.38x / 4.85x / 57.4x / 0.05x / 0.11x        14.2x / 14.2x / 0.04x / 0.24x
-    scenes   1M   label (10.0 %)   0.72x / 0.58x / 1.72x / 0.15x / 0.03x        1.86x / 1.79x / 0.15x / 0.13x
-    scenes   1M   split (50.0 %)   1.00x / 0.87x / 1.07x / 0.33x / 0.02x        0.93x / 0.96x / 0.22x / 0.08x
-    uniform  1M   bbox (0.094 %)   5.06x / 2.15x / 36.2x / 0.02x / 0.08x        32.6x / 21.2x / 0.01x / 0.22x
-    uniform  1M   date (1.02 %)    3.37x / 2.02x / 9.87x / 0.06x / 0.10x        11.6x / 9.54x / 0.05x / 0.20x
-    uniform  1M   label (10.1 %)   0.76x / 0.65x / 1.63x / 0.14x / 0.03x        1.82x / 1.79x / 0.16x / 0.13x
-    uniform  1M   split (50.1 %)   1.02x / 0.79x / 0.93x / 0.30x / 0.02x        0.86x / 0.85x / 0.27x / 0.07x
+    scenes   10M  bbox (0.049 %)   29.2x / 11.1x / 395x / 0.02x / -             157x / 116x / 0.03x / -
+    scenes   10M  date (1.02 %)    15.1x / 14.7x / 39.3x / 0.05x / -            40.7x / 41.2x / 0.09x / -
+    scenes   10M  label (10.0 %)   0.83x / 0.82x / 0.95x / 0.10x / -            1.94x / 1.90x / 0.12x / -
+    scenes   10M  split (50.0 %)   0.96x / 0.96x / 0.42x / 0.19x / -            0.96x / 0.98x / 0.25x / -
+    uniform  10M  bbox (0.094 %)   20.4x / 4.51x / 55.6x / 0.03x / -            103x / 53.3x / 0.03x / -
+    uniform  10M  date (1.02 %)    4.79x / 2.38x / 6.35x / 0.05x / -            30.4x / 24.1x / 0.07x / -
+    uniform  10M  label (10.0 %)   1.01x / 0.94x / 0.97x / 0.10x / -            1.40x / 1.60x / 0.08x / -
+    uniform  10M  split (50.0 %)   0.89x / 0.88x / 0.40x / 0.19x / -            0.97x / 1.03x / 0.27x / -
+    scenes   1M   bbox (0.185 %)   6.33x / 3.14x / 109x / 0.05x / 0.11x         33.9x / 25.2x / 0.02x / 0.25x
+    scenes   1M   date (0.740 %)   5.79x / 5.07x / 64.1x / 0.05x / 0.11x        16.0x / 15.7x / 0.04x / 0.26x
+    scenes   1M   label (10.0 %)   0.60x / 0.57x / 1.72x / 0.14x / 0.03x        1.92x / 1.88x / 0.16x / 0.14x
+    scenes   1M   split (50.0 %)   0.86x / 0.81x / 0.98x / 0.30x / 0.02x        0.80x / 0.77x / 0.27x / 0.07x
+    uniform  1M   bbox (0.094 %)   5.60x / 2.20x / 42.4x / 0.02x / 0.09x        43.1x / 25.9x / 0.01x / 0.24x
+    uniform  1M   date (1.02 %)    3.45x / 2.38x / 10.2x / 0.07x / 0.12x        12.3x / 10.8x / 0.04x / 0.28x
+    uniform  1M   label (10.1 %)   0.64x / 0.64x / 1.81x / 0.16x / 0.04x        1.78x / 1.80x / 0.13x / 0.15x
+    uniform  1M   split (50.1 %)   0.88x / 0.69x / 0.97x / 0.35x / 0.02x        0.77x / 0.80x / 0.22x / 0.09x
 
-Parity held in every row. At 10M a single query of the unfiltered scan takes 5.9-8.7 ms.
+Parity held in every row. At 10M a single query of the unfiltered scan takes 5.9-8.0 ms.
 ``duch_core.filters.build_candidates`` gives one of three forms (the ``note`` of the ``duch``
 row): positions where an index (the grid, the time order) or the exact count of the row
 classes says few rows pass; a row range where the index is in time order and the filter is a
 datetime range (the ``scenes`` date row: 100k rows found by binary search in microseconds and
-scanned in place, 15.9x faster than the scan, filter included); and otherwise a row filter whose
+scanned in place, 14.7x faster than the scan, filter included); and otherwise a row filter whose
 tests the kernel applies inside the scan, only to rows close enough to enter the top-k, so
 that nothing over the whole database is built (the label and split rows). A filter keeping
-half the rows then costs what the scan costs; one keeping 10 % costs 0.86x of it at 10M (0.6-0.7x
+half the rows then costs 0.88-0.96x of the scan; one keeping 10 % 0.82-0.94x at 10M (0.6x
 at 1M), because the threshold settles only once k rows have passed, so more pieces are scanned
 row by row (an unfiltered scan asked for 10x more results pays most of the same). A batch of 32
 turns the 10 % filter into positions once and gathers them (1.9x). Where the rows are spread at
 random (``uniform``) every candidate is a cache miss, and merely reading the 1 % candidates'
-codes is only 7.0x faster than the scan. The 1M rows are noisier (about 1 ms per query, with the
+codes is only 6.4x faster than the scan. The 1M rows are noisier (about 1 ms per query, with the
 Milvus Lite server running beside them, and the filter's build, 0.1-0.3 ms in Python, weighs
 more). Memory at 10M: 8.00 bytes per code for duch and faiss, resident growth 76.3 MB each
-(1.00x the codes); Milvus Lite's server grew by 278-281 MB for 1M codes with the scalar fields.
+(1.00x the codes); Milvus Lite's server grew by 277-281 MB for 1M codes with the scalar fields.
 """
 
 from __future__ import annotations
