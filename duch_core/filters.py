@@ -328,17 +328,12 @@ class _Grid:
         return _ascending(np.concatenate(parts))
 
 
-def _index_rows(meta: ItemMetadata, preds: list[tuple[str, Any]]) -> np.ndarray | None:
-    """Ascending rows that may pass, from the most selective index, when one narrows the rows
-    to less than ``_GATHER_BELOW`` of them; else ``None``."""
-    return _index_rows_by(meta, preds)[0]
-
-
-def _index_rows_by(
+def _index_rows(
     meta: ItemMetadata, preds: list[tuple[str, Any]]
 ) -> tuple[np.ndarray | None, str | None]:
-    """:func:`_index_rows` and the key of the predicate the rows answer exactly (a datetime
-    range from the time order; the grid gives a superset), else ``None``."""
+    """Ascending rows that may pass, from the most selective index, when one narrows the rows
+    to less than ``_GATHER_BELOW`` of them, and the key of the predicate they answer exactly
+    (a datetime range from the time order; the grid gives a superset); else ``None``s."""
     best = None  # (count, key, argument)
     for key, arg in preds:
         if key == "bbox" and meta.grid is not None:
@@ -647,23 +642,37 @@ def _eval(meta: ItemMetadata, key: str, arg: Any, rows: np.ndarray | slice | Non
     return hit
 
 
+def _narrow(
+    meta: ItemMetadata, preds: list[tuple[str, Any]], lo: int, hi: int
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The rows of ``lo:hi`` that pass ``preds``: ``(mask over lo:hi, None)`` or ``(None,
+    ascending positions)``. Rows come from an index when one narrows them to a few, else from
+    the columns of the range; once few survive, the remaining predicates are evaluated on the
+    survivors alone."""
+    rows, exact = _index_rows(meta, preds)
+    if rows is not None and (lo, hi) != (0, meta.n):
+        rows = rows[int(np.searchsorted(rows, lo)) : int(np.searchsorted(rows, hi))]
+    mask = None
+    for key, arg in preds:
+        if key == exact:  # the index rows are exactly the rows this predicate keeps
+            continue
+        if rows is None:
+            hit = _eval(meta, key, arg, slice(lo, hi))
+            mask = hit if mask is None else np.logical_and(mask, hit, out=mask)
+            if np.count_nonzero(mask) < _GATHER_BELOW * (hi - lo):
+                rows, mask = lo + np.flatnonzero(mask), None
+        else:
+            rows = rows[_eval(meta, key, arg, rows)]
+    return mask, rows
+
+
 def _select(meta: ItemMetadata, spec: Any) -> tuple[np.ndarray | None, np.ndarray | None]:
     """``(mask, None)`` or ``(None, positions)`` of the rows passing ``spec``; ``(None, None)``
     when the spec is empty (every row passes)."""
     preds = _predicates(meta, spec)
     if not preds:
         return None, None
-    mask: np.ndarray | None = None
-    rows = _index_rows(meta, preds)
-    for key, arg in preds:
-        if rows is None:
-            hit = _eval(meta, key, arg, None)
-            mask = hit if mask is None else np.logical_and(mask, hit, out=mask)
-            if meta.n and np.count_nonzero(mask) < _GATHER_BELOW * meta.n:
-                rows, mask = np.flatnonzero(mask), None
-        else:
-            rows = rows[_eval(meta, key, arg, rows)]
-    return mask, rows
+    return _narrow(meta, preds, 0, meta.n)
 
 
 def filter_mask(meta: ItemMetadata, spec: Any) -> np.ndarray:
@@ -779,23 +788,8 @@ def _class_ok(meta: ItemMetadata, cats: list[tuple[str, Any]]) -> np.ndarray | N
 
 
 def _positions_in(meta: ItemMetadata, preds: list[tuple[str, Any]], lo: int, hi: int) -> np.ndarray:
-    """Ascending int64 positions of the rows of ``lo:hi`` that pass ``preds``: from an index
-    when one narrows them to a few, else from the columns of the range (evaluated on the
-    survivors alone once few are left)."""
-    rows, exact = _index_rows_by(meta, preds)
-    if rows is not None and (lo, hi) != (0, meta.n):
-        rows = rows[int(np.searchsorted(rows, lo)) : int(np.searchsorted(rows, hi))]
-    mask = None
-    for key, arg in preds:
-        if key == exact:  # the index rows are exactly the rows this predicate keeps
-            continue
-        if rows is None:
-            hit = _eval(meta, key, arg, slice(lo, hi))
-            mask = hit if mask is None else np.logical_and(mask, hit, out=mask)
-            if np.count_nonzero(mask) < _GATHER_BELOW * (hi - lo):
-                rows, mask = lo + np.flatnonzero(mask), None
-        else:
-            rows = rows[_eval(meta, key, arg, rows)]
+    """Ascending int64 positions of the rows of ``lo:hi`` that pass ``preds``."""
+    mask, rows = _narrow(meta, preds, lo, hi)
     if rows is None:
         assert mask is not None
         return lo + np.flatnonzero(mask)
