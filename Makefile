@@ -34,8 +34,11 @@ $(VENV)/.sysdeps: | $(STAMP)
 	  else echo "WARNING: chromium not found; the browser test will be skipped"; fi; }
 	touch $@
 
+# Two pytest-xdist workers, each in a network namespace of its own (tests/conftest.py); the
+# tests on shared Ray clusters stay together on one worker. TEST_WORKERS=0 runs them serially.
+TEST_WORKERS ?= 2
 test: $(STAMP) $(VENV)/.sysdeps
-	scripts/isolated $(BIN)/python -m pytest -q
+	scripts/isolated $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

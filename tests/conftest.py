@@ -8,6 +8,37 @@ from __future__ import annotations
 
 import os
 
+
+def _isolate_xdist_worker() -> None:
+    """Give a pytest-xdist worker a network namespace of its own (loopback only).
+
+    Ray and Serve use fixed ports and bind every interface; two workers sharing one namespace
+    would collide. Each worker also draws its ephemeral ports from a range of its own, because
+    SeaweedFS names its socket files in ``/tmp`` after its ports, and ``/tmp`` is shared. Runs in
+    the worker's main thread before anything starts a thread or a server, so every later thread
+    and child process lives in the new namespace. The controller talks to its workers over pipes.
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw") or os.environ.get("DUCH_NO_NETNS") == "1":
+        return
+    import ctypes
+    import subprocess
+
+    clone_newnet = 0x40000000
+    if ctypes.CDLL(None, use_errno=True).unshare(clone_newnet) != 0:
+        raise RuntimeError(
+            f"xdist worker {worker}: cannot create a network namespace "
+            f"({os.strerror(ctypes.get_errno())}); run the tests through scripts/isolated, "
+            "or without -n"
+        )
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    lo = 30000 + 5000 * (int(worker[2:]) % 6)
+    with open("/proc/sys/net/ipv4/ip_local_port_range", "w") as f:
+        f.write(f"{lo} {lo + 4999}")
+
+
+_isolate_xdist_worker()
+
 for _k, _v in {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
@@ -27,6 +58,7 @@ for _k, _v in {
     os.environ.setdefault(_k, _v)
 
 import contextlib  # noqa: E402
+import json  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -36,6 +68,7 @@ import uuid  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -142,6 +175,7 @@ def _stop_cluster(temp: Path) -> None:
 
 
 _RUNNING_HEADS: list[Path] = []  # temp dirs of the running session head cluster
+_RUNNING_TWO_NODE: list[TwoNodeCluster] = []  # the running session 2-node cluster
 
 
 @pytest.fixture(scope="session")
@@ -278,7 +312,9 @@ def two_node_session(s3_server) -> Iterator[TwoNodeCluster]:  # noqa: ARG001 - S
     so it is idle for no other test. Use ``two_node_cluster``, which also restores node2."""
     _stop_heads()
     with running_two_node_cluster() as cluster:
+        _RUNNING_TWO_NODE.append(cluster)
         yield cluster
+        _RUNNING_TWO_NODE.clear()
 
 
 @pytest.fixture
@@ -296,13 +332,73 @@ def _uses(item: pytest.Item, fixture: str) -> bool:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The tests on separately started clusters run last, those on the head cluster before the
     2-node ones, each group in collection order: each shared cluster then lives only while
-    its tests run (an idle Ray cluster still takes CPU time from the tests beside it)."""
+    its tests run (an idle Ray cluster still takes CPU time from the tests beside it).
+
+    Under pytest-xdist each worker also records these groups for the scheduler
+    (:func:`pytest_xdist_make_scheduler`)."""
     del config
     rank = {
         id(it): 2 if _uses(it, "two_node_session") else 1 if _uses(it, "head_cluster") else 0
         for it in items
     }
     items.sort(key=lambda it: rank[id(it)])  # stable: collection order within a group
+    groups_dir = os.environ.get(_GROUPS_ENV)
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if groups_dir and worker:
+        names = {1: "ray_head", 2: "ray_two_node"}
+        groups = {it.nodeid: names[rank[id(it)]] for it in items if rank[id(it)]}
+        tmp = Path(groups_dir) / f"{worker}.tmp"
+        tmp.write_text(json.dumps(groups))
+        tmp.rename(Path(groups_dir) / f"{worker}.json")
+
+
+_GROUPS_ENV = "DUCH_TEST_GROUPS_DIR"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """On the pytest-xdist controller: a directory where the workers record which tests share
+    a cluster (their environment is copied from this process when they start)."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None and config.getoption("numprocesses", None):
+        os.environ[_GROUPS_ENV] = tempfile.mkdtemp(prefix="duch-test-groups-")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    del config
+    if os.environ.get("PYTEST_XDIST_WORKER") is None and _GROUPS_ENV in os.environ:
+        shutil.rmtree(os.environ.pop(_GROUPS_ENV), ignore_errors=True)
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadgroup``: the tests on each shared cluster are one unit of work, run by one
+    worker in order, so each cluster starts once; the two units, the largest, are handed out
+    first. (pytest-xdist's own groups do not take under pytest 9: it renames the items through
+    a field pytest no longer reads.) Other tests are handed out one by one."""
+    if config.getoption("dist", None) != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ClusterGroups(LoadScopeScheduling):  # type: ignore[misc]
+        groups: dict[str, str] | None = None
+
+        def _split_scope(self, nodeid: str) -> str:
+            if self.groups is None:  # the workers wrote them before reporting their collection
+                self.groups = {}
+                for f in sorted(Path(os.environ[_GROUPS_ENV]).glob("*.json")):
+                    self.groups.update(json.loads(f.read_text()))
+            return self.groups.get(nodeid, nodeid)
+
+    return ClusterGroups(config, log)
+
+
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """Stop a shared cluster after its last test, rather than at the end of the session: under
+    pytest-xdist the worker goes on with other tests, which an idle cluster would slow."""
+    if _RUNNING_TWO_NODE and _uses(item, "two_node_session"):
+        if nextitem is None or not _uses(nextitem, "two_node_session"):
+            _stop_two_node(_RUNNING_TWO_NODE.pop())
+    if _RUNNING_HEADS and _uses(item, "head_cluster"):
+        if nextitem is None or not _uses(nextitem, "head_cluster"):
+            _stop_heads()
 
 
 @contextlib.contextmanager
@@ -348,8 +444,13 @@ def running_two_node_cluster() -> Iterator[TwoNodeCluster]:
         cluster.start_node2()
         yield cluster
     finally:
-        if cluster.node2_temp is not None:
-            _stop_cluster(cluster.node2_temp)
-            shutil.rmtree(cluster.node2_temp, ignore_errors=True)
-        _stop_cluster(temp)
-        shutil.rmtree(temp, ignore_errors=True)
+        _stop_two_node(cluster)
+
+
+def _stop_two_node(cluster: TwoNodeCluster) -> None:
+    """Stop both nodes and remove their temp dirs (again harmless)."""
+    if cluster.node2_temp is not None:
+        _stop_cluster(cluster.node2_temp)
+        shutil.rmtree(cluster.node2_temp, ignore_errors=True)
+    _stop_cluster(cluster.temp)
+    shutil.rmtree(cluster.temp, ignore_errors=True)
