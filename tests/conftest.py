@@ -334,25 +334,48 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     2-node ones, each group in collection order: each shared cluster then lives only while
     its tests run (an idle Ray cluster still takes CPU time from the tests beside it).
 
-    Under pytest-xdist each worker also records these groups for the scheduler
-    (:func:`pytest_xdist_make_scheduler`)."""
+    Under pytest-xdist the units of work come instead in :data:`_UNITS_FIRST` order (see
+    :func:`pytest_xdist_make_scheduler`), and each worker records the cluster groups for the
+    scheduler."""
     del config
     rank = {
         id(it): 2 if _uses(it, "two_node_session") else 1 if _uses(it, "head_cluster") else 0
         for it in items
     }
-    items.sort(key=lambda it: rank[id(it)])  # stable: collection order within a group
+    names = {0: "", 1: "ray_head", 2: "ray_two_node"}
     groups_dir = os.environ.get(_GROUPS_ENV)
     worker = os.environ.get("PYTEST_XDIST_WORKER")
-    if groups_dir and worker:
-        names = {1: "ray_head", 2: "ray_two_node"}
-        groups = {it.nodeid: names[rank[id(it)]] for it in items if rank[id(it)]}
-        tmp = Path(groups_dir) / f"{worker}.tmp"
-        tmp.write_text(json.dumps(groups))
-        tmp.rename(Path(groups_dir) / f"{worker}.json")
+    if not (groups_dir and worker):
+        items.sort(key=lambda it: rank[id(it)])  # stable: collection order within a group
+        return
+
+    def unit(it: pytest.Item) -> str:
+        return names[rank[id(it)]] or it.nodeid.split("::")[0]
+
+    first = {u: i for i, u in enumerate(_UNITS_FIRST)}
+    items.sort(key=lambda it: first.get(unit(it), len(first)))  # stable
+    groups = {it.nodeid: names[rank[id(it)]] for it in items if rank[id(it)]}
+    tmp = Path(groups_dir) / f"{worker}.tmp"
+    tmp.write_text(json.dumps(groups))
+    tmp.rename(Path(groups_dir) / f"{worker}.json")
 
 
 _GROUPS_ENV = "DUCH_TEST_GROUPS_DIR"
+# the longest units of work (about 150-550 s each on 2 cores), handed out first so that no long
+# one starts last; the rest follow in collection order. Only the run time depends on this list.
+_UNITS_FIRST = (
+    "ray_two_node",
+    "tests/test_encode_faults.py",
+    "tests/test_encode_job.py",
+    "ray_head",
+    "tests/test_train_job.py",
+    "tests/test_demo_job.py",
+    "tests/test_serve_app.py",
+    "tests/test_serve_hardening.py",
+    "tests/test_learning.py",
+    "tests/test_encode_tiles.py",
+    "tests/test_serve_map.py",
+)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -360,6 +383,7 @@ def pytest_configure(config: pytest.Config) -> None:
     a cluster (their environment is copied from this process when they start)."""
     if os.environ.get("PYTEST_XDIST_WORKER") is None and config.getoption("numprocesses", None):
         os.environ[_GROUPS_ENV] = tempfile.mkdtemp(prefix="duch-test-groups-")
+        config.option.loadscopereorder = False  # units in the order the workers sorted them
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -370,9 +394,11 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """``--dist loadgroup``: the tests on each shared cluster are one unit of work, run by one
-    worker in order, so each cluster starts once; the two units, the largest, are handed out
-    first. (pytest-xdist's own groups do not take under pytest 9: it renames the items through
-    a field pytest no longer reads.) Other tests are handed out one by one."""
+    worker in order, so each cluster starts once; every other test module is one unit (its
+    module fixtures are set up once, and its tests may build on each other, as in a serial
+    run). Units are handed out in the order of :data:`_UNITS_FIRST`, the longest first.
+    (pytest-xdist's own groups do not take under pytest 9: it renames the items through a
+    field pytest no longer reads.)"""
     if config.getoption("dist", None) != "loadgroup":
         return None
     from xdist.scheduler import LoadScopeScheduling
@@ -385,7 +411,7 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
                 self.groups = {}
                 for f in sorted(Path(os.environ[_GROUPS_ENV]).glob("*.json")):
                     self.groups.update(json.loads(f.read_text()))
-            return self.groups.get(nodeid, nodeid)
+            return self.groups.get(nodeid) or nodeid.split("::")[0]
 
     return ClusterGroups(config, log)
 
