@@ -389,7 +389,7 @@ FILTERS: list[tuple[str, dict[str, Any]]] = [
 # chips per side of a scene in the ``scenes`` layout: a Sentinel-2 tile (10,980 px at 10 m) cut
 # into 256 px chips gives 43 x 43 = 1,849 chips
 SCENE_SIDE = 43
-LAYOUTS = ("scenes", "uniform")
+LAYOUTS = ("scenes", "uniform", "chips")
 
 
 def make_metadata(n: int, rng: np.random.Generator, layout: str = "uniform") -> dict[str, Any]:
@@ -403,13 +403,15 @@ def make_metadata(n: int, rng: np.random.Generator, layout: str = "uniform") -> 
     one acquisition time. The encode job orders the index by acquisition time, then item id
     (``duch_core.shard_writer.IndexOrder``; exact within a shard, and across shards for a
     manifest in time order, which the tiling job writes), so each scene's chips are one run
-    and the scenes follow each other in time.
+    and the scenes follow each other in time. ``chips``: a labelled chip archive without
+    acquisition times in the index order (item id): ids begin with the class name (UCM,
+    RSITMD), so each label's chips are one run of rows; place, time and split as ``uniform``.
     """
     t0 = np.datetime64("2015-01-01", "us")
     span = int((np.datetime64("2025-01-01", "us") - t0).astype(np.int64))
     labels = np.array([f"l{i:02d}" for i in range(20)], dtype=object)
     splits = np.array(["train", "train", "val", "test"], dtype=object)
-    if layout == "uniform":
+    if layout in ("uniform", "chips"):
         lon = rng.uniform(-180, 179.9, n)
         lat = rng.uniform(-90, 89.9, n)
         size = np.full(n, 0.1)
@@ -427,13 +429,16 @@ def make_metadata(n: int, rng: np.random.Generator, layout: str = "uniform") -> 
         when = acquired[scene]
     else:
         raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    label = labels[rng.integers(0, 20, n)]
+    if layout == "chips":
+        label = labels[np.arange(n) * 20 // n]  # in id order: the classes one after another
     return {
         "min_lon": lon,
         "min_lat": lat,
         "max_lon": lon + size,
         "max_lat": lat + size,
         "datetime": when,
-        "label": labels[rng.integers(0, 20, n)],
+        "label": label,
         "split": splits[rng.integers(0, 4, n)],
     }
 
@@ -608,7 +613,8 @@ def run_filtered(
     import faiss
 
     from duch_core import hamming_topk, search
-    from duch_core.filters import ItemMetadata, build_candidates, filter_mask
+    from duch_core.filters import build_candidates, filter_mask
+    from duch_core.item_metadata import ItemMetadata
 
     faiss.omp_set_num_threads(args.threads)
     hamming_topk.set_num_threads(args.threads)
@@ -752,6 +758,8 @@ def _form(cand: Any) -> str:
 
     if isinstance(cand, RowFilter):
         span = f"rows {cand.lo}:{cand.hi}"
+        if cand.zones is not None:
+            span += f", {100 * cand.zone_fraction:.1f} % of them in zones that may pass"
         return f"{span}, tests in the scan" if cand.tested else span
     return "unfiltered" if cand is None else f"{len(cand)} positions"
 

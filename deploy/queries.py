@@ -236,7 +236,8 @@ MAX_ITEM_ID_CHARS = 1024
 def check_filter(spec: Any) -> dict[str, Any] | None:
     """A filter spec checked by :mod:`duch_core.filters` (422 naming the field), ``None`` when
     empty."""
-    from duch_core.filters import FilterError, empty_metadata, filter_mask
+    from duch_core.filters import FilterError, filter_mask
+    from duch_core.item_metadata import empty_metadata
 
     if spec is None:
         return None

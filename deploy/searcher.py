@@ -29,14 +29,9 @@ import pyarrow.compute as pc
 from ray import serve
 
 from deploy.artifacts import MODALITIES, Loaders, TopK, assigned_shards
-from duch_core.filters import (
-    METADATA_COLUMNS,
-    FilterError,
-    ItemMetadata,
-    build_candidates,
-    metadata_from_table,
-)
+from duch_core.filters import FilterError, build_candidates
 from duch_core.index_store import IndexManifest
+from duch_core.item_metadata import METADATA_COLUMNS, ItemMetadata, metadata_from_table
 from duch_core.search import HammingIndex
 
 log = logging.getLogger("ray.serve")
@@ -129,7 +124,7 @@ def build_shard_data(
 
 
 def item_metadata_rows(catalog: pa.Table, item_ids: np.ndarray) -> pa.Table:
-    """The filterable catalog columns (:data:`duch_core.filters.METADATA_COLUMNS`) of each of
+    """The filterable catalog columns (:data:`duch_core.item_metadata.METADATA_COLUMNS`) of each of
     ``item_ids``, in that order (null where the catalog lacks the item)."""
     cols = [c for c in METADATA_COLUMNS if c in catalog.column_names]
     table = catalog.select(["item_id", *cols])

@@ -127,12 +127,24 @@ def _any_test(tests):
     )
 
 
+@njit(cache=True, inline="always")
+def _zones_any(zones, shift, lo, hi):
+    """Whether a zone (``2**shift`` rows) overlapping rows ``lo:hi`` is marked in ``zones``;
+    always true when ``zones`` is empty (no zone map)."""
+    if zones.shape[0] == 0:
+        return True
+    for z in range(lo >> shift, ((hi - 1) >> shift) + 1):
+        if zones[z]:
+            return True
+    return False
+
+
 @njit(cache=True, nogil=True)
 def test_rows(lo, hi, tests, flags):
     """Sets ``flags[i]`` to whether row ``lo + i`` passes every test of ``tests``, for
     ``i < hi - lo``. ``tests`` is a tuple ``(mask, classes, class_ok, times, time_lo, time_hi,
-    min_lon, min_lat, max_lon, max_lat, wraps, box)``; a test whose column is empty is not
-    applied:
+    min_lon, min_lat, max_lon, max_lat, wraps, box, zones, zone_shift)``; a test whose column is
+    empty is not applied:
 
     * ``mask[j]`` (bool);
     * ``class_ok[classes[j]]`` (int32 row classes; -1, or a class past the end of
@@ -143,11 +155,15 @@ def test_rows(lo, hi, tests, flags):
       ``w > e`` crosses the antimeridian, and longitudes -180 and 180 are one meridian
       (the rule of :mod:`duch_core.filters`).
 
+    ``zones`` (bool, one per zone of ``2**zone_shift`` rows; empty: none) is not a test of its
+    own: it marks the zones that may hold a passing row (:mod:`duch_core.zone_maps`), and the
+    scans skip the others. A row of an unmarked zone must fail the tests.
+
     Rows are tested a range at a time, column by column: a call per row would pay the
     reference counting of every array it is given, about 150 ns.
     """
     mask, classes, class_ok, times, time_lo, time_hi = tests[:6]
-    min_lon, min_lat, max_lon, max_lat, wraps, box = tests[6:]
+    min_lon, min_lat, max_lon, max_lat, wraps, box = tests[6:12]
     _test_range(lo, hi, mask, classes, class_ok, times, time_lo, time_hi,
                 min_lon, min_lat, max_lon, max_lat, wraps, box, flags)  # fmt: skip
 
@@ -200,13 +216,18 @@ def _test_range(lo, hi, mask, classes, class_ok, times, time_lo, time_hi,
 @njit(cache=True, nogil=True)
 def filter_rows(lo, hi, tests, out):
     """Writes the rows of ``lo:hi`` that pass ``tests`` (:func:`test_rows`) to ``out``, in
-    order; returns their count (releases the GIL)."""
-    step = 4096
+    order; returns their count (releases the GIL). Zones not marked are passed over."""
+    mask, classes, class_ok, times, time_lo, time_hi = tests[:6]
+    min_lon, min_lat, max_lon, max_lat, wraps, box, zones, zs = tests[6:]
+    step = 4096 if zones.shape[0] == 0 else 1 << zs
     flags = np.empty(step, np.bool_)
     m = 0
     for b0 in range(lo, hi, step):
         b1 = min(hi, b0 + step)
-        test_rows(b0, b1, tests, flags)
+        if not _zones_any(zones, zs, b0, b1):
+            continue
+        _test_range(b0, b1, mask, classes, class_ok, times, time_lo, time_hi,
+                    min_lon, min_lat, max_lon, max_lat, wraps, box, flags)  # fmt: skip
         for i in range(b1 - b0):
             if flags[i]:
                 out[m] = b0 + i
@@ -254,7 +275,8 @@ def scan_chunk(db, q, w, k, bits, lo, hi, block, sub, tests, cd, cp, cn, shared,
     ``tests`` (a tuple, see :func:`test_rows`) keeps only the rows that pass them; with none given every
     row is kept. They are evaluated only in the pieces scanned item by item, and there only
     for a row closer than the threshold (the minimum over a piece, taken over all its rows, is
-    still a lower bound for the rows that pass).
+    still a lower bound for the rows that pass). Blocks and pieces in no marked zone are
+    passed over unread.
 
     Chunks scanned at the same time share their thresholds: ``shared`` ``(C, Q)`` int64 holds
     each chunk's k-th distance so far (``bits + 1`` until it has k candidates) and this chunk
@@ -271,7 +293,7 @@ def scan_chunk(db, q, w, k, bits, lo, hi, block, sub, tests, cd, cp, cn, shared,
     """
     masked = _any_test(tests)
     mask, classes, class_ok, times, time_lo, time_hi = tests[:6]
-    min_lon, min_lat, max_lon, max_lat, wraps, box = tests[6:]
+    min_lon, min_lat, max_lon, max_lat, wraps, box, zones, zs = tests[6:]
     flags = np.ones(1, np.bool_)
     nq = q.shape[0] // w
     cap = cd.shape[1]
@@ -281,6 +303,8 @@ def scan_chunk(db, q, w, k, bits, lo, hi, block, sub, tests, cd, cp, cn, shared,
     cn[:] = 0
     for b0 in range(lo, hi, block):
         b1 = min(hi, b0 + block)
+        if not _zones_any(zones, zs, b0, b1):
+            continue
         for qi in range(nq):
             own = thr[qi]
             t = own
@@ -290,6 +314,8 @@ def scan_chunk(db, q, w, k, bits, lo, hi, block, sub, tests, cd, cp, cn, shared,
             n = cn[qi]
             for s0 in range(b0, b1, sub):
                 s1 = min(b1, s0 + sub)
+                if not _zones_any(zones, zs, s0, s1):
+                    continue
                 if _block_min(db, s0, s1, q, qi, w, big) >= t:
                     continue
                 for j in range(s0, s1):

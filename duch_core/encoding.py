@@ -44,8 +44,8 @@ import pyarrow.compute as pc
 from duch_core import (
     catalog_snapshot,
     chip_io,
-    filters,
     index_store,
+    item_metadata,
     manifest_rows,
     source_fingerprints,
     storage,
@@ -144,7 +144,7 @@ def prepare_batch(
     ``manifest_error`` and nothing else. ``catalog_path`` names the part holding each valid row;
     the first valid row also carries the part's entry for ``index.json`` in ``catalog_part``
     (JSON; "" elsewhere). ``datetime_us`` is the row's acquisition time in epoch microseconds
-    (:data:`~duch_core.filters.NAT_US` when it has none), the first key of the index row order.
+    (:data:`~duch_core.item_metadata.NAT_US` when it has none), the first key of the index row order.
     """
     rows = manifest_rows.normalize_rows(batch)
     ok = pc.equal(rows.column("manifest_error"), "")
@@ -162,7 +162,7 @@ def prepare_batch(
         "catalog_part", pa.array([part_json] + [""] * (n_good - 1) if n_good else [], pa.string())
     )
     good_out = good_out.append_column(
-        "datetime_us", pa.array(filters.datetime_us(good), pa.int64())
+        "datetime_us", pa.array(item_metadata.datetime_us(good), pa.int64())
     )
     empty = pa.array([""] * n_bad, pa.string())
     bad_out = pa.table(
@@ -178,7 +178,7 @@ def prepare_batch(
             "manifest_error": bad.column("manifest_error"),
             "catalog_path": empty,
             "catalog_part": empty,
-            "datetime_us": pa.array([filters.NAT_US] * n_bad, pa.int64()),
+            "datetime_us": pa.array([item_metadata.NAT_US] * n_bad, pa.int64()),
         }
     )
     return pa.concat_tables([good_out.select(list(ITEM_COLUMNS)), bad_out])

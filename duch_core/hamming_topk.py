@@ -376,6 +376,12 @@ class RowFilter:
             never passes); ``wraps``: ``(N,)`` bool, rows across the antimeridian (None: none
             are); ``box``: the query box ``(w, s, e, n)``, crossing the antimeridian when
             ``w > e``.
+        zones, zone_shift: ``(Z,)`` bool, one per zone of ``2**zone_shift`` rows
+            (``Z = ceil(N / 2**zone_shift)``): the zones that may hold a row that passes
+            (:meth:`duch_core.zone_maps.ZoneMaps.passing`); the scan passes over the others
+            unread. ``None``: every zone may. A row in a zone left out must fail the tests.
+        zone_fraction: the share of the rows ``lo:hi`` in marked zones (1.0 without zones):
+            about the share of an unfiltered scan that the filtered scan costs.
     """
 
     lo: int
@@ -389,6 +395,9 @@ class RowFilter:
     boxes: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
     wraps: np.ndarray | None = None
     box: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+    zones: np.ndarray | None = None
+    zone_shift: int = 8
+    zone_fraction: float = 1.0
 
     @property
     def tested(self) -> bool:
@@ -409,6 +418,14 @@ class RowFilter:
         for name, col in cols.items():
             if col is not None and np.shape(col) != (n,):
                 raise SearchError(f"row filter column {name} must have shape ({n},)")
+        if self.zones is not None:
+            if not self.tested:
+                raise SearchError("a row filter gives zones only with a test")
+            if not 0 <= self.zone_shift < 63:
+                raise SearchError(f"a row filter's zone_shift must be 0..62, not {self.zone_shift}")
+            z = (n + (1 << self.zone_shift) - 1) >> self.zone_shift
+            if np.shape(self.zones) != (z,):
+                raise SearchError(f"row filter zones must have shape ({z},) for {n} rows")
 
     def kernel_tests(self, mask: np.ndarray | None = None) -> tuple[Any, ...]:
         """The tests as :func:`duch_core._search_kernel.test_rows` takes them, with ``mask``
@@ -424,6 +441,8 @@ class RowFilter:
             *(_kernel_column(c, np.float64) for c in boxes),
             _kernel_column(self.wraps, np.bool_),
             np.asarray(self.box, np.float64),
+            _kernel_column(self.zones, np.bool_),
+            np.int64(self.zone_shift),
         )
 
     def positions(self) -> np.ndarray:
@@ -476,15 +495,15 @@ def _mask_gathers(fraction: float, nq: int) -> bool:
     return nq * (1.0 - fraction) > _NONZERO_COST + _GATHER_COST * fraction
 
 
-def _filter_gathers(fraction: float, nq: int) -> bool:
-    """Whether a :class:`RowFilter` keeping ``fraction`` of its rows is searched faster for
-    ``nq`` queries by turning it into positions first (a pass over its rows' columns, about
-    :data:`_FILTER_ROWS_COST` scans of its range) and gathering them (about
-    :data:`_GATHER_PER_ROW` scans per query and kept share) than by testing rows in the scan
-    (about one scan per query)."""
-    if fraction < _MASK_GATHER_FRACTION:
+def _filter_gathers(fraction: float, nq: int, zone_fraction: float = 1.0) -> bool:
+    """Whether a :class:`RowFilter` keeping ``fraction`` of its rows, ``zone_fraction`` of them
+    in zones it marks, is searched faster for ``nq`` queries by turning it into positions
+    first (a pass over the marked rows' columns, about :data:`_FILTER_ROWS_COST` scans of
+    them) and gathering them (about :data:`_GATHER_PER_ROW` scans per query and kept share)
+    than by testing rows in the scan (about one scan of the marked rows per query)."""
+    if fraction < _MASK_GATHER_FRACTION * zone_fraction:  # sparse in what is scanned
         return True
-    return nq * (1.0 - _GATHER_PER_ROW * fraction) > _FILTER_ROWS_COST
+    return nq * (zone_fraction - _GATHER_PER_ROW * fraction) > _FILTER_ROWS_COST * zone_fraction
 
 
 def _mask_fraction(mask: np.ndarray) -> float:

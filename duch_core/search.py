@@ -446,7 +446,7 @@ class HammingIndex:
             span = rows.hi - rows.lo
             if not rows.tested or span == 0:
                 k = min(k, span)
-            elif nq == 0 or (span and _filter_gathers(rows.fraction, nq)):
+            elif nq == 0 or (span and _filter_gathers(rows.fraction, nq, rows.zone_fraction)):
                 cand, rows = rows.positions(), None
         else:
             cand, mask = _check_candidates(candidates, n)

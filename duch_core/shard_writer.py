@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from duch_core import index_store, storage
-from duch_core.filters import NAT_US
+from duch_core.item_metadata import NAT_US
 
 ERROR_PARTS_DIR = "errors"  # per-batch errors parts, merged into errors.parquet at the end
 

@@ -12,8 +12,8 @@ from duch_core import (
     catalog_snapshot,
     encode_lock,
     encoding,
-    filters,
     index_diff,
+    item_metadata,
     pointers,
     retention,
     shard_writer,
@@ -786,7 +786,7 @@ def test_shards_hold_rows_in_index_order_time_then_id_and_follow_their_first_row
     ids = [f"item-{k:03d}" for k in rng.permutation(n)]
     days = rng.integers(0, 6, n)  # many items share a time, as a scene's chips do
     when = [None if d == 5 else f"2024-03-{d + 1:02d}T10:00:00Z" for d in days]
-    dt = filters.datetime_us(pa.table({"datetime": pa.array(when, pa.string())}))
+    dt = item_metadata.datetime_us(pa.table({"datetime": pa.array(when, pa.string())}))
     order = shard_writer.IndexOrder.build(pa.array(ids), pa.array(dt))
     # the slow reference: unknown times last, then by id
     ref = sorted(zip(when, ids, strict=True), key=lambda p: (p[0] is None, p[0] or "", p[1]))

@@ -114,12 +114,14 @@ def _codes(root: str) -> dict[tuple[str, int], bytes]:
 def _assert_index_order(root: str, rows: list[dict]) -> None:
     """Rows of each shard by (acquisition time, item id), each item's rows together, and the
     shards by their first row."""
-    from duch_core import filters
+    from duch_core import item_metadata
 
     when = dict(
         zip(
             [r["item_id"] for r in rows],
-            filters.datetime_us(pa.table({"datetime": [r["datetime"] for r in rows]})).tolist(),
+            item_metadata.datetime_us(
+                pa.table({"datetime": [r["datetime"] for r in rows]})
+            ).tolist(),
             strict=True,
         )
     )

@@ -19,7 +19,8 @@ from deploy.queries import Limits, RequestError, parse_json
 from deploy.served_index import ServedIndex, shard_groups
 from duch_core import catalog_snapshot
 from duch_core import index_store as ix
-from duch_core.filters import filter_mask, metadata_from_table
+from duch_core.filters import filter_mask
+from duch_core.item_metadata import metadata_from_table
 
 BITS = 32
 N = 400
