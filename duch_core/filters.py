@@ -395,6 +395,8 @@ def build_candidates(meta: ItemMetadata, spec: Any) -> RowFilter | np.ndarray | 
             count = min(count, in_zones)
             if in_zones == 0:
                 return np.zeros(0, np.int64)
+            if in_zones == hi - lo:  # every zone may pass: nothing to skip, no checks to pay
+                zones = None
     # the zones' rows tested in the scan, rather than positions: when they are few, or when no
     # index would give the positions (a pass over a whole column costs a few scans)
     indexed = any(
