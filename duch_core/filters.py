@@ -47,7 +47,7 @@ _CATEGORICAL = ("label", "split", "sensor")
 # survivors only (gathered) instead of on whole columns; an index (below) is used when it
 # narrows the rows to less than this fraction
 _GATHER_BELOW = 1 / 16
-# a filter whose zone maps leave less than this share of its rows is tested in the scan over
+# a filter whose zone maps leave at most this share of its rows is tested in the scan over
 # those zones, unless an index gives its positions
 _ZONES_SCANNED_BELOW = 1 / 4
 
@@ -341,8 +341,8 @@ def build_candidates(meta: ItemMetadata, spec: Any) -> RowFilter | np.ndarray | 
       the top-k. No column is read in full: at 10M rows a mask from whole columns costs
       6-40 ms, about as much as the scan it filters. It carries the zones of 256 rows that
       may hold a passing row (:mod:`duch_core.zone_maps`), and the scan passes over the
-      others; a filter whose zones leave few rows is planned this way even when it keeps
-      few rows, unless an index gives its positions.
+      others; a filter whose zones leave at most a quarter of its rows is planned this way
+      even when it keeps few rows, unless an index gives its positions.
 
     An empty int64 array means no row passes.
 
@@ -397,18 +397,19 @@ def build_candidates(meta: ItemMetadata, spec: Any) -> RowFilter | np.ndarray | 
                 return np.zeros(0, np.int64)
             if in_zones == hi - lo:  # every zone may pass: nothing to skip, no checks to pay
                 zones = None
-    # the zones' rows tested in the scan, rather than positions: when they are few, or when no
-    # index would give the positions (a pass over a whole column costs a few scans)
+    # few rows pass and an index finds them: their positions (from the grid or the time order,
+    # without a pass over any column)
     indexed = any(
         (key == "bbox" and meta.grid is not None)
         or (key == "datetime" and meta.time_order is not None)
         for key, _ in rest
     )
-    zoned = zones is not None and (
-        in_zones < _GATHER_BELOW * meta.n
-        or (not indexed and in_zones <= _ZONES_SCANNED_BELOW * (hi - lo))
-    )
-    if not zoned and (count < _GATHER_BELOW * meta.n or (cats and class_ok is None)):
+    if (indexed and count < _GATHER_BELOW * meta.n) or (cats and class_ok is None):
+        return _positions_in(meta, rest, lo, hi)
+    # else the zones' rows tested in the scan, when the zones leave few rows: positions would
+    # cost a pass over whole columns, a few scans
+    zoned = zones is not None and in_zones <= _ZONES_SCANNED_BELOW * (hi - lo)
+    if not zoned and count < _GATHER_BELOW * meta.n:
         return _positions_in(meta, rest, lo, hi)
     return RowFilter(
         lo,
