@@ -37,14 +37,17 @@ Memory table: ``B/code`` is what the engine reports holding per code; ``RSS MB``
 this process's resident set while the index was built (for Milvus Lite, the resident set of its
 server process, scalar fields included), ``x codes`` that growth over ``N * bits / 8``.
 
-Filtered (``--filtered``): a synthetic archive (:func:`make_metadata`) in two layouts
+Filtered (``--filtered``): a synthetic archive (:func:`make_metadata`) in three layouts
 (``--filter-layouts``): ``scenes``, the row order the tiling and encode jobs produce (each scene's
-chips consecutive rows, the scenes in order of acquisition time), and ``uniform``,
-every row with its own random place and time (the worst case: the row order says nothing).
-Four filters of :data:`FILTERS` keep about 0.1 % (bbox), 1 % (datetime), 10 % (label) and 50 %
+chips consecutive rows, the scenes in order of acquisition time; labels and splits drawn per
+chip); ``uniform``, every row with its own random place and time (the worst case: the row order
+says nothing); and ``chips``, a labelled chip archive in the index's item-id order, where ids
+begin with the class name (RSITMD, RSICD), so each label's chips are one run of rows. Four
+filters of :data:`FILTERS` keep about 0.1 % (bbox), 1 % (datetime), 10 % (label) and 50 %
 (split) of the items; ``duch_core.filters.build_candidates`` turns each into candidates
-(positions, a row range, or a row filter tested in the scan; the form and its build time are
-the ``note`` of the ``duch`` row, and the build is in the ``duch+filter`` row's time). Engines:
+(positions, a row range, or a row filter tested in the scan over the zones that may pass; the
+form and its build time are the ``note`` of the ``duch`` row, and the build is in the
+``duch+filter`` row's time). Engines:
 
 * **duch-scan**: the unfiltered ``HammingIndex.search``, the reference for ``x scan``;
 * **duch**: ``HammingIndex.search(..., candidates=...)``, the candidates built beforehand;
@@ -56,7 +59,7 @@ the ``note`` of the ``duch`` row, and the build is in the ``duch+filter`` row's 
   results that pass the filter (``note``: the last k);
 * **milvus-lite**: a local Milvus Lite collection (``BIN_FLAT``, ``HAMMING``) with the metadata
   as scalar fields and the filter as a scalar expression, at ``--milvus-size`` (inserting is too
-  slow here for more); duch and faiss are measured at that size too.
+  slow here for more; needs the ``bench`` extra); duch and faiss are measured at that size too.
 
 Parity (filtered): duch must equal the numpy reference over the passing rows exactly (first two
 queries); the peers must give the same distances, the same ids below the k-th distance after
@@ -67,45 +70,45 @@ same set, and every faiss id at the k-th distance must really be at that distanc
 
 The machine's load average is printed with every row, since other processes share the cores.
 
-Measured with ``--filtered --single 11`` on a quiet 2-core machine (load 1.0-1.3 with the
-benchmark running), k = 20, ``x scan`` = our unfiltered scan's time / this time (``+f`` = the
-duch+filter row, ``read`` = the read-only row):
+Measured with ``--filtered --single 11 --filter-sizes 10000000 --filter-layouts
+chips,scenes,uniform`` on a quiet 2-core AMD EPYC with AVX-512 (``VPOPCNTDQ``; load 0.7-1.3
+with the benchmark running), k = 20, ``x scan`` = our unfiltered scan's time / this time (``+f``
+= the duch+filter row, ``read`` = the read-only row):
 
-    layout   N    filter (kept)    batch 1: duch / +f / read / faiss / milvus   batch 32: duch / +f / faiss / milvus
-    scenes   10M  bbox (0.049 %)   29.2x / 11.1x / 395x / 0.02x / -             157x / 116x / 0.03x / -
-    scenes   10M  date (1.02 %)    15.1x / 14.7x / 39.3x / 0.05x / -            40.7x / 41.2x / 0.09x / -
-    scenes   10M  label (10.0 %)   0.83x / 0.82x / 0.95x / 0.10x / -            1.94x / 1.90x / 0.12x / -
-    scenes   10M  split (50.0 %)   0.96x / 0.96x / 0.42x / 0.19x / -            0.96x / 0.98x / 0.25x / -
-    uniform  10M  bbox (0.094 %)   20.4x / 4.51x / 55.6x / 0.03x / -            103x / 53.3x / 0.03x / -
-    uniform  10M  date (1.02 %)    4.79x / 2.38x / 6.35x / 0.05x / -            30.4x / 24.1x / 0.07x / -
-    uniform  10M  label (10.0 %)   1.01x / 0.94x / 0.97x / 0.10x / -            1.40x / 1.60x / 0.08x / -
-    uniform  10M  split (50.0 %)   0.89x / 0.88x / 0.40x / 0.19x / -            0.97x / 1.03x / 0.27x / -
-    scenes   1M   bbox (0.185 %)   6.33x / 3.14x / 109x / 0.05x / 0.11x         33.9x / 25.2x / 0.02x / 0.25x
-    scenes   1M   date (0.740 %)   5.79x / 5.07x / 64.1x / 0.05x / 0.11x        16.0x / 15.7x / 0.04x / 0.26x
-    scenes   1M   label (10.0 %)   0.60x / 0.57x / 1.72x / 0.14x / 0.03x        1.92x / 1.88x / 0.16x / 0.14x
-    scenes   1M   split (50.0 %)   0.86x / 0.81x / 0.98x / 0.30x / 0.02x        0.80x / 0.77x / 0.27x / 0.07x
-    uniform  1M   bbox (0.094 %)   5.60x / 2.20x / 42.4x / 0.02x / 0.09x        43.1x / 25.9x / 0.01x / 0.24x
-    uniform  1M   date (1.02 %)    3.45x / 2.38x / 10.2x / 0.07x / 0.12x        12.3x / 10.8x / 0.04x / 0.28x
-    uniform  1M   label (10.1 %)   0.64x / 0.64x / 1.81x / 0.16x / 0.04x        1.78x / 1.80x / 0.13x / 0.15x
-    uniform  1M   split (50.1 %)   0.88x / 0.69x / 0.97x / 0.35x / 0.02x        0.77x / 0.80x / 0.22x / 0.09x
+    layout   N    filter (kept)    batch 1: duch / +f / read / faiss      batch 32: duch / +f / faiss
+    chips    10M  bbox (0.094 %)   10.1x / 1.93x / 27.1x / 0.01x          29.3x / 10.5x / 0.01x
+    chips    10M  date (1.02 %)    2.59x / 0.76x / 2.87x / 0.01x          11.7x / 6.08x / 0.01x
+    chips    10M  label (10.0 %)   4.71x / 4.59x / 2.86x / 0.03x          3.19x / 3.14x / 0.02x
+    chips    10M  split (50.0 %)   1.09x / 1.04x / 0.27x / 0.05x          0.86x / 0.81x / 0.03x
+    scenes   10M  bbox (0.049 %)   18.5x / 5.07x / 204x / 0.01x           44.2x / 26.8x / 0.00x
+    scenes   10M  date (1.02 %)    10.6x / 12.1x / 34.5x / 0.02x          16.2x / 16.8x / 0.01x
+    scenes   10M  label (10.0 %)   0.84x / 0.71x / 0.61x / 0.02x          0.57x / 0.60x / 0.01x
+    scenes   10M  split (50.0 %)   0.91x / 0.96x / 0.25x / 0.06x          0.86x / 0.86x / 0.03x
+    uniform  10M  bbox (0.094 %)   10.2x / 2.10x / 2.41x / 0.01x          31.6x / 2.18x / 0.00x
+    uniform  10M  date (1.02 %)    2.62x / 0.79x / 3.34x / 0.02x          10.7x / 5.43x / 0.01x
+    uniform  10M  label (10.0 %)   0.72x / 0.62x / 0.57x / 0.02x          0.63x / 0.63x / 0.02x
+    uniform  10M  split (50.0 %)   1.05x / 1.05x / 0.26x / 0.06x          0.88x / 0.88x / 0.03x
 
-Parity held in every row. At 10M a single query of the unfiltered scan takes 5.9-8.0 ms.
+Parity held in every row. At 10M a single query of the unfiltered scan takes 2.6-3.2 ms on this
+machine (5.9-8.0 ms on a 2-core EPYC without AVX-512, where the earlier tables were measured:
+the filters' costs are set against a scan more than twice as fast here).
 ``duch_core.filters.build_candidates`` gives one of three forms (the ``note`` of the ``duch``
 row): positions where an index (the grid, the time order) or the exact count of the row
 classes says few rows pass; a row range where the index is in time order and the filter is a
 datetime range (the ``scenes`` date row: 100k rows found by binary search in microseconds and
-scanned in place, 14.7x faster than the scan, filter included); and otherwise a row filter whose
-tests the kernel applies inside the scan, only to rows close enough to enter the top-k, so
-that nothing over the whole database is built (the label and split rows). A filter keeping
-half the rows then costs 0.88-0.96x of the scan; one keeping 10 % 0.82-0.94x at 10M (0.6x
-at 1M), because the threshold settles only once k rows have passed, so more pieces are scanned
-row by row (an unfiltered scan asked for 10x more results pays most of the same). A batch of 32
-turns the 10 % filter into positions once and gathers them (1.9x). Where the rows are spread at
-random (``uniform``) every candidate is a cache miss, and merely reading the 1 % candidates'
-codes is only 6.4x faster than the scan. The 1M rows are noisier (about 1 ms per query, with the
-Milvus Lite server running beside them, and the filter's build, 0.1-0.3 ms in Python, weighs
-more). Memory at 10M: 8.00 bytes per code for duch and faiss, resident growth 76.3 MB each
-(1.00x the codes); Milvus Lite's server grew by 277-281 MB for 1M codes with the scalar fields.
+scanned in place, 12x faster than the scan, filter included); and otherwise a row filter whose
+tests the kernel applies inside the scan, only to rows close enough to enter the top-k, and
+only in the zones of 256 rows whose summaries (``duch_core.zone_maps``) say a row may pass. In
+the ``chips`` layout the label filter leaves 10 % of the zones, and the search is 4.6x faster
+than the scan, filter included. Where a label is drawn per row (``scenes``, ``uniform``) every
+zone holds every label, all rows are scanned, and the 10 % filter costs 0.62-0.84x of the scan
+(the threshold settles later when fewer rows pass: more pieces are scanned row by row); a batch
+of 32 turns it into positions and gathers them, which is slower than the scan on this machine
+(0.57-0.63x; 1.9x faster on the machine without AVX-512). Where the rows are spread at random
+(``uniform``), building the positions of a 1 % time range (3.3 ms, a slice of the time order
+then a sort) costs more than the scan here (+f 0.79x). Memory at 10M: 8.00 bytes per code for
+duch and faiss, resident growth 76.3 MB each (1.00x the codes); the metadata with its indexes
+and zone maps takes 50-62 bytes per row.
 """
 
 from __future__ import annotations
