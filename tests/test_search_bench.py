@@ -1,5 +1,5 @@
-"""Smoke test of ``bench/search.py --filtered`` at a small size: every engine runs on both
-archive layouts and every filter, and the parity checks (against the numpy reference over the
+"""Smoke test of ``bench/search.py --filtered`` at a small size: every engine runs on every
+archive layout and every filter, and the parity checks (against the numpy reference over the
 passing rows, and the peers' tie-aware comparison) hold."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ def test_filtered_benchmark_runs_with_parity(tmp_path) -> None:
     )  # fmt: skip
     assert code == 0
     rows = [r for r in json.loads(out.read_text()) if "engine" in r and "parity" in r]
-    assert {r["layout"] for r in rows} == {"scenes", "uniform"}
+    assert {r["layout"] for r in rows} == set(bench.LAYOUTS) == {"chips", "scenes", "uniform"}
     assert {r["filter"].split()[0] for r in rows} == {"bbox", "date", "label", "split"}
     checked = [r for r in rows if r["engine"] in ("duch", "duch+filter", "faiss")]
     assert checked and all(r["parity"] == "ok" for r in checked)
@@ -26,3 +26,5 @@ def test_filtered_benchmark_runs_with_parity(tmp_path) -> None:
     assert any("positions" in n for n in notes)
     assert any(n.startswith("rows ") and "tests" not in n for n in notes)
     assert any("tests in the scan" in n for n in notes)
+    # a labelled chip archive is scanned only in the zones its label occupies
+    assert any("in zones that may pass" in n for n in notes)
