@@ -32,7 +32,7 @@ from deploy.artifacts import MODALITIES, Loaders, TopK, assigned_shards
 from duch_core.filters import FilterError, build_candidates
 from duch_core.index_store import IndexManifest
 from duch_core.item_metadata import METADATA_COLUMNS, ItemMetadata, metadata_from_table
-from duch_core.search import HammingIndex
+from duch_core.search import HammingIndex, warmup
 
 log = logging.getLogger("ray.serve")
 
@@ -114,7 +114,10 @@ def build_shard_data(
         index.enable_mih()  # its tables are built by the warm-up query below
     if len(rows):
         index.add(np.ascontiguousarray(codes, dtype=np.uint8), rows)
-        # one query now, so a compiled search kernel is ready before the version is served
+        # every kernel compiled (or loaded from numba's cache) before the version is served, so
+        # no request, filtered or not, waits for a compile; then one query on this index (its
+        # MIH tables, when enabled, are built by it)
+        warmup(bits)
         index.search(np.ascontiguousarray(codes[:1], dtype=np.uint8), 1)
     order = np.argsort(rows, kind="stable").astype(np.int64)
     if catalog is None:  # no metadata: every field unknown, so a filter keeps nothing

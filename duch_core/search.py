@@ -70,9 +70,17 @@ _MIH_BUDGET_DIV = 64
 _MIH_MIN_BUDGET = 4096
 
 
+_WARM: set[int] = set()  # code lengths whose kernels this process has compiled or loaded
+
+
 def warmup(bits: int) -> None:
-    """Compile (or load from the on-disk cache) the kernels for ``bits``-bit codes."""
+    """Compile (or load from the on-disk cache) every kernel a search of ``bits``-bit codes can
+    call: the scan, the gather, the masked scan and the row-filter variants. Compiling them
+    takes about 10 s on 2 cores without the cache (a server does it before it takes requests,
+    not on the first filtered query); a second call in the same process returns at once."""
     nb = check_bits(bits) // 8
+    if bits in _WARM:
+        return
     idx = HammingIndex.from_arrays(np.zeros((2, nb), np.uint8), None, bits)
     q = np.zeros((1, nb), np.uint8)
     idx.search(q, 1)
@@ -83,6 +91,7 @@ def warmup(bits: int) -> None:
     tests = RowFilter(0, 2, classes=classes, class_ok=np.ones(1, np.bool_))
     idx.search(q, 1, candidates=tests)
     tests.positions()
+    _WARM.add(bits)
 
 
 def _read_id_file(path: Path) -> tuple[np.dtype, tuple[int, ...], bool, bool, int]:

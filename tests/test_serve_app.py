@@ -255,6 +255,10 @@ def service(artifacts: Artifacts) -> Any:
         max_image_bytes=MAX_IMAGE_BYTES,
         max_image_pixels=MAX_PIXELS,
         poll_interval_s=1.0,
+        # a searcher's answer is waited for up to 45 s (10 s in the shipped configs, to detect a
+        # lost node quickly): on a 2-core machine running another test worker beside this one,
+        # a searcher replica has been starved past 10 s; node loss has its own test
+        search_timeout_s=45,
         auth_token_env=TOKEN_ENV,
         admin_token_env=ADMIN_ENV,
         thumbnail_size=THUMB,

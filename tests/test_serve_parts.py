@@ -860,6 +860,75 @@ def test_a_searcher_never_loads_on_the_request_path() -> None:
     asyncio.run(scenario())
 
 
+_COMPILES_PROBE = """
+import json, sys
+import numpy as np, pyarrow as pa
+from numba.core.registry import CPUDispatcher
+from duch_core import _mih_kernel, _search_kernel, hamming_topk
+from deploy.searcher import build_shard_data, search_shard
+from duch_core.search import HammingIndex
+
+def signatures():
+    return {m.__name__ + "." + k: sorted(map(str, v.signatures))
+            for m in (_search_kernel, _mih_kernel, hamming_topk)
+            for k, v in vars(m).items() if isinstance(v, CPUDispatcher)}
+
+rng = np.random.default_rng(0)
+n = 300
+ids = [f"it{i:04d}" for i in range(n)]
+lon, lat = rng.uniform(-10, 10, n), rng.uniform(40, 50, n)
+catalog = pa.table({
+    "item_id": ids,
+    "label": rng.choice(["forest", "river", "beach"], n).tolist(),
+    "split": rng.choice(["train", "database"], n).tolist(),
+    "sensor": rng.choice(["s2", "l8"], n).tolist(),
+    "bbox": [[float(x), float(y), float(x) + 0.1, float(y) + 0.1] for x, y in zip(lon, lat)],
+    "datetime": [f"2024-{m:02d}-01T00:00:00Z" for m in rng.integers(1, 13, n)],
+})
+codes = rng.integers(0, 256, (n, 4), dtype=np.uint8)
+before = signatures()
+data = build_shard_data(codes, pa.array(ids), np.full(n, -1), np.arange(n) * 3 + 5, 32,
+                        HammingIndex, False, catalog)
+loaded = signatures()
+specs = json.loads(sys.argv[1])
+for spec in specs:
+    for k in (1, 3, 50):
+        search_shard(data, codes[:1], k, "v", spec)
+        search_shard(data, codes[:5], k, "v", spec)
+print(json.dumps({"before": before, "loaded": loaded, "after": signatures()}))
+"""
+
+
+def test_a_loaded_searcher_compiles_nothing_on_a_filtered_query() -> None:
+    """Loading a version compiles (or loads from numba's cache) every search kernel, so no
+    query, filtered or not, waits for a compile (about 10 s on 2 cores, past the ingress's
+    search deadline). Checked in a fresh process: the kernels' signatures after loading equal
+    those after searches with every kind of filter."""
+    import subprocess
+    import sys
+
+    specs = [
+        {"label": "forest"},
+        {"label": ["river", "beach"], "split": "database"},
+        {"bbox": [-5, 42, 5, 48]},
+        {"bbox": [170, -10, -170, 10]},
+        {"datetime": "2024-03-01T00:00:00Z/2024-06-01T00:00:00Z"},
+        {"datetime": "2024-03-01T00:00:00Z/.."},
+        {"sensor": "s2", "bbox": [-10, 40, 0, 45]},
+    ]
+    out = subprocess.run(
+        [sys.executable, "-c", _COMPILES_PROBE, json.dumps(specs)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    sigs = json.loads(out.stdout.strip().splitlines()[-1])
+    assert not any(sigs["before"].values())  # a fresh process: nothing compiled yet
+    assert sum(map(len, sigs["loaded"].values())) >= 3
+    assert sigs["after"] == sigs["loaded"]
+
+
 def test_calls_are_retried_when_the_replica_is_gone_and_only_then() -> None:
     from ray.exceptions import ActorDiedError
 
