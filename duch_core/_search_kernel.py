@@ -117,6 +117,64 @@ def _block_min(db, b0, b1, q, qi, w, big):
 
 
 @njit(cache=True, inline="always")
+def _piece_dists(db, b0, b1, q, qi, w, out):
+    """Distances of query ``qi`` to rows ``b0:b1`` into ``out[: b1 - b0]``, vectorised as
+    :func:`_block_min` is (a piece is scanned item by item from these)."""
+    seg = db[b0 * w : b1 * w]
+    nb = b1 - b0
+    if w == 1:
+        q0 = q[qi]
+        for j in range(nb):
+            out[j] = _popcount(seg[j] ^ q0)
+    elif w == 2:
+        q0 = q[2 * qi]
+        q1 = q[2 * qi + 1]
+        for j in range(nb):
+            out[j] = _popcount(seg[2 * j] ^ q0) + _popcount(seg[2 * j + 1] ^ q1)
+    elif w == 4:
+        q0 = q[4 * qi]
+        q1 = q[4 * qi + 1]
+        q2 = q[4 * qi + 2]
+        q3 = q[4 * qi + 3]
+        for j in range(nb):
+            d = _popcount(seg[4 * j] ^ q0) + _popcount(seg[4 * j + 1] ^ q1)
+            out[j] = d + _popcount(seg[4 * j + 2] ^ q2) + _popcount(seg[4 * j + 3] ^ q3)
+    else:
+        for j in range(nb):
+            out[j] = _dist(seg, j, q, qi, w)
+
+
+@njit(cache=True, inline="always")
+def _accept(cd, cp, qh, qi, n, d, j, own, lt, k, hist):
+    """Adds the candidate at distance ``d``, position ``j`` to query ``qi``'s buffer
+    (``cd``/``cp`` rows ``qi``, ``n`` entries) and keeps its threshold exact; returns the new
+    ``(n, own, lt)``.
+
+    ``own`` is the k-th smallest distance in the buffer (``bits + 1`` while it holds fewer than
+    ``k``), so only ``d < own`` can still enter; ``qh[qi]`` counts the buffer's entries by
+    distance and ``lt`` those below ``own``. Each entry added lowers ``own`` as soon as ``k``
+    entries lie below it, not only when a full buffer is cut, so fewer pieces look close enough
+    to scan item by item. A full buffer is cut back to ``k`` (:func:`_cut`): the entries above
+    ``own`` and the surplus at ``own`` go, those below stay, so the counts below ``own`` hold.
+    """
+    cd[qi, n] = d
+    cp[qi, n] = j
+    n += 1
+    qh[qi, d] += 1
+    lt += 1
+    while lt >= k:
+        own -= 1
+        lt -= qh[qi, own]
+    if n == cd.shape[1]:
+        _cut(cd[qi], cp[qi], n, k, hist)
+        n = k
+        qh[qi, own] = k - lt
+        for v in range(own + 1, qh.shape[1]):
+            qh[qi, v] = 0
+    return n, own, lt
+
+
+@njit(cache=True, inline="always")
 def _any_test(tests):
     """Whether ``tests`` (see :func:`test_rows`) test anything."""
     return (
@@ -296,10 +354,12 @@ def scan_chunk(db, q, w, k, bits, lo, hi, block, sub, tests, cd, cp, cn, shared,
     min_lon, min_lat, max_lon, max_lat, wraps, box, zones, zs = tests[6:]
     flags = np.ones(1, np.bool_)
     nq = q.shape[0] // w
-    cap = cd.shape[1]
     big = bits + 1
     hist = np.empty(bits + 2, np.int64)
+    qh = np.zeros((nq, bits + 2), np.int64)
     thr = np.full(nq, big, np.int64)
+    lts = np.zeros(nq, np.int64)
+    dl = np.empty(sub, np.int64)
     cn[:] = 0
     for b0 in range(lo, hi, block):
         b1 = min(hi, b0 + block)
@@ -307,6 +367,7 @@ def scan_chunk(db, q, w, k, bits, lo, hi, block, sub, tests, cd, cp, cn, shared,
             continue
         for qi in range(nq):
             own = thr[qi]
+            lt = lts[qi]
             t = own
             for c in range(shared.shape[0]):
                 if c != me:
@@ -318,25 +379,25 @@ def scan_chunk(db, q, w, k, bits, lo, hi, block, sub, tests, cd, cp, cn, shared,
                     continue
                 if _block_min(db, s0, s1, q, qi, w, big) >= t:
                     continue
-                for j in range(s0, s1):
-                    d = _dist(db, j, q, qi, w)
+                _piece_dists(db, s0, s1, q, qi, w, dl)
+                for i in range(s1 - s0):
+                    d = dl[i]
                     if d < t:
+                        j = s0 + i
                         if masked:  # tested only here: rare once the threshold settles
                             _test_range(j, j + 1, mask, classes, class_ok, times, time_lo,
                                         time_hi, min_lon, min_lat, max_lon, max_lat, wraps,
                                         box, flags)  # fmt: skip
                             if not flags[0]:
                                 continue
-                        cd[qi, n] = d
-                        cp[qi, n] = j
-                        n += 1
-                        if n == cap:
-                            own = _cut(cd[qi], cp[qi], n, k, hist)
+                        n, low, lt = _accept(cd, cp, qh, qi, n, d, j, own, lt, k, hist)
+                        if low != own:
+                            own = low
                             shared[me, qi] = own
                             t = min(t, own)
-                            n = k
             cn[qi] = n
             thr[qi] = own
+            lts[qi] = lt
     for qi in range(nq):
         if cn[qi] > k:
             _cut(cd[qi], cp[qi], cn[qi], k, hist)
@@ -344,7 +405,8 @@ def scan_chunk(db, q, w, k, bits, lo, hi, block, sub, tests, cd, cp, cn, shared,
 
 
 @njit(cache=True, inline="always")
-def _scan_gathered(src, off, nb, q, nq, w, k, sub, big, cand, b0, thr, hist, cd, cp, cn):
+def _scan_gathered(src, off, nb, q, nq, w, k, sub, big, cand, b0, thr, lts, qh, dl, hist,
+                   cd, cp, cn):  # fmt: skip
     """Every query scans the ``nb`` codes of ``src`` from row ``off`` on (those of
     ``cand[b0 : b0 + nb]``) by pieces, as :func:`scan_chunk` scans the database; positions
     reported are ``cand`` entries.
@@ -354,25 +416,22 @@ def _scan_gathered(src, off, nb, q, nq, w, k, sub, big, cand, b0, thr, hist, cd,
     scan about 10 % slower for a single query at 10M rows (6.7-7.0 ms against 6.1-6.4 ms), so
     the two loops stay separate: a change to one belongs in the other.
     """
-    cap = cd.shape[1]
     for qi in range(nq):
         t = thr[qi]
+        lt = lts[qi]
         n = cn[qi]
         for s0 in range(0, nb, sub):
             s1 = min(nb, s0 + sub)
             if _block_min(src, off + s0, off + s1, q, qi, w, big) >= t:
                 continue
-            for j in range(s0, s1):
-                d = _dist(src, off + j, q, qi, w)
+            _piece_dists(src, off + s0, off + s1, q, qi, w, dl)
+            for i in range(s1 - s0):
+                d = dl[i]
                 if d < t:
-                    cd[qi, n] = d
-                    cp[qi, n] = cand[b0 + j]
-                    n += 1
-                    if n == cap:
-                        t = _cut(cd[qi], cp[qi], n, k, hist)
-                        n = k
+                    n, t, lt = _accept(cd, cp, qh, qi, n, d, cand[b0 + s0 + i], t, lt, k, hist)
         cn[qi] = n
         thr[qi] = t
+        lts[qi] = lt
 
 
 @njit(cache=True, nogil=True)
@@ -406,7 +465,10 @@ def gather_chunk(db, q, w, k, bits, n_rows, cand, lo, hi, block, sub, buf, cd, c
     nq = q.shape[0] // w
     big = bits + 1
     hist = np.empty(bits + 2, np.int64)
+    qh = np.zeros((nq, bits + 2), np.int64)
     thr = np.full(nq, big, np.int64)
+    lts = np.zeros(nq, np.int64)
+    dl = np.empty(sub, np.int64)
     cn[:] = 0
     nbuf = 0  # buf holds the codes of cand[i - nbuf : i]
     i = lo
@@ -421,14 +483,15 @@ def gather_chunk(db, q, w, k, bits, n_rows, cand, lo, hi, block, sub, buf, cd, c
         if r >= _RUN_IN_PLACE:
             if nbuf:
                 _scan_gathered(buf, 0, nbuf, q, nq, w, k, sub, big, cand, i - nbuf,
-                               thr, hist, cd, cp, cn)  # fmt: skip
+                               thr, lts, qh, dl, hist, cd, cp, cn)  # fmt: skip
                 nbuf = 0
-            _scan_gathered(db, p, r, q, nq, w, k, sub, big, cand, i, thr, hist, cd, cp, cn)
+            _scan_gathered(db, p, r, q, nq, w, k, sub, big, cand, i,
+                           thr, lts, qh, dl, hist, cd, cp, cn)  # fmt: skip
             i += r
             continue
         if nbuf + r > block:
             _scan_gathered(buf, 0, nbuf, q, nq, w, k, sub, big, cand, i - nbuf,
-                           thr, hist, cd, cp, cn)  # fmt: skip
+                           thr, lts, qh, dl, hist, cd, cp, cn)  # fmt: skip
             nbuf = 0
         ahead = i + _PREFETCH_AHEAD
         if ahead < hi:
@@ -440,7 +503,8 @@ def gather_chunk(db, q, w, k, bits, n_rows, cand, lo, hi, block, sub, buf, cd, c
         nbuf += r
         i += r
     if nbuf:
-        _scan_gathered(buf, 0, nbuf, q, nq, w, k, sub, big, cand, hi - nbuf, thr, hist, cd, cp, cn)
+        _scan_gathered(buf, 0, nbuf, q, nq, w, k, sub, big, cand, hi - nbuf,
+                       thr, lts, qh, dl, hist, cd, cp, cn)  # fmt: skip
     for qi in range(nq):
         if cn[qi] > k:
             _cut(cd[qi], cp[qi], cn[qi], k, hist)
