@@ -91,6 +91,10 @@ _GATHER_COST = 3.5
 _FILTER_ROWS_COST = 8.0
 _GATHER_PER_ROW = 1.9
 _MASK_SAMPLES = 64
+# rows put in order through a bitset (ascending_positions) rather than sorted: at least this
+# many, and at most this many bitset words (64 rows each) per row
+_BITSET_SORT_MIN = 4096
+_BITSET_SORT_WORDS = 8
 _MASK_RUN = 1024
 # bound on the per-call candidate state (bytes), used to split very large query batches
 _STATE_BYTES = 64 << 20
@@ -452,8 +456,45 @@ class RowFilter:
         if not self.tested:
             return np.arange(self.lo, self.hi, dtype=np.int64)
         out = np.empty(self.hi - self.lo, np.int64)
-        m = _kernel().filter_rows(self.lo, self.hi, self.kernel_tests(), out)
-        return out[:m].copy() if m < out.shape[0] // 2 else out[:m]
+        tests, kern = self.kernel_tests(), _kernel()
+        threads = min(get_num_threads(), (self.hi - self.lo) // _MIN_CHUNK)
+        if threads <= 1:
+            m = kern.filter_rows(self.lo, self.hi, tests, out)
+            return out[:m].copy() if m < out.shape[0] // 2 else out[:m]
+        # one piece of the range per thread, each written to its own part of ``out``; then the
+        # parts close up. Pieces after the first start on a zone edge, so each block
+        # filter_rows tests lies in whole zones, as in one pass over the range
+        unit = 1 << self.zone_shift if self.zones is not None else 4096
+        step = -(-(self.hi - self.lo) // threads)
+        cuts = [self.lo] + [-(-(self.lo + t * step) // unit) * unit for t in range(1, threads)]
+        cuts = sorted({c for c in cuts if c < self.hi})
+        bounds = list(zip(cuts, [*cuts[1:], self.hi], strict=True))
+        parts = [out[a - self.lo : b - self.lo] for a, b in bounds]
+        done = list(
+            _pool(len(bounds)).map(
+                lambda i: kern.filter_rows(*bounds[i], tests, parts[i]), range(len(bounds))
+            )
+        )
+        return np.concatenate([part[:m] for part, m in zip(parts, done, strict=True)])
+
+
+def ascending_positions(rows: np.ndarray) -> np.ndarray:
+    """Distinct non-negative ``rows`` in ascending order, as int64. Rows in order already are
+    only checked; many rows out of order are sorted through a bitset
+    (:func:`duch_core._search_kernel.ascending_rows`, linear), few by ``np.sort``."""
+    rows = np.asarray(rows).astype(np.int64, copy=False)
+    if rows.size < 2 or bool(np.all(rows[1:] > rows[:-1])):
+        return rows
+    if int(rows.min()) < 0:
+        raise SearchError("ascending_positions: negative rows")
+    words = (int(rows.max()) >> 6) + 1
+    if rows.size < _BITSET_SORT_MIN or words > _BITSET_SORT_WORDS * rows.size:
+        return np.sort(rows)
+    out = np.empty(rows.size, np.int64)
+    m = _kernel().ascending_rows(rows, words << 6, np.zeros(words, np.uint64), out)
+    if m != rows.size:
+        raise SearchError(f"ascending_positions: {rows.size - m} rows repeat")
+    return out
 
 
 def _check_candidates(candidates: Any, n: int) -> tuple[np.ndarray | None, np.ndarray | None]:

@@ -37,6 +37,7 @@ import numpy as np
 
 from duch_core.codes import check_bits
 from duch_core.hamming_topk import (
+    _BITSET_SORT_MIN,
     RowFilter,
     SearchError,
     _as_words,
@@ -50,6 +51,7 @@ from duch_core.hamming_topk import (
     _mih_kernel,
     _pool,
     _search_positions,
+    ascending_positions,
     choose_mih,
     get_num_threads,
     mih_layout,
@@ -91,6 +93,7 @@ def warmup(bits: int) -> None:
     tests = RowFilter(0, 2, classes=classes, class_ok=np.ones(1, np.bool_))
     idx.search(q, 1, candidates=tests)
     tests.positions()
+    ascending_positions(np.arange(_BITSET_SORT_MIN, 0, -1))  # rows put in order by a bitset
     _WARM.add(bits)
 
 

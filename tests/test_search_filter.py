@@ -388,6 +388,43 @@ def test_row_filter_kernels_and_checks(small_blocks: None, kernels_used: dict[st
             idx.reference_search(queries[:1], 3, candidates=bad)
 
 
+def test_ascending_positions_equal_a_sort_on_both_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Distinct rows come back sorted, as int64, whether sorted by ``np.sort`` (few rows, or
+    spread far) or through the bitset (many rows); repeated or negative rows raise."""
+    from duch_core.hamming_topk import ascending_positions
+
+    rng = np.random.default_rng(5)
+    used: list[int] = []
+    kernel = _search_kernel.ascending_rows
+    monkeypatch.setattr(_search_kernel, "ascending_rows", lambda *a: used.append(1) or kernel(*a))
+    for n, m, bitset in [
+        (10, 0, False),
+        (10, 1, False),
+        (5000, 4095, False),  # under _BITSET_SORT_MIN
+        (5000, 4096, True),
+        (5_000_000, 4100, False),  # too sparse: more words than 8 per row
+        (70_000, 65_536, True),
+        (64 * 1000, 9000, True),  # rows at word edges included
+    ]:
+        rows = rng.permutation(n)[:m].astype(np.int32)
+        if m > 2:  # the first and last row among them
+            inner = rows[(rows != 0) & (rows != n - 1)][: m - 2]
+            rows = np.concatenate([[n - 1], inner, [0]]).astype(np.int32)
+        used.clear()
+        got = ascending_positions(rows)
+        assert got.dtype == np.int64
+        np.testing.assert_array_equal(got, np.sort(rows.astype(np.int64)))
+        assert bool(used) == bitset, (n, m)
+    ordered = np.arange(3, 9000, 2)
+    assert ascending_positions(ordered) is not None and used == [1]  # in order: only checked
+    np.testing.assert_array_equal(ascending_positions(ordered[::-1]), ordered)
+    twice = np.concatenate([rng.permutation(8000), [17]])
+    with pytest.raises(SearchError, match="1 rows repeat"):
+        ascending_positions(twice)
+    with pytest.raises(SearchError, match="negative"):
+        ascending_positions(np.array([5, -1, 3]))
+
+
 def test_row_classes_number_every_combination() -> None:
     """Each row's class stands for its combination of categorical values, with exact counts,
     through the dense table and through the sort (many possible combinations)."""

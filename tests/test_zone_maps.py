@@ -141,6 +141,15 @@ def test_the_scan_passes_over_dropped_zones(small_zones: None) -> None:
     d, i = idx.search(codes[:3], 10, candidates=part)
     assert i.shape == (3, 10) and int(i.min()) >= 1600
     np.testing.assert_array_equal(part.positions(), np.arange(1600, N))
+    # the pass in pieces, one per thread: the same rows from any range starting on a zone edge
+    # or in a marked zone, at any thread count (the rows of dropped zones pass the tests here,
+    # so a piece not cut on a zone edge would show)
+    for threads in (1, 2, 3, 7):
+        H.set_num_threads(threads)
+        for lo, hi in [(0, N), (48, N - 3), (32, 1650), (1600, 1700), (1601, 2999)]:
+            cut = RowFilter(lo, hi, classes=classes, class_ok=ok, zones=some, zone_shift=SHIFT)
+            np.testing.assert_array_equal(cut.positions(), np.arange(max(lo, 1600), hi))
+    H.set_num_threads(3)
     none = RowFilter(0, N, classes=classes, class_ok=ok, zones=~zones, zone_shift=SHIFT)
     assert none.positions().size == 0
     with pytest.raises(SearchError, match=r"zones must have shape \(188,\)"):
