@@ -71,44 +71,46 @@ same set, and every faiss id at the k-th distance must really be at that distanc
 The machine's load average is printed with every row, since other processes share the cores.
 
 Measured with ``--filtered --single 11 --filter-sizes 10000000 --filter-layouts
-chips,scenes,uniform`` on a quiet 2-core AMD EPYC with AVX-512 (``VPOPCNTDQ``; load 0.7-1.3
-with the benchmark running), k = 20, ``x scan`` = our unfiltered scan's time / this time (``+f``
-= the duch+filter row, ``read`` = the read-only row):
+chips,scenes,uniform --milvus-size 0`` on a quiet 2-core AMD EPYC with AVX-512 (``VPOPCNTDQ``;
+load 0.8-1.4 with the benchmark running), k = 20, ``x scan`` = our unfiltered scan's time / this
+time (``+f`` = the duch+filter row, ``read`` = the read-only row):
 
     layout   N    filter (kept)    batch 1: duch / +f / read / faiss      batch 32: duch / +f / faiss
-    chips    10M  bbox (0.094 %)   10.1x / 1.93x / 27.1x / 0.01x          29.3x / 10.5x / 0.01x
-    chips    10M  date (1.02 %)    2.59x / 0.76x / 2.87x / 0.01x          11.7x / 6.08x / 0.01x
-    chips    10M  label (10.0 %)   4.71x / 4.59x / 2.86x / 0.03x          3.19x / 3.14x / 0.02x
-    chips    10M  split (50.0 %)   1.09x / 1.04x / 0.27x / 0.05x          0.86x / 0.81x / 0.03x
-    scenes   10M  bbox (0.049 %)   18.5x / 5.07x / 204x / 0.01x           44.2x / 26.8x / 0.00x
-    scenes   10M  date (1.02 %)    10.6x / 12.1x / 34.5x / 0.02x          16.2x / 16.8x / 0.01x
-    scenes   10M  label (10.0 %)   0.84x / 0.71x / 0.61x / 0.02x          0.57x / 0.60x / 0.01x
-    scenes   10M  split (50.0 %)   0.91x / 0.96x / 0.25x / 0.06x          0.86x / 0.86x / 0.03x
-    uniform  10M  bbox (0.094 %)   10.2x / 2.10x / 2.41x / 0.01x          31.6x / 2.18x / 0.00x
-    uniform  10M  date (1.02 %)    2.62x / 0.79x / 3.34x / 0.02x          10.7x / 5.43x / 0.01x
-    uniform  10M  label (10.0 %)   0.72x / 0.62x / 0.57x / 0.02x          0.63x / 0.63x / 0.02x
-    uniform  10M  split (50.0 %)   1.05x / 1.05x / 0.26x / 0.06x          0.88x / 0.88x / 0.03x
+    chips    10M  bbox (0.094 %)   10.3x / 1.63x / 24.2x / 0.01x          57.5x / 16.0x / 0.01x
+    chips    10M  date (1.02 %)    2.18x / 1.01x / 2.00x / 0.01x          16.3x / 9.15x / 0.01x
+    chips    10M  label (10 %)     5.36x / 5.44x / 3.24x / 0.03x          4.13x / 4.17x / 0.04x
+    chips    10M  split (50 %)     1.12x / 1.22x / 0.27x / 0.07x          0.96x / 0.93x / 0.04x
+    scenes   10M  bbox (0.049 %)   18.5x / 3.62x / 206x / 0.01x           65.6x / 25.8x / 0.01x
+    scenes   10M  date (1.02 %)    10.3x / 10.8x / 30.7x / 0.02x          29.8x / 31.8x / 0.01x
+    scenes   10M  label (10 %)     0.98x / 0.93x / 0.54x / 0.03x          1.17x / 1.01x / 0.02x
+    scenes   10M  split (50 %)     0.99x / 0.98x / 0.30x / 0.07x          0.95x / 0.94x / 0.04x
+    uniform  10M  bbox (0.094 %)   10.4x / 1.64x / 24.3x / 0.01x          46.2x / 12.7x / 0.01x
+    uniform  10M  date (1.02 %)    3.25x / 1.35x / 2.86x / 0.02x          17.2x / 9.08x / 0.01x
+    uniform  10M  label (10 %)     0.91x / 0.91x / 0.41x / 0.03x          0.90x / 0.79x / 0.02x
+    uniform  10M  split (50 %)     1.20x / 1.30x / 0.30x / 0.08x          0.91x / 0.89x / 0.04x
 
-Parity held in every row. At 10M a single query of the unfiltered scan takes 2.6-3.2 ms on this
-machine (5.9-8.0 ms on a 2-core EPYC without AVX-512, where the earlier tables were measured:
-the filters' costs are set against a scan more than twice as fast here).
+Parity held in every row. At 10M a single query of the unfiltered scan takes 1.8-2.9 ms on this
+machine (5.9-8.0 ms on a 2-core EPYC without AVX-512). Between identical runs a cell moves by up
+to about 10 % (the duch and +f rows of one row filter differ only by its 0.1 ms build).
 ``duch_core.filters.build_candidates`` gives one of three forms (the ``note`` of the ``duch``
 row): positions where an index (the grid, the time order) or the exact count of the row
 classes says few rows pass; a row range where the index is in time order and the filter is a
 datetime range (the ``scenes`` date row: 100k rows found by binary search in microseconds and
-scanned in place, 12x faster than the scan, filter included); and otherwise a row filter whose
-tests the kernel applies inside the scan, only to rows close enough to enter the top-k, and
-only in the zones of 256 rows whose summaries (``duch_core.zone_maps``) say a row may pass. In
-the ``chips`` layout the label filter leaves 10 % of the zones, and the search is 4.6x faster
-than the scan, filter included. Where a label is drawn per row (``scenes``, ``uniform``) every
-zone holds every label, all rows are scanned, and the 10 % filter costs 0.62-0.84x of the scan
-(the threshold settles later when fewer rows pass: more pieces are scanned row by row); a batch
-of 32 turns it into positions and gathers them, which is slower than the scan on this machine
-(0.57-0.63x; 1.9x faster on the machine without AVX-512). Where the rows are spread at random
-(``uniform``), building the positions of a 1 % time range (3.3 ms, a slice of the time order
-then a sort) costs more than the scan here (+f 0.79x). Memory at 10M: 8.00 bytes per code for
-duch and faiss, resident growth 76.3 MB each (1.00x the codes); the metadata with its indexes
-and zone maps takes 50-62 bytes per row.
+scanned in place, 10.8x faster than the scan, filter included); and otherwise a row filter
+whose tests the kernel applies inside the scan, only to rows close enough to enter the top-k
+(the threshold is the exact k-th distance among the rows that passed so far), and only in the
+zones of 256 rows whose summaries (``duch_core.zone_maps``) say a row may pass. In the
+``chips`` layout the label filter leaves 10 % of the zones, and the search is 5.4x faster than
+the scan, filter included. Where a label is drawn per row (``scenes``, ``uniform``) every zone
+holds every label and all rows are scanned: 0.91-0.98x for a single query; a batch of 32 turns
+the row filter into positions first (one pass over the class column on all threads, 15 ms at
+10M) and gathers them: 0.79-1.17x. Rows of a 1 % time range spread at random (``chips``,
+``uniform``) come from the time order and are put in row order through a bitset (1.0 ms for
+100k rows): 1.0-1.35x of the scan for a single query, filter included, while merely reading
+those rows' codes (``read``) is 2.0-2.9x; the 10x of the ``scenes`` layout needs the rows
+together, as the jobs write them. Memory at 10M: 8.00 bytes per code for duch and faiss,
+resident growth 76.3 MB each (1.00x the codes); the metadata with its indexes and zone maps
+takes 50-62 bytes per row.
 """
 
 from __future__ import annotations
