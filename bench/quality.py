@@ -5,6 +5,7 @@
         [--epochs 100] [--text-encoder mpnet|minilm] [--split-mode reference|sorted]
         [--cache out/quality_cache] [--results FILE.jsonl] [--resume] [--json FILE]
         [--threads 1] [--quick] [--features-only]
+    python -m bench.quality --report --results bench/results/quality.jsonl
 
 **Data** (``--data DIR``, text only; the images are not needed):
 
@@ -55,6 +56,11 @@ defined by config overrides of :class:`duch_core.config.DUCHConfig`.
 (image->text, text->image), mean ± sd over the seeds; then the same for the asymmetric ranking
 (:mod:`duch_core.asymmetric`: the query's continuous code against the database's bits, the
 whole database scored; ``"asymmetric"`` in each run's ``map``).
+
+``--report``: the tables of a ``--results`` file, nothing trained (no ``--data`` needed), with
+each variant's lead over ``paper_compat`` over the seeds both ran. The runs measured for the
+README are kept in ``bench/results/quality.jsonl``; a sweep grows it with ``--results
+bench/results/quality.jsonl --resume``.
 
 ``--quick``: a smoke run (200 scenes per dataset, 2 epochs, one seed, 16 bits); under a minute
 once the features are cached.
@@ -486,12 +492,22 @@ def _mean_sd(xs: Sequence[float]) -> str:
     return f"{np.mean(xs):.3f} ± {np.std(xs, ddof=1):.3f}"
 
 
-def table(records: Sequence[dict[str, Any]], ties: str, form: str = "djsrh") -> str:
-    """Markdown table: rows = variant, columns = dataset x bits x (i2t, t2i), mean ± sd."""
-    variants = list(dict.fromkeys(r["variant"] for r in records))
-    cols = sorted(
+def _columns(records: Sequence[dict[str, Any]]) -> list[tuple[str, int]]:
+    return sorted(
         {(r["dataset"], r["bits"]) for r in records},
         key=lambda c: (DATASETS.index(c[0]) if c[0] in DATASETS else 99, c[0], c[1]),
+    )
+
+
+def table(records: Sequence[dict[str, Any]], ties: str, form: str = "djsrh") -> str:
+    """Markdown table: rows = variant, columns = dataset x bits x (i2t, t2i), mean ± sd over
+    the seeds; a cell with fewer runs than the fullest cell says how many (``n=2``)."""
+    variants = list(dict.fromkeys(r["variant"] for r in records))
+    cols = _columns(records)
+    full = max(
+        sum(1 for r in records if (r["variant"], r["dataset"], r["bits"]) == (v, ds, b))
+        for v in variants
+        for ds, b in cols
     )
     head = ["variant"] + [f"{ds} {b} {d}" for ds, b in cols for d in ("i2t", "t2i")]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -501,9 +517,58 @@ def table(records: Sequence[dict[str, Any]], ties: str, form: str = "djsrh") -> 
             runs = [r for r in records if (r["variant"], r["dataset"], r["bits"]) == (v, ds, b)]
             for d in ("i2t", "t2i"):
                 xs = [r["map"][ties][form][d] for r in runs]
-                cells.append(_mean_sd(xs) if xs else "")
+                cell = _mean_sd(xs) if xs else ""
+                cells.append(f"{cell} (n={len(xs)})" if xs and len(xs) < full else cell)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def lead_table(
+    records: Sequence[dict[str, Any]], ties: str, base: str = "paper_compat", form: str = "djsrh"
+) -> str:
+    """Markdown table: each other variant's mean lead over ``base`` (the published behaviour),
+    over the seeds both have run, per dataset x bits x direction (``+0.012``); ``""`` where
+    they share no seed. The issue's bar is +0.010 in every cell."""
+    by = {(r["variant"], r["dataset"], r["bits"], r["seed"]): r for r in records}
+    variants = [v for v in dict.fromkeys(r["variant"] for r in records) if v != base]
+    cols = _columns(records)
+    head = [f"lead over {base}"] + [f"{ds} {b} {d}" for ds, b in cols for d in ("i2t", "t2i")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for v in variants:
+        cells = [v]
+        for ds, b in cols:
+            seeds = sorted(
+                s for (vv, dd, bb, s) in by if (vv, dd, bb) == (v, ds, b) and (base, ds, b, s) in by
+            )
+            for d in ("i2t", "t2i"):
+                diffs = [
+                    by[(v, ds, b, s)]["map"][ties][form][d]
+                    - by[(base, ds, b, s)]["map"][ties][form][d]
+                    for s in seeds
+                ]
+                cells.append(f"{np.mean(diffs):+.3f}" if diffs else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def report(records: Sequence[dict[str, Any]]) -> str:
+    """Every table of ``records``: per tie order (and asymmetric ranking) the mAP table, then
+    the leads over ``paper_compat`` when it was run."""
+    out = []
+    groups = [(ties, f"Hamming ties by {ties}", list(records)) for ties in TIES]
+    asym = [r for r in records if "asymmetric" in r["map"]]
+    if asym:
+        groups.append(("asymmetric", "asymmetric ranking", asym))
+    for ties, title, recs in groups:
+        out.append(f"\nmAP@{K} (DJSRH form), {title}, mean ± sd over seeds\n")
+        out.append(table(recs, ties))
+        if (
+            any(r["variant"] == "paper_compat" for r in recs)
+            and len({r["variant"] for r in recs}) > 1
+        ):
+            out.append("")
+            out.append(lead_table(recs, ties))
+    return "\n".join(out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -516,7 +581,7 @@ def _ints(s: str) -> list[int]:
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, required=True, help="folder holding the caption sets")
+    p.add_argument("--data", type=Path, default=None, help="folder holding the caption sets")
     p.add_argument("--datasets", default=",".join(DATASETS))
     p.add_argument("--bits", type=_ints, default=[16, 32, 64, 128])
     p.add_argument("--seeds", type=_ints, default=[42, 43, 44])
@@ -532,6 +597,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=None, help="write every run of this invocation")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--quick", action="store_true", help="smoke run: " + json.dumps(QUICK))
+    p.add_argument(
+        "--report", action="store_true", help="print the tables of --results; train nothing"
+    )
     p.add_argument("--features-only", action="store_true", help="fill the cache, train nothing")
     return p.parse_args(argv)
 
@@ -567,6 +635,14 @@ def main(argv: list[str] | None = None) -> int:
         args.seeds, args.bits = QUICK["seeds"], QUICK["bits"]
         args.epochs = args.epochs or QUICK["epochs"]
         args.scenes = args.scenes or QUICK["scenes"]
+    if args.report:
+        if not args.results or not args.results.is_file():
+            raise SystemExit("--report needs --results FILE.jsonl (the runs to tabulate)")
+        lines = args.results.read_text().splitlines()
+        print(report([json.loads(line) for line in lines if line.strip()]))
+        return 0
+    if args.data is None:
+        raise SystemExit("--data DIR is required (the folder holding the caption sets)")
     variants = _variants(args)
     done: dict[tuple[Any, ...], dict[str, Any]] = {}
     if args.resume and args.results and args.results.is_file():
@@ -627,13 +703,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(records, indent=1))
     if records:
-        for ties in TIES:
-            print(f"\nmAP@{K} (DJSRH form), Hamming ties by {ties}, mean ± sd over seeds\n")
-            print(table(records, ties))
-        asym = [r for r in records if "asymmetric" in r["map"]]
-        if asym:
-            print(f"\nmAP@{K} (DJSRH form), asymmetric ranking, mean ± sd over seeds\n")
-            print(table(asym, "asymmetric"))
+        print(report(records))
     return 0
 
 

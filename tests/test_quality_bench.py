@@ -164,3 +164,37 @@ def test_feature_views_use_their_caption_slots(tmp_path, monkeypatch):
     write_caption_json(tmp_path / "ucm_captions" / "dataset.json", per_class=2, seed=5)
     quality.view_features(quality.load_dataset("ucm", tmp_path), "mpnet", tmp_path / "cache")
     assert len(loaded) == 4
+
+
+def _record(variant: str, dataset: str, bits: int, seed: int, i2t: float, t2i: float) -> dict:
+    maps = {"djsrh": {"i2t": i2t, "t2i": t2i, "i2i": 0.5, "t2t": 0.5}}
+    return {
+        "variant": variant, "dataset": dataset, "bits": bits, "seed": seed,
+        "map": {"position": maps, "expected": maps},
+    }  # fmt: skip
+
+
+def test_report_tables_the_results_file_with_leads_over_the_published_behaviour(tmp_path, capsys):
+    """``--report`` tabulates a results file without data or training: mean ± sd per cell (a
+    cell with fewer seeds says so), and each variant's lead over paper_compat over the seeds
+    both ran."""
+    runs = [
+        _record("paper_compat", "ucm", 64, 42, 0.80, 0.70),
+        _record("paper_compat", "ucm", 64, 43, 0.82, 0.72),
+        _record("duch", "ucm", 64, 42, 0.83, 0.70),
+        _record("duch", "ucm", 64, 43, 0.84, 0.73),
+        _record("duch", "ucm", 64, 44, 0.99, 0.99),  # no paper_compat run of seed 44: no lead
+        _record("paper_compat", "rsitmd", 16, 42, 0.40, 0.50),
+    ]
+    results = tmp_path / "runs.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in runs))
+    assert quality.main(["--report", "--results", str(results)]) == 0
+    out = capsys.readouterr().out
+    assert "| variant | ucm 64 i2t | ucm 64 t2i | rsitmd 16 i2t | rsitmd 16 t2i |" in out
+    assert "| duch | 0.887 ± 0.090 | 0.807 ± 0.159 |  |  |" in out
+    assert "| paper_compat | 0.810 ± 0.014 (n=2) | 0.710 ± 0.014 (n=2) | 0.400 (n=1)" in out
+    assert out.count("| duch | +0.025 | +0.005 |  |  |") == 2  # both tie orders
+    with pytest.raises(SystemExit, match="--results"):
+        quality.main(["--report"])
+    with pytest.raises(SystemExit, match="--data"):
+        quality.main(["--results", str(results)])
