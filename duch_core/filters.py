@@ -426,6 +426,13 @@ def build_candidates(meta: ItemMetadata, spec: Any) -> RowFilter | np.ndarray | 
         zones=zones,
         zone_shift=meta.zones.shift if meta.zones is not None else 8,
         zone_fraction=in_zones / (hi - lo),
+        class_rows=(
+            (meta.class_rows, meta.class_starts)
+            if class_ok is not None
+            and meta.class_rows is not None
+            and meta.class_starts is not None
+            else None
+        ),
     )
 
 

@@ -90,6 +90,9 @@ _GATHER_COST = 3.5
 # scans per query for each share of the rows kept (measured: 32 queries, half the rows kept)
 _FILTER_ROWS_COST = 8.0
 _GATHER_PER_ROW = 1.9
+# the same from the class row lists (no pass over the rows): concatenating a tenth of the rows
+# and putting them in order (bench/search.py, label filters)
+_CLASS_ROWS_COST = 3.0
 _MASK_SAMPLES = 64
 # rows put in order through a bitset (ascending_positions) rather than sorted: at least this
 # many, and at most this many bitset words (64 rows each) per row
@@ -388,6 +391,10 @@ class RowFilter:
             unread. ``None``: every zone may. A row in a zone left out must fail the tests.
         zone_fraction: the share of the rows ``lo:hi`` in marked zones (1.0 without zones):
             about the share of an unfiltered scan that the filtered scan costs.
+        class_rows: ``(rows, starts)``: the rows grouped by class, ascending within a class,
+            class ``c``'s being ``rows[starts[c]:starts[c + 1]]``
+            (:attr:`duch_core.item_metadata.ItemMetadata.class_rows`). A filter whose only
+            test is the class then finds its rows without a pass over the range.
     """
 
     lo: int
@@ -404,6 +411,7 @@ class RowFilter:
     zones: np.ndarray | None = None
     zone_shift: int = 8
     zone_fraction: float = 1.0
+    class_rows: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def tested(self) -> bool:
@@ -424,6 +432,15 @@ class RowFilter:
         for name, col in cols.items():
             if col is not None and np.shape(col) != (n,):
                 raise SearchError(f"row filter column {name} must have shape ({n},)")
+        if self.class_rows is not None:
+            rows, starts = self.class_rows
+            if self.class_ok is None or np.shape(rows) != (n,) or np.ndim(starts) != 1:
+                raise SearchError(
+                    f"row filter class_rows must be ({n},) rows and their class starts, "
+                    "with classes and class_ok"
+                )
+            if len(starts) < 1 or starts[0] != 0 or starts[-1] != n:
+                raise SearchError(f"row filter class starts must run from 0 to {n}")
         if self.zones is not None:
             if not self.tested:
                 raise SearchError("a row filter gives zones only with a test")
@@ -432,6 +449,23 @@ class RowFilter:
             z = (n + (1 << self.zone_shift) - 1) >> self.zone_shift
             if np.shape(self.zones) != (z,):
                 raise SearchError(f"row filter zones must have shape ({z},) for {n} rows")
+
+    def _class_positions(self) -> np.ndarray:
+        assert self.class_rows is not None and self.class_ok is not None
+        rows, starts = self.class_rows
+        ok = np.flatnonzero(np.asarray(self.class_ok)[: max(0, len(starts) - 1)])
+        parts = [rows[starts[c] : starts[c + 1]] for c in ok.tolist()]
+        if (self.lo, self.hi) != (0, rows.shape[0]):  # each part ascends: cut it to the range
+            parts = [
+                p[int(np.searchsorted(p, self.lo)) : int(np.searchsorted(p, self.hi))]
+                for p in parts
+            ]
+        parts = [p for p in parts if p.size]
+        if not parts:
+            return np.zeros(0, np.int64)
+        if len(parts) == 1:
+            return parts[0].astype(np.int64)
+        return ascending_positions(np.concatenate(parts))
 
     def kernel_tests(self, mask: np.ndarray | None = None) -> tuple[Any, ...]:
         """The tests as :func:`duch_core._search_kernel.test_rows` takes them, with ``mask``
@@ -451,10 +485,19 @@ class RowFilter:
             np.int64(self.zone_shift),
         )
 
+    @property
+    def by_class(self) -> bool:
+        """Whether :meth:`positions` takes the rows from :attr:`class_rows` (the class is the
+        only test) rather than from a pass over the range."""
+        return self.class_rows is not None and self.times is None and self.boxes is None
+
     def positions(self) -> np.ndarray:
-        """``(M,)`` int64, ascending: the rows that pass (a pass over the range)."""
+        """``(M,)`` int64, ascending: the rows that pass (from the class row lists, or a pass
+        over the range)."""
         if not self.tested:
             return np.arange(self.lo, self.hi, dtype=np.int64)
+        if self.by_class:
+            return self._class_positions()
         out = np.empty(self.hi - self.lo, np.int64)
         tests, kern = self.kernel_tests(), _kernel()
         threads = min(get_num_threads(), (self.hi - self.lo) // _MIN_CHUNK)
@@ -538,15 +581,19 @@ def _mask_gathers(fraction: float, nq: int) -> bool:
     return nq * (1.0 - fraction) > _NONZERO_COST + _GATHER_COST * fraction
 
 
-def _filter_gathers(fraction: float, nq: int, zone_fraction: float = 1.0) -> bool:
+def _filter_gathers(
+    fraction: float, nq: int, zone_fraction: float = 1.0, by_class: bool = False
+) -> bool:
     """Whether a :class:`RowFilter` keeping ``fraction`` of its rows, ``zone_fraction`` of them
     in zones it marks, is searched faster for ``nq`` queries by turning it into positions
     first (a pass over the marked rows' columns, about :data:`_FILTER_ROWS_COST` scans of
-    them) and gathering them (about :data:`_GATHER_PER_ROW` scans per query and kept share)
-    than by testing rows in the scan (about one scan of the marked rows per query)."""
+    them, or, ``by_class``, the class row lists put in order, about :data:`_CLASS_ROWS_COST`)
+    and gathering them (about :data:`_GATHER_PER_ROW` scans per query and kept share) than by
+    testing rows in the scan (about one scan of the marked rows per query)."""
     if fraction < _MASK_GATHER_FRACTION * zone_fraction:  # sparse in what is scanned
         return True
-    return nq * (zone_fraction - _GATHER_PER_ROW * fraction) > _FILTER_ROWS_COST * zone_fraction
+    cost = _CLASS_ROWS_COST if by_class else _FILTER_ROWS_COST * zone_fraction
+    return nq * (zone_fraction - _GATHER_PER_ROW * fraction) > cost
 
 
 def _mask_fraction(mask: np.ndarray) -> float:

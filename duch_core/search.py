@@ -458,7 +458,9 @@ class HammingIndex:
             span = rows.hi - rows.lo
             if not rows.tested or span == 0:
                 k = min(k, span)
-            elif nq == 0 or (span and _filter_gathers(rows.fraction, nq, rows.zone_fraction)):
+            elif nq == 0 or (
+                span and _filter_gathers(rows.fraction, nq, rows.zone_fraction, rows.by_class)
+            ):
                 cand, rows = rows.positions(), None
         else:
             cand, mask = _check_candidates(candidates, n)

@@ -388,6 +388,57 @@ def test_row_filter_kernels_and_checks(small_blocks: None, kernels_used: dict[st
             idx.reference_search(queries[:1], 3, candidates=bad)
 
 
+def test_class_row_lists_give_the_rows_of_a_pass(small_blocks: None) -> None:
+    """A row filter whose only test is the class takes its rows from the class row lists
+    (:attr:`ItemMetadata.class_rows`): the same rows as a pass over the range, for any range
+    and set of classes; the lists are checked like the columns."""
+    rng = np.random.default_rng(11)
+    cols = _metadata(rng)
+    meta = ItemMetadata.from_columns(**cols)
+    assert meta.classes is not None and meta.class_rows is not None
+    assert meta.class_starts is not None and meta.class_counts is not None
+    c = meta.classes
+    for k in range(len(meta.class_counts)):
+        got = meta.class_rows[meta.class_starts[k] : meta.class_starts[k + 1]]
+        np.testing.assert_array_equal(got, np.flatnonzero(c == k))
+    lists = (meta.class_rows, meta.class_starts)
+    n_cls = len(meta.class_counts)
+    for ok in [
+        np.zeros(n_cls, np.bool_),
+        np.eye(1, n_cls, 0, dtype=np.bool_)[0],
+        rng.random(n_cls) < 0.5,
+        np.ones(n_cls, np.bool_),
+        np.ones(max(1, n_cls // 2), np.bool_),  # classes past the end never pass
+    ]:
+        for lo, hi in [(0, N), (0, 17), (5, N - 5), (1000, 1001), (N, N)]:
+            plain = RowFilter(lo, hi, 0.5, classes=c, class_ok=ok)
+            listed = RowFilter(lo, hi, 0.5, classes=c, class_ok=ok, class_rows=lists)
+            assert listed.by_class and not plain.by_class
+            want = plain.positions()
+            got = listed.positions()
+            assert got.dtype == np.int64
+            np.testing.assert_array_equal(got, want)
+            rows = np.arange(lo, hi)
+            np.testing.assert_array_equal(
+                want, rows[(c[rows] < len(ok)) & ok[np.minimum(c[rows], len(ok) - 1)]]
+            )
+    # with a time test too, the rows come from the pass
+    timed = RowFilter(0, N, classes=c, class_ok=np.ones(n_cls, np.bool_), class_rows=lists,
+                      times=meta.datetime_us, time_lo=0)  # fmt: skip
+    assert not timed.by_class
+    for bad in [
+        RowFilter(
+            0, N, classes=c, class_ok=np.ones(n_cls, np.bool_), class_rows=(lists[0][:-1], lists[1])
+        ),
+        RowFilter(
+            0, N, classes=c, class_ok=np.ones(n_cls, np.bool_), class_rows=(lists[0], lists[1][:-1])
+        ),
+        RowFilter(0, N, class_rows=lists),
+    ]:
+        with pytest.raises(SearchError, match="class"):
+            bad.check(N)
+
+
 def test_ascending_positions_equal_a_sort_on_both_paths(monkeypatch: pytest.MonkeyPatch) -> None:
     """Distinct rows come back sorted, as int64, whether sorted by ``np.sort`` (few rows, or
     spread far) or through the bitset (many rows); repeated or negative rows raise."""
@@ -465,6 +516,9 @@ def test_mask_conversion_rule() -> None:
     assert H._filter_gathers(0.01, 1) and H._filter_gathers(0.1, 32)
     assert not H._filter_gathers(0.1, 4) and not H._filter_gathers(0.5, 32)
     assert not H._filter_gathers(1.0, 10_000)
+    # from the class row lists (no pass over the rows) it pays at smaller batches
+    assert H._filter_gathers(0.1, 8, by_class=True) and not H._filter_gathers(0.1, 8)
+    assert not H._filter_gathers(0.1, 1, by_class=True)
     # large masks: the fraction is estimated from spread runs
     rng = np.random.default_rng(0)
     for f in (0.0, 0.01, 0.3, 1.0):
