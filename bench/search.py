@@ -72,45 +72,45 @@ The machine's load average is printed with every row, since other processes shar
 
 Measured with ``--filtered --single 11 --filter-sizes 10000000 --filter-layouts
 chips,scenes,uniform --milvus-size 0`` on a quiet 2-core AMD EPYC with AVX-512 (``VPOPCNTDQ``;
-load 0.8-1.4 with the benchmark running), k = 20, ``x scan`` = our unfiltered scan's time / this
+load 0.3-1.3 with the benchmark running), k = 20, ``x scan`` = our unfiltered scan's time / this
 time (``+f`` = the duch+filter row, ``read`` = the read-only row):
 
     layout   N    filter (kept)    batch 1: duch / +f / read / faiss      batch 32: duch / +f / faiss
-    chips    10M  bbox (0.094 %)   10.3x / 1.63x / 24.2x / 0.01x          57.5x / 16.0x / 0.01x
-    chips    10M  date (1.02 %)    2.18x / 1.01x / 2.00x / 0.01x          16.3x / 9.15x / 0.01x
-    chips    10M  label (10 %)     5.36x / 5.44x / 3.24x / 0.03x          4.13x / 4.17x / 0.04x
-    chips    10M  split (50 %)     1.12x / 1.22x / 0.27x / 0.07x          0.96x / 0.93x / 0.04x
-    scenes   10M  bbox (0.049 %)   18.5x / 3.62x / 206x / 0.01x           65.6x / 25.8x / 0.01x
-    scenes   10M  date (1.02 %)    10.3x / 10.8x / 30.7x / 0.02x          29.8x / 31.8x / 0.01x
-    scenes   10M  label (10 %)     0.98x / 0.93x / 0.54x / 0.03x          1.17x / 1.01x / 0.02x
-    scenes   10M  split (50 %)     0.99x / 0.98x / 0.30x / 0.07x          0.95x / 0.94x / 0.04x
-    uniform  10M  bbox (0.094 %)   10.4x / 1.64x / 24.3x / 0.01x          46.2x / 12.7x / 0.01x
-    uniform  10M  date (1.02 %)    3.25x / 1.35x / 2.86x / 0.02x          17.2x / 9.08x / 0.01x
-    uniform  10M  label (10 %)     0.91x / 0.91x / 0.41x / 0.03x          0.90x / 0.79x / 0.02x
-    uniform  10M  split (50 %)     1.20x / 1.30x / 0.30x / 0.08x          0.91x / 0.89x / 0.04x
+    chips    10M  bbox (0.094 %)   11.1x / 1.74x / 26.3x / 0.01x          46.7x / 12.6x / 0.01x
+    chips    10M  date (1 %)       3.17x / 1.21x / 2.97x / 0.02x          20.4x / 12.2x / 0.01x
+    chips    10M  label (10 %)     5.88x / 6.01x / 3.39x / 0.04x          5.61x / 5.69x / 0.03x
+    chips    10M  split (50 %)     1.22x / 1.14x / 0.33x / 0.08x          0.94x / 0.91x / 0.03x
+    scenes   10M  bbox (0.049 %)   22.2x / 4.21x / 220x / 0.01x           66.6x / 24.2x / 0.00x
+    scenes   10M  date (1 %)       7.55x / 7.60x / 22.7x / 0.01x          31.7x / 32.1x / 0.01x
+    scenes   10M  label (10 %)     0.96x / 0.93x / 0.54x / 0.03x          2.23x / 2.24x / 0.02x
+    scenes   10M  split (50 %)     1.11x / 1.13x / 0.29x / 0.08x          0.92x / 0.88x / 0.04x
+    uniform  10M  bbox (0.094 %)   10.5x / 1.62x / 24.6x / 0.01x          46.0x / 12.6x / 0.01x
+    uniform  10M  date (1 %)       3.30x / 1.35x / 2.90x / 0.02x          16.9x / 9.42x / 0.01x
+    uniform  10M  label (10 %)     1.01x / 1.03x / 0.55x / 0.03x          2.28x / 2.41x / 0.02x
+    uniform  10M  split (50 %)     1.23x / 1.17x / 0.30x / 0.08x          0.93x / 0.75x / 0.04x
 
-Parity held in every row. At 10M a single query of the unfiltered scan takes 1.8-2.9 ms on this
+Parity held in every row. At 10M a single query of the unfiltered scan takes 2.0-3.3 ms on this
 machine (5.9-8.0 ms on a 2-core EPYC without AVX-512). Between identical runs a cell moves by up
-to about 10 % (the duch and +f rows of one row filter differ only by its 0.1 ms build).
+to about 20 % (the duch and +f rows of one row filter differ only by its 0.1 ms build; the
+``scenes`` date row measured 10.3x / 10.8x in the run before).
 ``duch_core.filters.build_candidates`` gives one of three forms (the ``note`` of the ``duch``
 row): positions where an index (the grid, the time order) or the exact count of the row
 classes says few rows pass; a row range where the index is in time order and the filter is a
 datetime range (the ``scenes`` date row: 100k rows found by binary search in microseconds and
-scanned in place, 10.8x faster than the scan, filter included); and otherwise a row filter
-whose tests the kernel applies inside the scan, only to rows close enough to enter the top-k
-(the threshold is the exact k-th distance among the rows that passed so far), and only in the
-zones of 256 rows whose summaries (``duch_core.zone_maps``) say a row may pass. In the
-``chips`` layout the label filter leaves 10 % of the zones, and the search is 5.4x faster than
-the scan, filter included. Where a label is drawn per row (``scenes``, ``uniform``) every zone
-holds every label and all rows are scanned: 0.91-0.98x for a single query; a batch of 32 turns
-the row filter into positions first (one pass over the class column on all threads, 15 ms at
-10M) and gathers them: 0.79-1.17x. Rows of a 1 % time range spread at random (``chips``,
-``uniform``) come from the time order and are put in row order through a bitset (1.0 ms for
-100k rows): 1.0-1.35x of the scan for a single query, filter included, while merely reading
-those rows' codes (``read``) is 2.0-2.9x; the 10x of the ``scenes`` layout needs the rows
-together, as the jobs write them. Memory at 10M: 8.00 bytes per code for duch and faiss,
-resident growth 76.3 MB each (1.00x the codes); the metadata with its indexes and zone maps
-takes 50-62 bytes per row.
+scanned in place); and otherwise a row filter whose tests the kernel applies inside the scan,
+only to rows close enough to enter the top-k (the threshold is the exact k-th distance among
+the rows that passed so far), and only in the zones of 256 rows whose summaries
+(``duch_core.zone_maps``) say a row may pass. In the ``chips`` layout the label filter leaves
+10 % of the zones, and the search is 6x faster than the scan, filter included. Where a label is
+drawn per row (``scenes``, ``uniform``) every zone holds every label and all rows are scanned:
+0.93-1.03x for a single query; a batch of 32 turns the filter into positions first, taken from
+the rows grouped by class (no pass over the rows), and gathers them: 2.2-2.4x. Rows of a 1 %
+time range spread at random (``chips``, ``uniform``) come from the time order and are put in
+row order through a bitset (1.0 ms for 100k rows): 1.2-1.35x of the scan for a single query,
+filter included, where merely reading those rows' codes (``read``) is 2.9-3.0x; the 10x of
+the ``scenes`` layout needs the rows together, as the jobs write them. Memory at 10M: 8.00
+bytes per code for duch and faiss, resident growth 76.3 MB each (1.00x the codes); the metadata
+with its indexes, zone maps and class row lists takes 54-66 bytes per row.
 """
 
 from __future__ import annotations
