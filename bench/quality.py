@@ -546,7 +546,8 @@ def lead_table(
                     - by[(base, ds, b, s)]["map"][ties][form][d]
                     for s in seeds
                 ]
-                cells.append(f"{np.mean(diffs):+.3f}" if diffs else "")
+                lead = round(float(np.mean(diffs)), 3) + 0.0 if diffs else None  # no "-0.000"
+                cells.append("" if lead is None else f"{lead:+.3f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
