@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from duch_core.hamming_topk import RowFilter
-from duch_core.item_metadata import NAT_US, ItemMetadata, _ascending, instant_us
+from duch_core.hamming_topk import RowFilter, ascending_positions
+from duch_core.item_metadata import NAT_US, ItemMetadata, instant_us
 
 __all__ = [
     "FILTER_KEYS",
@@ -89,7 +89,7 @@ def _index_rows(
     if meta.time_sorted:
         return np.arange(arg[0], arg[1], dtype=np.int64), "datetime"
     if meta.time_order is not None:
-        return _ascending(meta.time_order[0][arg[0] : arg[1]]), "datetime"
+        return ascending_positions(meta.time_order[0][arg[0] : arg[1]]), "datetime"
     return None, None
 
 
@@ -426,13 +426,7 @@ def build_candidates(meta: ItemMetadata, spec: Any) -> RowFilter | np.ndarray | 
         zones=zones,
         zone_shift=meta.zones.shift if meta.zones is not None else 8,
         zone_fraction=in_zones / (hi - lo),
-        class_rows=(
-            (meta.class_rows, meta.class_starts)
-            if class_ok is not None
-            and meta.class_rows is not None
-            and meta.class_starts is not None
-            else None
-        ),
+        class_rows=meta.class_lists if class_ok is not None else None,
     )
 
 

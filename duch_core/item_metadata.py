@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from duch_core import zone_maps
+from duch_core.hamming_topk import ascending_positions
 from duch_core.zone_maps import ZoneMaps
 
 __all__ = [
@@ -101,6 +102,14 @@ class ItemMetadata:
     # per zone of 256 consecutive rows, what its rows hold (with the indexes): a filter's scan
     # then passes over the zones where no row can pass
     zones: ZoneMaps | None = None
+
+    @property
+    def class_lists(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(class_rows, class_starts)`` as :class:`~duch_core.hamming_topk.RowFilter` takes
+        them, or ``None`` without them."""
+        if self.class_rows is None or self.class_starts is None:
+            return None
+        return self.class_rows, self.class_starts
 
     @classmethod
     def from_columns(
@@ -342,7 +351,7 @@ class _Grid:
     def rows_near(self, box: tuple[float, float, float, float]) -> np.ndarray:
         """Ascending rows that may intersect ``box`` (a superset: check them)."""
         parts = [self.rows[a:b] for a, b in self._slices(box)] + [self.loose]
-        return _ascending(np.concatenate(parts))
+        return ascending_positions(np.concatenate(parts))
 
 
 def _writeable(a: np.ndarray) -> np.ndarray:
@@ -395,14 +404,6 @@ def _classes(
         rest, digit = np.divmod(rest, sizes[c] + 1)
         codes[:, c] = digit - 1
     return classes, codes, counts.astype(np.int64)
-
-
-def _ascending(rows: np.ndarray) -> np.ndarray:
-    """``rows`` (distinct) sorted, as int64; rows in order already (an index in time order
-    gives a time slice that is) are only checked, which costs a tenth of sorting them."""
-    from duch_core.hamming_topk import ascending_positions
-
-    return ascending_positions(rows)
 
 
 def _to_numpy(col: Any) -> np.ndarray:
