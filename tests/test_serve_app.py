@@ -238,12 +238,14 @@ class Service:
 def service(artifacts: Artifacts) -> Any:
     from ray import serve
 
-    from deploy.app import AppArgs, compose
+    from deploy.app import CONTROLLER_OPTIONS, AppArgs, compose
     from deploy.endpoints import ingress_urls
 
     colocated = artifacts.layout == "colocated"
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(
+        http_options={"host": "127.0.0.1", "port": port}, controller_options=CONTROLLER_OPTIONS
+    )
     args = AppArgs(
         index_root=artifacts.index_root,
         bundle_uri=artifacts.bundle_uri,

@@ -154,13 +154,15 @@ class MapService:
 def service(ray_session, tmp_path_factory) -> Any:  # noqa: ARG001
     from ray import serve
 
-    from deploy.app import AppArgs, compose
+    from deploy.app import CONTROLLER_OPTIONS, AppArgs, compose
 
     t0 = time.monotonic()
     bundle, root, items = build_index(tmp_path_factory.mktemp("map"))
     t_index = time.monotonic() - t0
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(
+        http_options={"host": "127.0.0.1", "port": port}, controller_options=CONTROLLER_OPTIONS
+    )
     args = AppArgs(
         index_root=root,
         bundle_uri=bundle,

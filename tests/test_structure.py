@@ -63,3 +63,30 @@ def test_no_sys_path_manipulation_in_project_code():
         if "sys.path.insert" in p.read_text() or "sys.path.append" in p.read_text()
     ]
     assert offenders == []
+
+
+def _serve_start_calls(path: Path) -> list[ast.Call]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    return [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "start"
+        and isinstance(node.func.value, ast.Name)
+        and node.func.value.id == "serve"
+    ]
+
+
+def test_every_serve_start_gives_the_controller_its_proxy_timeouts():
+    """Serve kills a proxy that is not ready within 5 s; on a busy machine serve.start() then
+    fails. Every place that starts Serve passes the app's controller options."""
+    files = [p for d in ("jobs", "deploy", "bench", "tests") for p in (REPO / d).rglob("*.py")]
+    calls = [(p, c) for p in files for c in _serve_start_calls(p)]
+    assert len(calls) >= 5  # the demo, the benchmark and the Serve test fixtures
+    missing = [
+        f"{p.relative_to(REPO)}:{c.lineno}"
+        for p, c in calls
+        if "controller_options" not in {k.arg for k in c.keywords}
+    ]
+    assert not missing, f"serve.start() without controller_options: {missing}"
