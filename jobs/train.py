@@ -156,6 +156,7 @@ def train_func(config: dict[str, Any]) -> None:
         combine_records,
         evaluate,
         make_model,
+        make_queue,
         train_epoch,
     )
 
@@ -171,12 +172,15 @@ def train_func(config: dict[str, Any]) -> None:
     model = make_model(int(config["image_dim"]), int(config["text_dim"]), cfg).to(device)
     opt_hash, opt_disc = make_optimizers(model, cfg.optim)
     table = CodeTable(config["train_ids"], cfg.model.bits, seed=cfg.optim.seed)
+    queue = make_queue(cfg)
     history: list[dict[str, float]] = []
     start = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            history, start = ckpt.restore(ckpt.load_state(d), model, opt_hash, opt_disc, table)
+            history, start = ckpt.restore(
+                ckpt.load_state(d), model, opt_hash, opt_disc, table, queue
+            )
     else:
         torch.manual_seed(cfg.optim.seed)
     if collective is not None:
@@ -205,7 +209,16 @@ def train_func(config: dict[str, Any]) -> None:
                 batches, epoch, rank, world, int(config["fail_at_epoch"]), config["fault_marker"]
             )
         rec = train_epoch(
-            model, batches, opt_hash, opt_disc, table, cfg, epoch, gather=collective, device=device
+            model,
+            batches,
+            opt_hash,
+            opt_disc,
+            table,
+            cfg,
+            epoch,
+            gather=collective,
+            device=device,
+            queue=queue,
         )
         rec["next_lr"] = step_lr(opt_hash, epoch, cfg.optim)
         records = collective.all_gather_object(rec) if collective is not None else [rec]
@@ -228,6 +241,7 @@ def train_func(config: dict[str, Any]) -> None:
                     config["stats"],
                     int(config["image_dim"]),
                     int(config["text_dim"]),
+                    queue,
                 )
                 ckpt.save_state(tmp, state, config["job_config"])
                 ray.train.report(

@@ -247,13 +247,14 @@ def test_quantization_shape_mismatch() -> None:
 
 
 def ref_duch(hv1, hv2, ht1, ht2, b, disc, cfg: LossConfig, paper_compat: bool) -> float:  # noqa: ANN001
-    nt = ref_nt_xent_published if paper_compat else ref_nt_xent
+    published_nt = paper_compat or cfg.contrast == "published"
+    nt = ref_nt_xent_published if published_nt else ref_nt_xent
     l_c = (
         cfg.w_inter * nt(hv1, ht1, cfg.tau)
         + cfg.w_intra_image * nt(hv1, hv2, cfg.tau)
         + cfg.w_intra_text * nt(ht1, ht2, cfg.tau)
     )
-    adv_codes = [ht1, ht2] if paper_compat else [hv1, hv2]
+    adv_codes = [ht1, ht2] if paper_compat or cfg.generator == "text" else [hv1, hv2]
     l_adv = sum(-_logsig(logit(disc, r)) for h in adv_codes for r in rows(h))
     hs = [hv1, hv2, ht1, ht2]
     return (
@@ -265,10 +266,27 @@ def ref_duch(hv1, hv2, ht1, ht2, b, disc, cfg: LossConfig, paper_compat: bool) -
 
 
 @pytest.mark.parametrize("n", [1, 3, 8])
-@pytest.mark.parametrize("paper_compat", [False, True])
+@pytest.mark.parametrize(
+    ("paper_compat", "contrast", "generator"),
+    [
+        (False, "exact", "image"),
+        (True, "exact", "image"),  # paper_compat overrides the switches
+        (False, "published", "image"),
+        (False, "exact", "text"),
+    ],
+)
 @pytest.mark.parametrize("tau", [1.0, 0.3])
-def test_duch_loss_matches_reference(n: int, paper_compat: bool, tau: float) -> None:
-    cfg = LossConfig(tau=tau, w_inter=1.0, w_intra_image=0.7, w_intra_text=0.4)
+def test_duch_loss_matches_reference(
+    n: int, paper_compat: bool, contrast: str, generator: str, tau: float
+) -> None:
+    cfg = LossConfig(
+        tau=tau,
+        w_inter=1.0,
+        w_intra_image=0.7,
+        w_intra_text=0.4,
+        contrast=contrast,
+        generator=generator,
+    )
     disc = eval_disc(16, seed=4)
     hv1, hv2, ht1, ht2 = (codes(n, 16, 70 + i) for i in range(4))
     b = torch.where(codes(n, 16, 80) >= 0, 1.0, -1.0).double()
@@ -329,14 +347,21 @@ def _grad_norm(module: torch.nn.Module) -> float:
 
 
 @pytest.mark.parametrize(
-    ("paper_compat", "image_grad", "text_grad"), [(False, True, False), (True, False, True)]
+    ("paper_compat", "generator", "image_grad", "text_grad"),
+    [
+        (False, "image", True, False),
+        (True, "image", False, True),
+        (False, "text", False, True),
+    ],
 )
 def test_generator_term_reaches_the_right_head(
-    paper_compat: bool, image_grad: bool, text_grad: bool
+    paper_compat: bool, generator: str, image_grad: bool, text_grad: bool
 ) -> None:
     model = _model()
     hv1, hv2, ht1, ht2 = _forward(model)
-    only_adv = LossConfig(w_inter=0, w_intra_image=0, w_intra_text=0, alpha=1, beta=0, gamma=0)
+    only_adv = LossConfig(
+        w_inter=0, w_intra_image=0, w_intra_text=0, alpha=1, beta=0, gamma=0, generator=generator
+    )
     b = torch.ones_like(hv1)
     total, parts = duch_loss(hv1, hv2, ht1, ht2, b, model.discriminator, only_adv, paper_compat)
     assert float(total) == pytest.approx(float(parts["adversarial"]))

@@ -198,3 +198,40 @@ def test_report_tables_the_results_file_with_leads_over_the_published_behaviour(
         quality.main(["--report"])
     with pytest.raises(SystemExit, match="--data"):
         quality.main(["--results", str(results)])
+
+
+def test_view_normalisation_train_statistics_or_each_matrix_whole():
+    rng = np.random.default_rng(0)
+    views = {
+        "img": rng.normal(3.0, 2.0, (40, 6)).astype(np.float32),
+        "img_aug": rng.normal(5.0, 4.0, (40, 6)).astype(np.float32),
+        "txt": rng.normal(-1.0, 0.5, (40, 4)).astype(np.float32),
+        "txt_aug": rng.normal(0.0, 1.5, (40, 4)).astype(np.float32),
+    }
+    train = np.arange(0, 40, 2)
+    whole = quality.normalise_views(views, train, "all")
+    for v, x in whole.items():  # every matrix over all of its rows
+        assert abs(float(x.mean())) < 1e-5 and float(x.std()) == pytest.approx(1.0, abs=1e-5), v
+    fitted = quality.normalise_views(views, train, "train")
+    for mod in ("img", "txt"):  # one mean/sd per modality, from the training rows of the view
+        x = views[mod][train].astype(np.float64)
+        for v in (mod, f"{mod}_aug"):
+            want = (views[v] - x.mean()) / x.std()
+            np.testing.assert_allclose(fitted[v], want, rtol=1e-5, atol=1e-5)
+    assert float(fitted["img_aug"].mean()) > 0.5  # the augmented view keeps its own offset
+    assert quality.normalise_views(views, train, "none")["txt"] is views["txt"]
+    with pytest.raises(ValueError, match="zscore"):
+        quality.normalise_views(views, train, "global")
+
+
+def test_variant_overrides_split_into_bench_options_and_config():
+    opts, rest = quality.bench_options(["bench.zscore=all", "loss.tau=0.5"])
+    assert opts == {"bench.zscore": "all"} and rest == ["loss.tau=0.5"]
+    assert quality.bench_options([])[0] == {"bench.zscore": "train"}
+    with pytest.raises(SystemExit, match="bench keys"):
+        quality.bench_options(["bench.zscore=global"])
+    cfg = quality.variant_config(32, 43, 5, quality.VARIANTS["abl_text_generator"])
+    assert (cfg.model.bits, cfg.optim.seed, cfg.optim.epochs) == (32, 43, 5)
+    assert cfg.loss.generator == "text" and not cfg.paper_compat
+    for name in ("abl_nt_xent", "abl_same_caption", "abl_zscore_all"):
+        quality.variant_config(16, 42, 1, quality.VARIANTS[name])  # every preset loads

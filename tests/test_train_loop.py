@@ -566,12 +566,19 @@ def _text_inputs(cfg: DUCHConfig) -> tuple[list[torch.Tensor], FeatureBatch]:
     return seen, batch
 
 
-def test_paper_compat_uses_the_caption_twice() -> None:
-    seen, batch = _text_inputs(_small_cfg(paper_compat=True))
+@pytest.mark.parametrize("switch", ["paper_compat", "loss.text_pair"])
+def test_paper_compat_uses_the_caption_twice(switch: str) -> None:
+    same = (
+        _small_cfg(paper_compat=True)
+        if switch == "paper_compat"
+        else _small_cfg(loss=LossConfig(text_pair="same"))
+    )
+    assert same.same_caption_twice
+    seen, batch = _text_inputs(same)
     assert len(seen) == 1 and torch.equal(seen[0], batch.txt)  # one product serves both
     # the augmented caption is never read: garbage there changes nothing
     ids, mats = _feats(16)
-    cfg = _small_cfg(paper_compat=True)
+    cfg = same
     clean = make_batches(ids, *mats, 8, seed=0, epoch=0)
     nan = [dataclasses.replace(b, txt_aug=torch.full_like(b.txt_aug, math.nan)) for b in clean]
     (m1, t1, r1), (m2, t2, r2) = _epoch(cfg, clean, ids), _epoch(cfg, nan, ids)
