@@ -16,6 +16,7 @@ import torch
 
 from duch_core.code_table import CodeTable
 from duch_core.config import DUCHConfig
+from duch_core.ema import HeadAverage
 from duch_core.model import DUCH
 from duch_core.negatives import NegativeQueue
 from duch_core.train_loop import make_model
@@ -35,9 +36,11 @@ def training_state(
     image_dim: int,
     text_dim: int,
     queue: NegativeQueue | None = None,
+    average: HeadAverage | None = None,
 ) -> dict[str, Any]:
     """The state after epoch ``epoch`` (0-based) has finished, tensors on the CPU."""
     return {
+        "average": average.state() if average is not None else None,
         "queue": queue.state() if queue is not None else None,
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "opt_hash": opt_hash.state_dict(),
@@ -71,8 +74,10 @@ def restore(
     opt_disc: torch.optim.Optimizer,
     table: CodeTable,
     queue: NegativeQueue | None = None,
+    average: HeadAverage | None = None,
 ) -> tuple[list[dict[str, float]], int]:
-    """Load ``state`` into the training objects (the negative queue too) and torch's RNG.
+    """Load ``state`` into the training objects (the negative queue and the heads' moving
+    average too) and torch's RNG.
 
     Returns:
         ``(history, next_epoch)``: the epochs done so far and the epoch to run next.
@@ -85,12 +90,21 @@ def restore(
         if state.get("queue") is None:
             raise ValueError("the checkpoint has no negative queue, the config asks for one")
         queue.load_state(state["queue"])
+    if average is not None:
+        if state.get("average") is None:
+            raise ValueError("the checkpoint has no moving average, the config asks for one")
+        average.load_state(state["average"])
     torch.set_rng_state(state["rng"])
     return list(state["history"]), int(state["epoch"]) + 1
 
 
 def model_from_state(state: dict[str, Any], cfg: DUCHConfig) -> DUCH:
-    """The heads stored in a checkpoint state (eval mode, CPU)."""
+    """The heads stored in a checkpoint state (eval mode, CPU): the moving average of the
+    heads when the run kept one (``optim.ema_decay``), else the trained weights."""
     model = make_model(int(state["image_dim"]), int(state["text_dim"]), cfg)
     model.load_state_dict(state["model"])
+    if state.get("average") is not None:
+        average = HeadAverage(model, state["average"]["decay"])
+        average.load_state(state["average"])
+        average.copy_to(model)
     return model.eval()

@@ -155,6 +155,14 @@ class OptimConfig:
     lr_decay_factor: float = 0.8
     min_lr: float = 1e-6
     seed: int = 42
+    # > 0: evaluate and export a moving average of the heads' weights (duch_core.ema)
+    ema_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(
+                f"optim.ema_decay: expected 0 (off) or a decay in (0, 1), got {self.ema_decay}"
+            )
 
 
 @dataclass(frozen=True)

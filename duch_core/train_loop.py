@@ -40,6 +40,7 @@ from duch_core.distributed import (
     gather_with_grad,
     sync_gradients,
 )
+from duch_core.ema import HeadAverage
 from duch_core.feature_batches import ArrayLike, FeatureBatch, Modality, as_feature_matrix
 from duch_core.losses import adversarial_discriminator_loss, duch_loss
 from duch_core.model import DUCH
@@ -55,6 +56,7 @@ __all__ = [
     "epoch_line",
     "evaluate",
     "fit",
+    "make_average",
     "make_model",
     "make_queue",
     "train_epoch",
@@ -96,6 +98,7 @@ def train_epoch(
     device: str | torch.device = "cpu",
     reference: bool = False,
     queue: NegativeQueue | None = None,
+    average: HeadAverage | None = None,
 ) -> dict[str, float]:
     """One epoch over ``batches``; refreshes ``table`` at the end.
 
@@ -119,6 +122,7 @@ def train_epoch(
             text head (the straightforward form the fast path is tested against; same results).
         queue: the codes of recent batches as extra negatives (``loss.queue_size``; kept by the
             caller across epochs); each batch's image and caption codes join it after its step.
+        average: the heads' moving average (``optim.ema_decay``), updated after each step.
 
     Returns:
         Means over the batches of the loss parts (``total``, ``contrastive``, ``inter``,
@@ -197,6 +201,8 @@ def train_epoch(
         if gather is not None:
             sync_gradients(model.hash_parameters(), gather, average=False)
         opt_hash.step()
+        if average is not None:
+            average.update(model)
 
         table.record(batch.ids, h_v1.detach(), h_v2.detach(), h_t1.detach(), h_t2.detach())
         if queue is not None and rows is not None:
@@ -224,6 +230,11 @@ def train_epoch(
         seconds=time.perf_counter() - t0,
     )
     return out
+
+
+def make_average(model: DUCH, cfg: DUCHConfig) -> HeadAverage | None:
+    """The heads' moving average ``optim.ema_decay`` asks for (``None`` when 0)."""
+    return HeadAverage(model, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
 
 
 def make_queue(cfg: DUCHConfig) -> NegativeQueue | None:
@@ -416,6 +427,9 @@ def fit(
 ) -> list[dict[str, float]]:
     """Train for ``cfg.optim.epochs`` epochs in one process; deterministic under the seeds.
 
+    With ``optim.ema_decay`` the evaluations score the heads' moving average, and ``model``
+    ends the run holding it.
+
     Args:
         model: from :func:`make_model`; moved to ``device``.
         train_batches_fn: ``epoch -> batches`` (e.g. ``lambda e: make_batches(..., epoch=e)``).
@@ -438,6 +452,7 @@ def fit(
     opt_hash, opt_disc = make_optimizers(model, cfg.optim, reference=reference)
     table = CodeTable(train_ids, cfg.model.bits, seed=cfg.optim.seed)
     queue = make_queue(cfg)
+    average = make_average(model, cfg)
     history: list[dict[str, float]] = []
     epochs = cfg.optim.epochs
     for epoch in range(epochs):
@@ -452,15 +467,19 @@ def fit(
             device=device,
             reference=reference,
             queue=queue,
+            average=average,
         )
         rec["next_lr"] = step_lr(opt_hash, epoch, cfg.optim)
         last = epoch == epochs - 1
         due = eval_every > 0 and (epoch + 1) % eval_every == 0
         if query is not None and database is not None and (last or due):
-            for key, v in evaluate(model, query, database, k).items():
+            scored = average.averaged(model) if average is not None else model
+            for key, v in evaluate(scored, query, database, k).items():
                 rec[f"map_{key}"] = v
         history.append(rec)
         log.info("%s", epoch_line(rec, epochs, k))
         if on_epoch is not None:
             on_epoch(rec)
+    if average is not None:
+        average.copy_to(model)
     return history

@@ -155,6 +155,7 @@ def train_func(config: dict[str, Any]) -> None:
         RetrievalSet,
         combine_records,
         evaluate,
+        make_average,
         make_model,
         make_queue,
         train_epoch,
@@ -173,13 +174,14 @@ def train_func(config: dict[str, Any]) -> None:
     opt_hash, opt_disc = make_optimizers(model, cfg.optim)
     table = CodeTable(config["train_ids"], cfg.model.bits, seed=cfg.optim.seed)
     queue = make_queue(cfg)
+    average = make_average(model, cfg)
     history: list[dict[str, float]] = []
     start = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             history, start = ckpt.restore(
-                ckpt.load_state(d), model, opt_hash, opt_disc, table, queue
+                ckpt.load_state(d), model, opt_hash, opt_disc, table, queue, average
             )
     else:
         torch.manual_seed(cfg.optim.seed)
@@ -219,6 +221,7 @@ def train_func(config: dict[str, Any]) -> None:
             gather=collective,
             device=device,
             queue=queue,
+            average=average,
         )
         rec["next_lr"] = step_lr(opt_hash, epoch, cfg.optim)
         records = collective.all_gather_object(rec) if collective is not None else [rec]
@@ -226,7 +229,8 @@ def train_func(config: dict[str, Any]) -> None:
         merged["epoch"] = float(epoch)
         merged["resumed_from"] = float(start)  # first epoch of this attempt (0 = fresh start)
         if val is not None and (epoch + 1) % eval_every == 0:
-            scores = evaluate(model, val[0], val[1], k=int(config["eval_k"]))
+            scored = average.averaged(model) if average is not None else model
+            scores = evaluate(scored, val[0], val[1], k=int(config["eval_k"]))
             merged.update({f"map_{key}": v for key, v in scores.items()})
         history.append(merged)
         if rank == 0:
@@ -242,6 +246,7 @@ def train_func(config: dict[str, Any]) -> None:
                     int(config["image_dim"]),
                     int(config["text_dim"]),
                     queue,
+                    average,
                 )
                 ckpt.save_state(tmp, state, config["job_config"])
                 ray.train.report(
