@@ -235,3 +235,24 @@ def test_variant_overrides_split_into_bench_options_and_config():
     assert cfg.loss.generator == "text" and not cfg.paper_compat
     for name in ("abl_nt_xent", "abl_same_caption", "abl_zscore_all"):
         quality.variant_config(16, 42, 1, quality.VARIANTS[name])  # every preset loads
+
+
+def test_config_digest_follows_the_resolved_config_not_the_variant_name():
+    from duch_core.config import DUCHConfig
+
+    spelled = (f"loss.tau={DUCHConfig().loss.tau}",)  # the default, spelled out
+    changed = (f"loss.tau={DUCHConfig().loss.tau / 2}",)
+    base = quality.variant_config(64, 42, 100, ())
+    same = quality.variant_config(64, 42, 100, spelled)
+    other = quality.variant_config(64, 42, 100, changed)
+    assert quality.config_sha(base, ()) == quality.config_sha(same, spelled)
+    assert quality.config_sha(base, ()) != quality.config_sha(other, changed)
+    assert quality.config_sha(base, ()) != quality.config_sha(base, ("bench.zscore=all",))
+    # a record measured under another config is not the same run for --resume
+    rec = {
+        "dataset": "ucm", "files": "f", "scenes": 10, "bits": 64, "seed": 42, "variant": "duch",
+        "overrides": [], "epochs": 100, "split_mode": "reference", "text_encoder": "mpnet",
+    }  # fmt: skip
+    old = dict(rec, config_sha=quality.config_sha(other, ()))
+    new = dict(rec, config_sha=quality.config_sha(base, ()))
+    assert quality._run_key(old) != quality._run_key(new)
