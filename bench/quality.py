@@ -609,9 +609,26 @@ def lead_table(
     return "\n".join(lines)
 
 
+def distinct_configs(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``records`` with ``@`` and the config digest appended to the variant of every record
+    whose variant name was run under more than one config."""
+    shas: dict[str, set[Any]] = {}
+    for r in records:
+        shas.setdefault(r["variant"], set()).add(r.get("config_sha"))
+    return [
+        dict(r, variant=f"{r['variant']}@{str(r.get('config_sha'))[:6]}")
+        if len(shas[r["variant"]]) > 1
+        else r
+        for r in records
+    ]
+
+
 def report(records: Sequence[dict[str, Any]]) -> str:
     """Every table of ``records``: per tie order (and asymmetric ranking) the mAP table, then
-    the leads over ``paper_compat`` when it was run."""
+    the leads over ``paper_compat`` when it was run. A variant name measured under more than
+    one config (a default changed between runs) is split into one row per config,
+    ``name@digest``."""
+    records = distinct_configs(records)
     out = []
     groups = [(ties, f"Hamming ties by {ties}", list(records)) for ties in TIES]
     asym = [r for r in records if "asymmetric" in r["map"]]

@@ -256,3 +256,14 @@ def test_config_digest_follows_the_resolved_config_not_the_variant_name():
     old = dict(rec, config_sha=quality.config_sha(other, ()))
     new = dict(rec, config_sha=quality.config_sha(base, ()))
     assert quality._run_key(old) != quality._run_key(new)
+
+
+def test_report_splits_a_variant_run_under_two_configs():
+    a = dict(_record("duch", "ucm", 64, 42, 0.9, 0.9), config_sha="aaaaaaaaaa")
+    b = dict(_record("duch", "ucm", 64, 43, 0.5, 0.5), config_sha="bbbbbbbbbb")
+    c = dict(_record("paper_compat", "ucm", 64, 42, 0.8, 0.8), config_sha="cccccccccc")
+    out = quality.report([a, b, c])
+    assert "| duch@aaaaaa |" in out and "| duch@bbbbbb |" in out and "| duch |" not in out
+    assert "| paper_compat |" in out
+    same = quality.report([a, dict(b, config_sha="aaaaaaaaaa"), c])
+    assert "| duch |" in same and "duch@" not in same
