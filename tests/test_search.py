@@ -25,6 +25,7 @@ def small_blocks(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setattr(H, "_BLOCK_BYTES", 256)
     monkeypatch.setattr(H, "_SUB_BYTES", 64)
     monkeypatch.setattr(H, "_MIN_CHUNK", 100)
+    monkeypatch.setattr(H, "_MIN_SCAN_WORK", 100)
     monkeypatch.setattr(H, "_STATE_BYTES", 20_000)
     H.set_num_threads(3)
     yield
@@ -95,7 +96,8 @@ def test_default_blocks_and_threads_large() -> None:
     """Default sizes, several chunks (N above the per-thread minimum), unsorted ids."""
     rng = np.random.default_rng(0)
     bits = 64
-    n = 2 * H._MIN_CHUNK + 1234
+    n = 2 * max(H._MIN_CHUNK, H._MIN_SCAN_WORK // 5) + 1234
+    assert H._chunk_count(2, n, 5, None) == 2
     codes = _clustered(rng, n, bits, centres=50)
     ids = rng.permutation(n).astype(np.int64)
     q = _clustered(rng, 5, bits, centres=50)
@@ -560,3 +562,19 @@ def test_mih_tables_follow_adds_and_mapped_indexes(tmp_path, mih_only: None) -> 
     mapped.enable_mih(False)
     assert mapped.mih_nbytes == 0
     np.testing.assert_array_equal(mapped.search(q, 7)[1], ri)
+
+
+def test_a_small_scan_for_one_query_stays_on_one_thread() -> None:
+    """Waking a thread costs about what one thread scans in a million rows for one query: a
+    range is split only where each thread gets that much work (rows x queries)."""
+    assert H._chunk_count(2, 100_000, 1, None) == 1  # a 1 % range of 10M rows, one query
+    assert H._chunk_count(2, 10_000_000, 1, None) == 2  # the whole database
+    assert H._chunk_count(2, 100_000, 32, None) == 2  # a batch gives each row more work
+    assert H._chunk_count(2, 10_000, 1000, None) == 1  # never under _MIN_CHUNK rows a thread
+    runs = np.arange(200_000, dtype=np.int64)  # candidates in runs: scanned in place
+    assert (
+        H._chunk_count(2, runs.size, 1, runs) == 1 and H._chunk_count(2, runs.size, 64, runs) == 1
+    )
+    assert H._chunk_count(2, 2_000_000, 64, np.arange(2_000_000, dtype=np.int64)) == 2
+    scattered = np.arange(0, 4_000_000, 40, dtype=np.int64)  # gathered: its own minimum
+    assert H._chunk_count(2, scattered.size, 1, scattered) == 2

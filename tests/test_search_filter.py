@@ -35,6 +35,7 @@ def small_blocks(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setattr(H, "_BLOCK_BYTES", 256)
     monkeypatch.setattr(H, "_SUB_BYTES", 64)
     monkeypatch.setattr(H, "_MIN_CHUNK", 100)
+    monkeypatch.setattr(H, "_MIN_SCAN_WORK", 100)
     monkeypatch.setattr(H, "_MIN_GATHER_CHUNK", 40)
     monkeypatch.setattr(H, "_MIN_RUN_CHUNK", 60)
     monkeypatch.setattr(H, "_STATE_BYTES", 20_000)

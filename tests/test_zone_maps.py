@@ -38,6 +38,7 @@ def small_zones(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setattr(H, "_BLOCK_BYTES", 256)
     monkeypatch.setattr(H, "_SUB_BYTES", 64)
     monkeypatch.setattr(H, "_MIN_CHUNK", 100)
+    monkeypatch.setattr(H, "_MIN_SCAN_WORK", 100)
     monkeypatch.setattr(H, "_STATE_BYTES", 20_000)
     H.set_num_threads(3)
     yield
