@@ -76,38 +76,41 @@ load 0.3-1.3 with the benchmark running), k = 20, ``x scan`` = our unfiltered sc
 time (``+f`` = the duch+filter row, ``read`` = the read-only row):
 
     layout   N    filter (kept)    batch 1: duch / +f / read / faiss      batch 32: duch / +f / faiss
-    chips    10M  bbox (0.094 %)   11.1x / 1.74x / 26.3x / 0.01x          46.7x / 12.6x / 0.01x
-    chips    10M  date (1 %)       3.17x / 1.21x / 2.97x / 0.02x          20.4x / 12.2x / 0.01x
-    chips    10M  label (10 %)     5.88x / 6.01x / 3.39x / 0.04x          5.61x / 5.69x / 0.03x
-    chips    10M  split (50 %)     1.22x / 1.14x / 0.33x / 0.08x          0.94x / 0.91x / 0.03x
-    scenes   10M  bbox (0.049 %)   22.2x / 4.21x / 220x / 0.01x           66.6x / 24.2x / 0.00x
-    scenes   10M  date (1 %)       7.55x / 7.60x / 22.7x / 0.01x          31.7x / 32.1x / 0.01x
-    scenes   10M  label (10 %)     0.96x / 0.93x / 0.54x / 0.03x          2.23x / 2.24x / 0.02x
-    scenes   10M  split (50 %)     1.11x / 1.13x / 0.29x / 0.08x          0.92x / 0.88x / 0.04x
-    uniform  10M  bbox (0.094 %)   10.5x / 1.62x / 24.6x / 0.01x          46.0x / 12.6x / 0.01x
-    uniform  10M  date (1 %)       3.30x / 1.35x / 2.90x / 0.02x          16.9x / 9.42x / 0.01x
-    uniform  10M  label (10 %)     1.01x / 1.03x / 0.55x / 0.03x          2.28x / 2.41x / 0.02x
-    uniform  10M  split (50 %)     1.23x / 1.17x / 0.30x / 0.08x          0.93x / 0.75x / 0.04x
+    chips    10M  bbox (0.094 %)   10.6x / 1.62x / 25.1x / 0.01x          55.0x / 14.5x / 0.01x
+    chips    10M  date (1 %)       3.16x / 1.38x / 3.03x / 0.02x          22.7x / 12.7x / 0.02x
+    chips    10M  label (10 %)     5.47x / 5.49x / 3.45x / 0.04x          4.28x / 4.10x / 0.03x
+    chips    10M  split (50 %)     1.17x / 1.18x / 0.29x / 0.08x          0.90x / 0.78x / 0.04x
+    scenes   10M  bbox (0.049 %)   19.8x / 3.83x / 218x / 0.01x           69.8x / 26.0x / 0.00x
+    scenes   10M  date (1 %)       17.8x / 19.2x / 24.7x / 0.01x          33.9x / 33.9x / 0.01x
+    scenes   10M  label (10 %)     0.94x / 0.88x / 0.49x / 0.02x          2.61x / 2.62x / 0.02x
+    scenes   10M  split (50 %)     1.07x / 1.04x / 0.30x / 0.08x          0.94x / 0.96x / 0.05x
+    uniform  10M  bbox (0.094 %)   10.3x / 1.69x / 23.4x / 0.01x          58.5x / 16.3x / 0.01x
+    uniform  10M  date (1 %)       3.04x / 1.47x / 3.51x / 0.02x          18.1x / 10.3x / 0.01x
+    uniform  10M  label (10 %)     0.88x / 0.87x / 0.55x / 0.03x          2.78x / 3.22x / 0.02x
+    uniform  10M  split (50 %)     1.17x / 1.17x / 0.33x / 0.09x          0.97x / 0.97x / 0.04x
 
 Parity held in every row. At 10M a single query of the unfiltered scan takes 2.0-3.3 ms on this
 machine (5.9-8.0 ms on a 2-core EPYC without AVX-512). Between identical runs a cell moves by up
 to about 20 % (the duch and +f rows of one row filter differ only by its 0.1 ms build; the
-``scenes`` date row measured 10.3x / 10.8x in the run before).
+label rows of ``scenes`` and ``uniform``, where every row is scanned, measured 0.93-1.03x in
+the run before).
 ``duch_core.filters.build_candidates`` gives one of three forms (the ``note`` of the ``duch``
 row): positions where an index (the grid, the time order) or the exact count of the row
 classes says few rows pass; a row range where the index is in time order and the filter is a
 datetime range (the ``scenes`` date row: 100k rows found by binary search in microseconds and
-scanned in place); and otherwise a row filter whose tests the kernel applies inside the scan,
-only to rows close enough to enter the top-k (the threshold is the exact k-th distance among
-the rows that passed so far), and only in the zones of 256 rows whose summaries
+scanned in place, on one thread, since waking a second would cost three times the scan: 19x of
+the scan, against 7.6-10.8x when the range was split across two threads); and otherwise a
+row filter whose tests the kernel applies inside the scan, only to rows close enough to enter
+the top-k (the threshold is the exact k-th distance among the rows that passed so far), and
+only in the zones of 256 rows whose summaries
 (``duch_core.zone_maps``) say a row may pass. In the ``chips`` layout the label filter leaves
-10 % of the zones, and the search is 6x faster than the scan, filter included. Where a label is
+10 % of the zones, and the search is 5.5x faster than the scan, filter included. Where a label is
 drawn per row (``scenes``, ``uniform``) every zone holds every label and all rows are scanned:
-0.93-1.03x for a single query; a batch of 32 turns the filter into positions first, taken from
-the rows grouped by class (no pass over the rows), and gathers them: 2.2-2.4x. Rows of a 1 %
+0.87-1.03x for a single query; a batch of 32 turns the filter into positions first, taken from
+the rows grouped by class (no pass over the rows), and gathers them: 2.2-3.2x. Rows of a 1 %
 time range spread at random (``chips``, ``uniform``) come from the time order and are put in
-row order through a bitset (1.0 ms for 100k rows): 1.2-1.35x of the scan for a single query,
-filter included, where merely reading those rows' codes (``read``) is 2.9-3.0x; the 10x of
+row order through a bitset (1.0 ms for 100k rows): 1.2-1.5x of the scan for a single query,
+filter included, where merely reading those rows' codes (``read``) is 2.9-3.5x; the 10x of
 the ``scenes`` layout needs the rows together, as the jobs write them. Memory at 10M: 8.00
 bytes per code for duch and faiss, resident growth 76.3 MB each (1.00x the codes); the metadata
 with its indexes, zone maps and class row lists takes 54-66 bytes per row.
