@@ -1,9 +1,10 @@
 """Training checkpoints: everything needed to continue a run exactly where it stopped.
 
 A checkpoint directory holds ``state.pt`` (heads, both optimizers, the code table, epoch,
-history, feature statistics, feature dimensions, the negative queue, torch RNG state) and ``config.json`` (the
-resolved job config). Ray Train moves the directory to and from storage; this module only reads
-and writes it.
+history, feature statistics, feature dimensions, the negative queue and the heads' moving
+average when the config keeps them, torch RNG state) and ``config.json`` (the resolved job
+config). Ray Train moves the directory to and from storage; this module only reads and writes
+it.
 """
 
 from __future__ import annotations
