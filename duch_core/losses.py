@@ -311,15 +311,12 @@ def duch_loss(
         inter = nt_xent_published(cv1, ct1, cfg.tau)
         intra_image = nt_xent_published(cv1, cv2, cfg.tau)
         intra_text = nt_xent_published(ct1, ct2, cfg.tau)
-    elif negatives is not None:
-        q_img, q_txt = negatives
-        inter = nt_xent(cv1, ct1, cfg.tau, Negatives.join(q_img, q_txt), rows)
+    else:
+        q_img, q_txt = negatives if negatives is not None else (None, None)
+        both = Negatives.join(q_img, q_txt) if q_img is not None and q_txt is not None else None
+        inter = nt_xent(cv1, ct1, cfg.tau, both, rows)
         intra_image = nt_xent(cv1, cv2, cfg.tau, q_img, rows)
         intra_text = nt_xent(ct1, ct2, cfg.tau, q_txt, rows)
-    else:
-        inter = nt_xent(cv1, ct1, cfg.tau)
-        intra_image = nt_xent(cv1, cv2, cfg.tau)
-        intra_text = nt_xent(ct1, ct2, cfg.tau)
     l_c = cfg.w_inter * inter + cfg.w_intra_image * intra_image + cfg.w_intra_text * intra_text
     if paper_compat or cfg.generator == "text":
         l_adv = adversarial_generator_loss_published(disc, h_t1, h_t2)

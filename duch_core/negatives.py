@@ -60,7 +60,9 @@ class NegativeQueue:
         self.size = size
         self.bits = bits
         self._codes = {m: torch.zeros(size, bits) for m in ("image", "text")}
-        self._rows = {m: torch.full((size,), -1, dtype=torch.int64) for m in ("image", "text")}
+        self._rows = torch.full(
+            (size,), -1, dtype=torch.int64
+        )  # one item per slot, both modalities
         self._next = 0  # slot the next code goes to (both modalities move together)
         self._filled = 0
 
@@ -68,9 +70,7 @@ class NegativeQueue:
         """The queued codes of ``modality`` (``image`` or ``text``), oldest first."""
         n = self._filled
         order = (torch.arange(n) + (self._next - n)) % self.size
-        return Negatives(
-            self._codes[modality][order].to(device), self._rows[modality][order].to(device)
-        )
+        return Negatives(self._codes[modality][order].to(device), self._rows[order].to(device))
 
     def push(self, image: torch.Tensor, text: torch.Tensor, rows: torch.Tensor) -> None:
         """Queue one batch: ``(N, K)`` image and text codes of the items at ``rows``."""
@@ -85,7 +85,7 @@ class NegativeQueue:
         slots = (torch.arange(n) + self._next) % self.size
         for m, x in (("image", image), ("text", text)):
             self._codes[m][slots] = x[-n:].detach().to("cpu", torch.float32)
-            self._rows[m][slots] = rows[-n:].to("cpu", torch.int64)
+        self._rows[slots] = rows[-n:].to("cpu", torch.int64)
         self._next = int((self._next + n) % self.size)
         self._filled = min(self._filled + n, self.size)
 
@@ -99,7 +99,7 @@ class NegativeQueue:
             "next": self._next,
             "filled": self._filled,
             "codes": {m: t.clone() for m, t in self._codes.items()},
-            "rows": {m: t.clone() for m, t in self._rows.items()},
+            "rows": self._rows.clone(),
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -110,4 +110,4 @@ class NegativeQueue:
             )
         self._next, self._filled = int(state["next"]), int(state["filled"])
         self._codes = {m: t.clone() for m, t in state["codes"].items()}
-        self._rows = {m: t.clone() for m, t in state["rows"].items()}
+        self._rows = state["rows"].clone()

@@ -173,14 +173,13 @@ def train_epoch(
             )
         negatives = rows = None
         if queue is not None:
-            rows = table.rows(batch.ids)
-            if gather is not None:
-                rows = torch.cat(gather.all_gather(rows.to(h_v1.device))).cpu()
+            rows = table.rows(batch.ids).to(h_v1.device)
+            if gather is not None:  # the rows of the gathered codes, in the same order
+                rows = torch.cat(gather.all_gather(rows))
             negatives = (
                 queue.negatives("image", h_v1.device),
                 queue.negatives("text", h_v1.device),
             )
-            rows = rows.to(h_v1.device)
         opt_hash.zero_grad(set_to_none=True)
         loss, parts = duch_loss(
             h_v1,
