@@ -52,8 +52,8 @@ to ``--results`` (JSON lines); ``--resume`` skips runs already there.
 (``paper_compat: true``: the published code's behaviour); the ablations ``abl_nt_xent``
 (``loss.contrast: published``), ``abl_text_generator`` (``loss.generator: text``),
 ``abl_same_caption`` (``loss.text_pair: same``) and ``abl_zscore_all`` (each feature matrix
-z-scored over all its rows, test rows included, as published): the default with one of the
-published choices put back. ``--variant NAME=a.b=v;c=w`` adds one defined by config overrides
+z-scored over all its rows, test rows included, as published): the default at the paper's
+``tau = 1`` (``tau_1``) with one of the published choices put back. ``--variant NAME=a.b=v;c=w`` adds one defined by config overrides
 of :class:`duch_core.config.DUCHConfig` (and ``bench.zscore=train|all``).
 
 **Output**: one table per tie order, rows = variant, columns = dataset x bits x direction
@@ -465,9 +465,8 @@ def run_one(
 ) -> dict[str, Any]:
     """Train on the training part, evaluate queries against the database.
 
-    ``zscore`` (with ``data.feature_norm: zscore``): ``train`` fits one mean and sd per modality
-    on the training part (as the jobs); ``all`` z-scores each view matrix over all its rows (as
-    the published code).
+    ``zscore`` (with ``data.feature_norm: zscore``): how :func:`normalise_views` scales the
+    features, ``train`` or ``all``.
 
     Returns:
         ``{"map": {ties: {"djsrh" | "standard": {direction: mAP@20}}}, "epoch_s", "fit_s"}``.
