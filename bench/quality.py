@@ -391,14 +391,42 @@ def caption_features(
     return out
 
 
-def view_features(scenes: Scenes, text_encoder: str, cache: Path) -> dict[str, np.ndarray]:
-    """The four views (``img``, ``img_aug``, ``txt``, ``txt_aug``), each ``(N, D)`` float32."""
+def view_slots(aug_views: int = 1) -> dict[str, tuple[str, int]]:
+    """View name -> (tower, caption slot) with ``aug_views`` augmented views per modality.
+
+    View 0 is :data:`VIEWS` (``img_aug`` = caption 3, ``txt_aug`` = caption 4); with ``V >= 2``
+    augmented view ``v`` of the image tower is caption ``3 + v`` and of the text tower caption
+    ``3 + (v + 1) % V`` (``img_aug1``, ``txt_aug1``, ...): the two towers never see the same
+    caption in one epoch, and neither sees its tower's original caption while ``V <= 3`` on
+    five captions.
+    """
+    if aug_views < 1:
+        raise ValueError(f"aug_views must be >= 1, got {aug_views}")
+    slots = dict(VIEWS)
+    for v in range(1, aug_views):
+        slots[f"img_aug{v}"] = ("image", 3 + v)
+        slots[f"txt_aug{v}"] = ("text", 3 + (v + 1) % aug_views)
+    return slots
+
+
+def view_features(
+    scenes: Scenes, text_encoder: str, cache: Path, aug_views: int = 1
+) -> dict[str, np.ndarray]:
+    """The views of :func:`view_slots` (``img``, ``img_aug``, ``txt``, ``txt_aug``, and with
+    ``aug_views`` > 1 ``img_aug1``, ``txt_aug1``, ...), each ``(N, D)`` float32."""
     encoders = {"image": "minilm", "text": text_encoder}
+    slots = view_slots(aug_views)
     by_encoder: dict[str, list[int]] = {}
-    for tower, slot in VIEWS.values():
+    for tower, slot in slots.values():
         by_encoder.setdefault(encoders[tower], []).append(slot)
-    feats = {e: caption_features(scenes, e, slots, cache) for e, slots in by_encoder.items()}
-    return {v: feats[encoders[tower]][slot] for v, (tower, slot) in VIEWS.items()}
+    feats = {e: caption_features(scenes, e, sorted(set(s)), cache) for e, s in by_encoder.items()}
+    return {v: feats[encoders[tower]][slot] for v, (tower, slot) in slots.items()}
+
+
+def aug_view_count(cfg: Any) -> int:
+    """Augmented views per item a config trains on: ``augment.views_per_item`` when
+    ``augment.resample_each_epoch`` (epoch ``e`` trains on view ``e % V``), else 1."""
+    return cfg.augment.views_per_item if cfg.augment.resample_each_epoch else 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -486,9 +514,16 @@ def run_one(
 
     m = {v: x[tr] for v, x in mats.items()}
 
+    n_aug = aug_view_count(cfg)
+    img_aug: Any = m["img_aug"]
+    txt_aug: Any = m["txt_aug"]
+    if n_aug > 1:
+        img_aug = [m["img_aug"]] + [m[f"img_aug{v}"] for v in range(1, n_aug)]
+        txt_aug = [m["txt_aug"]] + [m[f"txt_aug{v}"] for v in range(1, n_aug)]
+
     def batches(epoch: int) -> Any:
         return make_batches(
-            train_ids, m["img"], m["img_aug"], m["txt"], m["txt_aug"],
+            train_ids, m["img"], img_aug, m["txt"], txt_aug,
             cfg.optim.batch_size, cfg.optim.seed, epoch,
         )  # fmt: skip
 
@@ -695,11 +730,16 @@ def _variants(args: argparse.Namespace) -> dict[str, tuple[str, ...]]:
 
 def config_sha(cfg: Any, overrides: Sequence[str]) -> str:
     """A digest of the resolved training config and the benchmark's own options of a run: a
-    changed default makes ``--resume`` run a variant again instead of reusing its old rows."""
+    changed default makes ``--resume`` run a variant again instead of reusing its old rows.
+
+    The run's own axes (``model.bits``, ``optim.seed``, ``optim.epochs``: columns of every
+    record) are left out, so all runs of one variant under one config share the digest."""
     from duch_core.config import to_dict
 
     opts, _ = bench_options(overrides)
-    blob = json.dumps({"config": to_dict(cfg), "bench": opts}, sort_keys=True)
+    resolved = to_dict(cfg)
+    del resolved["model"]["bits"], resolved["optim"]["seed"], resolved["optim"]["epochs"]
+    blob = json.dumps({"config": resolved, "bench": opts}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -736,9 +776,10 @@ def main(argv: list[str] | None = None) -> int:
     records: list[dict[str, Any]] = []
     from duch_core.splits import paper_split
 
+    n_aug = max(aug_view_count(variant_config(16, 42, 1, o)) for o in variants.values())
     for name in [d.strip() for d in args.datasets.split(",") if d.strip()]:
         full = load_dataset(name, args.data)
-        views_full = view_features(full, args.text_encoder, args.cache)
+        views_full = view_features(full, args.text_encoder, args.cache, n_aug)
         if args.features_only:
             continue
         scenes = full.subset(args.scenes) if args.scenes else full

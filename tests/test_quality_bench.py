@@ -161,9 +161,61 @@ def test_feature_views_use_their_caption_slots(tmp_path, monkeypatch):
     # cached: nothing is encoded again, and another file content misses the cache
     again = quality.view_features(scenes, "mpnet", tmp_path / "cache")
     assert len(loaded) == 2 and all(np.array_equal(again[v], views[v]) for v in views)
+    # three augmented views: captions 4 and 5 join, the first four views unchanged
+    more = quality.view_features(scenes, "mpnet", tmp_path / "cache", aug_views=3)
+    assert sorted(more) == sorted([*want, "img_aug1", "img_aug2", "txt_aug1", "txt_aug2"])
+    assert all(np.array_equal(more[v], views[v]) for v in views)
+    np.testing.assert_array_equal(more["img_aug2"], FakeTower(3)(scenes.caption(5)).numpy())
+    np.testing.assert_array_equal(more["txt_aug2"], FakeTower(5)(scenes.caption(3)).numpy())
+    assert len(loaded) == 4
     write_caption_json(tmp_path / "ucm_captions" / "dataset.json", per_class=2, seed=5)
     quality.view_features(quality.load_dataset("ucm", tmp_path), "mpnet", tmp_path / "cache")
-    assert len(loaded) == 4
+    assert len(loaded) == 6
+
+
+def test_resampled_augmented_views_take_further_captions_and_change_each_epoch(monkeypatch):
+    slots = quality.view_slots(3)
+    assert {v: s for v, (_, s) in slots.items()} == {
+        "img": 1, "txt": 2, "img_aug": 3, "txt_aug": 4,
+        "img_aug1": 4, "txt_aug1": 5, "img_aug2": 5, "txt_aug2": 3,
+    }  # fmt: skip
+    assert quality.view_slots(1) == quality.VIEWS
+    for v in range(3):  # never the same caption in both towers, nor a tower's own original
+        img, txt = slots["img_aug" + (str(v) if v else "")], slots["txt_aug" + (str(v) if v else "")]
+        assert img[1] != txt[1] and img[1] != 1 and txt[1] != 2
+    with pytest.raises(ValueError, match="aug_views"):
+        quality.view_slots(0)
+
+    cfg = quality.variant_config(
+        16, 42, 3, ["augment.resample_each_epoch=true", "augment.views_per_item=3"]
+    )
+    assert quality.aug_view_count(cfg) == 3
+    assert quality.aug_view_count(quality.variant_config(16, 42, 3, [])) == 1
+    # one run: epoch e trains on augmented view e % 3 of both towers
+    rng = np.random.default_rng(0)
+    n = 40
+    ids = [f"s{i}" for i in range(n)]
+    scenes = quality.Scenes("t", ids, [str(i % 4) for i in range(n)], [["c"]] * n, "d")
+    views = {v: rng.normal(size=(n, 6 if v.startswith("img") else 8)).astype(np.float32)
+             for v in slots}  # fmt: skip
+    split = {"train": ids[:24], "query": ids[24:28], "database": ids[28:]}
+    from duch_core import feature_batches
+
+    real, seen = feature_batches.make_batches, []
+
+    def spy(ids_, img, img_aug, txt, txt_aug, bs, seed, epoch, *a, **k):
+        chosen = feature_batches._epoch_view(img_aug, txt_aug, epoch)
+        seen.append((epoch, chosen[0].copy(), chosen[1].copy()))
+        return real(ids_, img, img_aug, txt, txt_aug, bs, seed, epoch, *a, **k)
+
+    monkeypatch.setattr(feature_batches, "make_batches", spy)
+    quality.run_one(scenes, views, split, cfg, "none")
+    assert [e for e, _, _ in seen] == [0, 1, 2]
+    tr = np.arange(24)
+    for e, img_aug, txt_aug in seen:
+        suffix = str(e % 3) if e % 3 else ""
+        np.testing.assert_array_equal(img_aug, views["img_aug" + suffix][tr])
+        np.testing.assert_array_equal(txt_aug, views["txt_aug" + suffix][tr])
 
 
 def _record(variant: str, dataset: str, bits: int, seed: int, i2t: float, t2i: float) -> dict:
@@ -248,6 +300,18 @@ def test_config_digest_follows_the_resolved_config_not_the_variant_name():
     assert quality.config_sha(base, ()) == quality.config_sha(same, spelled)
     assert quality.config_sha(base, ()) != quality.config_sha(other, changed)
     assert quality.config_sha(base, ()) != quality.config_sha(base, ("bench.zscore=all",))
+    # one variant, one digest across its runs: bits, seed and epochs are columns of the record
+    for bits, seed, epochs in ((16, 42, 100), (64, 43, 100), (128, 44, 3)):
+        run = quality.variant_config(bits, seed, epochs, ())
+        assert quality.config_sha(run, ()) == quality.config_sha(base, ())
+    # so a report over several lengths and seeds keeps one row per variant
+    recs = [
+        dict(_record(v, "ucm", b, s, 0.9, 0.9),
+             config_sha=quality.config_sha(quality.variant_config(b, s, 100, o), o))
+        for v, o in (("duch", ()), ("tau_half", changed))
+        for b in (16, 64) for s in (42, 43)
+    ]  # fmt: skip
+    assert sorted({r["variant"] for r in quality.distinct_configs(recs)}) == ["duch", "tau_half"]
     # a record measured under another config is not the same run for --resume
     rec = {
         "dataset": "ucm", "files": "f", "scenes": 10, "bits": 64, "seed": 42, "variant": "duch",
