@@ -180,9 +180,9 @@ def test_resampled_augmented_views_take_further_captions_and_change_each_epoch(m
         "img_aug1": 4, "txt_aug1": 5, "img_aug2": 5, "txt_aug2": 3,
     }  # fmt: skip
     assert quality.view_slots(1) == quality.VIEWS
-    for v in range(3):  # never the same caption in both towers, nor a tower's own original
-        img, txt = slots["img_aug" + (str(v) if v else "")], slots["txt_aug" + (str(v) if v else "")]
-        assert img[1] != txt[1] and img[1] != 1 and txt[1] != 2
+    for suffix in ("", "1", "2"):  # never one caption in both towers, nor a tower's original
+        img, txt = slots["img_aug" + suffix][1], slots["txt_aug" + suffix][1]
+        assert img != txt and img != 1 and txt != 2
     with pytest.raises(ValueError, match="aug_views"):
         quality.view_slots(0)
 
