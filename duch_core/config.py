@@ -8,6 +8,7 @@ type raise :class:`ConfigError` naming the offending key. The resolved config is
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -111,7 +112,10 @@ class ModelConfig:
 class LossConfig:
     """Loss weights. All terms are sums over the batch (as the published code)."""
 
-    tau: float = 1.0
+    tau: float = 1.0  # the temperature up to tau_bits bits (see temperature())
+    # > 0: codes of K > tau_bits bits train at tau * sqrt(tau_bits / K); 0: tau at every
+    # length (as published)
+    tau_bits: int = 64
     w_inter: float = 1.0
     w_intra_image: float = 1.0
     w_intra_text: float = 1.0
@@ -138,8 +142,27 @@ class LossConfig:
                 )
         if self.queue_size < 0:
             raise ConfigError(f"loss.queue_size: expected >= 0, got {self.queue_size}")
+        if self.tau_bits < 0:
+            raise ConfigError(f"loss.tau_bits: expected >= 0 (0: no scaling), got {self.tau_bits}")
         if self.queue_size and self.contrast != "exact":
             raise ConfigError("loss.queue_size needs loss.contrast: exact")
+
+    def temperature(self, bits: int) -> float:
+        """The NT-Xent temperature for ``bits``-bit codes: ``tau`` up to ``tau_bits`` bits,
+        ``tau * sqrt(tau_bits / bits)`` above; ``tau`` at every length with ``tau_bits: 0``.
+
+        The contrastive terms compare L2-normalised codes, and the cosine of two unrelated
+        ``K``-dimensional codes spreads as ``1 / sqrt(K)``: with ``tau`` scaled the same way,
+        the logits ``cos / tau`` of a longer code spread as they do at ``tau_bits`` bits,
+        instead of crowding together (the paper trains every length at ``tau = 1``). Shorter
+        codes keep ``tau``: on the real-caption benchmark the larger temperature that the same
+        rule gives them did not help at 32 bits (README, "Retrieval quality").
+        """
+        if bits < 1:
+            raise ValueError(f"bits must be >= 1, got {bits}")
+        if not self.tau_bits or bits <= self.tau_bits:
+            return self.tau
+        return self.tau * math.sqrt(self.tau_bits / bits)
 
 
 @dataclass(frozen=True)

@@ -282,7 +282,9 @@ def duch_loss(
         h_t1, h_t2: ``(N, K)`` text codes (original, augmented caption).
         b: ``(N, K)`` ``±1`` targets of these rows from the code table.
         disc: the discriminator (logits).
-        cfg: weights and temperature.
+        cfg: weights and temperature (the exact NT-Xent takes
+            :meth:`~duch_core.config.LossConfig.temperature` of the code length, the published
+            form ``cfg.tau`` itself).
         paper_compat: reproduce the published loss (see above), whatever ``cfg`` says.
         contrastive_codes: ``(v1, v2, t1, t2)`` to use in the contrastive terms instead of the
             local codes: the codes gathered across data-parallel workers
@@ -305,18 +307,22 @@ def duch_loss(
     cv1, cv2, ct1, ct2 = (
         contrastive_codes if contrastive_codes is not None else (h_v1, h_v2, h_t1, h_t2)
     )
-    if paper_compat or cfg.contrast == "published":
+    published = paper_compat or cfg.contrast == "published"
+    # the published form is exact only at one temperature (its ``- e``), so only the exact
+    # NT-Xent follows the code length
+    tau = cfg.tau if published else cfg.temperature(h_v1.shape[1])
+    if published:
         if negatives is not None:
             raise ValueError("extra negatives need the exact NT-Xent (loss.contrast: exact)")
-        inter = nt_xent_published(cv1, ct1, cfg.tau)
-        intra_image = nt_xent_published(cv1, cv2, cfg.tau)
-        intra_text = nt_xent_published(ct1, ct2, cfg.tau)
+        inter = nt_xent_published(cv1, ct1, tau)
+        intra_image = nt_xent_published(cv1, cv2, tau)
+        intra_text = nt_xent_published(ct1, ct2, tau)
     else:
         q_img, q_txt = negatives if negatives is not None else (None, None)
         both = Negatives.join(q_img, q_txt) if q_img is not None and q_txt is not None else None
-        inter = nt_xent(cv1, ct1, cfg.tau, both, rows)
-        intra_image = nt_xent(cv1, cv2, cfg.tau, q_img, rows)
-        intra_text = nt_xent(ct1, ct2, cfg.tau, q_txt, rows)
+        inter = nt_xent(cv1, ct1, tau, both, rows)
+        intra_image = nt_xent(cv1, cv2, tau, q_img, rows)
+        intra_text = nt_xent(ct1, ct2, tau, q_txt, rows)
     l_c = cfg.w_inter * inter + cfg.w_intra_image * intra_image + cfg.w_intra_text * intra_text
     if paper_compat or cfg.generator == "text":
         l_adv = adversarial_generator_loss_published(disc, h_t1, h_t2)

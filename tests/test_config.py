@@ -36,6 +36,7 @@ def test_yaml_then_overrides(tmp_path: Path) -> None:
         ("loss.contrast=cosine", "loss.contrast: expected 'exact' or 'published'"),
         ("loss.generator=both", "loss.generator: expected 'image' or 'text'"),
         ("loss.text_pair=none", "loss.text_pair: expected 'augmented' or 'same'"),
+        ("loss.tau_bits=-1", "loss.tau_bits: expected >= 0"),
         ("optim.disc_betas=[1]", "expected 2 values"),
         ("loss=3", "expected a mapping"),
         ("nokey", "must look like"),

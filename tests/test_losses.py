@@ -249,10 +249,13 @@ def test_quantization_shape_mismatch() -> None:
 def ref_duch(hv1, hv2, ht1, ht2, b, disc, cfg: LossConfig, paper_compat: bool) -> float:  # noqa: ANN001
     published_nt = paper_compat or cfg.contrast == "published"
     nt = ref_nt_xent_published if published_nt else ref_nt_xent
+    tau = cfg.tau  # the published form: one temperature at every length
+    if cfg.tau_bits and not published_nt and hv1.shape[1] > cfg.tau_bits:
+        tau = cfg.tau * (cfg.tau_bits / hv1.shape[1]) ** 0.5  # the exact form of long codes
     l_c = (
-        cfg.w_inter * nt(hv1, ht1, cfg.tau)
-        + cfg.w_intra_image * nt(hv1, hv2, cfg.tau)
-        + cfg.w_intra_text * nt(ht1, ht2, cfg.tau)
+        cfg.w_inter * nt(hv1, ht1, tau)
+        + cfg.w_intra_image * nt(hv1, hv2, tau)
+        + cfg.w_intra_text * nt(ht1, ht2, tau)
     )
     adv_codes = [ht1, ht2] if paper_compat or cfg.generator == "text" else [hv1, hv2]
     l_adv = sum(-_logsig(logit(disc, r)) for h in adv_codes for r in rows(h))
@@ -276,11 +279,13 @@ def ref_duch(hv1, hv2, ht1, ht2, b, disc, cfg: LossConfig, paper_compat: bool) -
     ],
 )
 @pytest.mark.parametrize("tau", [1.0, 0.3])
+@pytest.mark.parametrize("tau_bits", [64, 0, 8])
 def test_duch_loss_matches_reference(
-    n: int, paper_compat: bool, contrast: str, generator: str, tau: float
+    n: int, paper_compat: bool, contrast: str, generator: str, tau: float, tau_bits: int
 ) -> None:
     cfg = LossConfig(
         tau=tau,
+        tau_bits=tau_bits,
         w_inter=1.0,
         w_intra_image=0.7,
         w_intra_text=0.4,
@@ -314,6 +319,32 @@ def test_duch_loss_defaults_are_the_paper_weights() -> None:
         10.0,
     )
     assert (cfg.w_inter, cfg.w_intra_image, cfg.w_intra_text) == (1.0, 1.0, 1.0)
+
+
+def test_temperature_follows_the_code_length() -> None:
+    cfg = LossConfig()
+    assert cfg.tau_bits == 64
+    assert [cfg.temperature(k) for k in (16, 32, 64, 256)] == [1.0, 1.0, 1.0, 0.5]
+    assert cfg.temperature(128) == pytest.approx(0.5**0.5)
+    assert LossConfig(tau=0.5, tau_bits=32).temperature(128) == pytest.approx(0.25)
+    assert LossConfig(tau=0.5, tau_bits=32).temperature(16) == 0.5
+    assert LossConfig(tau=0.7, tau_bits=0).temperature(1024) == 0.7  # as published: fixed
+    with pytest.raises(ValueError, match="bits"):
+        cfg.temperature(0)
+    # the loss at 128 bits is the loss of the fixed temperature tau * sqrt(64 / 128)
+    disc = eval_disc(128, seed=4)
+    hs = [codes(6, 128, 90 + i) for i in range(4)]
+    b = torch.where(codes(6, 128, 99) >= 0, 1.0, -1.0).double()
+    scaled, _ = duch_loss(*hs, b, disc, LossConfig())
+    fixed, _ = duch_loss(*hs, b, disc, LossConfig(tau=0.5**0.5, tau_bits=0))
+    unscaled, _ = duch_loss(*hs, b, disc, LossConfig(tau_bits=0))
+    assert float(scaled) == pytest.approx(float(fixed), rel=1e-12)
+    assert float(scaled) != pytest.approx(float(unscaled), rel=1e-3)
+    # the published form (paper_compat, or contrast: published) keeps tau whatever tau_bits says
+    for compat, contrast in ((True, "exact"), (False, "published")):
+        a, _ = duch_loss(*hs, b, disc, LossConfig(contrast=contrast), compat)
+        c, _ = duch_loss(*hs, b, disc, LossConfig(contrast=contrast, tau_bits=0), compat)
+        assert float(a) == float(c)
 
 
 def test_duch_loss_shape_mismatch() -> None:
@@ -403,7 +434,7 @@ def test_contrastive_codes_replace_only_the_contrastive_terms() -> None:
     extra = [codes(2, 16, 95 + i) for i in range(4)]
     gathered = tuple(torch.cat([lo, ex]) for lo, ex in zip(local, extra, strict=True))
     b = torch.ones(3, 16, dtype=torch.float64)
-    cfg = dataclasses.replace(LossConfig(), tau=0.5)
+    cfg = dataclasses.replace(LossConfig(), tau=0.5, tau_bits=0)
     _, parts = duch_loss(*local, b, disc, cfg, contrastive_codes=gathered)  # type: ignore[arg-type]
     assert float(parts["inter"]) == pytest.approx(ref_nt_xent(gathered[0], gathered[2], 0.5))
     _, local_parts = duch_loss(*local, b, disc, cfg)
