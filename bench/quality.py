@@ -409,9 +409,14 @@ def view_slots(aug_views: int = 1) -> dict[str, tuple[str, int]]:
         raise ValueError(f"aug_views must be >= 1, got {aug_views}")
     slots = dict(VIEWS)
     for v in range(1, aug_views):
-        slots[f"img_aug{v}"] = ("image", 3 + v)
-        slots[f"txt_aug{v}"] = ("text", 3 + (v + 1) % aug_views)
+        slots[aug_view("img", v)] = ("image", 3 + v)
+        slots[aug_view("txt", v)] = ("text", 3 + (v + 1) % aug_views)
     return slots
+
+
+def aug_view(prefix: str, v: int) -> str:
+    """Name of augmented view ``v`` of the ``img`` or ``txt`` tower (``img_aug``, ``img_aug1``)."""
+    return f"{prefix}_aug{v or ''}"
 
 
 def view_features(
@@ -519,12 +524,9 @@ def run_one(
 
     m = {v: x[tr] for v, x in mats.items()}
 
-    n_aug = aug_view_count(cfg)
-    img_aug: Any = m["img_aug"]
-    txt_aug: Any = m["txt_aug"]
-    if n_aug > 1:
-        img_aug = [m["img_aug"]] + [m[f"img_aug{v}"] for v in range(1, n_aug)]
-        txt_aug = [m["txt_aug"]] + [m[f"txt_aug{v}"] for v in range(1, n_aug)]
+    # epoch e trains on view e % V (one view: the same every epoch)
+    img_aug = [m[aug_view("img", v)] for v in range(aug_view_count(cfg))]
+    txt_aug = [m[aug_view("txt", v)] for v in range(aug_view_count(cfg))]
 
     def batches(epoch: int) -> Any:
         return make_batches(
@@ -674,6 +676,7 @@ def main(argv: list[str] | None = None) -> int:
     records: list[dict[str, Any]] = []
     from duch_core.splits import paper_split
 
+    # the views every variant needs, computed once per dataset (bits and seed do not change them)
     n_aug = max(aug_view_count(variant_config(16, 42, 1, o)) for o in variants.values())
     for name in [d.strip() for d in args.datasets.split(",") if d.strip()]:
         full = load_dataset(name, args.data)

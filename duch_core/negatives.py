@@ -60,9 +60,8 @@ class NegativeQueue:
         self.size = size
         self.bits = bits
         self._codes = {m: torch.zeros(size, bits) for m in ("image", "text")}
-        self._rows = torch.full(
-            (size,), -1, dtype=torch.int64
-        )  # one item per slot, both modalities
+        # one item per slot: both modalities fill the same slots
+        self._rows = torch.full((size,), -1, dtype=torch.int64)
         self._next = 0  # slot the next code goes to (both modalities move together)
         self._filled = 0
 
