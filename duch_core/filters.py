@@ -24,11 +24,13 @@ index row, and their indexes). :func:`build_candidates` returns what
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from duch_core import row_bits
 from duch_core.hamming_topk import RowFilter, ascending_positions
 from duch_core.item_metadata import NAT_US, ItemMetadata, instant_us
 
@@ -50,6 +52,10 @@ _GATHER_BELOW = 1 / 16
 # a filter whose zone maps leave at most this share of its rows is tested in the scan over
 # those zones, unless an index gives its positions
 _ZONES_SCANNED_BELOW = 1 / 4
+# class bitmaps built for a filter and kept for the next search with the same values, per
+# metadata (1/8 byte per row each)
+_BITS_KEPT = 8
+_BITS_LOCK = threading.Lock()
 
 
 class FilterError(ValueError):
@@ -427,6 +433,7 @@ def build_candidates(meta: ItemMetadata, spec: Any) -> RowFilter | np.ndarray | 
         zone_shift=meta.zones.shift if meta.zones is not None else 8,
         zone_fraction=in_zones / (hi - lo),
         class_rows=meta.class_lists if class_ok is not None else None,
+        class_bits=_class_bits(meta, cats) if class_ok is not None else None,
     )
 
 
@@ -438,6 +445,48 @@ def _rows_in_zones(zones: np.ndarray, shift: int, lo: int, hi: int) -> int:
     inner -= (lo - (z0 << shift)) if zones[z0] else 0
     inner -= (((z1 + 1) << shift) - hi) if zones[z1] else 0
     return max(0, inner)
+
+
+def _class_bits(meta: ItemMetadata, cats: list[tuple[str, Any]]) -> np.ndarray | None:
+    """The rows that pass every categorical predicate of ``cats`` as a bitmap
+    (:mod:`duch_core.row_bits`), from the value bitmaps; ``None`` when a column has none.
+
+    One value of one column is that value's bitmap. Other combinations are built (two labels
+    of 10M rows: about 0.4 ms once the scan has pushed the bitmaps out of cache, a sixth of
+    the scan) and kept for the next search with the same values, in the last
+    :data:`_BITS_KEPT` kept per metadata (a filter picked in a form is sent again and again).
+    Never written: the kernels only read them."""
+    if not all(key in meta.value_bits for key, _ in cats):
+        return None
+    picks = []
+    for key, arg in cats:
+        lookup = meta.categorical[key][1]
+        picked = np.zeros(len(lookup), np.bool_)
+        picked[[lookup[v] for v in arg if v in lookup]] = True
+        picks.append((key, picked))
+    if len(picks) == 1:
+        key, picked = picks[0]
+        if int(picked.sum()) == 1:
+            return row_bits.rows_with(meta.value_bits[key], picked)
+    name = tuple((key, np.flatnonzero(picked).tobytes()) for key, picked in picks)
+    with _BITS_LOCK:
+        kept = meta.bits_kept.pop(name, None)
+        if kept is not None:
+            meta.bits_kept[name] = kept  # now the most recent
+            return kept
+    out = None
+    for key, picked in picks:
+        rows = row_bits.rows_with(meta.value_bits[key], picked)
+        if out is None:  # the first may be a value's own bitmap: copied before it is ANDed
+            out = rows if rows.base is None or len(picks) == 1 else rows.copy()
+        else:
+            np.bitwise_and(out, rows, out=out)
+    assert out is not None  # cats is never empty
+    with _BITS_LOCK:
+        meta.bits_kept[name] = out
+        while len(meta.bits_kept) > _BITS_KEPT:
+            del meta.bits_kept[next(iter(meta.bits_kept))]
+    return out
 
 
 def _class_ok(meta: ItemMetadata, cats: list[tuple[str, Any]]) -> np.ndarray | None:

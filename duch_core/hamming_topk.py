@@ -407,6 +407,10 @@ class RowFilter:
             class ``c``'s being ``rows[starts[c]:starts[c + 1]]``
             (:attr:`duch_core.item_metadata.ItemMetadata.class_rows`). A filter whose only
             test is the class then finds its rows without a pass over the range.
+        class_bits: ``(ceil(N / 64),)`` uint64, the rows whose class passes as a bitmap (row
+            ``j`` is bit ``j % 64`` of word ``j // 64``, :mod:`duch_core.row_bits`); it must
+            agree with ``class_ok[classes]``, which it stands in for in the kernels: the scan
+            reads a row's bit with its code, so a row of another class is never tested alone.
     """
 
     lo: int
@@ -424,6 +428,7 @@ class RowFilter:
     zone_shift: int = 8
     zone_fraction: float = 1.0
     class_rows: tuple[np.ndarray, np.ndarray] | None = None
+    class_bits: np.ndarray | None = None
 
     @property
     def tested(self) -> bool:
@@ -453,6 +458,12 @@ class RowFilter:
                 )
             if len(starts) < 1 or starts[0] != 0 or starts[-1] != n:
                 raise SearchError(f"row filter class starts must run from 0 to {n}")
+        if self.class_bits is not None:
+            words = (n + 63) // 64
+            if self.class_ok is None or np.shape(self.class_bits) != (words,):
+                raise SearchError(
+                    f"row filter class_bits must be a ({words},) bitmap, with classes and class_ok"
+                )
         if self.zones is not None:
             if not self.tested:
                 raise SearchError("a row filter gives zones only with a test")
@@ -483,9 +494,10 @@ class RowFilter:
         """The tests as :func:`duch_core._search_kernel.test_rows` takes them, with ``mask``
         (``(N,)`` bool) as one more test."""
         boxes = self.boxes or (None, None, None, None)
+        by_bits = self.class_bits is not None  # the bitmap stands in for the class column
         return (
             _kernel_column(mask, np.bool_),
-            _kernel_column(self.classes, np.int32),
+            _kernel_column(None if by_bits else self.classes, np.int32),
             _kernel_column(self.class_ok, np.bool_),
             _kernel_column(self.times, np.int64),
             np.int64(self.time_lo),
@@ -495,6 +507,7 @@ class RowFilter:
             np.asarray(self.box, np.float64),
             _kernel_column(self.zones, np.bool_),
             np.int64(self.zone_shift),
+            _kernel_column(self.class_bits, np.uint64),
         )
 
     @property

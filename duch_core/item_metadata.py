@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from duch_core import zone_maps
+from duch_core import row_bits, zone_maps
 from duch_core.hamming_topk import ascending_positions
 from duch_core.zone_maps import ZoneMaps
 
@@ -102,6 +102,13 @@ class ItemMetadata:
     # per zone of 256 consecutive rows, what its rows hold (with the indexes): a filter's scan
     # then passes over the zones where no row can pass
     zones: ZoneMaps | None = None
+    # per categorical column of at most row_bits.MAX_VALUES values, a bitmap of the rows of
+    # each value and of the rows with any value (:func:`duch_core.row_bits.value_bitmaps`;
+    # with the indexes, 1/8 byte per row and value): a filter's passing rows read beside the
+    # codes in the scan
+    value_bits: dict[str, np.ndarray] = field(default_factory=dict)
+    # class bitmaps of recent filters (:func:`duch_core.filters.build_candidates` keeps them)
+    bits_kept: dict[Any, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def class_lists(self) -> tuple[np.ndarray, np.ndarray] | None:
@@ -136,9 +143,10 @@ class ItemMetadata:
             label, split, sensor: ``(n,)`` strings, ``None`` for missing.
             index: also build a spatial grid over the boxes and the datetime order, so that a
                 selective bbox or datetime filter reads only the rows near it (about 4 and 12
-                bytes per row; rows already in datetime order need no datetime index), and the
-                zone maps (:mod:`duch_core.zone_maps`, about 0.3 bytes per row), and the rows
-                grouped by class (4 bytes per row). The row classes (4 bytes per row, see the
+                bytes per row; rows already in datetime order need no datetime index), the
+                zone maps (:mod:`duch_core.zone_maps`, about 0.3 bytes per row), the rows
+                grouped by class (4 bytes per row) and the value bitmaps (1/8 byte per row and
+                value, :mod:`duch_core.row_bits`). The row classes (4 bytes per row, see the
                 attributes) are always built.
 
         Raises:
@@ -201,8 +209,13 @@ class ItemMetadata:
                 wraps=wraps,
                 shift=zone_maps.ZONE_SHIFT,
             )
+        value_bits: dict[str, np.ndarray] = {}
+        for name, (col, values) in cats.items() if index else ():
+            bitmaps = row_bits.value_bitmaps(col, len(values))
+            if bitmaps is not None:
+                value_bits[name] = bitmaps
         return cls(n, bbox, dt, cats, wraps, grid, order, sorted_, timed, classes, tuple(cats),
-                   codes, counts, class_rows, class_starts, zones)  # fmt: skip
+                   codes, counts, class_rows, class_starts, zones, value_bits)  # fmt: skip
 
 
 METADATA_COLUMNS = ("bbox", "datetime", "label", "split", "sensor")
