@@ -72,28 +72,28 @@ The machine's load average is printed with every row, since other processes shar
 
 Measured with ``--filtered --single 11 --filter-sizes 10000000 --filter-layouts
 chips,scenes,uniform --milvus-size 0`` on a quiet 2-core AMD EPYC with AVX-512 (``VPOPCNTDQ``;
-load 0.3-1.3 with the benchmark running), k = 20, ``x scan`` = our unfiltered scan's time / this
+load 0.2-1.3 with the benchmark running), k = 20, ``x scan`` = our unfiltered scan's time / this
 time (``+f`` = the duch+filter row, ``read`` = the read-only row):
 
     layout   N    filter (kept)    batch 1: duch / +f / read / faiss      batch 32: duch / +f / faiss
-    chips    10M  bbox (0.094 %)   10.6x / 1.62x / 25.1x / 0.01x          55.0x / 14.5x / 0.01x
-    chips    10M  date (1 %)       3.16x / 1.38x / 3.03x / 0.02x          22.7x / 12.7x / 0.02x
-    chips    10M  label (10 %)     5.47x / 5.49x / 3.45x / 0.04x          4.28x / 4.10x / 0.03x
-    chips    10M  split (50 %)     1.17x / 1.18x / 0.29x / 0.08x          0.90x / 0.78x / 0.04x
-    scenes   10M  bbox (0.049 %)   19.8x / 3.83x / 218x / 0.01x           69.8x / 26.0x / 0.00x
-    scenes   10M  date (1 %)       17.8x / 19.2x / 24.7x / 0.01x          33.9x / 33.9x / 0.01x
-    scenes   10M  label (10 %)     0.94x / 0.88x / 0.49x / 0.02x          2.61x / 2.62x / 0.02x
-    scenes   10M  split (50 %)     1.07x / 1.04x / 0.30x / 0.08x          0.94x / 0.96x / 0.05x
-    uniform  10M  bbox (0.094 %)   10.3x / 1.69x / 23.4x / 0.01x          58.5x / 16.3x / 0.01x
-    uniform  10M  date (1 %)       3.04x / 1.47x / 3.51x / 0.02x          18.1x / 10.3x / 0.01x
-    uniform  10M  label (10 %)     0.88x / 0.87x / 0.55x / 0.03x          2.78x / 3.22x / 0.02x
-    uniform  10M  split (50 %)     1.17x / 1.17x / 0.33x / 0.09x          0.97x / 0.97x / 0.04x
+    chips    10M  bbox (0.094 %)   10.6x / 1.77x / 24.7x / 0.01x          46.9x / 13.5x / 0.01x
+    chips    10M  date (1 %)       3.02x / 1.33x / 2.89x / 0.02x          21.0x / 12.8x / 0.02x
+    chips    10M  label (10 %)     5.59x / 5.07x / 3.40x / 0.04x          4.63x / 4.41x / 0.03x
+    chips    10M  split (50 %)     1.09x / 1.07x / 0.28x / 0.07x          0.98x / 0.97x / 0.04x
+    scenes   10M  bbox (0.049 %)   15.4x / 2.95x / 150x / 0.01x           66.6x / 27.8x / 0.01x
+    scenes   10M  date (1 %)       19.1x / 19.1x / 26.4x / 0.02x          29.1x / 33.8x / 0.01x
+    scenes   10M  label (10 %)     1.06x / 1.08x / 0.54x / 0.03x          2.46x / 2.07x / 0.02x
+    scenes   10M  split (50 %)     1.22x / 1.24x / 0.29x / 0.08x          1.02x / 1.08x / 0.05x
+    uniform  10M  bbox (0.094 %)   10.6x / 1.67x / 18.5x / 0.01x          51.3x / 13.9x / 0.01x
+    uniform  10M  date (1 %)       2.89x / 1.29x / 2.38x / 0.02x          17.0x / 9.59x / 0.01x
+    uniform  10M  label (10 %)     1.06x / 1.05x / 0.49x / 0.03x          2.38x / 2.40x / 0.03x
+    uniform  10M  split (50 %)     1.18x / 1.23x / 0.26x / 0.07x          0.98x / 0.98x / 0.04x
 
-Parity held in every row. At 10M a single query of the unfiltered scan takes 2.0-3.3 ms on this
+Parity held in every row. At 10M a single query of the unfiltered scan takes 2.5-3.3 ms on this
 machine (5.9-8.0 ms on a 2-core EPYC without AVX-512). Between identical runs a cell moves by up
-to about 20 % (the duch and +f rows of one row filter differ only by its 0.1 ms build; the
-label rows of ``scenes`` and ``uniform``, where every row is scanned, measured 0.93-1.03x in
-the run before).
+to about 15 %: in three runs the single-query label rows of ``scenes`` and ``uniform``, where
+every row is scanned, measured 0.97-1.08x (duch) and 0.89-1.08x (+f), and the batch-32 split
+rows 0.85-1.05x.
 ``duch_core.filters.build_candidates`` gives one of three forms (the ``note`` of the ``duch``
 row): positions where an index (the grid, the time order) or the exact count of the row
 classes says few rows pass; a row range where the index is in time order and the filter is a
@@ -104,16 +104,23 @@ row filter whose tests the kernel applies inside the scan, only to rows close en
 the top-k (the threshold is the exact k-th distance among the rows that passed so far), and
 only in the zones of 256 rows whose summaries
 (``duch_core.zone_maps``) say a row may pass. In the ``chips`` layout the label filter leaves
-10 % of the zones, and the search is 5.5x faster than the scan, filter included. Where a label is
-drawn per row (``scenes``, ``uniform``) every zone holds every label and all rows are scanned:
-0.87-1.03x for a single query; a batch of 32 turns the filter into positions first, taken from
-the rows grouped by class (no pass over the rows), and gathers them: 2.2-3.2x. Rows of a 1 %
-time range spread at random (``chips``, ``uniform``) come from the time order and are put in
-row order through a bitset (1.0 ms for 100k rows): 1.2-1.5x of the scan for a single query,
-filter included, where merely reading those rows' codes (``read``) is 2.9-3.5x; the 10x of
-the ``scenes`` layout needs the rows together, as the jobs write them. Memory at 10M: 8.00
-bytes per code for duch and faiss, resident growth 76.3 MB each (1.00x the codes); the metadata
-with its indexes, zone maps and class row lists takes 54-66 bytes per row.
+10 % of the zones, and the search is 5.2-5.6x faster than the scan, filter included. Where a
+label is drawn per row (``scenes``, ``uniform``) every zone holds every label and all rows are
+scanned. There the label and split tests come as a bitmap of the passing rows
+(``duch_core.row_bits``; one per value of a column, 1/8 byte per row each, and those built for
+a filter of several values kept for the next search), read with the codes of each piece of 256
+rows that comes close enough, so a row of another class is never looked up alone: about 1.0x
+of the scan for a single query, where testing each close row's class in the 10M-row column
+(about ten cache misses per row that enters the top-k, since among a tenth of the rows the
+threshold settles as if k were ten times larger) measured 0.84-0.94x. A batch of 32 turns the
+filter into positions first, taken from the rows grouped by class (no pass over the rows), and
+gathers them: 2.1-2.5x. Rows of a 1 % time range spread at random (``chips``, ``uniform``) come
+from the time order and are put in row order through a bitset (1.0 ms for 100k rows): 1.1-1.4x
+of the scan for a single query, filter included, where merely reading those rows' codes
+(``read``) is 2.4-2.9x; the 10x of the ``scenes`` layout needs the rows together, as the jobs
+write them. Memory at 10M: 8.00 bytes per code for duch and faiss, resident growth 76.3 MB each
+(1.00x the codes); the metadata with its indexes, zone maps, class row lists and value bitmaps
+takes 57-69 bytes per row.
 """
 
 from __future__ import annotations

@@ -18,10 +18,12 @@ rows (a filter on place or time keeps whole scenes, whose chips are consecutive 
 where it lies; scattered rows are gathered into a small buffer (the codes a few candidates ahead
 are prefetched, so cache misses overlap) and scanned as in :mod:`duch_core.hamming_topk`. A bool
 mask, or a :class:`~duch_core.hamming_topk.RowFilter` (a row range and tests on metadata
-columns), is applied inside the scan, only to a row close enough to enter the top-k. The cost of
-positions follows the number of candidates; that of a mask or row filter the size of the
-scanned range (a row filter builds in microseconds, where a mask over 10M rows takes
-milliseconds); see :data:`~duch_core.hamming_topk.DENSE_FRACTION`.
+columns), is applied inside the scan, only to a row close enough to enter the top-k; a row
+filter's categorical tests come as a bitmap of the passing rows, read with the codes of the
+pieces scanned row by row, so that a row of another class is never looked up alone
+(:mod:`duch_core.row_bits`). The cost of positions follows the number of candidates; that of a
+mask or row filter the size of the scanned range (a row filter builds in microseconds, where a
+mask over 10M rows takes milliseconds); see :data:`~duch_core.hamming_topk.DENSE_FRACTION`.
 """
 
 from __future__ import annotations
