@@ -434,8 +434,8 @@ def scan_chunk(db, q, w, k, bits, lo, hi, block, sub, tests, cd, cp, cn, shared,
     masked = masked or min_lon.shape[0] > 0
     no_bits = cbits[:0]
     bit_bytes = cbits.view(np.uint8)  # little-endian words: byte b holds rows 8b .. 8b + 7
-    fail = _fail_bytes()
-    spread = np.zeros((sub + 15) // 8 + 1, np.uint64)
+    fail = _fail_bytes() if by_bits else np.zeros(0, np.uint64)
+    spread = np.zeros((sub + 15) // 8 + 1 if by_bits else 0, np.uint64)
     flags = np.ones(1, np.bool_)
     nq = q.shape[0] // w
     big = bits + 1
