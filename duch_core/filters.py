@@ -23,6 +23,7 @@ index row, and their indexes). :func:`build_candidates` returns what
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from collections.abc import Mapping, Sequence
@@ -447,6 +448,14 @@ def _rows_in_zones(zones: np.ndarray, shift: int, lo: int, hi: int) -> int:
     return max(0, inner)
 
 
+def _picked(meta: ItemMetadata, key: str, arg: Any) -> np.ndarray:
+    """``(V,)`` bool over the values of categorical column ``key``: those ``arg`` names."""
+    lookup = meta.categorical[key][1]
+    picked = np.zeros(len(lookup), np.bool_)
+    picked[[lookup[v] for v in arg if v in lookup]] = True
+    return picked
+
+
 def _class_bits(meta: ItemMetadata, cats: list[tuple[str, Any]]) -> np.ndarray | None:
     """The rows that pass every categorical predicate of ``cats`` as a bitmap
     (:mod:`duch_core.row_bits`), from the value bitmaps; ``None`` when a column has none.
@@ -458,30 +467,17 @@ def _class_bits(meta: ItemMetadata, cats: list[tuple[str, Any]]) -> np.ndarray |
     Never written: the kernels only read them."""
     if not all(key in meta.value_bits for key, _ in cats):
         return None
-    picks = []
-    for key, arg in cats:
-        lookup = meta.categorical[key][1]
-        picked = np.zeros(len(lookup), np.bool_)
-        picked[[lookup[v] for v in arg if v in lookup]] = True
-        picks.append((key, picked))
-    if len(picks) == 1:
-        key, picked = picks[0]
-        if int(picked.sum()) == 1:
-            return row_bits.rows_with(meta.value_bits[key], picked)
+    picks = [(key, _picked(meta, key, arg)) for key, arg in cats]
+    if len(picks) == 1 and int(picks[0][1].sum()) == 1:
+        return row_bits.rows_with(meta.value_bits[picks[0][0]], picks[0][1])
     name = tuple((key, np.flatnonzero(picked).tobytes()) for key, picked in picks)
     with _BITS_LOCK:
         kept = meta.bits_kept.pop(name, None)
         if kept is not None:
             meta.bits_kept[name] = kept  # now the most recent
             return kept
-    out = None
-    for key, picked in picks:
-        rows = row_bits.rows_with(meta.value_bits[key], picked)
-        if out is None:  # the first may be a value's own bitmap: copied before it is ANDed
-            out = rows if rows.base is None or len(picks) == 1 else rows.copy()
-        else:
-            np.bitwise_and(out, rows, out=out)
-    assert out is not None  # cats is never empty
+    parts = (row_bits.rows_with(meta.value_bits[key], picked) for key, picked in picks)
+    out: np.ndarray = functools.reduce(np.bitwise_and, parts)
     with _BITS_LOCK:
         meta.bits_kept[name] = out
         while len(meta.bits_kept) > _BITS_KEPT:
@@ -496,9 +492,7 @@ def _class_ok(meta: ItemMetadata, cats: list[tuple[str, Any]]) -> np.ndarray | N
         return None
     ok = np.ones(meta.class_codes.shape[0], np.bool_)
     for key, arg in cats:
-        lookup = meta.categorical[key][1]
-        table = np.zeros(len(lookup) + 1, np.bool_)  # code -1 (missing) is the last: False
-        table[[lookup[v] for v in arg if v in lookup]] = True
+        table = np.append(_picked(meta, key, arg), False)  # code -1 (missing) is the last
         ok &= table[meta.class_codes[:, meta.class_columns.index(key)]]
     return ok
 

@@ -210,8 +210,8 @@ class ItemMetadata:
                 shift=zone_maps.ZONE_SHIFT,
             )
         value_bits: dict[str, np.ndarray] = {}
-        for name, (col, values) in cats.items() if index else ():
-            bitmaps = row_bits.value_bitmaps(col, len(values)) if values else None
+        for name, (col, values) in cats.items():
+            bitmaps = row_bits.value_bitmaps(col, len(values)) if index and values else None
             if bitmaps is not None:
                 value_bits[name] = bitmaps
         return cls(n, bbox, dt, cats, wraps, grid, order, sorted_, timed, classes, tuple(cats),
