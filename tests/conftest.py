@@ -92,6 +92,27 @@ def s3_prefix(s3_server) -> str:
     return f"s3://{s3_server.bucket}/{uuid.uuid4().hex}/"
 
 
+@pytest.fixture
+def small_blocks(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Tiny search blocks, pieces, chunks and query batches on three threads, so a few
+    thousand rows cross every boundary of the search kernels."""
+    from duch_core import hamming_topk
+
+    for name, value in [
+        ("_BLOCK_BYTES", 256),
+        ("_SUB_BYTES", 64),
+        ("_MIN_CHUNK", 100),
+        ("_MIN_SCAN_WORK", 100),
+        ("_MIN_GATHER_CHUNK", 40),
+        ("_MIN_RUN_CHUNK", 60),
+        ("_STATE_BYTES", 20_000),
+    ]:
+        monkeypatch.setattr(hamming_topk, name, value)
+    hamming_topk.set_num_threads(3)
+    yield
+    hamming_topk.set_num_threads(None)
+
+
 @pytest.fixture(scope="session")
 def ray_session(s3_server):  # noqa: ARG001 - S3 env must exist before workers start
     """One local Ray runtime for the whole session (4 logical CPUs on 2 cores, no dashboard)."""

@@ -7,31 +7,16 @@ that pass).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 
 from duch_core import filters as F
-from duch_core import hamming_topk as H
 from duch_core import row_bits
 from duch_core.hamming_topk import RowFilter, SearchError, search_reference
 from duch_core.item_metadata import ItemMetadata
 from duch_core.search import HammingIndex
 
 N = 3001  # not a multiple of 64, nor of any block or piece
-
-
-@pytest.fixture
-def small_blocks(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Tiny blocks and pieces (not multiples of 8 rows at 24-bit codes), three chunks."""
-    monkeypatch.setattr(H, "_BLOCK_BYTES", 256)
-    monkeypatch.setattr(H, "_SUB_BYTES", 64)
-    monkeypatch.setattr(H, "_MIN_CHUNK", 100)
-    monkeypatch.setattr(H, "_MIN_SCAN_WORK", 100)
-    H.set_num_threads(3)
-    yield
-    H.set_num_threads(None)
 
 
 def _codes_with_gaps(rng: np.random.Generator, n: int, values: int) -> np.ndarray:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -17,19 +16,6 @@ from duch_core.hamming_topk import SearchError, merge_topk, search_reference
 from duch_core.search import HammingIndex
 
 ALL_BITS = (16, 32, 64, 128, 256)
-
-
-@pytest.fixture
-def small_blocks(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Tiny blocks, chunks and query batches, so small inputs cross every boundary."""
-    monkeypatch.setattr(H, "_BLOCK_BYTES", 256)
-    monkeypatch.setattr(H, "_SUB_BYTES", 64)
-    monkeypatch.setattr(H, "_MIN_CHUNK", 100)
-    monkeypatch.setattr(H, "_MIN_SCAN_WORK", 100)
-    monkeypatch.setattr(H, "_STATE_BYTES", 20_000)
-    H.set_num_threads(3)
-    yield
-    H.set_num_threads(None)
 
 
 def _codes(rng: np.random.Generator, n: int, bits: int) -> np.ndarray:

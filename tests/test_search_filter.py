@@ -7,7 +7,6 @@ passing row ranked by (distance, position) with the numpy reference.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
@@ -27,21 +26,6 @@ from duch_core.search import HammingIndex
 N = 3001  # not a multiple of any block, piece or chunk size
 LABELS = ["forest", "river", "beach", "harbor", "desert", "airport"]
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-@pytest.fixture
-def small_blocks(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Tiny blocks, chunks and query batches, so small inputs cross every boundary."""
-    monkeypatch.setattr(H, "_BLOCK_BYTES", 256)
-    monkeypatch.setattr(H, "_SUB_BYTES", 64)
-    monkeypatch.setattr(H, "_MIN_CHUNK", 100)
-    monkeypatch.setattr(H, "_MIN_SCAN_WORK", 100)
-    monkeypatch.setattr(H, "_MIN_GATHER_CHUNK", 40)
-    monkeypatch.setattr(H, "_MIN_RUN_CHUNK", 60)
-    monkeypatch.setattr(H, "_STATE_BYTES", 20_000)
-    H.set_num_threads(3)
-    yield
-    H.set_num_threads(None)
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ with; searches through them equal brute force, and the scan really passes over w
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -31,18 +30,10 @@ SHIFT = 4  # 16-row zones: 188 of them over N rows
 
 
 @pytest.fixture
-def small_zones(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """16-row zones and tiny blocks, chunks and query batches, so N rows cross every
-    boundary."""
+def small_zones(monkeypatch: pytest.MonkeyPatch, small_blocks: None) -> None:
+    """16-row zones, with tiny blocks, chunks and query batches (``small_blocks``), so N rows
+    cross every boundary."""
     monkeypatch.setattr(zone_maps, "ZONE_SHIFT", SHIFT)
-    monkeypatch.setattr(H, "_BLOCK_BYTES", 256)
-    monkeypatch.setattr(H, "_SUB_BYTES", 64)
-    monkeypatch.setattr(H, "_MIN_CHUNK", 100)
-    monkeypatch.setattr(H, "_MIN_SCAN_WORK", 100)
-    monkeypatch.setattr(H, "_STATE_BYTES", 20_000)
-    H.set_num_threads(3)
-    yield
-    H.set_num_threads(None)
 
 
 def _in_runs(cols: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
