@@ -769,7 +769,7 @@ def _arrays(x: Any) -> list[np.ndarray]:
 
 def _form(cand: Any) -> str:
     """What ``build_candidates`` gave, in words."""
-    from duch_core.hamming_topk import RowFilter
+    from duch_core.row_filter import RowFilter
 
     if isinstance(cand, RowFilter):
         span = f"rows {cand.lo}:{cand.hi}"

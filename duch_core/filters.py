@@ -32,8 +32,9 @@ from typing import Any
 import numpy as np
 
 from duch_core import row_bits
-from duch_core.hamming_topk import RowFilter, ascending_positions
+from duch_core.hamming_topk import ascending_positions
 from duch_core.item_metadata import NAT_US, ItemMetadata, instant_us
+from duch_core.row_filter import RowFilter
 
 __all__ = [
     "FILTER_KEYS",
@@ -343,7 +344,7 @@ def build_candidates(meta: ItemMetadata, spec: Any) -> RowFilter | np.ndarray | 
       datetime range, from the spatial grid for a box) is under 1/16 of the rows: their
       ascending int64 positions, from an index (the grid, the time order) or from the columns
       within the range;
-    * otherwise a :class:`~duch_core.hamming_topk.RowFilter`: the range and the predicates,
+    * otherwise a :class:`~duch_core.row_filter.RowFilter`: the range and the predicates,
       which the search tests row by row inside the scan, only for rows close enough to enter
       the top-k. No column is read in full: at 10M rows a mask from whole columns costs
       6-40 ms, about as much as the scan it filters. It carries the zones of 256 rows that

@@ -112,7 +112,7 @@ class ItemMetadata:
 
     @property
     def class_lists(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """``(class_rows, class_starts)`` as :class:`~duch_core.hamming_topk.RowFilter` takes
+        """``(class_rows, class_starts)`` as :class:`~duch_core.row_filter.RowFilter` takes
         them, or ``None`` without them."""
         if self.class_rows is None or self.class_starts is None:
             return None

@@ -17,7 +17,7 @@ metadata filter, exactly. Sorted candidate positions are taken run by run: a run
 rows (a filter on place or time keeps whole scenes, whose chips are consecutive rows) is scanned
 where it lies; scattered rows are gathered into a small buffer (the codes a few candidates ahead
 are prefetched, so cache misses overlap) and scanned as in :mod:`duch_core.hamming_topk`. A bool
-mask, or a :class:`~duch_core.hamming_topk.RowFilter` (a row range and tests on metadata
+mask, or a :class:`~duch_core.row_filter.RowFilter` (a row range and tests on metadata
 columns), is applied inside the scan, only to a row close enough to enter the top-k; a row
 filter's categorical tests come as a bitmap of the passing rows, read with the codes of the
 pieces scanned row by row, so that a row of another class is never looked up alone
@@ -40,7 +40,6 @@ import numpy as np
 from duch_core.codes import check_bits
 from duch_core.hamming_topk import (
     _BITSET_SORT_MIN,
-    RowFilter,
     SearchError,
     _as_words,
     _check_candidates,
@@ -59,6 +58,7 @@ from duch_core.hamming_topk import (
     mih_layout,
     search_reference,
 )
+from duch_core.row_filter import RowFilter
 
 __all__ = ["HammingIndex", "warmup"]
 
@@ -415,7 +415,7 @@ class HammingIndex:
             candidates: ``None`` (every row), ``(M,)`` integer row positions, strictly
                 increasing, in ``0 .. ntotal - 1`` (positions are ranks in id order, see
                 :meth:`positions_of`), an ``(ntotal,)`` bool mask, or a
-                :class:`~duch_core.hamming_topk.RowFilter` (a row range and tests applied in
+                :class:`~duch_core.row_filter.RowFilter` (a row range and tests applied in
                 the scan, as the mask is; turned into positions first when it keeps few rows
                 or the batch is large). One set for the batch.
 

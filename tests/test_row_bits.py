@@ -12,8 +12,9 @@ import pytest
 
 from duch_core import filters as F
 from duch_core import row_bits
-from duch_core.hamming_topk import RowFilter, SearchError, search_reference
+from duch_core.hamming_topk import SearchError, search_reference
 from duch_core.item_metadata import ItemMetadata
+from duch_core.row_filter import RowFilter
 from duch_core.search import HammingIndex
 
 N = 3001  # not a multiple of 64, nor of any block or piece

@@ -19,8 +19,9 @@ from duch_core import filters as F
 from duch_core import hamming_topk as H
 from duch_core import item_metadata as M
 from duch_core.filters import FilterError
-from duch_core.hamming_topk import RowFilter, SearchError, search_reference
+from duch_core.hamming_topk import SearchError, search_reference
 from duch_core.item_metadata import ItemMetadata
+from duch_core.row_filter import RowFilter
 from duch_core.search import HammingIndex
 
 N = 3001  # not a multiple of any block, piece or chunk size

@@ -20,8 +20,9 @@ from test_search_filter import (
 from duch_core import filters as F
 from duch_core import hamming_topk as H
 from duch_core import zone_maps
-from duch_core.hamming_topk import RowFilter, SearchError
+from duch_core.hamming_topk import SearchError
 from duch_core.item_metadata import NAT_US, ItemMetadata
+from duch_core.row_filter import RowFilter
 from duch_core.search import HammingIndex
 from duch_core.zone_maps import MAX_CLASSES, ZoneMaps
 
